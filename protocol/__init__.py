@@ -1,0 +1,121 @@
+"""silomesh.protocol: the sans-I/O wire protocol.
+
+Frames, messages, envelopes (Ed25519 signatures, X25519 Box encryption), announces,
+the tensor codec, the replay guard and the exchange session state machine. Nothing
+here does I/O or imports trio, libp2p, torch or sqlite3. See ``docs/PROTOCOL.md``.
+"""
+
+from __future__ import annotations
+
+from .announce import (
+    ANNOUNCE_SIGNING_DOMAIN,
+    Announce,
+    AnnounceEvent,
+    Leaving,
+    NewData,
+    ReceivedAnnounce,
+    UpdateAvailable,
+    announce_topic,
+    decode_announce,
+    encode_announce,
+)
+from .codec import WIRE_DTYPES, Codec, EncodedTensors, decode_tensors, encode_tensors
+from .envelope import (
+    ENVELOPE_SIGNING_DOMAIN,
+    EnvelopeHeader,
+    OpenedEnvelope,
+    SealedEnvelope,
+    open_envelope,
+    read_header,
+    seal_envelope,
+)
+from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .frames import CLOSED, NEED_DATA, FrameDecoder, Signal, encode_frame, frame_prefix
+from .identity import Identity, verify_signature, x25519_public_key
+from .limits import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_FRAME_SIZE,
+    EXCHANGE_PROTOCOL_ID,
+    MAX_ANNOUNCE_SIZE,
+    PROTOCOL_VERSION,
+    Limits,
+)
+from .messages import (
+    MESSAGE_TYPES,
+    Ack,
+    ErrorMessage,
+    Hello,
+    Kind,
+    Message,
+    NeedBase,
+    TensorMessage,
+    TrainRequest,
+    TrainResult,
+    Update,
+)
+from .replay import ReplayGuard, ReplayStatistics
+from .session import Role, Session, State
+from .state import apply_delta, make_delta, state_digest
+
+__all__ = [
+    "ANNOUNCE_SIGNING_DOMAIN",
+    "CLOSED",
+    "DEFAULT_LIMITS",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "ENVELOPE_SIGNING_DOMAIN",
+    "EXCHANGE_PROTOCOL_ID",
+    "MAX_ANNOUNCE_SIZE",
+    "MESSAGE_TYPES",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "WIRE_DTYPES",
+    "Ack",
+    "Announce",
+    "AnnounceEvent",
+    "Codec",
+    "EncodedTensors",
+    "EnvelopeHeader",
+    "ErrorCode",
+    "ErrorMessage",
+    "FrameDecoder",
+    "Hello",
+    "Identity",
+    "Kind",
+    "Leaving",
+    "Limits",
+    "LocalProtocolError",
+    "Message",
+    "NeedBase",
+    "NewData",
+    "OpenedEnvelope",
+    "ProtocolError",
+    "ReceivedAnnounce",
+    "RemoteProtocolError",
+    "ReplayGuard",
+    "ReplayStatistics",
+    "Role",
+    "SealedEnvelope",
+    "Session",
+    "Signal",
+    "State",
+    "TensorMessage",
+    "TrainRequest",
+    "TrainResult",
+    "Update",
+    "UpdateAvailable",
+    "announce_topic",
+    "apply_delta",
+    "decode_announce",
+    "decode_tensors",
+    "encode_announce",
+    "encode_frame",
+    "encode_tensors",
+    "frame_prefix",
+    "make_delta",
+    "open_envelope",
+    "read_header",
+    "seal_envelope",
+    "state_digest",
+    "verify_signature",
+    "x25519_public_key",
+]

@@ -1,0 +1,1 @@
+"""silomesh.simnet."""
