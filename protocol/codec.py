@@ -1,0 +1,351 @@
+"""Tensor codec: a state dict as one raw blob plus a msgpack-ready table.
+
+The table is a list of entries ``[name, dtype, shape, offset, scale]`` sorted by name;
+entry ``i`` starts where entry ``i - 1`` ends, the first at 0 and the last ends at the
+end of the blob (no gaps, no overlaps, no trailing bytes). Data is little-endian and
+C-ordered. The codec chooses how *floating* tensors travel:
+
+* ``float32``: as ``float32``;
+* ``float16``: as ``float16`` (values beyond +-65504 are refused, not turned into inf);
+* ``int8``: as ``int8`` with a per-tensor symmetric ``scale``:
+  ``q = clip(rint(x / scale), -127, 127)``, ``scale = max|x| / 127`` (0 for all-zero
+  tensors) and ``x' = float32(q) * float32(scale)``.
+
+Integer and bool tensors travel unchanged. Decoding is zero-copy (``np.frombuffer`` on
+the caller's buffer; arrays come back read-only and possibly unaligned) except for
+``int8``-quantized tensors, which are dequantized to ``float32``. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .limits import DEFAULT_LIMITS, Limits
+
+__all__ = [
+    "Codec",
+    "EncodedTensors",
+    "WIRE_DTYPES",
+    "decode_tensors",
+    "encode_tensors",
+    "is_finite_array",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class Codec(enum.StrEnum):
+    """How floating-point tensors are encoded; ``NONE`` marks messages without tensors."""
+
+    NONE = "none"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    INT8 = "int8"
+
+
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "int16": np.dtype("<i2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "bool": np.dtype("?"),
+}
+"""The dtype allowlist: wire name -> numpy dtype (explicitly little-endian)."""
+
+_FLOAT16_MAX = 65504.0
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_SCALE = _FLOAT32_MAX / 128.0  # so that -128 * scale stays finite
+
+
+def is_finite_array(arr: np.ndarray) -> bool:
+    """True if a floating array holds no NaN or infinity (other dtypes: always True)."""
+    if arr.size == 0 or arr.dtype.kind != "f":
+        return True
+    if arr.dtype.itemsize == 2:  # float16: exponent bits all ones <=> inf or nan
+        bits = (
+            arr.view(np.uint16)
+            if arr.flags.c_contiguous
+            else arr.astype(np.float16).view(np.uint16)
+        )
+        return not bool(((bits & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(arr.min()) and np.isfinite(arr.max()))
+
+
+def _wire_name(dtype: np.dtype[Any]) -> str | None:
+    for name, wire in WIRE_DTYPES.items():
+        if wire.kind == dtype.kind and wire.itemsize == dtype.itemsize:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class _Source:
+    array: np.ndarray
+    wire: np.dtype[Any]
+    offset: int
+    scale: float | None
+
+
+@dataclass(frozen=True)
+class EncodedTensors:
+    """A state dict laid out for the wire, not yet copied anywhere.
+
+    Attributes:
+        table: The msgpack-ready table (list of ``[name, dtype, shape, offset, scale]``).
+        nbytes: Size of the blob :meth:`write_into` produces.
+        codec: The codec used.
+    """
+
+    table: list[list[Any]]
+    nbytes: int
+    codec: Codec
+    _sources: tuple[_Source, ...]
+
+    def write_into(self, out: bytearray | memoryview) -> None:
+        """Write the blob into ``out`` (a writable buffer of exactly :attr:`nbytes`)."""
+        view = memoryview(out).cast("B")
+        if len(view) != self.nbytes or view.readonly:
+            raise LocalProtocolError(ErrorCode.BAD_TABLE, "output buffer has the wrong size")
+        for src in self._sources:
+            count = src.array.size
+            if count == 0:
+                continue
+            dst = np.frombuffer(view, dtype=src.wire, count=count, offset=src.offset)
+            dst = dst.reshape(src.array.shape)
+            if src.scale is None:
+                np.copyto(dst, src.array, casting="unsafe")
+            elif src.scale == 0.0:
+                dst[...] = 0
+            else:
+                q = np.multiply(src.array, np.float32(1.0 / src.scale), dtype=np.float32)
+                np.rint(q, out=q)
+                np.clip(q, -127, 127, out=q)
+                np.copyto(dst, q, casting="unsafe")
+
+    def to_bytes(self) -> bytes:
+        """The blob as a new ``bytes`` object."""
+        buf = bytearray(self.nbytes)
+        self.write_into(buf)
+        return bytes(buf)
+
+
+def _check_name(name: object, limits: Limits) -> str:
+    if type(name) is not str or not name or "\x00" in name:
+        raise LocalProtocolError(
+            ErrorCode.BAD_TABLE, "tensor names must be non-empty str without NUL"
+        )
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise LocalProtocolError(ErrorCode.BAD_TABLE, "tensor name is not valid UTF-8") from None
+    if size > limits.max_name_length:
+        raise LocalProtocolError(
+            ErrorCode.TOO_LARGE, f"tensor name longer than {limits.max_name_length}"
+        )
+    return name
+
+
+def _count(shape: tuple[int, ...], limits: Limits, name: str) -> int:
+    if len(shape) > limits.max_ndim:
+        raise LocalProtocolError(ErrorCode.BAD_SHAPE, f"{name}: more than {limits.max_ndim} dims")
+    count = math.prod(shape)
+    if count > limits.max_tensor_elements:
+        raise LocalProtocolError(ErrorCode.TOO_LARGE, f"{name}: {count} elements > limit")
+    return count
+
+
+def encode_tensors(
+    state: Mapping[str, np.ndarray],
+    codec: Codec | str = Codec.FLOAT32,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> EncodedTensors:
+    """Lay out ``state`` for the wire (validates; copies nothing yet).
+
+    Raises:
+        LocalProtocolError: BAD_TYPE/BAD_DTYPE/BAD_SHAPE/TOO_LARGE for invalid tensors,
+            NON_FINITE for NaN/inf or values that overflow float16.
+    """
+    try:
+        codec = Codec(codec)
+    except ValueError:
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, f"unknown codec {codec!r}") from None
+    if codec is Codec.NONE:
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, "codec 'none' carries no tensors")
+    if not isinstance(state, Mapping):
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, "state must be a mapping name -> array")
+    if len(state) > limits.max_tensors:
+        raise LocalProtocolError(ErrorCode.TOO_LARGE, f"more than {limits.max_tensors} tensors")
+    table: list[list[Any]] = []
+    sources: list[_Source] = []
+    offset = 0
+    total = 0
+    for name in state:
+        _check_name(name, limits)
+    for name in sorted(state):
+        arr = state[name]
+        if not isinstance(arr, np.ndarray):
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"{name}: not a numpy array")
+        count = _count(arr.shape, limits, name)
+        total += count
+        if total > limits.max_total_elements:
+            raise LocalProtocolError(ErrorCode.TOO_LARGE, "total elements exceed the limit")
+        scale: float | None = None
+        if arr.dtype.kind == "f" and arr.dtype.itemsize in (2, 4, 8):
+            lo, hi = (float(arr.min()), float(arr.max())) if count else (0.0, 0.0)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: NaN or infinity")
+            amax = max(-lo, hi)
+            if codec is Codec.FLOAT16 and amax > _FLOAT16_MAX:
+                raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float16")
+            if codec is Codec.FLOAT32 and amax > _FLOAT32_MAX:
+                raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
+            if codec is Codec.INT8:
+                scale = float(np.float32(amax) / np.float32(127.0))
+                if not math.isfinite(scale) or scale > _MAX_SCALE:
+                    raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
+            dtype_name = "int8" if codec is Codec.INT8 else codec.value
+        else:
+            maybe = _wire_name(arr.dtype)
+            if maybe is None or maybe.startswith("float"):
+                raise LocalProtocolError(
+                    ErrorCode.BAD_DTYPE, f"{name}: dtype {arr.dtype} not allowed"
+                )
+            dtype_name = maybe
+        wire = WIRE_DTYPES[dtype_name]
+        table.append([name, dtype_name, list(arr.shape), offset, scale])
+        sources.append(_Source(arr, wire, offset, scale))
+        offset += count * wire.itemsize
+    return EncodedTensors(table=table, nbytes=offset, codec=codec, _sources=tuple(sources))
+
+
+def _remote(code: ErrorCode, message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(code, message)
+
+
+def decode_tensors(
+    table: object,
+    blob: bytes | bytearray | memoryview,
+    *,
+    codec: Codec | str,
+    limits: Limits = DEFAULT_LIMITS,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    complete: bool = False,
+) -> dict[str, np.ndarray]:
+    """Decode a table and blob received from a peer.
+
+    Args:
+        table: The unpacked msgpack table.
+        blob: The raw tensor bytes (not copied; arrays view into it).
+        codec: The codec named in the envelope header.
+        limits: Size limits.
+        expected_shapes: If given, every tensor must be named here with this shape.
+        complete: With ``expected_shapes``, also require every expected tensor.
+
+    Returns:
+        name -> read-only array (float32/float16/int/bool; int8-quantized tensors are
+        dequantized to float32).
+
+    Raises:
+        RemoteProtocolError: BAD_TABLE, BAD_DTYPE, BAD_SHAPE, TOO_LARGE, NON_FINITE,
+            BAD_TYPE for anything malformed.
+    """
+    try:
+        codec = Codec(codec)
+    except ValueError:
+        raise _remote(ErrorCode.BAD_TYPE, f"unknown codec {codec!r}") from None
+    if codec is Codec.NONE:
+        raise _remote(ErrorCode.BAD_TYPE, "codec 'none' carries no tensors")
+    view = memoryview(blob).cast("B")
+    if type(table) is not list:
+        raise _remote(ErrorCode.BAD_TABLE, "tensor table must be an array")
+    if len(table) > limits.max_tensors:
+        raise _remote(ErrorCode.TOO_LARGE, f"more than {limits.max_tensors} tensors")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    total = 0
+    previous: str | None = None
+    for entry in table:
+        if type(entry) is not list or len(entry) != 5:
+            raise _remote(
+                ErrorCode.BAD_TABLE, "table entries are [name, dtype, shape, offset, scale]"
+            )
+        name, dtype_name, shape_list, entry_offset, scale = entry
+        try:
+            _check_name(name, limits)
+        except LocalProtocolError as exc:
+            raise _remote(exc.code, exc.message) from None
+        if previous is not None and name <= previous:
+            raise _remote(ErrorCode.BAD_TABLE, f"{name!r}: names must be unique and sorted")
+        previous = name
+        wire = WIRE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
+        if wire is None:
+            raise _remote(ErrorCode.BAD_DTYPE, f"{name}: dtype {dtype_name!r} not allowed")
+        if wire.kind == "f" and dtype_name != codec.value:
+            raise _remote(ErrorCode.BAD_DTYPE, f"{name}: {dtype_name} under codec {codec.value}")
+        if scale is not None and not (codec is Codec.INT8 and dtype_name == "int8"):
+            raise _remote(ErrorCode.BAD_TABLE, f"{name}: scale only for int8 codec tensors")
+        if scale is not None and (type(scale) is not float or not 0.0 <= scale <= _MAX_SCALE):
+            raise _remote(ErrorCode.BAD_TABLE, f"{name}: scale must be a float in [0, max]")
+        if type(shape_list) is not list or not all(type(d) is int and d >= 0 for d in shape_list):
+            raise _remote(ErrorCode.BAD_SHAPE, f"{name}: shape must be a list of uints")
+        if any(d > limits.max_tensor_elements for d in shape_list):
+            raise _remote(ErrorCode.TOO_LARGE, f"{name}: dimension exceeds the element limit")
+        shape = tuple(shape_list)
+        try:
+            count = _count(shape, limits, name)
+        except LocalProtocolError as exc:
+            raise _remote(exc.code, exc.message) from None
+        total += count
+        if total > limits.max_total_elements:
+            raise _remote(ErrorCode.TOO_LARGE, "total elements exceed the limit")
+        if type(entry_offset) is not int or entry_offset != offset:
+            what = (
+                "overlaps the previous tensor"
+                if (type(entry_offset) is int and entry_offset < offset)
+                else "leaves a gap or is not an int"
+            )
+            raise _remote(ErrorCode.BAD_TABLE, f"{name}: offset {entry_offset!r} {what}")
+        nbytes = count * wire.itemsize
+        if offset + nbytes > len(view):
+            raise _remote(ErrorCode.BAD_TABLE, f"{name}: runs past the end of the blob")
+        if expected_shapes is not None:
+            want = expected_shapes.get(name)
+            if want is None:
+                raise _remote(ErrorCode.BAD_TABLE, f"{name}: not a tensor of this model")
+            if tuple(want) != shape:
+                raise _remote(ErrorCode.BAD_SHAPE, f"{name}: shape {shape} != model {tuple(want)}")
+        if count == 0:
+            arr = np.empty(shape, dtype=wire)
+        else:
+            arr = np.frombuffer(view, dtype=wire, count=count, offset=offset).reshape(shape)
+        arr.flags.writeable = False
+        if wire.kind == "b" and count and int(arr.view(np.uint8).max()) > 1:
+            raise _remote(ErrorCode.BAD_DTYPE, f"{name}: bool bytes must be 0 or 1")
+        if scale is not None:
+            arr = np.multiply(arr, np.float32(scale), dtype=np.float32)
+            arr.flags.writeable = False
+        elif not is_finite_array(arr):
+            raise _remote(ErrorCode.NON_FINITE, f"{name}: NaN or infinity")
+        out[name] = arr
+        offset += nbytes
+    if offset != len(view):
+        raise _remote(
+            ErrorCode.BAD_TABLE, f"{len(view) - offset} trailing bytes after the last tensor"
+        )
+    if expected_shapes is not None and complete:
+        missing = set(expected_shapes) - set(out)
+        if missing:
+            raise _remote(ErrorCode.BAD_TABLE, f"missing tensors: {sorted(missing)[:5]}")
+    return out

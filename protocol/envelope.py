@@ -1,0 +1,507 @@
+"""Envelopes: a signed msgpack header plus an encrypted payload.
+
+Wire layout of one envelope (the body of one frame)::
+
+    u16be header_len || header (msgpack map) || signature (64) || ciphertext
+
+* ``signature`` = Ed25519(sender, ``ENVELOPE_SIGNING_DOMAIN || header``) over the exact
+  header bytes received.
+* ``ciphertext`` = ``crypto_box_easy(payload, nonce, recipient_x25519_pk,
+  sender_x25519_sk)`` = ``tag (16) || encrypted payload``; the 24-byte nonce travels in
+  the header.
+* ``header.payload_digest`` = BLAKE2b-256(ciphertext), so the signature covers it.
+* ``payload`` = ``u32be body_len || body (msgpack map) || tensor blob``.
+
+Sealing writes the payload straight into the buffer that is then encrypted in place;
+opening hashes and decrypts the received buffer in place when allowed, and tensors
+are decoded as views of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.bindings
+import numpy as np
+
+from .codec import Codec, EncodedTensors, decode_tensors, encode_tensors
+from .crypto import MAC_SIZE, DecryptError, blake2b256, decrypt_in_place, encrypt_in_place
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError, as_remote
+from .frames import frame_prefix
+from .identity import Identity, verify_signature
+from .limits import (
+    DEFAULT_LIMITS,
+    DIGEST_SIZE,
+    KEY_SIZE,
+    MAX_HEADER_SIZE,
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    SIGNATURE_SIZE,
+    Limits,
+)
+from .messages import MESSAGE_TYPES, Kind, Message, TensorMessage
+from .replay import ReplayGuard
+from .wire import (
+    check_bytes,
+    check_federation,
+    check_keys,
+    check_optional_bytes,
+    check_uint,
+    packb,
+    unpack_map,
+)
+
+__all__ = [
+    "ENVELOPE_SIGNING_DOMAIN",
+    "EnvelopeHeader",
+    "HEADER_KEYS",
+    "OpenedEnvelope",
+    "SealedEnvelope",
+    "TENSOR_KINDS",
+    "open_envelope",
+    "read_header",
+    "seal_envelope",
+]
+
+logger = logging.getLogger(__name__)
+
+ENVELOPE_SIGNING_DOMAIN = b"silomesh/envelope/v1\x00"
+"""Prefix of the bytes an envelope signature covers."""
+
+HEADER_KEYS = (
+    "version",
+    "kind",
+    "federation",
+    "sender",
+    "recipient",
+    "round",
+    "sequence",
+    "timestamp",
+    "base_digest",
+    "payload_digest",
+    "codec",
+    "nonce",
+)
+"""Header map keys, in the order the encoder writes them."""
+
+TENSOR_KINDS = frozenset({Kind.UPDATE, Kind.TRAIN_REQUEST, Kind.TRAIN_RESULT})
+"""Kinds whose payload carries a tensor table and blob."""
+
+_LEN = 2  # header length prefix
+_PAYLOAD_LEN = 4  # body length prefix inside the payload
+_MIN_ENVELOPE = _LEN + 1 + SIGNATURE_SIZE + MAC_SIZE + _PAYLOAD_LEN
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvelopeHeader:
+    """The signed routing header (all fields travel in clear)."""
+
+    version: int
+    kind: Kind
+    federation: str
+    sender: bytes
+    recipient: bytes
+    round: int
+    sequence: int
+    timestamp: int
+    base_digest: bytes | None
+    payload_digest: bytes
+    codec: Codec
+    nonce: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.version) is not int or self.version != PROTOCOL_VERSION:
+            raise LocalProtocolError(ErrorCode.UNKNOWN_VERSION, f"version {self.version!r}")
+        try:
+            kind = Kind(self.kind)
+        except ValueError:
+            raise LocalProtocolError(ErrorCode.UNKNOWN_KIND, f"kind {self.kind!r}") from None
+        if kind is Kind.ANNOUNCE:
+            raise LocalProtocolError(ErrorCode.UNKNOWN_KIND, "announces do not travel in envelopes")
+        try:
+            codec = Codec(self.codec) if isinstance(self.codec, str) else None
+        except ValueError:
+            codec = None
+        if codec is None:
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"unknown codec {self.codec!r}")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "codec", codec)
+        check_federation(self.federation)
+        check_bytes("sender", self.sender, KEY_SIZE)
+        check_bytes("recipient", self.recipient, KEY_SIZE)
+        check_uint("round", self.round)
+        check_uint("sequence", self.sequence)
+        check_uint("timestamp", self.timestamp)
+        check_optional_bytes("base_digest", self.base_digest, DIGEST_SIZE)
+        check_bytes("payload_digest", self.payload_digest, DIGEST_SIZE)
+        check_bytes("nonce", self.nonce, NONCE_SIZE)
+        if (kind in TENSOR_KINDS) != (codec is not Codec.NONE):
+            raise LocalProtocolError(
+                ErrorCode.BAD_TYPE, f"codec {codec.value} invalid for {kind.value}"
+            )
+        if kind not in TENSOR_KINDS and self.base_digest is not None:
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"{kind.value} has no base digest")
+
+    def to_map(self) -> dict[str, Any]:
+        """The msgpack-ready map, keys in :data:`HEADER_KEYS` order."""
+        return {
+            "version": self.version,
+            "kind": self.kind.value,
+            "federation": self.federation,
+            "sender": self.sender,
+            "recipient": self.recipient,
+            "round": self.round,
+            "sequence": self.sequence,
+            "timestamp": self.timestamp,
+            "base_digest": self.base_digest,
+            "payload_digest": self.payload_digest,
+            "codec": self.codec.value,
+            "nonce": self.nonce,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class SealedEnvelope:
+    """An envelope ready to send, kept in two parts to avoid copying the ciphertext.
+
+    Attributes:
+        header: The signed header.
+        header_bytes: Its exact msgpack encoding (what the signature covers, after the
+            domain prefix).
+        signature: The 64-byte Ed25519 signature.
+        ciphertext: ``tag || encrypted payload``.
+    """
+
+    header: EnvelopeHeader
+    header_bytes: bytes
+    signature: bytes
+    ciphertext: bytearray
+
+    @property
+    def head(self) -> bytes:
+        """``u16be header_len || header || signature``: everything before the ciphertext."""
+        return b"".join(
+            (len(self.header_bytes).to_bytes(_LEN, "big"), self.header_bytes, self.signature)
+        )
+
+    @property
+    def size(self) -> int:
+        """Length of the whole envelope (the frame body)."""
+        return _LEN + len(self.header_bytes) + SIGNATURE_SIZE + len(self.ciphertext)
+
+    def frame_parts(self, max_frame_size: int | None = None) -> tuple[bytes, bytearray]:
+        """``(frame prefix || head, ciphertext)``: write both, in order, to the stream."""
+        limit = max_frame_size if max_frame_size is not None else DEFAULT_LIMITS.max_frame_size
+        return frame_prefix(self.size, limit) + self.head, self.ciphertext
+
+    def to_bytes(self) -> bytes:
+        """The envelope as one ``bytes`` object (copies the ciphertext)."""
+        return b"".join((self.head, self.ciphertext))
+
+    def to_frame(self, max_frame_size: int | None = None) -> bytes:
+        """The framed envelope as one ``bytes`` object (copies the ciphertext)."""
+        return b"".join(self.frame_parts(max_frame_size))
+
+
+@dataclass(frozen=True, eq=False)
+class OpenedEnvelope:
+    """A verified, decrypted, decoded envelope.
+
+    Attributes:
+        header: The verified header.
+        header_bytes: The exact signed header bytes (with ``signature``, enough for an
+            auditor to re-verify the sender's signature offline).
+        signature: The sender's 64-byte signature.
+        message: The decoded message.
+        size: Envelope size in bytes.
+    """
+
+    header: EnvelopeHeader
+    header_bytes: bytes
+    signature: bytes
+    message: Message
+    size: int
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def seal_envelope(
+    message: Message,
+    identity: Identity,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    timestamp_ms: int | None = None,
+    nonce: bytes | None = None,
+) -> SealedEnvelope:
+    """Encode, encrypt to ``message.recipient`` and sign ``message``.
+
+    Args:
+        message: Any exchange message; ``message.sender`` must be ``identity``.
+        identity: Our keys.
+        limits: Sizes to respect (the envelope must fit ``limits.max_frame_size``).
+        timestamp_ms: Header timestamp; defaults to the current Unix time in ms.
+        nonce: 24-byte Box nonce; random by default (pass one only for test vectors).
+
+    Raises:
+        LocalProtocolError: SENDER_MISMATCH, TOO_LARGE, NON_FINITE, BAD_DTYPE, ... for
+            anything this side should not send.
+    """
+    if message.sender != identity.public_key:
+        raise LocalProtocolError(ErrorCode.SENDER_MISMATCH, "message.sender is not this identity")
+    if message.kind not in MESSAGE_TYPES:
+        raise LocalProtocolError(ErrorCode.UNKNOWN_KIND, f"{message.kind} cannot be sealed")
+    body = message.body()
+    encoded: EncodedTensors | None = None
+    base_digest: bytes | None = None
+    codec = Codec.NONE
+    if isinstance(message, TensorMessage):
+        encoded = encode_tensors(message.tensors, message.codec, limits=limits)
+        body["tensors"] = encoded.table
+        base_digest = message.base_digest
+        codec = message.codec
+    body_bytes = packb(body)
+    if len(body_bytes) > limits.max_body_size:
+        raise LocalProtocolError(ErrorCode.TOO_LARGE, f"body is {len(body_bytes)} bytes")
+    blob_size = encoded.nbytes if encoded is not None else 0
+    payload_size = _PAYLOAD_LEN + len(body_bytes) + blob_size
+    if _LEN + SIGNATURE_SIZE + MAC_SIZE + payload_size > limits.max_frame_size:
+        raise LocalProtocolError(
+            ErrorCode.TOO_LARGE, f"payload of {payload_size} bytes > frame limit"
+        )
+
+    buf = bytearray(MAC_SIZE + payload_size)
+    start = MAC_SIZE + _PAYLOAD_LEN
+    buf[MAC_SIZE:start] = len(body_bytes).to_bytes(_PAYLOAD_LEN, "big")
+    buf[start : start + len(body_bytes)] = body_bytes
+    if encoded is not None:
+        encoded.write_into(memoryview(buf)[start + len(body_bytes) :])
+    if nonce is None:
+        nonce = nacl.bindings.randombytes(NONCE_SIZE)
+    encrypt_in_place(buf, identity.shared_key(message.recipient), nonce)
+
+    header = EnvelopeHeader(
+        version=message.version,
+        kind=message.kind,
+        federation=message.federation,
+        sender=message.sender,
+        recipient=message.recipient,
+        round=message.round,
+        sequence=message.sequence,
+        timestamp=_now_ms() if timestamp_ms is None else timestamp_ms,
+        base_digest=base_digest,
+        payload_digest=blake2b256(buf),
+        codec=codec,
+        nonce=nonce,
+    )
+    header_bytes = packb(header.to_map())
+    if len(header_bytes) > MAX_HEADER_SIZE:  # pragma: no cover - fields are bounded
+        raise LocalProtocolError(ErrorCode.TOO_LARGE, "header too large")
+    sealed = SealedEnvelope(
+        header=header,
+        header_bytes=header_bytes,
+        signature=identity.sign(ENVELOPE_SIGNING_DOMAIN + header_bytes),
+        ciphertext=buf,
+    )
+    if sealed.size > limits.max_frame_size:
+        raise LocalProtocolError(
+            ErrorCode.TOO_LARGE, f"envelope of {sealed.size} bytes > frame limit"
+        )
+    logger.debug(
+        "sealed %s seq=%d round=%d to %s: %d bytes",
+        header.kind.value,
+        header.sequence,
+        header.round,
+        header.recipient.hex()[:16],
+        sealed.size,
+    )
+    return sealed
+
+
+def _split(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[memoryview, int]:
+    view = memoryview(data).cast("B")
+    if len(view) > limits.max_frame_size:
+        raise RemoteProtocolError(ErrorCode.TOO_LARGE, f"envelope of {len(view)} bytes")
+    if len(view) < _MIN_ENVELOPE:
+        raise RemoteProtocolError(
+            ErrorCode.BAD_FRAME, f"envelope of {len(view)} bytes is truncated"
+        )
+    header_len = int.from_bytes(view[:_LEN], "big")
+    if header_len > MAX_HEADER_SIZE:
+        raise RemoteProtocolError(ErrorCode.TOO_LARGE, f"header of {header_len} bytes")
+    if _LEN + header_len + SIGNATURE_SIZE + MAC_SIZE + _PAYLOAD_LEN > len(view):
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, "envelope shorter than its header says")
+    return view, header_len
+
+
+def _parse_header(raw: bytes) -> EnvelopeHeader:
+    obj = unpack_map(raw, what="header", max_size=MAX_HEADER_SIZE)
+    version = obj.get("version")
+    if type(version) is not int:
+        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "header.version must be an int")
+    if version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_VERSION, f"version {version}")
+    kind = obj.get("kind")
+    if type(kind) is not str:
+        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "header.kind must be a str")
+    if kind not in MESSAGE_TYPES:  # StrEnum members hash like their values
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_KIND, f"kind {kind[:32]!r}")
+    with as_remote():
+        check_keys("header", obj, HEADER_KEYS)
+        return EnvelopeHeader(**obj)
+
+
+def read_header(
+    data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
+) -> EnvelopeHeader:
+    """Parse an envelope's header WITHOUT verifying anything (for logging refusals).
+
+    Raises:
+        RemoteProtocolError: If the envelope or its header is malformed.
+    """
+    view, header_len = _split(data, limits)
+    return _parse_header(bytes(view[_LEN : _LEN + header_len]))
+
+
+def open_envelope(
+    data: bytes | bytearray | memoryview,
+    *,
+    identity: Identity,
+    federation: str,
+    trusted: Container[bytes] | None,
+    expected_sender: bytes | None = None,
+    replay: ReplayGuard | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    complete: bool = False,
+    now_ms: int | None = None,
+    max_skew_ms: int | None = None,
+    in_place: bool = False,
+) -> OpenedEnvelope:
+    """Verify, decrypt and decode one envelope (a frame body).
+
+    Checks run in this order: framing, header, trust (``trusted``,
+    ``expected_sender``), signature, recipient, federation, timestamp skew, payload
+    digest, replay (the triple is recorded once the envelope is authentic), decryption,
+    then payload decoding.
+
+    Args:
+        data: The envelope bytes.
+        identity: Our keys (we must be the recipient).
+        federation: Our federation id.
+        trusted: Public keys we accept messages from; ``None`` accepts any signer.
+        expected_sender: The authenticated remote peer of this stream, if known.
+        replay: Replay guard shared by the peer's sessions, if any.
+        limits: Size limits.
+        expected_shapes: Model tensor shapes to enforce on tensor messages.
+        complete: With ``expected_shapes``, require every model tensor.
+        now_ms: Current Unix time in ms, for the skew check.
+        max_skew_ms: Largest accepted ``|timestamp - now_ms|`` (needs ``now_ms``).
+        in_place: Decrypt inside ``data`` if it is writable (it is then overwritten
+            and decoded tensors alias it); otherwise the ciphertext is copied first.
+
+    Raises:
+        RemoteProtocolError: With the reason code of the first failed check.
+    """
+    view, header_len = _split(data, limits)
+    header_bytes = bytes(view[_LEN : _LEN + header_len])
+    sig_end = _LEN + header_len + SIGNATURE_SIZE
+    signature = bytes(view[_LEN + header_len : sig_end])
+    ciphertext = view[sig_end:]
+    header = _parse_header(header_bytes)
+
+    if trusted is not None and header.sender not in trusted:
+        raise RemoteProtocolError(ErrorCode.UNTRUSTED_SENDER, f"sender {header.sender.hex()[:16]}")
+    if expected_sender is not None and header.sender != expected_sender:
+        raise RemoteProtocolError(ErrorCode.SENDER_MISMATCH, "sender is not the stream's peer")
+    if not verify_signature(header.sender, ENVELOPE_SIGNING_DOMAIN + header_bytes, signature):
+        raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "envelope signature does not verify")
+    if header.recipient != identity.public_key:
+        raise RemoteProtocolError(ErrorCode.WRONG_RECIPIENT, f"to {header.recipient.hex()[:16]}")
+    if header.federation != federation:
+        raise RemoteProtocolError(ErrorCode.WRONG_FEDERATION, f"federation {header.federation!r}")
+    if (
+        now_ms is not None
+        and max_skew_ms is not None
+        and abs(header.timestamp - now_ms) > max_skew_ms
+    ):
+        raise RemoteProtocolError(ErrorCode.STALE, f"timestamp {header.timestamp} vs now {now_ms}")
+    if blake2b256(ciphertext) != header.payload_digest:
+        raise RemoteProtocolError(ErrorCode.DIGEST_MISMATCH, "payload digest does not match")
+    if replay is not None:
+        replay.accept(header.sender, header.round, header.sequence)
+
+    with as_remote():
+        key = identity.shared_key(header.sender)
+    target: bytearray | memoryview = (
+        ciphertext if in_place and not ciphertext.readonly else bytearray(ciphertext)
+    )
+    try:
+        payload = decrypt_in_place(target, key, header.nonce)
+    except DecryptError:
+        raise RemoteProtocolError(ErrorCode.DECRYPT_FAILED, "payload does not decrypt") from None
+    message = _decode_payload(payload, header, limits, expected_shapes, complete)
+    logger.debug(
+        "opened %s seq=%d round=%d from %s: %d bytes",
+        header.kind.value,
+        header.sequence,
+        header.round,
+        header.sender.hex()[:16],
+        len(view),
+    )
+    return OpenedEnvelope(
+        header=header,
+        header_bytes=header_bytes,
+        signature=signature,
+        message=message,
+        size=len(view),
+    )
+
+
+def _decode_payload(
+    payload: memoryview,
+    header: EnvelopeHeader,
+    limits: Limits,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None,
+    complete: bool,
+) -> Message:
+    if len(payload) < _PAYLOAD_LEN:
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, "payload shorter than its length prefix")
+    body_len = int.from_bytes(payload[:_PAYLOAD_LEN], "big")
+    if body_len > limits.max_body_size:
+        raise RemoteProtocolError(ErrorCode.TOO_LARGE, f"body of {body_len} bytes")
+    if _PAYLOAD_LEN + body_len > len(payload):
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, "payload shorter than its body length")
+    body = unpack_map(
+        payload[_PAYLOAD_LEN : _PAYLOAD_LEN + body_len], what="body", max_size=limits.max_body_size
+    )
+    blob = payload[_PAYLOAD_LEN + body_len :]
+    routing: dict[str, Any] = {
+        "version": header.version,
+        "federation": header.federation,
+        "sender": header.sender,
+        "recipient": header.recipient,
+        "round": header.round,
+        "sequence": header.sequence,
+    }
+    if header.kind in TENSOR_KINDS:
+        if "tensors" not in body:
+            raise RemoteProtocolError(ErrorCode.BAD_TYPE, f"{header.kind.value}: missing tensors")
+        tensors: dict[str, np.ndarray] = decode_tensors(
+            body.pop("tensors"),
+            blob,
+            codec=header.codec,
+            limits=limits,
+            expected_shapes=expected_shapes,
+            complete=complete,
+        )
+        routing.update(tensors=tensors, base_digest=header.base_digest, codec=header.codec)
+    elif len(blob):
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"{len(blob)} trailing payload bytes")
+    with as_remote():
+        return MESSAGE_TYPES[header.kind].from_body(routing, body)

@@ -1,0 +1,282 @@
+"""One exchange stream as a table-driven state machine, sans-I/O (in the style of h11).
+
+The conversation on ``/silomesh/exchange/1.0.0`` is strictly alternating, so both ends
+track one shared state::
+
+    IDLE --dialer hello--> HELLO_SENT --listener hello--> READY
+    READY --dialer update--------> AWAIT_UPDATE_REPLY --ack|error|need-base--------> READY
+    READY --dialer train-request-> AWAIT_TRAIN_REPLY  --train-result|ack|error|need-base-> READY
+    READY --dialer need-base-----> AWAIT_BASE_REPLY   --update|error---------------> READY
+    READY --dialer train-result--> AWAIT_RESULT_REPLY --ack|error-------------------> READY
+    HELLO_SENT --listener error--> CLOSED
+
+End of stream is clean in IDLE, READY and CLOSED. Any violation, by either side, moves
+the session to ERROR for good: a message we may not send raises
+:class:`LocalProtocolError`, one the peer may not send raises
+:class:`RemoteProtocolError`. Until READY the frame limit is the small handshake limit,
+so an unauthenticated dialer cannot make us buffer a large frame.
+
+Usage (I/O left to the caller)::
+
+    s = Session(Role.DIALER, identity=me, peer=their_key, federation="fed")
+    for part in s.send(Hello(...)).frame_parts(): await stream.write(part)
+    s.receive_data(await stream.read(65536))
+    event = s.next_event()   # OpenedEnvelope | NEED_DATA | CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Container, Mapping
+
+from .envelope import OpenedEnvelope, SealedEnvelope, open_envelope, read_header, seal_envelope
+from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .frames import CLOSED, NEED_DATA, FrameDecoder, Signal
+from .identity import Identity
+from .limits import DEFAULT_LIMITS, MAX_ANNOUNCE_SIZE, Limits
+from .messages import Hello, Kind, Message
+from .replay import ReplayGuard
+
+__all__ = ["EOF_STATES", "HANDSHAKE_MAX_FRAME_SIZE", "Role", "Session", "State", "TRANSITIONS"]
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_MAX_FRAME_SIZE = MAX_ANNOUNCE_SIZE
+"""Frame limit until the session is READY (hello and error messages are small)."""
+
+
+class Role(enum.Enum):
+    """Which end of the stream we are."""
+
+    DIALER = "dialer"
+    LISTENER = "listener"
+
+    @property
+    def other(self) -> Role:
+        """The opposite role."""
+        return Role.LISTENER if self is Role.DIALER else Role.DIALER
+
+
+class State(enum.Enum):
+    """Conversation state, the same at both ends."""
+
+    IDLE = "IDLE"
+    HELLO_SENT = "HELLO_SENT"
+    READY = "READY"
+    AWAIT_UPDATE_REPLY = "AWAIT_UPDATE_REPLY"
+    AWAIT_TRAIN_REPLY = "AWAIT_TRAIN_REPLY"
+    AWAIT_BASE_REPLY = "AWAIT_BASE_REPLY"
+    AWAIT_RESULT_REPLY = "AWAIT_RESULT_REPLY"
+    CLOSED = "CLOSED"
+    ERROR = "ERROR"
+
+
+_D, _L = Role.DIALER, Role.LISTENER
+_S = State
+
+TRANSITIONS: Mapping[tuple[State, Role, Kind], State] = {
+    (_S.IDLE, _D, Kind.HELLO): _S.HELLO_SENT,
+    (_S.HELLO_SENT, _L, Kind.HELLO): _S.READY,
+    (_S.HELLO_SENT, _L, Kind.ERROR): _S.CLOSED,
+    (_S.READY, _D, Kind.UPDATE): _S.AWAIT_UPDATE_REPLY,
+    (_S.READY, _D, Kind.TRAIN_REQUEST): _S.AWAIT_TRAIN_REPLY,
+    (_S.READY, _D, Kind.NEED_BASE): _S.AWAIT_BASE_REPLY,
+    (_S.READY, _D, Kind.TRAIN_RESULT): _S.AWAIT_RESULT_REPLY,
+    (_S.AWAIT_UPDATE_REPLY, _L, Kind.ACK): _S.READY,
+    (_S.AWAIT_UPDATE_REPLY, _L, Kind.ERROR): _S.READY,
+    (_S.AWAIT_UPDATE_REPLY, _L, Kind.NEED_BASE): _S.READY,
+    (_S.AWAIT_TRAIN_REPLY, _L, Kind.TRAIN_RESULT): _S.READY,
+    (_S.AWAIT_TRAIN_REPLY, _L, Kind.ACK): _S.READY,
+    (_S.AWAIT_TRAIN_REPLY, _L, Kind.ERROR): _S.READY,
+    (_S.AWAIT_TRAIN_REPLY, _L, Kind.NEED_BASE): _S.READY,
+    (_S.AWAIT_BASE_REPLY, _L, Kind.UPDATE): _S.READY,
+    (_S.AWAIT_BASE_REPLY, _L, Kind.ERROR): _S.READY,
+    (_S.AWAIT_RESULT_REPLY, _L, Kind.ACK): _S.READY,
+    (_S.AWAIT_RESULT_REPLY, _L, Kind.ERROR): _S.READY,
+}
+"""(state, role of the sender, kind) -> next state. Anything absent is a violation."""
+
+EOF_STATES = frozenset({State.IDLE, State.READY, State.CLOSED})
+"""States in which the stream may end cleanly."""
+
+
+class Session:
+    """State machine for one exchange stream with one authenticated peer."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        identity: Identity,
+        peer: bytes,
+        federation: str,
+        trusted: Container[bytes] | None = None,
+        replay: ReplayGuard | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        complete: bool = False,
+        max_skew_ms: int | None = None,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        """Create a session.
+
+        Args:
+            role: DIALER opened the stream, LISTENER accepted it.
+            identity: Our keys.
+            peer: The remote peer's Ed25519 public key (from its authenticated PeerID);
+                envelopes from anyone else are refused.
+            federation: Our federation id.
+            trusted: Allowlist of senders; defaults to ``{peer}``.
+            replay: The peer-wide replay guard (share it across sessions); a private
+                one is created if omitted.
+            limits: Size limits once READY.
+            expected_shapes: Model tensor shapes enforced on received tensors.
+            complete: With ``expected_shapes``, require every model tensor.
+            max_skew_ms: If set, refuse envelopes whose timestamp is further from
+                ``clock_ms()`` than this.
+            clock_ms: Current Unix time in ms (default: the system clock).
+        """
+        self.role = role
+        self.identity = identity
+        self.peer = peer
+        self.federation = federation
+        self._trusted: Container[bytes] = {peer} if trusted is None else trusted
+        self._replay = replay if replay is not None else ReplayGuard()
+        self._limits = limits
+        self._expected_shapes = expected_shapes
+        self._complete = complete
+        self._max_skew_ms = max_skew_ms
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._state = State.IDLE
+        self._decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME_SIZE, limits.max_frame_size))
+        self.peer_hello: Hello | None = None
+        """The peer's hello once received."""
+
+    @property
+    def state(self) -> State:
+        """The current conversation state."""
+        return self._state
+
+    def _advance(self, sender: Role, kind: Kind, error: type[ProtocolError]) -> None:
+        nxt = TRANSITIONS.get((self._state, sender, kind))
+        if nxt is None:
+            state = self._state
+            self._state = State.ERROR
+            raise error(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"{sender.value} may not send {kind.value} in state {state.value}",
+            )
+        logger.debug(
+            "%s session: %s --%s %s--> %s",
+            self.role.value,
+            self._state.value,
+            sender.value,
+            kind.value,
+            nxt.value,
+        )
+        self._state = nxt
+        if nxt is State.READY:
+            self._decoder.max_frame_size = self._limits.max_frame_size
+
+    def _fail(self) -> None:
+        self._state = State.ERROR
+
+    def send(self, message: Message, *, timestamp_ms: int | None = None) -> SealedEnvelope:
+        """Seal ``message`` for the peer and advance the state.
+
+        Returns:
+            The sealed envelope; write ``envelope.frame_parts()`` to the stream.
+
+        Raises:
+            LocalProtocolError: If the message is invalid, not addressed to the peer,
+                too large for the peer's advertised frame limit, or not allowed now.
+        """
+        if self._state in (State.ERROR, State.CLOSED):
+            raise LocalProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE, f"session is {self._state.value}"
+            )
+        try:
+            if message.recipient != self.peer or message.federation != self.federation:
+                raise LocalProtocolError(
+                    ErrorCode.WRONG_RECIPIENT, "message is not addressed to this session's peer"
+                )
+            if (self._state, self.role, message.kind) not in TRANSITIONS:
+                self._advance(self.role, message.kind, LocalProtocolError)
+            sealed = seal_envelope(
+                message, self.identity, limits=self._limits, timestamp_ms=timestamp_ms
+            )
+            peer_max = self.peer_hello.max_frame_size if self.peer_hello else None
+            if peer_max is not None and sealed.size > peer_max:
+                raise LocalProtocolError(
+                    ErrorCode.TOO_LARGE, f"envelope of {sealed.size} bytes > peer limit {peer_max}"
+                )
+        except LocalProtocolError:
+            self._fail()
+            raise
+        self._advance(self.role, message.kind, LocalProtocolError)
+        return sealed
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the stream; ``b""`` signals end of stream."""
+        if self._state is State.ERROR:
+            raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "session is in ERROR")
+        try:
+            self._decoder.receive_data(data)
+        except LocalProtocolError:
+            self._fail()
+            raise
+
+    def next_event(self) -> OpenedEnvelope | Signal:
+        """Return the next verified envelope, :data:`NEED_DATA` or :data:`CLOSED`.
+
+        Raises:
+            RemoteProtocolError: The peer violated the protocol (session -> ERROR).
+            LocalProtocolError: Called after an error.
+        """
+        if self._state is State.ERROR:
+            raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "session is in ERROR")
+        try:
+            frame = self._decoder.next_frame()
+            if frame is NEED_DATA:
+                return NEED_DATA
+            if frame is CLOSED:
+                if self._state not in EOF_STATES:
+                    raise RemoteProtocolError(
+                        ErrorCode.UNEXPECTED_EOF, f"stream ended in state {self._state.value}"
+                    )
+                self._state = State.CLOSED
+                return CLOSED
+            assert isinstance(frame, bytearray)
+            if self._state is State.CLOSED:
+                raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "data after close")
+            kind = read_header(frame, self._limits).kind
+            if (self._state, self.role.other, kind) not in TRANSITIONS:
+                self._advance(self.role.other, kind, RemoteProtocolError)
+            opened = open_envelope(
+                frame,
+                identity=self.identity,
+                federation=self.federation,
+                trusted=self._trusted,
+                expected_sender=self.peer,
+                replay=self._replay,
+                limits=self._limits,
+                expected_shapes=self._expected_shapes,
+                complete=self._complete,
+                now_ms=self._clock_ms() if self._max_skew_ms is not None else None,
+                max_skew_ms=self._max_skew_ms,
+                in_place=True,
+            )
+        except ProtocolError:
+            self._fail()
+            raise
+        if isinstance(opened.message, Hello):
+            self.peer_hello = opened.message
+        self._advance(self.role.other, kind, RemoteProtocolError)
+        return opened
+
+    def close(self) -> None:
+        """Mark our end closed (the caller closes the stream); later sends are refused."""
+        if self._state is not State.ERROR:
+            self._state = State.CLOSED

@@ -1,0 +1,461 @@
+"""Tensor codec (table + blob), state digests and deltas."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from silomesh.protocol import (
+    Codec,
+    ErrorCode,
+    Limits,
+    LocalProtocolError,
+    RemoteProtocolError,
+    apply_delta,
+    decode_tensors,
+    encode_tensors,
+    make_delta,
+    state_digest,
+)
+
+PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
+
+
+def _encode(state: dict[str, np.ndarray], codec: str = "float32") -> tuple[list[Any], bytes]:
+    enc = encode_tensors(state, codec)
+    return enc.table, enc.to_bytes()
+
+
+def _decode(table: Any, blob: bytes | bytearray, codec: str = "float32", **kw: Any) -> dict:
+    return decode_tensors(table, blob, codec=codec, **kw)
+
+
+def _remote_code(table: Any, blob: bytes | bytearray, codec: str = "float32", **kw: Any) -> str:
+    with pytest.raises(RemoteProtocolError) as info:
+        _decode(table, blob, codec, **kw)
+    return info.value.code.value
+
+
+def _small_state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {
+        "conv.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "conv.bias": rng.standard_normal(4).astype(np.float32),
+        "bn.num_batches_tracked": np.array(7, dtype=np.int64),
+        "mask": np.array([True, False, True]),
+    }
+
+
+# ---------------------------------------------------------------- layout
+
+
+def test_table_lists_name_dtype_shape_offset_scale_sorted_by_name() -> None:
+    table, blob = _encode(_small_state())
+    assert [e[0] for e in table] == sorted(_small_state())
+    assert table[0] == ["bn.num_batches_tracked", "int64", [], 0, None]
+    assert table[1] == ["conv.bias", "float32", [4], 8, None]
+    assert len(blob) == 8 + 16 + 4 * 27 * 4 + 3
+
+
+def test_blob_is_little_endian_c_order() -> None:
+    arr = np.arange(6, dtype=">f4").reshape(2, 3).T  # big-endian, not C-contiguous
+    _, blob = _encode({"x": arr})
+    assert blob == np.ascontiguousarray(arr, dtype="<f4").tobytes()
+
+
+def test_float32_round_trip_is_exact() -> None:
+    state = _small_state()
+    table, blob = _encode(state)
+    out = _decode(table, blob)
+    assert set(out) == set(state)
+    for name, arr in state.items():
+        assert out[name].dtype == arr.dtype and np.array_equal(out[name], arr)
+
+
+def test_float16_codec_halves_floats_and_keeps_integers() -> None:
+    state = _small_state()
+    table, blob = _encode(state, "float16")
+    out = _decode(table, blob, "float16")
+    assert out["conv.weight"].dtype == np.float16
+    np.testing.assert_allclose(out["conv.weight"], state["conv.weight"], rtol=1e-3, atol=1e-3)
+    assert out["bn.num_batches_tracked"].dtype == np.int64
+    assert int(out["bn.num_batches_tracked"]) == 7
+
+
+def test_int8_codec_error_is_at_most_half_a_step() -> None:
+    x = np.linspace(-3.0, 2.0, 1001, dtype=np.float32)
+    table, blob = _encode({"x": x}, "int8")
+    scale = table[0][4]
+    assert table[0][1] == "int8" and scale == pytest.approx(3.0 / 127, rel=1e-6)
+    out = _decode(table, blob, "int8")["x"]
+    assert out.dtype == np.float32
+    assert float(np.max(np.abs(out - x))) <= scale / 2 + 1e-7
+
+
+def test_int8_codec_encodes_an_all_zero_tensor_with_scale_zero() -> None:
+    table, blob = _encode({"z": np.zeros(5, np.float32)}, "int8")
+    assert table[0][4] == 0.0
+    assert np.array_equal(_decode(table, blob, "int8")["z"], np.zeros(5, np.float32))
+
+
+def test_int8_codec_sends_raw_int8_tensors_without_scale() -> None:
+    table, blob = _encode({"q": np.array([-128, 5, 127], np.int8)}, "int8")
+    assert table[0][4] is None
+    assert _decode(table, blob, "int8")["q"].tolist() == [-128, 5, 127]
+
+
+def test_decode_is_zero_copy_and_read_only() -> None:
+    table, blob = _encode({"w": np.ones((100, 10), np.float32)})
+    buf = bytearray(blob)
+    out = _decode(table, buf)["w"]
+    assert np.shares_memory(out, np.frombuffer(buf, np.uint8))
+    assert not out.flags.writeable
+
+
+def test_zero_size_and_scalar_tensors_round_trip() -> None:
+    state = {"empty": np.zeros((0, 3), np.float32), "scalar": np.array(2.5, np.float32)}
+    out = _decode(*_encode(state))
+    assert out["empty"].shape == (0, 3) and out["scalar"].shape == ()
+    assert float(out["scalar"]) == 2.5
+
+
+@PROPERTY
+@given(
+    arrays=st.dictionaries(
+        st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=12),
+        hnp.arrays(
+            dtype=st.sampled_from([np.float32, np.float16, np.int8, np.int32, np.int64, np.bool_]),
+            shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5),
+            elements={"allow_nan": False, "allow_infinity": False},
+        ),
+        max_size=5,
+    )
+)
+def test_float32_codec_round_trips_any_finite_state(arrays: dict[str, np.ndarray]) -> None:
+    table, blob = _encode(arrays)
+    out = _decode(table, blob)
+    assert set(out) == set(arrays)
+    for name, arr in arrays.items():
+        expected = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+        assert out[name].dtype == expected.dtype
+        assert np.array_equal(out[name], expected)
+
+
+# ---------------------------------------------------------------- local refusals
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.uint64, object])
+def test_encode_refuses_dtypes_outside_the_allowlist(dtype: Any) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_tensors({"x": np.zeros(2, dtype=dtype)})
+    assert info.value.code is ErrorCode.BAD_DTYPE
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_encode_refuses_non_finite_values(bad: float) -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_tensors({"x": np.array([1.0, bad], np.float32)})
+    assert info.value.code is ErrorCode.NON_FINITE
+
+
+def test_encode_refuses_values_that_overflow_float16() -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_tensors({"x": np.array([70000.0], np.float32)}, "float16")
+    assert info.value.code is ErrorCode.NON_FINITE
+
+
+def test_encode_refuses_more_tensors_than_the_limit() -> None:
+    state = {f"t{i}": np.zeros(1, np.float32) for i in range(3)}
+    with pytest.raises(LocalProtocolError) as info:
+        encode_tensors(state, limits=Limits(max_tensors=2))
+    assert info.value.code is ErrorCode.TOO_LARGE
+
+
+def test_encode_refuses_non_string_names() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_tensors({1: np.zeros(1, np.float32)})
+
+
+# ---------------------------------------------------------------- remote refusals
+
+GOOD_TABLE = [["a", "float32", [2], 0, None], ["b", "float32", [2], 8, None]]
+GOOD_BLOB = np.arange(4, dtype="<f4").tobytes()
+
+
+def test_good_table_decodes() -> None:
+    out = _decode(GOOD_TABLE, GOOD_BLOB)
+    assert out["b"].tolist() == [2.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("table", "blob_len", "code"),
+    [
+        ([["a", "float32", [2], 0, None], ["b", "float32", [2], 4, None]], 16, "BAD_TABLE"),
+        ([["a", "float32", [2], 0, None], ["b", "float32", [2], 12, None]], 20, "BAD_TABLE"),
+        ([["a", "float32", [2], 0, None], ["b", "float32", [3], 8, None]], 16, "BAD_TABLE"),
+        (GOOD_TABLE, 17, "BAD_TABLE"),
+        (GOOD_TABLE, 15, "BAD_TABLE"),
+        ([["b", "float32", [2], 0, None], ["a", "float32", [2], 8, None]], 16, "BAD_TABLE"),
+        ([["a", "float32", [2], 0, None], ["a", "float32", [2], 8, None]], 16, "BAD_TABLE"),
+        ([["a", "float32", [2], 0.0, None], ["b", "float32", [2], 8, None]], 16, "BAD_TABLE"),
+    ],
+    ids=["overlap", "gap", "overrun", "trailing", "short", "unsorted", "duplicate", "float-offset"],
+)
+def test_inconsistent_tables_are_refused(table: list[Any], blob_len: int, code: str) -> None:
+    assert _remote_code(table, bytes(blob_len)) == code
+
+
+@pytest.mark.parametrize(
+    ("entry", "codec", "code"),
+    [
+        (["a", "float64", [2], 0, None], "float32", "BAD_DTYPE"),
+        (["a", "complex64", [1], 0, None], "float32", "BAD_DTYPE"),
+        (["a", "object", [1], 0, None], "float32", "BAD_DTYPE"),
+        (["a", 4, [2], 0, None], "float32", "BAD_DTYPE"),
+        (["a", "float16", [4], 0, None], "float32", "BAD_DTYPE"),
+        (["a", "float32", [2], 0, 1.0], "float32", "BAD_TABLE"),
+        (["a", "int8", [8], 0, -1.0], "int8", "BAD_TABLE"),
+        (["a", "int8", [8], 0, float("nan")], "int8", "BAD_TABLE"),
+        (["a", "int8", [8], 0, 1], "int8", "BAD_TABLE"),
+        (["a", "float32", [-2], 0, None], "float32", "BAD_SHAPE"),
+        (["a", "float32", "2", 0, None], "float32", "BAD_SHAPE"),
+        (["a", "float32", [True], 0, None], "float32", "BAD_SHAPE"),
+        (["", "float32", [2], 0, None], "float32", "BAD_TABLE"),
+        (["a\x00b", "float32", [2], 0, None], "float32", "BAD_TABLE"),
+        ([b"a", "float32", [2], 0, None], "float32", "BAD_TABLE"),
+        (["a", "float32", [2], 0], "float32", "BAD_TABLE"),
+        ({"name": "a"}, "float32", "BAD_TABLE"),
+    ],
+)
+def test_bad_table_entries_are_refused(entry: Any, codec: str, code: str) -> None:
+    assert _remote_code([entry], bytes(8), codec) == code
+
+
+def test_table_that_is_not_an_array_is_refused() -> None:
+    assert _remote_code({"a": 1}, b"") == "BAD_TABLE"
+
+
+def test_unknown_codec_is_refused() -> None:
+    assert _remote_code([], b"", "bfloat16") == "BAD_TYPE"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_values_are_refused(bad: float, dtype: str) -> None:
+    blob = np.array([0.0, bad], dtype=dtype).tobytes()
+    assert _remote_code([["a", dtype, [2], 0, None]], blob, dtype) == "NON_FINITE"
+
+
+def test_bool_bytes_other_than_zero_and_one_are_refused() -> None:
+    assert _remote_code([["m", "bool", [2], 0, None]], b"\x01\x02") == "BAD_DTYPE"
+
+
+def test_limits_on_tensor_count_name_length_ndim_and_elements() -> None:
+    limits = Limits(
+        max_tensors=1, max_name_length=3, max_ndim=2, max_tensor_elements=4, max_total_elements=6
+    )
+    blob4 = bytes(16)
+    assert _remote_code(GOOD_TABLE, GOOD_BLOB, limits=limits) == "TOO_LARGE"
+    assert _remote_code([["abcd", "float32", [1], 0, None]], bytes(4), limits=limits) == "TOO_LARGE"
+    assert (
+        _remote_code([["a", "float32", [1, 1, 1], 0, None]], bytes(4), limits=limits) == "BAD_SHAPE"
+    )
+    assert _remote_code([["a", "float32", [5], 0, None]], bytes(20), limits=limits) == "TOO_LARGE"
+    limits2 = Limits(max_tensor_elements=4, max_total_elements=6)
+    table = [["a", "float32", [4], 0, None], ["b", "float32", [4], 16, None]]
+    assert _remote_code(table, blob4 * 2, limits=limits2) == "TOO_LARGE"
+
+
+def test_shape_that_differs_from_the_model_is_refused() -> None:
+    assert (
+        _remote_code(GOOD_TABLE, GOOD_BLOB, expected_shapes={"a": (2,), "b": (1, 2)}) == "BAD_SHAPE"
+    )
+
+
+def test_tensor_unknown_to_the_model_is_refused() -> None:
+    assert _remote_code(GOOD_TABLE, GOOD_BLOB, expected_shapes={"a": (2,)}) == "BAD_TABLE"
+
+
+def test_missing_tensor_is_refused_only_when_complete_is_required() -> None:
+    shapes = {"a": (2,), "b": (2,), "c": (3,)}
+    assert set(_decode(GOOD_TABLE, GOOD_BLOB, expected_shapes=shapes)) == {"a", "b"}
+    assert _remote_code(GOOD_TABLE, GOOD_BLOB, expected_shapes=shapes, complete=True) == "BAD_TABLE"
+
+
+_entry = st.lists(
+    st.one_of(
+        st.none(),
+        st.integers(-5, 40),
+        st.floats(allow_nan=True),
+        st.sampled_from(["a", "b", "float32", "int8", "bool", "float16", "int64", "\x00"]),
+        st.lists(st.integers(-2, 6), max_size=4),
+    ),
+    min_size=0,
+    max_size=6,
+)
+
+
+@PROPERTY
+@given(
+    table=st.lists(_entry, max_size=4),
+    blob=st.binary(max_size=64),
+    codec=st.sampled_from(["float32", "float16", "int8", "none"]),
+)
+def test_random_tables_decode_or_raise_remote_errors_only(
+    table: list[Any], blob: bytes, codec: str
+) -> None:
+    try:
+        out = _decode(table, blob, codec)
+    except RemoteProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+    else:
+        assert sum(a.nbytes for a in out.values()) <= len(blob) * 4
+
+
+# ---------------------------------------------------------------- digests
+
+
+def _reference_digest(state: dict[str, np.ndarray]) -> bytes:
+    """Independent implementation of the documented canonical encoding."""
+    names = {
+        "float32": "<f4",
+        "float16": "<f2",
+        "float64": "<f8",
+        "int8": "i1",
+        "uint8": "u1",
+        "int16": "<i2",
+        "int32": "<i4",
+        "int64": "<i8",
+        "bool": "?",
+    }
+    h = hashlib.blake2b(digest_size=32)
+    h.update(b"silomesh/state/v1\x00" + struct.pack(">I", len(state)))
+    for name in sorted(state):
+        arr = state[name]
+        dname = next(
+            k
+            for k, v in names.items()
+            if np.dtype(v) == arr.dtype.newbyteorder("<") or np.dtype(v) == arr.dtype
+        )
+        raw = np.ascontiguousarray(arr, dtype=names[dname]).tobytes()
+        h.update(struct.pack(">H", len(name.encode())) + name.encode())
+        h.update(bytes([len(dname)]) + dname.encode() + bytes([arr.ndim]))
+        h.update(b"".join(struct.pack(">Q", d) for d in arr.shape) + struct.pack(">Q", len(raw)))
+        h.update(raw)
+    return h.digest()
+
+
+def test_state_digest_matches_the_documented_canonical_encoding() -> None:
+    state = _small_state()
+    assert state_digest(state) == _reference_digest(state)
+
+
+def test_state_digest_test_vector() -> None:
+    state: dict[str, np.ndarray] = {
+        "b": np.array([1, 2], np.int64),
+        "a": np.arange(3, dtype=np.float32),
+    }
+    expected = "5131f16b2348343f3be898baa8b1e01eba72a1de7b7b37c2702204a806f03050"
+    assert state_digest(state).hex() == expected
+    assert _reference_digest(state).hex() == expected
+
+
+def test_state_digest_ignores_insertion_order_and_memory_layout() -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    first = state_digest({"x": a, "y": np.ones(2, np.float32)})
+    second = state_digest({"y": np.ones(2, np.float32), "x": np.asfortranarray(a)})
+    assert first == second
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"x": np.array([1.0, 2.0], np.float16)},
+        {"x": np.array([[1.0, 2.0]], np.float32)},
+        {"z": np.array([1.0, 2.0], np.float32)},
+        {"x": np.array([1.0, 2.5], np.float32)},
+    ],
+    ids=["dtype", "shape", "name", "value"],
+)
+def test_state_digest_changes_with_dtype_shape_name_or_value(other: dict) -> None:
+    assert state_digest({"x": np.array([1.0, 2.0], np.float32)}) != state_digest(other)
+
+
+def test_state_digest_refuses_unsupported_dtypes() -> None:
+    with pytest.raises(LocalProtocolError):
+        state_digest({"x": np.zeros(2, np.complex64)})
+
+
+# ---------------------------------------------------------------- deltas
+
+
+def test_delta_round_trip_restores_integers_and_bools_exactly() -> None:
+    base = {"n": np.array([2**62, -5], np.int64), "m": np.array([True, False])}
+    new = {"n": np.array([-(2**62), 7], np.int64), "m": np.array([False, False])}
+    out = apply_delta(base, make_delta(new, base))
+    assert np.array_equal(out["n"], new["n"]) and np.array_equal(out["m"], new["m"])
+
+
+@PROPERTY
+@given(
+    pair=hnp.arrays(np.float32, (2, 6), elements=st.floats(-1e6, 1e6, width=32)),
+)
+def test_delta_round_trip_restores_floats_to_rounding(pair: np.ndarray) -> None:
+    new, base = {"w": pair[0]}, {"w": pair[1]}
+    out = apply_delta(base, make_delta(new, base))["w"]
+    tol = 2 * np.finfo(np.float32).eps * (np.abs(pair[0]) + np.abs(pair[1])) + 1e-30
+    assert np.all(np.abs(out - pair[0]) <= tol)
+
+
+def test_apply_delta_keeps_tensors_absent_from_the_delta() -> None:
+    base = {"a": np.ones(2, np.float32), "b": np.zeros(2, np.float32)}
+    out = apply_delta(base, {"a": np.ones(2, np.float32)})
+    assert out["a"].tolist() == [2.0, 2.0] and out["b"] is base["b"]
+
+
+def test_apply_delta_keeps_the_base_dtype_for_a_float16_delta() -> None:
+    out = apply_delta({"a": np.ones(2, np.float32)}, {"a": np.ones(2, np.float16)})
+    assert out["a"].dtype == np.float32
+
+
+def test_delta_through_the_int8_codec_lands_within_one_step() -> None:
+    rng = np.random.default_rng(3)
+    base = {"w": rng.standard_normal(500).astype(np.float32)}
+    new = {"w": base["w"] + rng.standard_normal(500).astype(np.float32) * 0.01}
+    table, blob = _encode(make_delta(new, base), "int8")
+    out = apply_delta(base, _decode(table, blob, "int8"))
+    assert float(np.max(np.abs(out["w"] - new["w"]))) <= table[0][4]
+
+
+@pytest.mark.parametrize(
+    ("delta", "code"),
+    [
+        ({"zz": np.ones(2, np.float32)}, ErrorCode.BAD_TABLE),
+        ({"a": np.ones(3, np.float32)}, ErrorCode.BAD_SHAPE),
+        ({"n": np.ones(2, np.float32)}, ErrorCode.BAD_DTYPE),
+        ({"a": np.ones(2, np.int32)}, ErrorCode.BAD_DTYPE),
+        ({"a": np.full(2, 3e38, np.float32)}, ErrorCode.NON_FINITE),
+    ],
+    ids=["unknown", "shape", "float-into-int", "int-into-float", "overflow"],
+)
+def test_apply_delta_refuses_mismatched_deltas(delta: dict, code: ErrorCode) -> None:
+    base = {"a": np.full(2, 3e38, np.float32), "n": np.zeros(2, np.int64)}
+    with pytest.raises(RemoteProtocolError) as info:
+        apply_delta(base, delta)
+    assert info.value.code is code
+
+
+def test_make_delta_refuses_states_with_different_tensors() -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        make_delta({"a": np.ones(2, np.float32)}, {"b": np.ones(2, np.float32)})
+    assert info.value.code is ErrorCode.BAD_TABLE
+
+
+def test_codec_enum_values_are_the_wire_names() -> None:
+    assert [c.value for c in Codec] == ["none", "float32", "float16", "int8"]

@@ -1,0 +1,665 @@
+"""Envelopes: seal/open round trips, every refusal reason, and fuzzing."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import struct
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nacl.public import Box, PublicKey
+from nacl.signing import VerifyKey
+from silomesh.protocol import (
+    ENVELOPE_SIGNING_DOMAIN,
+    MESSAGE_TYPES,
+    Ack,
+    ErrorCode,
+    ErrorMessage,
+    Hello,
+    Identity,
+    Limits,
+    LocalProtocolError,
+    Message,
+    NeedBase,
+    RemoteProtocolError,
+    ReplayGuard,
+    TrainRequest,
+    TrainResult,
+    Update,
+    open_envelope,
+    read_header,
+    seal_envelope,
+    x25519_public_key,
+)
+
+PROPERTY = settings(max_examples=250, deadline=None, derandomize=True, database=None)
+
+ALICE = Identity.from_seed(b"\x01" * 32)
+BOB = Identity.from_seed(b"\x02" * 32)
+CAROL = Identity.from_seed(b"\x03" * 32)
+FED = "hospitals"
+DIGEST = bytes(range(32))
+STATE: dict[str, np.ndarray] = {
+    "conv.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2) / 8,
+    "conv.bias": np.array([0.5, -1.0], np.float32),
+    "bn.num_batches_tracked": np.array(3, np.int64),
+}
+_nonces = itertools.count()
+
+
+def routing(sender: Identity = ALICE, recipient: Identity = BOB, **kw: Any) -> dict[str, Any]:
+    base = {
+        "federation": FED,
+        "sender": sender.public_key,
+        "recipient": recipient.public_key,
+        "round": 3,
+        "sequence": 1,
+    }
+    base.update(kw)
+    return base
+
+
+def open_(data: bytes | bytearray, **kw: Any) -> Any:
+    args: dict[str, Any] = {"identity": BOB, "federation": FED, "trusted": {ALICE.public_key}}
+    args.update(kw)
+    return open_envelope(data, **args)
+
+
+def refusal(data: bytes | bytearray, **kw: Any) -> str:
+    with pytest.raises(RemoteProtocolError) as info:
+        open_(data, **kw)
+    return info.value.code.value
+
+
+def split(env: bytes) -> tuple[dict[str, Any], bytes, bytes]:
+    n = int.from_bytes(env[:2], "big")
+    header = msgpack.unpackb(env[2 : 2 + n], raw=False)
+    return header, env[2 + n : 2 + n + 64], env[2 + n + 64 :]
+
+
+def forge(header: Any, ciphertext: bytes, signer: Identity | None = ALICE) -> bytes:
+    """Assemble an envelope from parts, signing the header with ``signer``."""
+    hb = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
+    sig = signer.sign(ENVELOPE_SIGNING_DOMAIN + hb) if signer else bytes(64)
+    return len(hb).to_bytes(2, "big") + hb + sig + ciphertext
+
+
+def raw_envelope(
+    body: Any,
+    blob: bytes = b"",
+    *,
+    kind: str = "ack",
+    codec: str = "none",
+    base: bytes | None = None,
+    encrypt_to: Identity = BOB,
+    body_bytes: bytes | None = None,
+    **header_updates: Any,
+) -> bytes:
+    """Seal with only PyNaCl's public Box, hashlib and msgpack: an independent encoder."""
+    packed = body_bytes if body_bytes is not None else msgpack.packb(body, use_bin_type=True)
+    payload = struct.pack(">I", len(packed)) + packed + blob
+    nonce = next(_nonces).to_bytes(24, "big")
+    box = Box(ALICE.box_private_key, PublicKey(x25519_public_key(encrypt_to.public_key)))
+    ct = box.encrypt(payload, nonce).ciphertext
+    header = {
+        "version": 1,
+        "kind": kind,
+        "federation": FED,
+        "sender": ALICE.public_key,
+        "recipient": BOB.public_key,
+        "round": 3,
+        "sequence": 1,
+        "timestamp": 1,
+        "base_digest": base,
+        "payload_digest": hashlib.blake2b(ct, digest_size=32).digest(),
+        "codec": codec,
+        "nonce": nonce,
+    }
+    header.update(header_updates)
+    return forge(header, ct)
+
+
+def ack_bytes(**kw: Any) -> bytes:
+    return seal_envelope(Ack(**routing(**kw), reply_to=1), ALICE).to_bytes()
+
+
+def update_bytes(**kw: Any) -> bytes:
+    return seal_envelope(Update(**routing(), tensors=STATE, **kw), ALICE).to_bytes()
+
+
+ALL_MESSAGES: list[Message] = [
+    Hello(**routing()),
+    Hello(**routing(), model="unet-2d", state_digest=DIGEST, codecs=("int8",), max_frame_size=4096),
+    Update(**routing(), tensors=STATE, n_samples=5, state_digest=DIGEST),
+    Update(**routing(), tensors=STATE, base_digest=DIGEST),
+    TrainRequest(**routing(), tensors=STATE, epochs=2, deadline_ms=1_700_000_000_000),
+    TrainResult(
+        **routing(),
+        tensors=STATE,
+        request_sequence=9,
+        n_samples=50,
+        metrics={"dice": 0.75, "loss": 0.1},
+    ),
+    NeedBase(**routing(), unknown_base=DIGEST, reply_to=4),
+    NeedBase(**routing()),
+    Ack(**routing(), reply_to=1, note="stored"),
+    ErrorMessage(**routing(), code=ErrorCode.NON_FINITE, message="NaN in conv", reply_to=2),
+]
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("message", ALL_MESSAGES, ids=lambda m: m.kind.value)
+def test_every_message_kind_round_trips(message: Message) -> None:
+    opened = open_(seal_envelope(message, ALICE).to_bytes())
+    assert opened.message == message
+    assert opened.header.kind is message.kind
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8"])
+def test_lossy_codecs_round_trip_within_tolerance(codec: str) -> None:
+    message = Update(**routing(), tensors=STATE, codec=codec)
+    got = open_(seal_envelope(message, ALICE).to_bytes()).message
+    assert got.codec == codec
+    for name, arr in STATE.items():
+        np.testing.assert_allclose(got.tensors[name], arr, atol=0.02)
+
+
+def test_open_returns_the_signed_header_bytes_and_signature() -> None:
+    sealed = seal_envelope(ALL_MESSAGES[2], ALICE)
+    opened = open_(sealed.to_bytes())
+    assert opened.header_bytes == sealed.header_bytes and opened.signature == sealed.signature
+    assert VerifyKey(ALICE.public_key).verify(
+        ENVELOPE_SIGNING_DOMAIN + opened.header_bytes, opened.signature
+    )
+    assert opened.size == sealed.size == len(sealed.to_bytes())
+
+
+def test_frame_parts_are_prefix_head_and_ciphertext() -> None:
+    sealed = seal_envelope(ALL_MESSAGES[2], ALICE)
+    head, ciphertext = sealed.frame_parts()
+    assert head[:4] == sealed.size.to_bytes(4, "big")
+    assert head[4:] + ciphertext == sealed.to_bytes()
+    assert sealed.to_frame() == head + ciphertext
+
+
+def test_independent_decoder_using_public_pynacl_and_hashlib_reads_an_envelope() -> None:
+    env = seal_envelope(ALL_MESSAGES[2], ALICE, timestamp_ms=42).to_bytes()
+    header, sig, ct = split(env)
+    hb = env[2 : 2 + int.from_bytes(env[:2], "big")]
+    VerifyKey(header["sender"]).verify(ENVELOPE_SIGNING_DOMAIN + hb, sig)
+    assert hashlib.blake2b(ct, digest_size=32).digest() == header["payload_digest"]
+    sender_x = PublicKey(x25519_public_key(header["sender"]))
+    payload = Box(BOB.box_private_key, sender_x).decrypt(ct, header["nonce"])
+    (body_len,) = struct.unpack(">I", payload[:4])
+    body = msgpack.unpackb(payload[4 : 4 + body_len], raw=False)
+    blob = payload[4 + body_len :]
+    assert header["timestamp"] == 42 and header["codec"] == "float32"
+    assert body["n_samples"] == 5
+    name, dtype, shape, offset, scale = body["tensors"][1]
+    assert (name, dtype, shape, scale) == ("conv.bias", "float32", [2], None)
+    assert np.frombuffer(blob, "<f4", count=2, offset=offset).tolist() == [0.5, -1.0]
+
+
+def test_independent_encoder_output_is_accepted() -> None:
+    opened = open_(raw_envelope({"reply_to": 7, "note": "hi"}))
+    assert opened.message == Ack(**routing(), reply_to=7, note="hi")
+
+
+def test_open_in_place_decrypts_inside_the_buffer_and_copy_mode_leaves_it_intact() -> None:
+    env = update_bytes()
+    buf = bytearray(env)
+    open_(buf)
+    assert buf == env
+    opened = open_(buf, in_place=True)
+    assert buf != env
+    arr = opened.message.tensors["conv.weight"]
+    assert np.shares_memory(arr, np.frombuffer(buf, np.uint8))
+
+
+def test_read_header_parses_without_verifying() -> None:
+    header, _, ct = split(ack_bytes())
+    forged = forge(header, ct, signer=None)
+    assert read_header(forged).sender == ALICE.public_key
+
+
+# ---------------------------------------------------------------- local refusals
+
+
+def test_seal_refuses_a_message_from_another_identity() -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        seal_envelope(Ack(**routing(), reply_to=1), BOB)
+    assert info.value.code is ErrorCode.SENDER_MISMATCH
+
+
+def test_seal_refuses_non_finite_tensors() -> None:
+    bad = {"w": np.array([1.0, np.nan], np.float32)}
+    with pytest.raises(LocalProtocolError) as info:
+        seal_envelope(Update(**routing(), tensors=bad), ALICE)
+    assert info.value.code is ErrorCode.NON_FINITE
+
+
+def test_seal_refuses_an_envelope_above_the_frame_limit() -> None:
+    big = {"w": np.zeros(1000, np.float32)}
+    with pytest.raises(LocalProtocolError) as info:
+        seal_envelope(Update(**routing(), tensors=big), ALICE, limits=Limits(max_frame_size=1024))
+    assert info.value.code is ErrorCode.TOO_LARGE
+
+
+# ---------------------------------------------------------------- remote refusals: framing/header
+
+
+def test_truncated_envelope_is_a_bad_frame() -> None:
+    assert refusal(ack_bytes()[:60]) == "BAD_FRAME"
+
+
+def test_header_length_beyond_the_envelope_is_a_bad_frame() -> None:
+    env = ack_bytes()
+    assert refusal((len(env)).to_bytes(2, "big") + env[2:]) == "BAD_FRAME"
+
+
+def test_header_length_above_the_limit_is_too_large() -> None:
+    env = ack_bytes()
+    assert refusal(b"\xff\xff" + env[2:]) == "TOO_LARGE"
+
+
+def test_envelope_above_the_frame_limit_is_too_large() -> None:
+    assert refusal(update_bytes(), limits=Limits(max_frame_size=200)) == "TOO_LARGE"
+
+
+def test_garbage_header_is_bad_msgpack() -> None:
+    _, _, ct = split(ack_bytes())
+    assert refusal(forge(b"\xc1" * 40, ct)) == "BAD_MSGPACK"
+
+
+def test_header_with_a_duplicate_key_is_bad_msgpack() -> None:
+    header, _, ct = split(ack_bytes())
+    packed = msgpack.packb(header, use_bin_type=True)
+    dup = bytes([packed[0] + 1]) + packed[1:] + msgpack.packb("round") + msgpack.packb(3)
+    assert refusal(forge(dup, ct)) == "BAD_MSGPACK"
+
+
+def test_header_that_is_not_a_map_is_bad_type() -> None:
+    _, _, ct = split(ack_bytes())
+    assert refusal(forge([1, 2, 3], ct)) == "BAD_TYPE"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("version", 2, "UNKNOWN_VERSION"),
+        ("version", "1", "BAD_TYPE"),
+        ("kind", "gossip", "UNKNOWN_KIND"),
+        ("kind", "announce", "UNKNOWN_KIND"),
+        ("kind", 7, "BAD_TYPE"),
+        ("round", "3", "BAD_TYPE"),
+        ("round", -1, "BAD_TYPE"),
+        ("round", True, "BAD_TYPE"),
+        ("round", -(2**63), "BAD_TYPE"),
+        ("sequence", 1.0, "BAD_TYPE"),
+        ("sender", b"\x01" * 31, "BAD_TYPE"),
+        ("recipient", "bob", "BAD_TYPE"),
+        ("federation", "a b", "BAD_TYPE"),
+        ("nonce", b"\x00" * 23, "BAD_TYPE"),
+        ("payload_digest", None, "BAD_TYPE"),
+        ("codec", "float32", "BAD_TYPE"),
+        ("codec", "zstd", "BAD_TYPE"),
+        ("base_digest", DIGEST, "BAD_TYPE"),
+        ("timestamp", -5, "BAD_TYPE"),
+    ],
+)
+def test_bad_header_fields_are_refused(field: str, value: Any, code: str) -> None:
+    header, _, ct = split(ack_bytes())
+    header[field] = value
+    assert refusal(forge(header, ct)) == code
+
+
+def test_header_with_a_missing_key_is_bad_type() -> None:
+    header, _, ct = split(ack_bytes())
+    del header["nonce"]
+    assert refusal(forge(header, ct)) == "BAD_TYPE"
+
+
+def test_header_with_an_extra_key_is_bad_type() -> None:
+    header, _, ct = split(ack_bytes())
+    header["priority"] = 1
+    assert refusal(forge(header, ct)) == "BAD_TYPE"
+
+
+def test_tensor_message_without_a_tensor_codec_is_bad_type() -> None:
+    header, _, ct = split(update_bytes())
+    header["codec"] = "none"
+    assert refusal(forge(header, ct)) == "BAD_TYPE"
+
+
+# ---------------------------------------------------------------- remote refusals: authenticity
+
+
+def test_flipped_signature_bit_is_a_bad_signature() -> None:
+    env = bytearray(ack_bytes())
+    n = int.from_bytes(env[:2], "big")
+    env[2 + n + 5] ^= 0x01
+    assert refusal(env) == "BAD_SIGNATURE"
+
+
+def test_header_changed_after_signing_is_a_bad_signature() -> None:
+    env = ack_bytes()
+    header, sig, ct = split(env)
+    header["round"] = 4
+    hb = msgpack.packb(header, use_bin_type=True)
+    assert refusal(len(hb).to_bytes(2, "big") + hb + sig + ct) == "BAD_SIGNATURE"
+
+
+def test_header_signed_by_someone_else_than_the_sender_is_a_bad_signature() -> None:
+    header, _, ct = split(ack_bytes())
+    assert refusal(forge(header, ct, signer=CAROL)) == "BAD_SIGNATURE"
+
+
+def test_sender_outside_the_allowlist_is_untrusted() -> None:
+    assert refusal(ack_bytes(), trusted={CAROL.public_key}) == "UNTRUSTED_SENDER"
+
+
+def test_sender_other_than_the_stream_peer_is_a_sender_mismatch() -> None:
+    assert refusal(ack_bytes(), expected_sender=CAROL.public_key) == "SENDER_MISMATCH"
+
+
+def test_envelope_for_another_peer_is_the_wrong_recipient() -> None:
+    env = seal_envelope(Ack(**routing(recipient=CAROL), reply_to=1), ALICE).to_bytes()
+    assert refusal(env) == "WRONG_RECIPIENT"
+
+
+def test_envelope_of_another_federation_is_refused() -> None:
+    assert refusal(ack_bytes(federation="other-fed")) == "WRONG_FEDERATION"
+
+
+def test_timestamp_outside_the_allowed_skew_is_stale() -> None:
+    env = seal_envelope(Ack(**routing(), reply_to=1), ALICE, timestamp_ms=1_000_000).to_bytes()
+    assert refusal(env, now_ms=1_000_000 + 60_001, max_skew_ms=60_000) == "STALE"
+    assert open_(env, now_ms=1_000_000 + 60_000, max_skew_ms=60_000).header.timestamp == 1_000_000
+
+
+def test_modified_ciphertext_is_a_digest_mismatch() -> None:
+    env = bytearray(update_bytes())
+    env[-1] ^= 0x80
+    assert refusal(env) == "DIGEST_MISMATCH"
+
+
+def test_ciphertext_for_another_key_fails_to_decrypt() -> None:
+    assert refusal(raw_envelope({"reply_to": 1, "note": ""}, encrypt_to=CAROL)) == "DECRYPT_FAILED"
+
+
+def test_second_delivery_of_an_envelope_is_a_replay() -> None:
+    guard = ReplayGuard()
+    env = ack_bytes()
+    open_(env, replay=guard)
+    assert refusal(env, replay=guard) == "REPLAY"
+
+
+def test_forged_envelope_does_not_consume_the_replay_slot() -> None:
+    guard = ReplayGuard()
+    env = ack_bytes()
+    header, _, ct = split(env)
+    assert refusal(forge(header, ct, signer=CAROL), replay=guard) == "BAD_SIGNATURE"
+    assert open_(env, replay=guard).message.sequence == 1
+
+
+# ---------------------------------------------------------------- remote refusals: payload
+
+
+def test_garbage_body_is_bad_msgpack() -> None:
+    assert refusal(raw_envelope(None, body_bytes=b"\xc1\xc1")) == "BAD_MSGPACK"
+
+
+def test_body_length_beyond_the_payload_is_a_bad_frame() -> None:
+    packed = msgpack.packb({"reply_to": 1, "note": ""})
+    env = raw_envelope(None, body_bytes=packed)
+    header, _, _ = split(env)
+    payload = struct.pack(">I", len(packed) + 10) + packed
+    nonce = header["nonce"]
+    ct = Box(ALICE.box_private_key, BOB.box_public_key).encrypt(payload, nonce).ciphertext
+    header["payload_digest"] = hashlib.blake2b(ct, digest_size=32).digest()
+    assert refusal(forge(header, ct)) == "BAD_FRAME"
+
+
+def test_body_above_the_body_limit_is_too_large() -> None:
+    env = raw_envelope({"reply_to": 1, "note": "x" * 500})
+    assert refusal(env, limits=Limits(max_body_size=100)) == "TOO_LARGE"
+
+
+def test_trailing_bytes_after_a_small_message_body_are_a_bad_frame() -> None:
+    assert refusal(raw_envelope({"reply_to": 1, "note": ""}, b"extra")) == "BAD_FRAME"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"reply_to": 1},
+        {"reply_to": 1, "note": "", "extra": 0},
+        {"reply_to": "1", "note": ""},
+        {"reply_to": 1, "note": "x" * 2000},
+        [1, ""],
+    ],
+    ids=["missing", "extra", "wrong-type", "too-long", "not-a-map"],
+)
+def test_malformed_bodies_are_refused(body: Any) -> None:
+    assert refusal(raw_envelope(body)) in ("BAD_TYPE", "TOO_LARGE")
+
+
+def test_error_message_with_an_unknown_code_is_bad_type() -> None:
+    env = raw_envelope({"code": "FROBNICATED", "message": "", "reply_to": None}, kind="error")
+    assert refusal(env) == "BAD_TYPE"
+
+
+def test_update_without_a_tensor_table_is_bad_type() -> None:
+    env = raw_envelope({"n_samples": 1, "state_digest": None}, kind="update", codec="float32")
+    assert refusal(env) == "BAD_TYPE"
+
+
+def _update_raw(table: list[Any], blob: bytes, **kw: Any) -> bytes:
+    body = {"n_samples": 1, "state_digest": None, "tensors": table}
+    return raw_envelope(body, blob, kind="update", codec="float32", **kw)
+
+
+def test_update_with_a_nan_tensor_is_non_finite() -> None:
+    blob = np.array([1.0, np.nan], "<f4").tobytes()
+    assert refusal(_update_raw([["w", "float32", [2], 0, None]], blob)) == "NON_FINITE"
+
+
+def test_update_with_overlapping_tensors_is_a_bad_table() -> None:
+    table = [["a", "float32", [2], 0, None], ["b", "float32", [2], 4, None]]
+    assert refusal(_update_raw(table, bytes(12))) == "BAD_TABLE"
+
+
+def test_update_with_a_tensor_overrunning_the_blob_is_a_bad_table() -> None:
+    assert refusal(_update_raw([["a", "float32", [4], 0, None]], bytes(12))) == "BAD_TABLE"
+
+
+def test_update_with_a_disallowed_dtype_is_a_bad_dtype() -> None:
+    assert refusal(_update_raw([["a", "float64", [1], 0, None]], bytes(8))) == "BAD_DTYPE"
+
+
+def test_update_whose_shapes_differ_from_the_model_is_a_bad_shape() -> None:
+    shapes = {name: arr.shape for name, arr in STATE.items()} | {"conv.bias": (3,)}
+    assert refusal(update_bytes(), expected_shapes=shapes) == "BAD_SHAPE"
+
+
+def test_update_matching_the_model_shapes_is_accepted() -> None:
+    shapes = {name: arr.shape for name, arr in STATE.items()}
+    opened = open_(update_bytes(), expected_shapes=shapes, complete=True)
+    assert set(opened.message.tensors) == set(STATE)
+
+
+# ---------------------------------------------------------------- properties
+
+_reply = st.integers(0, 2**64 - 1)
+_text = st.text(max_size=40)
+
+
+@st.composite
+def messages(draw: st.DrawFn) -> Message:
+    r = routing(round=draw(st.integers(0, 2**64 - 1)), sequence=draw(st.integers(0, 2**64 - 1)))
+    kind = draw(st.sampled_from(["ack", "error", "need-base", "hello", "update"]))
+    if kind == "ack":
+        return Ack(**r, reply_to=draw(_reply), note=draw(_text))
+    if kind == "error":
+        return ErrorMessage(
+            **r,
+            code=draw(st.sampled_from(list(ErrorCode))),
+            message=draw(_text),
+            reply_to=draw(st.none() | _reply),
+        )
+    if kind == "need-base":
+        return NeedBase(
+            **r,
+            unknown_base=draw(st.none() | st.binary(min_size=32, max_size=32)),
+            reply_to=draw(st.none() | _reply),
+        )
+    if kind == "hello":
+        return Hello(
+            **r,
+            agent=draw(_text),
+            model=draw(_text),
+            codecs=tuple(
+                draw(
+                    st.lists(
+                        st.sampled_from(["float32", "float16", "int8"]), min_size=1, max_size=3
+                    )
+                )
+            ),
+        )
+    n = draw(st.integers(0, 6))
+    values = draw(st.lists(st.floats(-1e3, 1e3, width=32), min_size=n, max_size=n))
+    tensors = {"w": np.array(values, np.float32), "n": np.array([n], np.int64)}
+    return Update(
+        **r,
+        tensors=tensors,
+        n_samples=draw(st.integers(0, 10**6)),
+        base_digest=draw(st.none() | st.just(DIGEST)),
+    )
+
+
+@PROPERTY
+@given(message=messages())
+def test_any_valid_message_round_trips(message: Message) -> None:
+    assert open_(seal_envelope(message, ALICE).to_bytes()).message == message
+
+
+_VALID = update_bytes(n_samples=3)
+
+
+@PROPERTY
+@given(position=st.integers(0, len(_VALID) - 1), xor=st.integers(1, 255))
+def test_any_single_byte_change_is_refused_with_a_remote_error(position: int, xor: int) -> None:
+    env = bytearray(_VALID)
+    env[position] ^= xor
+    with pytest.raises(RemoteProtocolError):
+        open_(env)
+
+
+@PROPERTY
+@given(cut=st.integers(0, len(_VALID) - 1))
+def test_any_truncation_is_refused_with_a_remote_error(cut: int) -> None:
+    with pytest.raises(RemoteProtocolError):
+        open_(_VALID[:cut])
+
+
+@PROPERTY
+@given(data=st.binary(max_size=400))
+def test_random_bytes_are_refused_with_a_remote_error(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        open_(data)
+
+
+_HEADER, _, _CT = split(ack_bytes())
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    st.text(max_size=8),
+    st.binary(max_size=40),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@PROPERTY
+@given(changes=st.dictionaries(st.sampled_from([*_HEADER, "zz"]), _values, min_size=1, max_size=4))
+def test_randomly_retyped_header_fields_are_refused_with_a_remote_error(
+    changes: dict[str, Any],
+) -> None:
+    header = dict(_HEADER) | changes
+    try:
+        env = forge(header, _CT)
+    except (OverflowError, ValueError, TypeError):
+        return  # msgpack cannot encode it; nothing to send
+    if header == _HEADER:
+        return
+    with pytest.raises(RemoteProtocolError):
+        open_(env)
+
+
+_body_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 2**64 - 1),
+    st.floats(),
+    st.text(max_size=5),
+    st.binary(max_size=33),
+    st.lists(st.one_of(st.integers(-(2**63), 2**64 - 1), st.text(max_size=8)), max_size=3),
+    st.dictionaries(
+        st.text(max_size=3),
+        st.one_of(st.floats(), st.integers(-(2**63), 2**64 - 1), st.none()),
+        max_size=3,
+    ),
+)
+_TENSOR_KINDS = {"update", "train-request", "train-result"}
+_small_uint = st.integers(1, 10)
+_digest = st.none() | st.binary(min_size=32, max_size=32)
+_PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
+    "n_samples": _small_uint,
+    "epochs": _small_uint,
+    "request_sequence": _small_uint,
+    "deadline_ms": _small_uint,
+    "reply_to": _small_uint,
+    "max_frame_size": _small_uint,
+    "state_digest": _digest,
+    "unknown_base": _digest,
+    "note": _text,
+    "message": _text,
+    "agent": _text,
+    "model": _text,
+    "codecs": st.just(["float32"]),
+    "code": st.sampled_from(["REPLAY", "REFUSED"]),
+    "metrics": st.dictionaries(st.text(max_size=4), st.floats(-1, 1), max_size=2),
+    "tensors": st.just([]),
+    "extra": st.none(),
+}
+
+
+@PROPERTY
+@given(kind=st.sampled_from([k.value for k in MESSAGE_TYPES]), data=st.data())
+def test_random_bodies_of_every_kind_decode_or_raise_remote_errors_only(
+    kind: str, data: st.DataObject
+) -> None:
+    keys = list(MESSAGE_TYPES[kind].BODY_KEYS)
+    if kind in _TENSOR_KINDS:
+        keys.append("tensors")
+    keys = keys[: data.draw(st.integers(len(keys) - 1, len(keys)))] + data.draw(
+        st.lists(st.sampled_from(["extra", "tensors"]), max_size=1)
+    )
+    corrupt = data.draw(st.sampled_from([None, *keys]))
+    body = {key: data.draw(_body_values if key == corrupt else _PLAUSIBLE[key]) for key in keys}
+    env = raw_envelope(body, kind=kind, codec="float32" if kind in _TENSOR_KINDS else "none")
+    try:
+        opened = open_(env)
+    except RemoteProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+    else:
+        assert opened.message.kind == kind

@@ -1,0 +1,138 @@
+"""Deterministic test vectors; the same hex is published in docs/PROTOCOL.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from silomesh.protocol import (
+    Ack,
+    Identity,
+    Update,
+    UpdateAvailable,
+    encode_announce,
+    open_envelope,
+    seal_envelope,
+    state_digest,
+)
+from silomesh.protocol.crypto import decrypt_in_place
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md"
+ALICE = Identity.from_seed(b"\x01" * 32)
+BOB = Identity.from_seed(b"\x02" * 32)
+TS = 1_700_000_000_000
+NONCE = bytes(range(24))
+STATE = {"w": np.array([0.5, -1.0, 2.0], np.float32), "b": np.array([1, 2], np.int64)}
+ROUTE = {
+    "federation": "hospitals",
+    "sender": ALICE.public_key,
+    "recipient": BOB.public_key,
+    "round": 3,
+}
+
+VECTORS = {
+    "alice_ed25519": "8a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c",
+    "alice_x25519": "1b1b58dd50ea14b60da17b790cd02754d970c9bab864ebb3c0f3016fe51d3f57",
+    "bob_ed25519": "8139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394",
+    "bob_x25519": "60346e7c911a5f6ba154129174cafe75b294ac3bbd5549632f48cec6266f8410",
+    "box_shared_key": "13258dcfb05c10ba16a2005936b2d4cacb01ee3ef83a0887abd63e4a0b80b3f4",
+    "state_digest": "cb0b8a6bd1eb7f9f34efd2061da7be3adc6cd144863a2f85d1b9234c7651f3e4",
+    "ack_frame": (
+        "00000173010a8ca776657273696f6e01a46b696e64a361636baa66656465726174696f6ea9686f737069"
+        "74616c73a673656e646572c4208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b4"
+        "0f6f5ca9726563697069656e74c4208139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f"
+        "5b8fc9b394a5726f756e6403a873657175656e636501a974696d657374616d70cf0000018bcfe56800ab"
+        "626173655f646967657374c0ae7061796c6f61645f646967657374c420ec78933510cb2eec76138bbd1d"
+        "b09c1b94b032b5a8d308f49d7ccca5f0226c61a5636f646563a46e6f6e65a56e6f6e6365c41800010203"
+        "0405060708090a0b0c0d0e0f1011121314151617f024bf22deae6b9f3f8433f90ede39b947cea2e42d41"
+        "4b9f1b9f1150c9df5e79d5874c862ffaafc3649912e6c918a80464894b61119ab898c2de0716eeaf4e03"
+        "614c3ba0643c8d36f36c2af22fa67a4bc378ddb1dec9de87b0cbaa210ad31c6b74d441a9e12458"
+    ),
+    "update_payload": (
+        "0000003f83a96e5f73616d706c65730aac73746174655f646967657374c0a774656e736f72739295a162"
+        "a5696e743634910200c095a177a7666c6f61743332910310c00100000000000000020000000000000000"
+        "00003f000080bf00000040"
+    ),
+    "update_frame": (
+        "000001c101108ca776657273696f6e01a46b696e64a6757064617465aa66656465726174696f6ea9686f"
+        "73706974616c73a673656e646572c4208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf374"
+        "8801b40f6f5ca9726563697069656e74c4208139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a2"
+        "5df60f5b8fc9b394a5726f756e6403a873657175656e636502a974696d657374616d70cf0000018bcfe5"
+        "6800ab626173655f646967657374c0ae7061796c6f61645f646967657374c420674e99b8b9b2a86f4ca7"
+        "f54a38c1745d3bf6311f7dcb80a28c0174346b866a9aa5636f646563a7666c6f61743332a56e6f6e6365"
+        "c418000102030405060708090a0b0c0d0e0f10111213141516172d27be900c2deec667cdc8b5d6c56e32"
+        "395739e7bcf81e4a33fc166ed9d5571b93b26de0e6ee9de1ed6716e51ad7e462aa0e5170619f0a40ba4a"
+        "69a039e1980ece726204a2c291069bc15a0515cbde4ec378dd9ddfc8c2bdb3c6be0e12d96fc5b6c841ad"
+        "372e6c43f146f56db48dfb73bf649b68ae854b67139a0489e46c1d4ec783ee1bdc05e32fa824b3d94852"
+        "c2539e40b43db51e8888d81d44af0c866f9cc35920073c151effbe29925da5f7d1"
+    ),
+    "announce": (
+        "4e1b2f6a731d3ab0a93b9b46e57d3fcf5202a0920d64b1a68547ff72638f86d279d9704836fe1fc41b53"
+        "918db06389d86056b49a49a7fd7dd6a7c8e83c6c77038ba776657273696f6e01a46b696e64a8616e6e6f"
+        "756e6365a56576656e74b07570646174652d617661696c61626c65aa66656465726174696f6ea9686f73"
+        "706974616c73a673656e646572c4208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf37488"
+        "01b40f6f5ca9726563697069656e74c0a5726f756e6403a873657175656e636503a974696d657374616d"
+        "70cf0000018bcfe56800a6646967657374c420cb0b8a6bd1eb7f9f34efd2061da7be3adc6cd144863a2f"
+        "85d1b9234c7651f3e4a473697a65cd01c1"
+    ),
+}
+
+
+def _computed() -> dict[str, str]:
+    ack = seal_envelope(
+        Ack(**ROUTE, sequence=1, reply_to=0, note="ok"), ALICE, timestamp_ms=TS, nonce=NONCE
+    )
+    update = seal_envelope(
+        Update(**ROUTE, sequence=2, tensors=STATE, n_samples=10),
+        ALICE,
+        timestamp_ms=TS,
+        nonce=NONCE,
+    )
+    payload = bytes(
+        decrypt_in_place(bytearray(update.ciphertext), BOB.shared_key(ALICE.public_key), NONCE)
+    )
+    announce = encode_announce(
+        UpdateAvailable(
+            federation="hospitals",
+            sender=ALICE.public_key,
+            round=3,
+            sequence=3,
+            digest=state_digest(STATE),
+            size=update.size,
+        ),
+        ALICE,
+        timestamp_ms=TS,
+    )
+    return {
+        "alice_ed25519": ALICE.public_key.hex(),
+        "alice_x25519": bytes(ALICE.box_public_key).hex(),
+        "bob_ed25519": BOB.public_key.hex(),
+        "bob_x25519": bytes(BOB.box_public_key).hex(),
+        "box_shared_key": ALICE.shared_key(BOB.public_key).hex(),
+        "state_digest": state_digest(STATE).hex(),
+        "ack_frame": ack.to_frame().hex(),
+        "update_payload": payload.hex(),
+        "update_frame": update.to_frame().hex(),
+        "announce": announce.hex(),
+    }
+
+
+@pytest.mark.parametrize("name", list(VECTORS))
+def test_encoder_reproduces_the_published_vector(name: str) -> None:
+    assert _computed()[name] == VECTORS[name]
+
+
+def test_published_update_vector_opens_to_the_original_message() -> None:
+    frame = bytes.fromhex(VECTORS["update_frame"])
+    opened = open_envelope(
+        frame[4:], identity=BOB, federation="hospitals", trusted={ALICE.public_key}
+    )
+    assert opened.message == Update(**ROUTE, sequence=2, tensors=STATE, n_samples=10)
+
+
+@pytest.mark.parametrize("name", list(VECTORS))
+def test_protocol_doc_publishes_the_vector(name: str) -> None:
+    doc = re.sub(r"\s+", "", DOC.read_text(encoding="utf-8"))
+    assert VECTORS[name] in doc
