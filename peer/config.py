@@ -1,0 +1,260 @@
+"""``peer.toml``: what a hospital's peer needs to run, validated with errors that name the field.
+
+Example (relative paths are resolved against the folder holding the file)::
+
+    federation = "cardio-xray-2026"
+    key_file = "peer.key"                  # from 'silomesh keygen'
+    listen = "/ip4/0.0.0.0/tcp/4001"
+    data_dir = "state"                     # store, model files, control token
+    participation = "auto"                 # or "manual": operator approves rounds
+
+    [task]
+    name = "catheter"                      # catheter | organs | lesion | spect
+    size = "small"
+    dataset = "/srv/xray/labelled"         # optional; synthetic data when absent
+
+    [strategy]
+    name = "fedavg"                        # fedavg | fedefm | segviz | fedmix
+    params = { weighting = "samples" }
+
+    [rounds]
+    count = 0                              # 0: run until stopped
+    deadline_seconds = 600
+    local_steps = 50
+
+    [[trusted]]
+    name = "st-elsewhere"
+    peer_id = "12D3KooW..."
+    address = "/ip4/10.1.2.3/tcp/4001"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from silomesh.peer.identity import IdentityError, public_key_from_peer_id
+
+PARTICIPATION_POLICIES = ("auto", "manual")
+
+
+class ConfigError(ValueError):
+    """The configuration is unreadable or a field is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class TrustedPeer:
+    """A neighbour this peer accepts connections and messages from."""
+
+    peer_id: str
+    address: str
+    name: str
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "catheter"
+    size: str = "tiny"
+    dataset: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    count: int = 0
+    deadline_seconds: float = 600.0
+    local_steps: int = 50
+    batch_size: int = 8
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    host: str = "127.0.0.1"
+    port: int = 8787
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A validated ``peer.toml``."""
+
+    path: Path
+    federation: str
+    key_file: Path
+    listen: str
+    data_dir: Path
+    store: Path
+    participation: str
+    task: TaskConfig
+    strategy: StrategyConfig
+    rounds: RoundConfig
+    control: ControlConfig
+    trusted: tuple[TrustedPeer, ...]
+
+
+def _get(table: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    name = f"{where}{key}"
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{name}: required field is missing")
+        return default
+    value = table[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{name}: expected {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name}: expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a table", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _check_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
+
+
+def _path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _multiaddr(value: str, name: str) -> str:
+    parts = value.split("/")
+    if not value.startswith("/") or len(parts) < 5 or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[3] != "tcp":
+        raise ConfigError(f"{name}: expected a multiaddr like /ip4/10.0.0.2/tcp/4001, got {value!r}")
+    if not parts[4].isdigit() or not 0 <= int(parts[4]) <= 65535:
+        raise ConfigError(f"{name}: {parts[4]!r} is not a TCP port")
+    return value
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = None) -> PeerConfig:
+    """Validate a parsed TOML document.
+
+    Raises:
+        ConfigError: naming the first bad field.
+    """
+    top = {"federation", "key_file", "listen", "data_dir", "store", "participation", "task",
+           "strategy", "rounds", "control", "trusted"}
+    _check_unknown(data, top, "")
+    federation = _get(data, "federation", "", str)
+    if not federation or len(federation) > 64 or not all(c.isalnum() or c in "-_." for c in federation):
+        raise ConfigError("federation: use 1-64 letters, digits, '-', '_' or '.'")
+    data_dir = _path(base_dir, _get(data, "data_dir", "", str, "silomesh-data"))
+    key_file = _path(base_dir, _get(data, "key_file", "", str))
+    listen = _multiaddr(_get(data, "listen", "", str, "/ip4/0.0.0.0/tcp/4001"), "listen")
+    store = _path(data_dir, _get(data, "store", "", str, "store.sqlite"))
+    participation = _get(data, "participation", "", str, "auto")
+    if participation not in PARTICIPATION_POLICIES:
+        raise ConfigError(f"participation: expected one of {', '.join(PARTICIPATION_POLICIES)}, got {participation!r}")
+
+    t = _get(data, "task", "", dict, {})
+    _check_unknown(t, {"name", "size", "dataset", "options"}, "task.")
+    dataset = _get(t, "dataset", "task.", str, None)
+    task = TaskConfig(
+        name=_get(t, "name", "task.", str, "catheter"),
+        size=_get(t, "size", "task.", str, "tiny"),
+        dataset=_path(base_dir, dataset) if dataset else None,
+        options=dict(_get(t, "options", "task.", dict, {})),
+    )
+
+    s = _get(data, "strategy", "", dict, {})
+    _check_unknown(s, {"name", "params"}, "strategy.")
+    strategy = StrategyConfig(_get(s, "name", "strategy.", str, "fedavg"), dict(_get(s, "params", "strategy.", dict, {})))
+
+    r = _get(data, "rounds", "", dict, {})
+    _check_unknown(r, {"count", "deadline_seconds", "local_steps", "batch_size", "lr"}, "rounds.")
+    rounds = RoundConfig(
+        count=_get(r, "count", "rounds.", int, 0),
+        deadline_seconds=_get(r, "deadline_seconds", "rounds.", float, 600.0),
+        local_steps=_get(r, "local_steps", "rounds.", int, 50),
+        batch_size=_get(r, "batch_size", "rounds.", int, 8),
+        lr=_get(r, "lr", "rounds.", float, 1e-3),
+    )
+    for name, value in (("count", rounds.count), ("local_steps", rounds.local_steps), ("batch_size", rounds.batch_size)):
+        if value < (0 if name == "count" else 1):
+            raise ConfigError(f"rounds.{name}: must be {'>= 0' if name == 'count' else '>= 1'}, got {value}")
+    if not rounds.deadline_seconds > 0:
+        raise ConfigError(f"rounds.deadline_seconds: must be > 0, got {rounds.deadline_seconds}")
+    if not rounds.lr > 0:
+        raise ConfigError(f"rounds.lr: must be > 0, got {rounds.lr}")
+
+    c = _get(data, "control", "", dict, {})
+    _check_unknown(c, {"host", "port"}, "control.")
+    control = ControlConfig(_get(c, "host", "control.", str, "127.0.0.1"), _get(c, "port", "control.", int, 8787))
+    if control.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"control.host: the control API only listens on loopback, got {control.host!r}")
+    if not 0 <= control.port <= 65535:
+        raise ConfigError(f"control.port: {control.port} is not a TCP port")
+
+    trusted_list = _get(data, "trusted", "", list, [])
+    trusted: list[TrustedPeer] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(trusted_list):
+        where = f"trusted[{i}]."
+        if not isinstance(entry, dict):
+            raise ConfigError(f"trusted[{i}]: expected a table with peer_id and address")
+        _check_unknown(entry, {"peer_id", "address", "name"}, where)
+        peer_id = _get(entry, "peer_id", where, str)
+        try:
+            public_key = public_key_from_peer_id(peer_id)
+        except IdentityError as exc:
+            raise ConfigError(f"{where}peer_id: {exc}") from None
+        if peer_id in seen:
+            raise ConfigError(f"{where}peer_id: {peer_id} is listed twice")
+        seen.add(peer_id)
+        address = _multiaddr(_get(entry, "address", where, str), f"{where}address")
+        trusted.append(TrustedPeer(peer_id, address, _get(entry, "name", where, str, peer_id[-8:]), public_key))
+
+    return PeerConfig(
+        path=path or base_dir / "peer.toml",
+        federation=federation,
+        key_file=key_file,
+        listen=listen,
+        data_dir=data_dir,
+        store=store,
+        participation=participation,
+        task=task,
+        strategy=strategy,
+        rounds=rounds,
+        control=control,
+        trusted=tuple(trusted),
+    )
+
+
+def load_config(path: Path) -> PeerConfig:
+    """Read and validate ``peer.toml``.
+
+    Raises:
+        ConfigError: if the file is missing, not TOML, or a field is invalid.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(data, path.parent.resolve(), path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

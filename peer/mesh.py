@@ -1,0 +1,306 @@
+"""Our small interface over py-libp2p: a Noise-only host that talks only to trusted peers.
+
+The daemon never calls libp2p directly; it uses :func:`open_mesh` and the :class:`Mesh`
+it yields (open a stream, set a handler, publish, subscribe). What this module enforces:
+
+* security is Noise only (the libp2p default also offers plaintext and secio);
+* stream muxing is Yamux; mDNS is off;
+* a connection from a PeerID outside the trust list is closed as soon as it is
+  established, and any stream it manages to open before that is reset unread;
+* every stream handler is wrapped so an exception can never reach libp2p (which would
+  tear down the whole host): it is logged, the stream is reset, serving goes on;
+* reads are bounded (``read(n)``, see LIBP2P-NOTES.md) — :class:`FramedStream`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+from silomesh.peer.identity import PeerIdentity
+
+log = logging.getLogger(__name__)
+
+EXCHANGE_PROTOCOL = TProtocol("/silomesh/exchange/1.0.0")
+GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
+READ_CHUNK = 256 * 1024
+
+StreamHandler = Callable[["FramedStream"], Awaitable[None]]
+
+
+class StreamClosed(Exception):
+    """The remote end closed or reset the stream before a whole frame arrived."""
+
+
+def announce_topic(federation: str) -> str:
+    return f"silomesh/{federation}/announce"
+
+
+class FramedStream:
+    """A libp2p stream with bounded reads.
+
+    ``read_some`` returns at most :data:`READ_CHUNK` bytes; the sans-I/O frame decoder
+    of ``silomesh.protocol`` decides when a frame is complete and how large it may be.
+    """
+
+    def __init__(self, stream: INetStream, remote: str) -> None:
+        self.stream = stream
+        self.remote = remote
+
+    async def read_some(self, max_bytes: int = READ_CHUNK) -> bytes:
+        try:
+            data = await self.stream.read(min(max_bytes, READ_CHUNK))
+        except (StreamEOF, StreamReset) as exc:
+            raise StreamClosed(f"stream from {self.remote} ended: {type(exc).__name__}") from None
+        if not data:
+            raise StreamClosed(f"stream from {self.remote} ended")
+        return bytes(data)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.stream.write(bytes(data))
+        except (StreamEOF, StreamReset) as exc:
+            raise StreamClosed(f"stream to {self.remote} ended: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            try:
+                await self.stream.close()
+            except Exception:  # noqa: BLE001 - closing a dead stream is not an error
+                log.debug("close of stream with %s failed", self.remote, exc_info=True)
+
+    async def reset(self) -> None:
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            try:
+                await self.stream.reset()
+            except Exception:  # noqa: BLE001
+                log.debug("reset of stream with %s failed", self.remote, exc_info=True)
+
+
+@dataclass
+class MeshStatistics:
+    refused_connections: int = 0
+    refused_streams: int = 0
+    handler_errors: int = 0
+
+
+class _TrustGate(INotifee):
+    """Closes any connection whose authenticated PeerID is not trusted."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        peer = str(conn.muxed_conn.peer_id)
+        if peer in self.mesh.trusted:
+            self.mesh.connected.add(peer)
+            return
+        self.mesh.stats.refused_connections += 1
+        log.warning("refused connection from untrusted peer %s", peer)
+        self.mesh.notify_refused(peer, "untrusted-connection")
+        self.mesh.nursery.start_soon(self._close, conn)
+
+    async def _close(self, conn: INetConn) -> None:
+        with trio.move_on_after(5):
+            try:
+                await conn.close()
+            except Exception:  # noqa: BLE001
+                log.debug("closing refused connection failed", exc_info=True)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self.mesh.connected.discard(str(conn.muxed_conn.peer_id))
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+
+@dataclass
+class Mesh:
+    """A running host plus pubsub, restricted to ``trusted`` PeerIDs."""
+
+    identity: PeerIdentity
+    host: IHost
+    pubsub: Pubsub
+    trusted: dict[str, str]  # PeerID -> multiaddr (without /p2p/)
+    nursery: trio.Nursery
+    on_refused: Callable[[str, str], None] | None = None
+    connected: set[str] = field(default_factory=set)
+    stats: MeshStatistics = field(default_factory=MeshStatistics)
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id_text
+
+    @property
+    def addrs(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    def notify_refused(self, peer: str, reason: str) -> None:
+        if self.on_refused is not None:
+            try:
+                self.on_refused(peer, reason)
+            except Exception:  # noqa: BLE001 - a logging hook must not break the gate
+                log.exception("on_refused hook failed")
+
+    def set_handler(self, handler: StreamHandler, protocol: TProtocol = EXCHANGE_PROTOCOL) -> None:
+        """Serve ``protocol`` with ``handler``; untrusted streams never reach it."""
+
+        async def guarded(stream: INetStream) -> None:
+            remote = str(stream.muxed_conn.peer_id)
+            framed = FramedStream(stream, remote)
+            if remote not in self.trusted:
+                self.stats.refused_streams += 1
+                log.warning("reset stream from untrusted peer %s", remote)
+                self.notify_refused(remote, "untrusted-stream")
+                await framed.reset()
+                return
+            try:
+                await handler(framed)
+            except StreamClosed as exc:
+                log.info("%s", exc)
+                await framed.reset()
+            except Exception:  # noqa: BLE001 - an escaping error would kill the host
+                self.stats.handler_errors += 1
+                log.exception("handler for %s failed on a stream from %s", protocol, remote)
+                await framed.reset()
+
+        self.host.set_stream_handler(protocol, guarded)
+
+    async def connect(self, peer_id: str, timeout: float = 10.0) -> bool:
+        """Dial a trusted peer at its configured address; False if it cannot be reached."""
+        addr = self.trusted.get(peer_id)
+        if addr is None:
+            raise ValueError(f"{peer_id} is not a trusted peer")
+        if peer_id in self.connected:
+            return True
+        info = info_from_p2p_addr(multiaddr.Multiaddr(f"{addr}/p2p/{peer_id}"))
+        with trio.move_on_after(timeout):
+            try:
+                await self.host.connect(info)
+                self.connected.add(peer_id)
+                return True
+            except Exception as exc:  # noqa: BLE001 - unreachable is a normal state
+                log.info("cannot reach %s at %s: %s", peer_id, addr, exc)
+        return False
+
+    async def open_stream(self, peer_id: str, protocol: TProtocol = EXCHANGE_PROTOCOL) -> FramedStream:
+        """Open a stream to a trusted peer.
+
+        Raises:
+            StreamClosed: if the stream cannot be opened or negotiated.
+        """
+        if peer_id not in self.trusted:
+            raise ValueError(f"{peer_id} is not a trusted peer")
+        try:
+            stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+        except Exception as exc:  # noqa: BLE001 - libp2p raises many types for "could not open"
+            raise StreamClosed(f"cannot open a stream to {peer_id}: {exc}") from None
+        return FramedStream(stream, peer_id)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        await self.pubsub.publish(topic, data)
+
+    async def subscribe(self, topic: str) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield (sender PeerID, data) of messages on ``topic`` from trusted peers only."""
+        subscription = await self.pubsub.subscribe(topic)
+        while True:
+            message = await subscription.get()
+            sender = str(ID(message.from_id))
+            if sender == self.peer_id:
+                continue
+            if sender not in self.trusted:
+                self.notify_refused(sender, "untrusted-announce")
+                continue
+            yield sender, bytes(message.data)
+
+
+def _make_host(identity: PeerIdentity) -> IHost:
+    security = {NOISE_ID: NoiseTransport(identity.key_pair, noise_privkey=new_x25519_key_pair().private_key)}
+    host = new_host(key_pair=identity.key_pair, sec_opt=security, muxer_preference="YAMUX",
+                    enable_mDNS=False, connection_config=ConnectionConfig(min_connections=0, low_watermark=0))
+    # libp2p's auto-connector dials every peer in the peerstore (untrusted ones seen via
+    # identify included) while the connection count is below a target of ~150. Our own
+    # connect loop dials trusted neighbours only, so the auto-connector is switched off.
+
+    async def no_auto_connect() -> None:
+        return None
+
+    host.get_network().auto_connector.maybe_connect = no_auto_connect  # type: ignore[attr-defined, method-assign]
+    return host
+
+
+@asynccontextmanager
+async def open_mesh(
+    identity: PeerIdentity,
+    listen: str,
+    trusted: Mapping[str, str],
+    *,
+    on_refused: Callable[[str, str], None] | None = None,
+    heartbeat_interval: float = 1.0,
+) -> AsyncIterator[Mesh]:
+    """Start a host listening on ``listen`` that accepts only ``trusted`` peers.
+
+    Args:
+        identity: this peer's keys.
+        listen: a TCP multiaddr, e.g. ``/ip4/127.0.0.1/tcp/0``.
+        trusted: PeerID -> address of every neighbour this peer trusts.
+        on_refused: called with (PeerID, reason) for every refused connection or message.
+        heartbeat_interval: GossipSub heartbeat in seconds (libp2p's default is 120 s).
+    """
+    host = _make_host(identity)
+    gossipsub = GossipSub(
+        protocols=GOSSIP_PROTOCOLS, degree=4, degree_low=2, degree_high=8,
+        heartbeat_initial_delay=0.2, heartbeat_interval=heartbeat_interval,
+        spam_protection_enabled=False,
+    )
+    pubsub = Pubsub(host, gossipsub)
+    async with trio.open_nursery() as nursery:
+        mesh = Mesh(identity, host, pubsub, dict(trusted), nursery, on_refused)
+        host.get_network().register_notifee(_TrustGate(mesh))
+        async with host.run([multiaddr.Multiaddr(listen)]), background_trio_service(pubsub), \
+                background_trio_service(gossipsub):
+            await pubsub.wait_until_ready()
+            try:
+                yield mesh
+            finally:
+                # Leave topics and drop connections before the service contexts exit
+                # (LIBP2P-NOTES.md: otherwise "Nursery is closed to new arrivals").
+                with trio.move_on_after(5) as scope:
+                    scope.shield = True
+                    for topic in list(pubsub.topic_ids):
+                        await pubsub.unsubscribe(topic)
+                    for peer in list(host.get_connected_peers()):
+                        await host.disconnect(peer)
+        nursery.cancel_scope.cancel()
+
+
+__all__ = ["EXCHANGE_PROTOCOL", "FramedStream", "Mesh", "PeerInfo", "StreamClosed", "announce_topic", "open_mesh"]

@@ -1,0 +1,307 @@
+"""The peer's durable store: one SQLite file (WAL) plus model files named by digest.
+
+One :class:`Store` object owns the connection (SQLite connections are thread-bound).
+Schema changes are migrations applied in order at start-up and recorded in
+``PRAGMA user_version``. Writes that belong together happen in one transaction
+(``with store.atomic():``), so a peer killed at any instant restarts from its last
+committed state. Model weights live beside the database as safetensors files written
+atomically (temporary file, fsync, rename, fsync of the folder) and are referenced by
+digest; a file without a row is garbage left by a crash and is removed at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+from safetensors.numpy import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """The store cannot be opened, or an operation names a model or dataset that does not exist."""
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["models"].create(
+        {"digest": str, "round": int, "parent": str, "name": str, "file": str,
+         "created_at": float, "deleted": int, "origin": str},
+        pk="digest", not_null={"round", "file", "created_at"}, defaults={"deleted": 0, "origin": "local"},
+    )
+    db["models"].create_index(["round"])
+    db["models"].create_index(["name"], unique=False)
+    db["rounds"].create(
+        {"round": int, "started_at": float, "finished_at": float, "status": str, "model": str,
+         "contributors": str, "skipped": str, "bytes_sent": int, "bytes_received": int},
+        pk="round",
+    )
+    db["neighbours"].create(
+        {"peer_id": str, "name": str, "address": str, "last_seen": float, "connected": int,
+         "samples": int, "data_digest": str, "data_announced_at": float, "refused": int,
+         "selected": int},
+        pk="peer_id", defaults={"connected": 0, "refused": 0, "selected": 1},
+    )
+    db["datasets"].create(
+        {"id": int, "path": str, "manifest": str, "registered_at": float, "active": int},
+        pk="id", defaults={"active": 1},
+    )
+    db["metrics"].create({"round": int, "name": str, "value": float, "at": float}, pk=("round", "name"))
+    db["state"].create({"key": str, "value": str}, pk="key")
+    db["audit"].create(
+        {"seq": int, "at_ms": int, "direction": str, "peer": str, "round": int, "kind": str,
+         "payload_digest": str, "size": int, "envelope_sig": str, "reason": str,
+         "prev_hash": str, "entry_hash": str, "signature": str},
+        pk="seq", not_null={"at_ms", "direction", "prev_hash", "entry_hash", "signature"},
+    )
+    db["approvals"].create(
+        {"id": int, "kind": str, "round": int, "peer": str, "detail": str, "status": str,
+         "created_at": float, "decided_at": float},
+        pk="id", defaults={"status": "pending"},
+    )
+
+
+#: migrations in order; index i upgrades from user_version i to i + 1
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    digest: str
+    round: int
+    parent: str | None
+    name: str | None
+    file: Path
+    created_at: float
+    origin: str
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Create ``path`` so that it either holds the complete content or does not exist."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Store:
+    """The peer's SQLite store and model folder.
+
+    Raises:
+        StoreError: if the database cannot be opened or is newer than this silomesh.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.models_dir = path.parent / "models"
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite_utils.Database(path)
+            self.db.enable_wal()
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+        self._remove_orphan_files()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"store {self.path} has schema version {version}, newer than this silomesh "
+                f"understands ({len(MIGRATIONS)}); upgrade silomesh"
+            )
+        for target, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.db.atomic():
+                migration(self.db)
+                self.db.execute(f"PRAGMA user_version={target}")
+            log.info("store %s migrated to schema version %d", self.path, target)
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _remove_orphan_files(self) -> None:
+        known = {row["file"] for row in self.db["models"].rows}
+        for f in self.models_dir.iterdir():
+            if f.name not in known:
+                log.warning("removing %s: written by an interrupted save, never committed", f)
+                f.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def atomic(self) -> Iterator[Store]:
+        """One transaction; nested blocks become savepoints."""
+        with self.db.atomic():
+            yield self
+
+    # -- key/value state -----------------------------------------------------------
+
+    def get_state(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", [key]).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_state(self, key: str, value: Any) -> None:
+        self.db["state"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
+
+    # -- models --------------------------------------------------------------------
+
+    def write_model_file(self, state: Mapping[str, np.ndarray], digest: str) -> str:
+        """Write a weights file atomically (no database access: safe from a worker thread)."""
+        file_name = f"{digest}.safetensors"
+        path = self.models_dir / file_name
+        if not path.exists():
+            arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+            write_atomic(path, lambda p: save_file(arrays, str(p)))
+        return file_name
+
+    def save_model(
+        self,
+        state: Mapping[str, np.ndarray],
+        digest: str,
+        round: int,
+        parent: str | None = None,
+        name: str | None = None,
+        origin: str = "local",
+    ) -> ModelRecord:
+        """Write the weights file (unless already written), then record it; idempotent per digest."""
+        existing = self.db.execute("SELECT digest FROM models WHERE digest = ?", [digest]).fetchone()
+        if existing is None:
+            file_name = self.write_model_file(state, digest)
+            self.db["models"].insert(
+                {"digest": digest, "round": round, "parent": parent, "name": name, "file": file_name,
+                 "created_at": time.time(), "deleted": 0, "origin": origin}
+            )
+        return self.model(digest)
+
+    def model(self, ref: str) -> ModelRecord:
+        """A model by digest, unique digest prefix (>= 8 chars) or name.
+
+        Raises:
+            StoreError: if nothing or more than one model matches.
+        """
+        rows = list(self.db.query(
+            "SELECT * FROM models WHERE deleted = 0 AND (digest = :r OR name = :r OR "
+            "(length(:r) >= 8 AND digest LIKE :p))", {"r": ref, "p": ref + "%"},
+        ))
+        if not rows:
+            raise StoreError(f"no model {ref!r}")
+        if len(rows) > 1:
+            raise StoreError(f"{ref!r} matches {len(rows)} models; give more of the digest")
+        r = rows[0]
+        return ModelRecord(r["digest"], r["round"], r["parent"], r["name"], self.models_dir / r["file"],
+                           r["created_at"], r["origin"])
+
+    def load_model(self, ref: str) -> dict[str, np.ndarray]:
+        return dict(load_file(str(self.model(ref).file)))
+
+    def models(self) -> list[ModelRecord]:
+        return [
+            ModelRecord(r["digest"], r["round"], r["parent"], r["name"], self.models_dir / r["file"],
+                        r["created_at"], r["origin"])
+            for r in self.db.query("SELECT * FROM models WHERE deleted = 0 ORDER BY round, created_at")
+        ]
+
+    def latest_model(self) -> ModelRecord | None:
+        models = self.models()
+        return models[-1] if models else None
+
+    def rename_model(self, ref: str, name: str) -> ModelRecord:
+        if not name or name != name.strip():
+            raise StoreError("a model name must be non-empty without surrounding spaces")
+        record = self.model(ref)
+        clash = self.db.execute(
+            "SELECT digest FROM models WHERE name = ? AND deleted = 0 AND digest != ?", [name, record.digest]
+        ).fetchone()
+        if clash:
+            raise StoreError(f"name {name!r} is already used by model {clash[0][:12]}")
+        self.db["models"].update(record.digest, {"name": name})
+        return self.model(record.digest)
+
+    def delete_model(self, ref: str) -> ModelRecord:
+        """Mark a model deleted and remove its weights file (the row keeps the history)."""
+        record = self.model(ref)
+        with self.atomic():
+            self.db["models"].update(record.digest, {"deleted": 1, "name": None})
+        record.file.unlink(missing_ok=True)
+        return record
+
+    # -- rounds, metrics, neighbours, datasets --------------------------------------
+
+    def record_round(self, round: int, **fields: Any) -> None:
+        row: dict[str, Any] = {"round": round}
+        for key, value in fields.items():
+            row[key] = json.dumps(value) if isinstance(value, list | dict) else value
+        self.db["rounds"].upsert(row, pk="round")
+
+    def rounds(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self.db.query("SELECT * FROM rounds ORDER BY round"):
+            for key in ("contributors", "skipped"):
+                r[key] = json.loads(r[key]) if r.get(key) else []
+            out.append(r)
+        return out
+
+    def last_committed_round(self) -> int:
+        row = self.db.execute("SELECT max(round) FROM rounds WHERE status = 'done'").fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    def record_metric(self, round: int, name: str, value: float) -> None:
+        self.db["metrics"].upsert({"round": round, "name": name, "value": float(value), "at": time.time()},
+                                  pk=("round", "name"))
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT round, name, value FROM metrics ORDER BY round, name"))
+
+    def upsert_neighbour(self, peer_id: str, **fields: Any) -> None:
+        self.db["neighbours"].upsert({"peer_id": peer_id, **fields}, pk="peer_id")
+
+    def count_refused(self, peer_id: str) -> None:
+        self.db.execute(
+            "INSERT INTO neighbours (peer_id, refused) VALUES (?, 1) "
+            "ON CONFLICT(peer_id) DO UPDATE SET refused = refused + 1", [peer_id]
+        )
+
+    def neighbours(self) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT * FROM neighbours ORDER BY name, peer_id"))
+
+    def register_dataset(self, path: str, manifest: Mapping[str, Any]) -> int:
+        with self.atomic():
+            self.db.execute("UPDATE datasets SET active = 0")
+            self.db["datasets"].insert({"path": path, "manifest": json.dumps(dict(manifest)),
+                                        "registered_at": time.time(), "active": 1})
+            return int(self.db["datasets"].last_pk)  # type: ignore[arg-type]
+
+    def datasets(self) -> list[dict[str, Any]]:
+        rows = list(self.db.query("SELECT * FROM datasets ORDER BY id"))
+        for r in rows:
+            r["manifest"] = json.loads(r["manifest"])
+        return rows
