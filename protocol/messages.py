@@ -58,7 +58,7 @@ MAX_TEXT = 1024
 MAX_LABEL = 128
 """Longest agent/model label (UTF-8 bytes)."""
 MAX_METRICS = 64
-"""Most entries in a train-result's metrics map."""
+"""Most entries in a metrics map (update, train-result)."""
 
 
 class Kind(enum.StrEnum):
@@ -76,6 +76,33 @@ class Kind(enum.StrEnum):
 
 def _check_reply_to(value: object) -> int | None:
     return None if value is None else check_uint("reply_to", value)
+
+
+def _check_metrics(value: object, *, decoded: bool = False) -> Mapping[str, float]:
+    """Validate a metrics map (name -> finite float); return a read-only ``float`` copy.
+
+    Shared by every message with a ``metrics`` field (update, train-result).
+
+    Args:
+        value: The map to check.
+        decoded: True for a map decoded from the wire, which must be exactly a ``dict``
+            of msgpack floats (no integers, no bools). Local callers may also pass any
+            mapping with ``int`` or numpy floating values, normalised to ``float``.
+
+    Raises:
+        LocalProtocolError: ``BAD_TYPE`` (or ``TOO_LARGE`` for an overlong name).
+    """
+    if decoded and (type(value) is not dict or any(type(v) is not float for v in value.values())):
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, "metrics must map str -> float")
+    if not isinstance(value, Mapping) or len(value) > MAX_METRICS:
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, f"metrics: a map of <= {MAX_METRICS}")
+    clean: dict[str, float] = {}
+    for key, item in value.items():
+        check_str("metric name", key, MAX_LABEL)
+        if isinstance(item, bool) or not isinstance(item, int | float | np.floating):
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"metric {key!r} must be a float")
+        clean[key] = check_float(f"metric {key!r}", float(item))
+    return MappingProxyType(clean)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,21 +275,33 @@ class Update(TensorMessage):
     Attributes:
         n_samples: Training samples behind this model (weight for averaging).
         state_digest: Digest of the full state this update produces, if known.
+        metrics: name -> finite float (at most 64 entries), e.g. ``loss`` (FedMix
+            weighting) or ``degree`` (Metropolis averaging).
     """
 
     kind: ClassVar[Kind] = Kind.UPDATE
-    BODY_KEYS: ClassVar[tuple[str, ...]] = ("n_samples", "state_digest")
+    BODY_KEYS: ClassVar[tuple[str, ...]] = ("n_samples", "state_digest", "metrics")
 
     n_samples: int = 0
     state_digest: bytes | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_uint("n_samples", self.n_samples)
         check_optional_bytes("state_digest", self.state_digest, DIGEST_SIZE)
+        object.__setattr__(self, "metrics", _check_metrics(self.metrics))
 
     def body(self) -> dict[str, Any]:
-        return {"n_samples": self.n_samples, "state_digest": self.state_digest}
+        return {
+            "n_samples": self.n_samples,
+            "state_digest": self.state_digest,
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def _body_kwargs(cls, body: Mapping[str, Any]) -> dict[str, Any]:
+        return {**body, "metrics": _check_metrics(body["metrics"], decoded=True)}
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -312,15 +351,7 @@ class TrainResult(TensorMessage):
         super().__post_init__()
         check_uint("request_sequence", self.request_sequence)
         check_uint("n_samples", self.n_samples)
-        if not isinstance(self.metrics, Mapping) or len(self.metrics) > MAX_METRICS:
-            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"metrics: a map of <= {MAX_METRICS}")
-        clean: dict[str, float] = {}
-        for key, value in self.metrics.items():
-            check_str("metric name", key, MAX_LABEL)
-            if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-                raise LocalProtocolError(ErrorCode.BAD_TYPE, f"metric {key!r} must be a float")
-            clean[key] = check_float(f"metric {key!r}", float(value))
-        object.__setattr__(self, "metrics", MappingProxyType(clean))
+        object.__setattr__(self, "metrics", _check_metrics(self.metrics))
 
     def body(self) -> dict[str, Any]:
         return {
@@ -331,10 +362,7 @@ class TrainResult(TensorMessage):
 
     @classmethod
     def _body_kwargs(cls, body: Mapping[str, Any]) -> dict[str, Any]:
-        metrics = body["metrics"]
-        if type(metrics) is not dict or any(type(v) is not float for v in metrics.values()):
-            raise LocalProtocolError(ErrorCode.BAD_TYPE, "metrics must map str -> float")
-        return dict(body)
+        return {**body, "metrics": _check_metrics(body["metrics"], decoded=True)}
 
 
 @dataclass(frozen=True, kw_only=True)

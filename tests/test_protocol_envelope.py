@@ -137,6 +137,7 @@ ALL_MESSAGES: list[Message] = [
     Hello(**routing(), model="unet-2d", state_digest=DIGEST, codecs=("int8",), max_frame_size=4096),
     Update(**routing(), tensors=STATE, n_samples=5, state_digest=DIGEST),
     Update(**routing(), tensors=STATE, base_digest=DIGEST),
+    Update(**routing(), tensors=STATE, n_samples=7, metrics={"loss": 0.25, "degree": 3.0}),
     TrainRequest(**routing(), tensors=STATE, epochs=2, deadline_ms=1_700_000_000_000),
     TrainResult(
         **routing(),
@@ -457,13 +458,79 @@ def test_error_message_with_an_unknown_code_is_bad_type() -> None:
 
 
 def test_update_without_a_tensor_table_is_bad_type() -> None:
-    env = raw_envelope({"n_samples": 1, "state_digest": None}, kind="update", codec="float32")
+    body: dict[str, Any] = {"n_samples": 1, "state_digest": None, "metrics": {}}
+    env = raw_envelope(body, kind="update", codec="float32")
     assert refusal(env) == "BAD_TYPE"
 
 
-def _update_raw(table: list[Any], blob: bytes, **kw: Any) -> bytes:
-    body = {"n_samples": 1, "state_digest": None, "tensors": table}
+def _update_raw(
+    table: list[Any], blob: bytes, metrics: Any = None, *, drop: str | None = None, **kw: Any
+) -> bytes:
+    body = {"n_samples": 1, "state_digest": None, "metrics": metrics or {}, "tensors": table}
+    if drop is not None:
+        del body[drop]
     return raw_envelope(body, blob, kind="update", codec="float32", **kw)
+
+
+_W = ([["w", "float32", [2], 0, None]], np.array([1.0, 2.0], "<f4").tobytes())
+
+
+def test_received_update_metrics_decode_to_a_read_only_float_map() -> None:
+    opened = open_(_update_raw(*_W, {"loss": 0.5, "degree": 4.0}))
+    assert dict(opened.message.metrics) == {"loss": 0.5, "degree": 4.0}
+    with pytest.raises(TypeError):
+        opened.message.metrics["loss"] = 0.0
+
+
+def test_received_update_with_float32_metrics_is_accepted() -> None:
+    body = msgpack.packb(
+        {"n_samples": 1, "state_digest": None, "metrics": {"loss": 0.5}, "tensors": _W[0]},
+        use_bin_type=True,
+        use_single_float=True,
+    )
+    opened = open_(raw_envelope(None, _W[1], kind="update", codec="float32", body_bytes=body))
+    assert opened.message.metrics == {"loss": 0.5}
+
+
+def test_received_update_without_a_metrics_map_is_bad_type() -> None:
+    assert refusal(_update_raw(*_W, drop="metrics")) == "BAD_TYPE"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_received_update_with_a_non_finite_metric_is_bad_type(value: float) -> None:
+    assert refusal(_update_raw(*_W, {"loss": value})) == "BAD_TYPE"
+
+
+def test_received_update_with_more_than_64_metrics_is_bad_type() -> None:
+    metrics = {f"m{i}": 0.0 for i in range(65)}
+    assert refusal(_update_raw(*_W, metrics)) == "BAD_TYPE"
+
+
+def test_received_update_with_exactly_64_metrics_is_accepted() -> None:
+    metrics = {f"m{i}": float(i) for i in range(64)}
+    assert open_(_update_raw(*_W, metrics)).message.metrics == metrics
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"degree": 3},
+        {"loss": True},
+        {"loss": "0.5"},
+        {"loss": None},
+        {"loss": [0.5]},
+        {b"loss": 0.5},
+        [["loss", 0.5]],
+        "loss",
+    ],
+    ids=["int", "bool", "str", "nil", "array", "bin-key", "array-not-map", "str-not-map"],
+)
+def test_received_update_with_wrongly_typed_metrics_is_bad_type(metrics: Any) -> None:
+    assert refusal(_update_raw(*_W, metrics)) == "BAD_TYPE"
+
+
+def test_received_update_with_an_overlong_metric_name_is_too_large() -> None:
+    assert refusal(_update_raw(*_W, {"m" * 129: 0.5})) == "TOO_LARGE"
 
 
 def test_update_with_a_nan_tensor_is_non_finite() -> None:
@@ -541,6 +608,11 @@ def messages(draw: st.DrawFn) -> Message:
         tensors=tensors,
         n_samples=draw(st.integers(0, 10**6)),
         base_digest=draw(st.none() | st.just(DIGEST)),
+        metrics=draw(
+            st.dictionaries(
+                st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False), max_size=4
+            )
+        ),
     )
 
 

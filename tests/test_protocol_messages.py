@@ -164,6 +164,51 @@ def test_tensor_messages_compare_equal_only_with_identical_tensors() -> None:
     assert first == same and first != other and first != wider
 
 
+def test_update_metrics_default_to_an_empty_map() -> None:
+    assert dict(Update(**routing(), tensors={}).metrics) == {}
+
+
+def test_update_keeps_loss_and_degree_metrics_as_floats() -> None:
+    update = Update(**routing(), tensors={}, metrics={"loss": np.float32(0.5), "degree": 3})
+    assert update.metrics == {"loss": 0.5, "degree": 3.0}
+    assert all(type(v) is float for v in update.metrics.values())
+
+
+def test_update_metrics_cannot_be_changed_after_construction() -> None:
+    metrics = {"loss": 0.5}
+    update = Update(**routing(), tensors={}, metrics=metrics)
+    metrics["loss"] = 9.0
+    assert update.metrics["loss"] == 0.5
+    with pytest.raises(TypeError):
+        update.metrics["loss"] = 1.0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), "0.5", True, None])
+def test_update_refuses_bad_metric_values(value: Any) -> None:
+    assert code_of(Update, **routing(), tensors={}, metrics={"m": value}) is ErrorCode.BAD_TYPE
+
+
+def test_update_refuses_more_than_64_metrics() -> None:
+    metrics = {f"m{i}": 0.0 for i in range(65)}
+    assert code_of(Update, **routing(), tensors={}, metrics=metrics) is ErrorCode.BAD_TYPE
+
+
+def test_update_refuses_a_non_string_or_overlong_metric_name() -> None:
+    assert code_of(Update, **routing(), tensors={}, metrics={1: 0.5}) is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), tensors={}, metrics={"m" * 129: 0.5}) is ErrorCode.TOO_LARGE
+
+
+def test_update_refuses_metrics_that_are_not_a_map() -> None:
+    assert code_of(Update, **routing(), tensors={}, metrics=[("m", 0.5)]) is ErrorCode.BAD_TYPE
+
+
+def test_update_metrics_take_part_in_equality() -> None:
+    first = Update(**routing(), tensors={}, metrics={"loss": 0.5})
+    assert first == Update(**routing(), tensors={}, metrics={"loss": 0.5})
+    assert first != Update(**routing(), tensors={}, metrics={"loss": 0.25})
+    assert first != Update(**routing(), tensors={})
+
+
 def test_train_request_refuses_zero_epochs() -> None:
     assert code_of(TrainRequest, **routing(), tensors={}, epochs=0) is ErrorCode.BAD_TYPE
 
