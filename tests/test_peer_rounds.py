@@ -1,0 +1,92 @@
+"""Real peers on 127.0.0.1 run federated rounds through the production code path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import trio
+
+from silomesh.peer.audit import verify_chain
+from silomesh.peer.daemon import Peer
+
+from peerkit import configs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+async def _run_all(peers: list[Peer], timeout: float = 120) -> dict[str, dict[str, Any]]:
+    """Run the peers until each finished its rounds; return what each recorded."""
+    seen: dict[str, dict[str, Any]] = {}
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for p in peers:
+                await nursery.start(p.run)
+            for p in peers:
+                await p.done.wait()
+            for p in peers:
+                seen[p.peer_id] = {"rounds": await p.rounds(), "models": await p.models(),
+                                   "audit": p.audit_log.entries()}
+            nursery.cancel_scope.cancel()
+    return seen
+
+
+async def test_two_peers_complete_rounds_and_average_each_others_models(tmp_path: Path) -> None:
+    ids, cfgs = configs(tmp_path, 2, rounds=2)
+    peers = [Peer(c, identity=i, serve_control_api=False) for i, c in zip(ids, cfgs, strict=True)]
+    seen = await _run_all(peers)
+    for p, other in ((peers[0], peers[1]), (peers[1], peers[0])):
+        rounds = seen[p.peer_id]["rounds"]
+        assert [r["status"] for r in rounds] == ["done", "done"]
+        assert all(r["contributors"] == [other.peer_id] for r in rounds)
+        assert "dice" in rounds[-1]["metrics"]
+        kinds = {(e["direction"], e["kind"]) for e in seen[p.peer_id]["audit"]}
+        assert {("sent", "update"), ("received", "update"), ("received", "ack")} <= kinds
+        assert verify_chain(seen[p.peer_id]["audit"], p.identity.public_key) == []
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedefm"])
+async def test_five_peers_on_a_ring_complete_every_round(tmp_path: Path, strategy: str) -> None:
+    ids, cfgs = configs(tmp_path, 5, rounds=2, strategy=strategy)
+    peers = [Peer(c, identity=i, serve_control_api=False) for i, c in zip(ids, cfgs, strict=True)]
+    seen = await _run_all(peers, timeout=180)
+    for p in peers:
+        rounds = seen[p.peer_id]["rounds"]
+        assert [r["status"] for r in rounds] == ["done", "done"]
+        assert len(rounds[-1]["contributors"]) == 2, rounds[-1]
+
+
+async def test_peer_whose_neighbour_is_dead_still_finishes_its_rounds(tmp_path: Path) -> None:
+    ids, cfgs = configs(tmp_path, 3, rounds=2, deadline=4.0)
+    alive = [Peer(cfgs[i], identity=ids[i], serve_control_api=False) for i in (0, 1)]  # peer 2 never starts
+    seen = await _run_all(alive, timeout=90)
+    for p in alive:
+        rounds = seen[p.peer_id]["rounds"]
+        assert [r["status"] for r in rounds] == ["done", "done"]
+        skipped = {s["peer"] for r in rounds for s in r["skipped"]}
+        assert ids[2].peer_id_text in skipped
+
+
+async def test_restarted_peer_resumes_after_its_last_committed_round(tmp_path: Path) -> None:
+    ids, cfgs = configs(tmp_path, 2, rounds=1)
+    await _run_all([Peer(c, identity=i, serve_control_api=False) for i, c in zip(ids, cfgs, strict=True)])
+    ids, cfgs = configs(tmp_path, 2, rounds=3)  # same identities and stores, more rounds
+    peers = [Peer(c, identity=i, serve_control_api=False) for i, c in zip(ids, cfgs, strict=True)]
+    seen = await _run_all(peers)
+    for p in peers:
+        rounds = seen[p.peer_id]["rounds"]
+        assert [r["round"] for r in rounds] == [0, 1, 2]
+        models = seen[p.peer_id]["models"]
+        assert models[-1]["round"] == 2
+        assert models[1]["parent"] == models[0]["digest"]
+        assert verify_chain(seen[p.peer_id]["audit"], p.identity.public_key) == []
