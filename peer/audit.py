@@ -25,8 +25,19 @@ from silomesh.peer.store import Store
 DOMAIN = b"silomesh/audit/v1\x00"
 GENESIS = "00" * 32
 DIRECTIONS = ("sent", "received", "refused")
-FIELDS = ("seq", "at_ms", "direction", "peer", "round", "kind", "payload_digest", "size",
-          "envelope_sig", "reason", "prev_hash")
+FIELDS = (
+    "seq",
+    "at_ms",
+    "direction",
+    "peer",
+    "round",
+    "kind",
+    "payload_digest",
+    "size",
+    "envelope_sig",
+    "reason",
+    "prev_hash",
+)
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:
@@ -63,13 +74,21 @@ class AuditLog:
             last = db.execute("SELECT seq, entry_hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = (1, GENESIS) if last is None else (last[0] + 1, last[1])
             entry: dict[str, Any] = {
-                "seq": seq, "at_ms": int(time.time() * 1000), "direction": direction, "peer": peer,
-                "round": int(round), "kind": kind, "payload_digest": payload_digest, "size": int(size),
-                "envelope_sig": envelope_sig, "reason": reason, "prev_hash": prev,
+                "seq": seq,
+                "at_ms": int(time.time() * 1000),
+                "direction": direction,
+                "peer": peer,
+                "round": int(round),
+                "kind": kind,
+                "payload_digest": payload_digest,
+                "size": int(size),
+                "envelope_sig": envelope_sig,
+                "reason": reason,
+                "prev_hash": prev,
             }
             entry["entry_hash"] = entry_hash(entry)
             entry["signature"] = self.signing_key.sign(bytes.fromhex(entry["entry_hash"])).signature.hex()
-            db["audit"].insert(entry)
+            db.table("audit").insert(entry)
         return entry
 
     def entries(self) -> list[dict[str, Any]]:
@@ -108,8 +127,9 @@ def verify_chain(entries: Iterable[Mapping[str, Any]], public_key: bytes) -> lis
         if computed != entry.get("entry_hash"):
             problems.append(ChainProblem(position, seq, "content does not match its hash"))
         try:
-            verify_key.verify(bytes.fromhex(str(entry.get("entry_hash", ""))),
-                              bytes.fromhex(str(entry.get("signature", ""))))
+            verify_key.verify(
+                bytes.fromhex(str(entry.get("entry_hash", ""))), bytes.fromhex(str(entry.get("signature", "")))
+            )
         except (nacl.exceptions.BadSignatureError, ValueError):
             problems.append(ChainProblem(position, seq, "signature does not verify"))
         prev = str(entry.get("entry_hash", ""))

@@ -137,7 +137,12 @@ def _path(base: Path, value: str) -> Path:
 
 def _multiaddr(value: str, name: str) -> str:
     parts = value.split("/")
-    if not value.startswith("/") or len(parts) < 5 or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6") or parts[3] != "tcp":
+    if (
+        not value.startswith("/")
+        or len(parts) < 5
+        or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6")
+        or parts[3] != "tcp"
+    ):
         raise ConfigError(f"{name}: expected a multiaddr like /ip4/10.0.0.2/tcp/4001, got {value!r}")
     if not parts[4].isdigit() or not 0 <= int(parts[4]) <= 65535:
         raise ConfigError(f"{name}: {parts[4]!r} is not a TCP port")
@@ -150,8 +155,19 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     Raises:
         ConfigError: naming the first bad field.
     """
-    top = {"federation", "key_file", "listen", "data_dir", "store", "participation", "task",
-           "strategy", "rounds", "control", "trusted"}
+    top = {
+        "federation",
+        "key_file",
+        "listen",
+        "data_dir",
+        "store",
+        "participation",
+        "task",
+        "strategy",
+        "rounds",
+        "control",
+        "trusted",
+    }
     _check_unknown(data, top, "")
     federation = _get(data, "federation", "", str)
     if not federation or len(federation) > 64 or not all(c.isalnum() or c in "-_." for c in federation):
@@ -176,7 +192,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
 
     s = _get(data, "strategy", "", dict, {})
     _check_unknown(s, {"name", "params"}, "strategy.")
-    strategy = StrategyConfig(_get(s, "name", "strategy.", str, "fedavg"), dict(_get(s, "params", "strategy.", dict, {})))
+    strategy = StrategyConfig(
+        _get(s, "name", "strategy.", str, "fedavg"), dict(_get(s, "params", "strategy.", dict, {}))
+    )
 
     r = _get(data, "rounds", "", dict, {})
     _check_unknown(r, {"count", "deadline_seconds", "local_steps", "batch_size", "lr"}, "rounds.")
@@ -187,7 +205,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         batch_size=_get(r, "batch_size", "rounds.", int, 8),
         lr=_get(r, "lr", "rounds.", float, 1e-3),
     )
-    for name, value in (("count", rounds.count), ("local_steps", rounds.local_steps), ("batch_size", rounds.batch_size)):
+    for name, value in (
+        ("count", rounds.count),
+        ("local_steps", rounds.local_steps),
+        ("batch_size", rounds.batch_size),
+    ):
         if value < (0 if name == "count" else 1):
             raise ConfigError(f"rounds.{name}: must be {'>= 0' if name == 'count' else '>= 1'}, got {value}")
     if not rounds.deadline_seconds > 0:

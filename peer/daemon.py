@@ -16,10 +16,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
+
+if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own TaskStatus
+    from trio_typing import TaskStatus
 
 from silomesh.models.registry import get_task
 from silomesh.models.task import Silo
@@ -29,7 +32,7 @@ from silomesh.peer.exchange import AuditRecord
 from silomesh.peer.faults import FaultHooks, NoFaults
 from silomesh.peer.identity import PeerIdentity, load_key_file, public_key_from_peer_id
 from silomesh.peer.learner import Learner, federation_seed, synthetic_silo
-from silomesh.peer.mesh import Mesh, announce_topic, open_mesh
+from silomesh.peer.mesh import Mesh, open_mesh
 from silomesh.peer.operator import OperatorError
 from silomesh.peer.store import Store, StoreError
 from silomesh.protocol import DEFAULT_LIMITS, Identity, ReplayGuard, state_digest
@@ -45,8 +48,9 @@ class Inbox:
     latest: dict[str, tuple[int, dict[str, np.ndarray], int, dict[str, float]]] = field(default_factory=dict)
     changed: trio.Event = field(default_factory=trio.Event)
 
-    def put(self, peer: str, round: int, state: dict[str, np.ndarray], n_samples: int,
-            metrics: dict[str, float]) -> None:
+    def put(
+        self, peer: str, round: int, state: dict[str, np.ndarray], n_samples: int, metrics: dict[str, float]
+    ) -> None:
         old = self.latest.get(peer)
         if old is None or round >= old[0]:
             self.latest[peer] = (round, state, n_samples, metrics)
@@ -63,31 +67,50 @@ class Consent:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._events: dict[int, trio.Event] = {}
+        # a previous run's pending requests can no longer be answered: nobody waits for them
+        store.db.execute(
+            "UPDATE approvals SET status = 'expired', decided_at = ? WHERE status = 'pending'", [time.time()]
+        )
 
     async def wait(self, kind: str, round: int, peer: str = "", detail: str = "") -> bool:
         db = self.store.db
-        db["approvals"].insert({"kind": kind, "round": round, "peer": peer, "detail": detail,
-                                "status": "pending", "created_at": time.time()})
-        approval_id = int(db["approvals"].last_pk)  # type: ignore[arg-type]
+        # db.table("approvals") is a new Table object on every access: take last_pk from insert's
+        approvals = db.table("approvals").insert(
+            {
+                "kind": kind,
+                "round": round,
+                "peer": peer,
+                "detail": detail,
+                "status": "pending",
+                "created_at": time.time(),
+            }
+        )
+        approval_id = int(approvals.last_pk)
         event = self._events.setdefault(approval_id, trio.Event())
         log.info("waiting for operator approval #%d: %s round %d %s", approval_id, kind, round, peer)
-        await event.wait()
-        return bool(db["approvals"].get(approval_id)["status"] == "approved")
+        try:
+            await event.wait()
+        finally:  # cancelled (deadline, shutdown): the request can no longer be approved
+            self._events.pop(approval_id, None)
+            if db.table("approvals").get(approval_id)["status"] == "pending":
+                db.table("approvals").update(approval_id, {"status": "expired", "decided_at": time.time()})
+        return bool(db.table("approvals").get(approval_id)["status"] == "approved")
 
     def decide(self, approval_id: int, approve: bool) -> dict[str, Any]:
         db = self.store.db
         try:
-            row = db["approvals"].get(approval_id)
+            row = db.table("approvals").get(approval_id)
         except Exception:  # noqa: BLE001 - sqlite-utils raises NotFoundError
             raise OperatorError(f"no approval #{approval_id}", 404) from None
         if row["status"] != "pending":
             raise OperatorError(f"approval #{approval_id} was already {row['status']}", 409)
-        db["approvals"].update(approval_id, {"status": "approved" if approve else "declined",
-                                             "decided_at": time.time()})
+        db.table("approvals").update(
+            approval_id, {"status": "approved" if approve else "declined", "decided_at": time.time()}
+        )
         event = self._events.pop(approval_id, None)
         if event is not None:
             event.set()
-        return dict(db["approvals"].get(approval_id))
+        return dict(db.table("approvals").get(approval_id))
 
     def list(self) -> list[dict[str, Any]]:
         return list(self.store.db.query("SELECT * FROM approvals ORDER BY id"))
@@ -176,9 +199,16 @@ class Peer:
 
     def record(self, rec: AuditRecord) -> None:
         """Audit sink for the exchange layer; refusals also count toward distrust."""
-        self.audit_log.append(rec.direction, rec.peer, rec.kind, round=max(rec.round, -1),
-                              payload_digest=rec.payload_digest, size=rec.size,
-                              envelope_sig=rec.envelope_sig, reason=rec.reason)
+        self.audit_log.append(
+            rec.direction,
+            rec.peer,
+            rec.kind,
+            round=max(rec.round, -1),
+            payload_digest=rec.payload_digest,
+            size=rec.size,
+            envelope_sig=rec.envelope_sig,
+            reason=rec.reason,
+        )
         if rec.direction == "refused":
             self.store.count_refused(rec.peer)
 
@@ -192,7 +222,7 @@ class Peer:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[Peer] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[Peer] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled (or until ``rounds.count`` rounds are done)."""
         from silomesh.peer import handlers, rounds
 
@@ -205,9 +235,17 @@ class Peer:
         self.consent = Consent(self.store)
         silo = self._silo or await trio.to_thread.run_sync(load_silo, self.config)
         seed = federation_seed(self.config.federation)
-        self.learner = await trio.to_thread.run_sync(lambda: Learner(
-            self.task, silo, size=self.config.task.size, init_seed=seed,
-            batch_size=self.config.rounds.batch_size, lr=self.config.rounds.lr, strategy=self.strategy))
+        self.learner = await trio.to_thread.run_sync(
+            lambda: Learner(
+                self.task,
+                silo,
+                size=self.config.task.size,
+                init_seed=seed,
+                batch_size=self.config.rounds.batch_size,
+                lr=self.config.rounds.lr,
+                strategy=self.strategy,
+            )
+        )
         latest = self.store.latest_model()
         if latest is not None:
             self.learner.load(self.store.load_model(latest.digest))
@@ -215,9 +253,12 @@ class Peer:
         for t in self.config.trusted:
             self.store.upsert_neighbour(t.peer_id, name=t.name, address=t.address)
         try:
-            async with open_mesh(self.identity, self.config.listen,
-                                 {t.peer_id: t.address for t in self.config.trusted},
-                                 on_refused=self.on_refused) as mesh:
+            async with open_mesh(
+                self.identity,
+                self.config.listen,
+                {t.peer_id: t.address for t in self.config.trusted},
+                on_refused=self.on_refused,
+            ) as mesh:
                 self.mesh = mesh
                 mesh.set_handler(lambda stream: handlers.serve_stream(self, stream))
                 async with trio.open_nursery() as nursery:
@@ -247,8 +288,12 @@ class Peer:
 
         try:
             self.control_port = await nursery.start(
-                serve_control, self, self.config.control.host, self.config.control.port,
-                self.config.data_dir / TOKEN_FILE_NAME)
+                serve_control,
+                self,
+                self.config.control.host,
+                self.config.control.port,
+                self.config.data_dir / TOKEN_FILE_NAME,
+            )
         except OSError as exc:
             log.error("control API not started: %s", exc)
 
@@ -257,11 +302,17 @@ class Peer:
     async def status(self) -> dict[str, Any]:
         last = self.store.latest_model()
         return {
-            "peer_id": self.peer_id, "federation": self.config.federation, "task": self.config.task.name,
-            "strategy": self.config.strategy.name, "participation": self.config.participation,
-            "round": self.round, "phase": self.phase, "addresses": self.mesh.addrs,
+            "peer_id": self.peer_id,
+            "federation": self.config.federation,
+            "task": self.config.task.name,
+            "strategy": self.config.strategy.name,
+            "participation": self.config.participation,
+            "round": self.round,
+            "phase": self.phase,
+            "addresses": self.mesh.addrs,
             "uptime_seconds": round(time.time() - self.started_at, 1),
-            "model": last.digest if last else None, "samples": self.learner.n_samples,
+            "model": last.digest if last else None,
+            "samples": self.learner.n_samples,
             "neighbours_connected": len(self.mesh.connected),
             "neighbours_trusted": len(self.trusted),
             "health": "ok" if self.phase not in ("stopped",) else "stopped",
@@ -293,13 +344,28 @@ class Peer:
         return [{**r, "metrics": metrics.get(r["round"], {})} for r in self.store.rounds()]
 
     async def models(self) -> list[dict[str, Any]]:
-        return [{"digest": m.digest, "round": m.round, "name": m.name, "parent": m.parent,
-                 "created_at": m.created_at, "origin": m.origin} for m in self.store.models()]
+        return [
+            {
+                "digest": m.digest,
+                "round": m.round,
+                "name": m.name,
+                "parent": m.parent,
+                "created_at": m.created_at,
+                "origin": m.origin,
+            }
+            for m in self.store.models()
+        ]
 
     def _model_dict(self, ref: str) -> dict[str, Any]:
         m = self.store.model(ref)
-        return {"digest": m.digest, "round": m.round, "name": m.name, "parent": m.parent,
-                "created_at": m.created_at, "origin": m.origin}
+        return {
+            "digest": m.digest,
+            "round": m.round,
+            "name": m.name,
+            "parent": m.parent,
+            "created_at": m.created_at,
+            "origin": m.origin,
+        }
 
     async def rename_model(self, ref: str, name: str) -> dict[str, Any]:
         try:
@@ -348,8 +414,10 @@ class Peer:
         if set(state) != set(shapes):
             missing = sorted(set(shapes) - set(state))
             extra = sorted(set(state) - set(shapes))
-            raise OperatorError(f"{filename}: tensors do not match the {self.config.task.name} model "
-                                f"(missing {missing[:3]}, unexpected {extra[:3]})")
+            raise OperatorError(
+                f"{filename}: tensors do not match the {self.config.task.name} model "
+                f"(missing {missing[:3]}, unexpected {extra[:3]})"
+            )
         for k, v in state.items():
             if tuple(v.shape) != shapes[k]:
                 raise OperatorError(f"{filename}: {k} has shape {tuple(v.shape)}, expected {shapes[k]}")

@@ -81,8 +81,17 @@ class Wire:
             raise ConversationError(str(exc)) from None
         self.bytes_sent += sealed.size
         header = sealed.header
-        self.audit(AuditRecord("sent", self.stream.remote, header.kind.value, header.round,
-                               header.payload_digest.hex(), sealed.size, sealed.signature.hex()))
+        self.audit(
+            AuditRecord(
+                "sent",
+                self.stream.remote,
+                header.kind.value,
+                header.round,
+                header.payload_digest.hex(),
+                sealed.size,
+                sealed.signature.hex(),
+            )
+        )
         return sealed
 
     async def receive(self) -> OpenedEnvelope | None:
@@ -94,13 +103,19 @@ class Wire:
         """
         while True:
             try:
-                if self.session._decoder.buffered > THREAD_THRESHOLD:  # noqa: SLF001
+                # a worker thread only for a complete large frame (opening it is the heavy part):
+                # while a frame is still arriving next_event is a cheap NEED_DATA, and a thread
+                # hop per 64 KiB read cost more than the crypto (bench/bench_exchange.py)
+                if self.session._decoder._queued > THREAD_THRESHOLD:  # noqa: SLF001
                     event = await trio.to_thread.run_sync(self.session.next_event)
                 else:
                     event = self.session.next_event()
             except RemoteProtocolError as exc:
-                self.audit(AuditRecord("refused", self.stream.remote, "unknown", -1, "", 0, "",
-                                       f"{exc.code.value}: {exc.message}"))
+                self.audit(
+                    AuditRecord(
+                        "refused", self.stream.remote, "unknown", -1, "", 0, "", f"{exc.code.value}: {exc.message}"
+                    )
+                )
                 raise
             if event is NEED_DATA:
                 try:
@@ -116,8 +131,17 @@ class Wire:
             if not isinstance(event, OpenedEnvelope):
                 return None
             header = event.header
-            self.audit(AuditRecord("received", self.stream.remote, header.kind.value, header.round,
-                                   header.payload_digest.hex(), event.size, event.signature.hex()))
+            self.audit(
+                AuditRecord(
+                    "received",
+                    self.stream.remote,
+                    header.kind.value,
+                    header.round,
+                    header.payload_digest.hex(),
+                    event.size,
+                    event.signature.hex(),
+                )
+            )
             return event
 
     async def refuse(self, error: RemoteProtocolError) -> None:

@@ -54,16 +54,31 @@ def model_id(peer: Peer) -> str:
 
 
 def hello(peer: Peer, recipient: bytes) -> Hello:
-    return Hello(federation=peer.config.federation, sender=peer.crypto.public_key, recipient=recipient,
-                 round=max(peer.round, 0), sequence=peer.next_sequence(), agent=AGENT, model=model_id(peer),
-                 state_digest=None, codecs=("float32", "float16", "int8"),
-                 max_frame_size=peer.limits.max_frame_size)
+    return Hello(
+        federation=peer.config.federation,
+        sender=peer.crypto.public_key,
+        recipient=recipient,
+        round=max(peer.round, 0),
+        sequence=peer.next_sequence(),
+        agent=AGENT,
+        model=model_id(peer),
+        state_digest=None,
+        codecs=("float32", "float16", "int8"),
+        max_frame_size=peer.limits.max_frame_size,
+    )
 
 
 def new_session(peer: Peer, role: Role, remote: str) -> Session:
-    return Session(role, identity=peer.crypto, peer=peer.public_key_of(remote),
-                   federation=peer.config.federation, replay=peer.replay, limits=peer.limits,
-                   expected_shapes=peer.learner.shapes, complete=False)
+    return Session(
+        role,
+        identity=peer.crypto,
+        peer=peer.public_key_of(remote),
+        federation=peer.config.federation,
+        replay=peer.replay,
+        limits=peer.limits,
+        expected_shapes=peer.learner.shapes,
+        complete=False,
+    )
 
 
 def reconstruct(peer: Peer, sender: str, message: Update | TrainRequest) -> dict[str, np.ndarray] | None:
@@ -121,9 +136,17 @@ async def serve_stream(peer: Peer, stream: FramedStream) -> None:
 async def _on_update(peer: Peer, wire: Wire, remote: str, msg: Update) -> None:
     state = reconstruct(peer, remote, msg)
     if state is None:
-        await wire.send(NeedBase(federation=msg.federation, sender=peer.crypto.public_key, recipient=msg.sender,
-                                 round=max(peer.round, 0), sequence=peer.next_sequence(),
-                                 unknown_base=msg.base_digest, reply_to=msg.sequence))
+        await wire.send(
+            NeedBase(
+                federation=msg.federation,
+                sender=peer.crypto.public_key,
+                recipient=msg.sender,
+                round=max(peer.round, 0),
+                sequence=peer.next_sequence(),
+                unknown_base=msg.base_digest,
+                reply_to=msg.sequence,
+            )
+        )
         return
     digest = msg.state_digest or state_digest(state)
     peer.received[remote] = (digest, state)
@@ -134,43 +157,86 @@ async def _on_update(peer: Peer, wire: Wire, remote: str, msg: Update) -> None:
     else:
         note = f"late: round {msg.round} while we are at {peer.round}"
     peer.store.upsert_neighbour(remote, last_seen=time.time())
-    await wire.send(Ack(federation=msg.federation, sender=peer.crypto.public_key, recipient=msg.sender,
-                        round=max(peer.round, 0), sequence=peer.next_sequence(), reply_to=msg.sequence,
-                        note=note))
+    await wire.send(
+        Ack(
+            federation=msg.federation,
+            sender=peer.crypto.public_key,
+            recipient=msg.sender,
+            round=max(peer.round, 0),
+            sequence=peer.next_sequence(),
+            reply_to=msg.sequence,
+            note=note,
+        )
+    )
 
 
 async def _on_train_request(peer: Peer, wire: Wire, remote: str, msg: TrainRequest) -> None:
     state = reconstruct(peer, remote, msg)
     if state is None:
-        await wire.send(NeedBase(federation=msg.federation, sender=peer.crypto.public_key, recipient=msg.sender,
-                                 round=max(peer.round, 0), sequence=peer.next_sequence(),
-                                 unknown_base=msg.base_digest, reply_to=msg.sequence))
+        await wire.send(
+            NeedBase(
+                federation=msg.federation,
+                sender=peer.crypto.public_key,
+                recipient=msg.sender,
+                round=max(peer.round, 0),
+                sequence=peer.next_sequence(),
+                unknown_base=msg.base_digest,
+                reply_to=msg.sequence,
+            )
+        )
         return
     if peer.config.participation == "manual":
         name = peer.trusted[remote].name
-        if not await peer.consent.wait("train-request", msg.round, remote, f"train {name}'s model"):
+        approved: bool | None = None
+        with trio.move_on_after(peer.config.rounds.deadline_seconds):  # the requester waits no longer
+            approved = await peer.consent.wait("train-request", msg.round, remote, f"train {name}'s model")
+        if not approved:
             from silomesh.protocol import ErrorMessage
 
-            await wire.send(ErrorMessage(federation=msg.federation, sender=peer.crypto.public_key,
-                                         recipient=msg.sender, round=max(peer.round, 0),
-                                         sequence=peer.next_sequence(), code=ErrorCode.REFUSED,
-                                         message="declined by the operator", reply_to=msg.sequence))
+            why = "declined by the operator" if approved is False else "not approved before the round deadline"
+            await wire.send(
+                ErrorMessage(
+                    federation=msg.federation,
+                    sender=peer.crypto.public_key,
+                    recipient=msg.sender,
+                    round=max(peer.round, 0),
+                    sequence=peer.next_sequence(),
+                    code=ErrorCode.REFUSED,
+                    message=why,
+                    reply_to=msg.sequence,
+                )
+            )
             return
     steps = peer.config.rounds.local_steps
     async with peer.compute:
         trained = await trio.to_thread.run_sync(peer.learner.train_copy, state, steps)
-    await wire.send(TrainResult(federation=msg.federation, sender=peer.crypto.public_key, recipient=msg.sender,
-                                round=msg.round, sequence=peer.next_sequence(),
-                                tensors=peer.faults.outgoing_state(peer.peer_id, msg.round, trained.state),
-                                request_sequence=msg.sequence, n_samples=peer.learner.n_samples,
-                                metrics={"loss": trained.mean_loss} if np.isfinite(trained.mean_loss) else {}))
+    await wire.send(
+        TrainResult(
+            federation=msg.federation,
+            sender=peer.crypto.public_key,
+            recipient=msg.sender,
+            round=msg.round,
+            sequence=peer.next_sequence(),
+            tensors=peer.faults.outgoing_state(peer.peer_id, msg.round, trained.state),
+            request_sequence=msg.sequence,
+            n_samples=peer.learner.n_samples,
+            metrics={"loss": trained.mean_loss} if np.isfinite(trained.mean_loss) else {},
+        )
+    )
 
 
 def current_update(peer: Peer, recipient: bytes) -> Update:
     state = peer.learner.shared(peer.learner.state())
-    return Update(federation=peer.config.federation, sender=peer.crypto.public_key, recipient=recipient,
-                  round=max(peer.round, 0), sequence=peer.next_sequence(), tensors=state,
-                  n_samples=peer.learner.n_samples, state_digest=state_digest(state))
+    return Update(
+        federation=peer.config.federation,
+        sender=peer.crypto.public_key,
+        recipient=recipient,
+        round=max(peer.round, 0),
+        sequence=peer.next_sequence(),
+        tensors=state,
+        n_samples=peer.learner.n_samples,
+        state_digest=state_digest(state),
+    )
 
 
 # -- announces --------------------------------------------------------------------------
@@ -184,9 +250,17 @@ async def publish(peer: Peer, announce: UpdateAvailable | NewData | Leaving) -> 
 
 
 async def announce_new_data(peer: Peer, n_samples: int, manifest_digest: bytes) -> None:
-    await publish(peer, NewData(federation=peer.config.federation, sender=peer.crypto.public_key,
-                                round=max(peer.round, 0), sequence=peer.next_sequence(),
-                                n_samples=n_samples, manifest_digest=manifest_digest))
+    await publish(
+        peer,
+        NewData(
+            federation=peer.config.federation,
+            sender=peer.crypto.public_key,
+            round=max(peer.round, 0),
+            sequence=peer.next_sequence(),
+            n_samples=n_samples,
+            manifest_digest=manifest_digest,
+        ),
+    )
 
 
 async def listen_announces(peer: Peer) -> None:
@@ -194,9 +268,14 @@ async def listen_announces(peer: Peer) -> None:
     topic = announce_topic(peer.config.federation)
     async for sender, data in peer.mesh.subscribe(topic):
         try:
-            received = decode_announce(data, federation=peer.config.federation,
-                                       trusted=set(peer.trusted_keys), me=peer.crypto.public_key,
-                                       expected_sender=peer.public_key_of(sender), replay=peer.replay)
+            received = decode_announce(
+                data,
+                federation=peer.config.federation,
+                trusted=set(peer.trusted_keys),
+                me=peer.crypto.public_key,
+                expected_sender=peer.public_key_of(sender),
+                replay=peer.replay,
+            )
         except RemoteProtocolError as exc:
             peer.audit_log.append("refused", sender, "announce", reason=f"{exc.code.value}: {exc.message}")
             peer.store.count_refused(sender)
@@ -204,8 +283,9 @@ async def listen_announces(peer: Peer) -> None:
         announce = received.announce
         fields: dict[str, object] = {"last_seen": time.time()}
         if isinstance(announce, NewData):
-            fields.update(samples=announce.n_samples, data_digest=announce.manifest_digest.hex(),
-                          data_announced_at=time.time())
+            fields.update(
+                samples=announce.n_samples, data_digest=announce.manifest_digest.hex(), data_announced_at=time.time()
+            )
         elif isinstance(announce, Leaving):
             peer.mesh.connected.discard(sender)
         peer.store.upsert_neighbour(sender, **fields)

@@ -90,8 +90,7 @@ def load_key_file(path: Path) -> PeerIdentity:
         raise IdentityError(f"key file {path} not found (create one with 'silomesh keygen')") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise IdentityError(
-            f"key file {path} is accessible by other users (mode {stat.filemode(info.st_mode)}); "
-            f"run 'chmod 600 {path}'"
+            f"key file {path} is accessible by other users (mode {stat.filemode(info.st_mode)}); run 'chmod 600 {path}'"
         )
     seed = path.read_bytes()
     if len(seed) != SEED_BYTES:

@@ -120,16 +120,14 @@ class Learner:
 
     def train(self, steps: int) -> RoundTraining:
         """Train the current model on this silo's data."""
-        losses = train_local(self.task, self.model, self.silo.train, steps, self.batch_size, self.lr,
-                             seed=self._seed())
+        losses = train_local(self.task, self.model, self.silo.train, steps, self.batch_size, self.lr, seed=self._seed())
         return RoundTraining(self.state(), float(np.mean(losses)) if losses else float("nan"), steps)
 
     def train_copy(self, state: Mapping[str, np.ndarray], steps: int) -> RoundTraining:
         """FedEFM: train a neighbour's model on this silo's data (the overseas expert)."""
         model = copy.deepcopy(self.model)
         load_numpy(model, {**to_numpy(model), **state})
-        losses = train_local(self.task, model, self.silo.train, steps, self.batch_size, self.lr,
-                             seed=self._seed())
+        losses = train_local(self.task, model, self.silo.train, steps, self.batch_size, self.lr, seed=self._seed())
         return RoundTraining(to_numpy(model), float(np.mean(losses)) if losses else float("nan"), steps)
 
     def distill(self, experts: list[StateDict]) -> dict[str, Any]:
@@ -141,8 +139,9 @@ class Learner:
             load_numpy(m, state)
             models.append(m)
         rng = np.random.default_rng(self._seed())
-        result = self.strategy.distill(self.model, models, lambda: self.silo.train.batches(self.batch_size, rng),
-                                       self.task.loss)
+        result = self.strategy.distill(
+            self.model, models, lambda: self.silo.train.batches(self.batch_size, rng), self.task.loss
+        )
         return {"weights": [float(w) for w in result.weights], "steps": result.steps}
 
     @torch.no_grad()

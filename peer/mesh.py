@@ -245,8 +245,13 @@ class Mesh:
 
 def _make_host(identity: PeerIdentity) -> IHost:
     security = {NOISE_ID: NoiseTransport(identity.key_pair, noise_privkey=new_x25519_key_pair().private_key)}
-    host = new_host(key_pair=identity.key_pair, sec_opt=security, muxer_preference="YAMUX",
-                    enable_mDNS=False, connection_config=ConnectionConfig(min_connections=0, low_watermark=0))
+    host = new_host(
+        key_pair=identity.key_pair,
+        sec_opt=security,
+        muxer_preference="YAMUX",
+        enable_mDNS=False,
+        connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
+    )
     # libp2p's auto-connector dials every peer in the peerstore (untrusted ones seen via
     # identify included) while the connection count is below a target of ~150. Our own
     # connect loop dials trusted neighbours only, so the auto-connector is switched off.
@@ -254,7 +259,7 @@ def _make_host(identity: PeerIdentity) -> IHost:
     async def no_auto_connect() -> None:
         return None
 
-    host.get_network().auto_connector.maybe_connect = no_auto_connect  # type: ignore[attr-defined, method-assign]
+    host.get_network().auto_connector.maybe_connect = no_auto_connect  # type: ignore[attr-defined]
     return host
 
 
@@ -265,7 +270,7 @@ async def open_mesh(
     trusted: Mapping[str, str],
     *,
     on_refused: Callable[[str, str], None] | None = None,
-    heartbeat_interval: float = 1.0,
+    heartbeat_interval: int = 1,
 ) -> AsyncIterator[Mesh]:
     """Start a host listening on ``listen`` that accepts only ``trusted`` peers.
 
@@ -278,16 +283,23 @@ async def open_mesh(
     """
     host = _make_host(identity)
     gossipsub = GossipSub(
-        protocols=GOSSIP_PROTOCOLS, degree=4, degree_low=2, degree_high=8,
-        heartbeat_initial_delay=0.2, heartbeat_interval=heartbeat_interval,
+        protocols=GOSSIP_PROTOCOLS,
+        degree=4,
+        degree_low=2,
+        degree_high=8,
+        heartbeat_initial_delay=0.2,
+        heartbeat_interval=heartbeat_interval,
         spam_protection_enabled=False,
     )
     pubsub = Pubsub(host, gossipsub)
     async with trio.open_nursery() as nursery:
         mesh = Mesh(identity, host, pubsub, dict(trusted), nursery, on_refused)
         host.get_network().register_notifee(_TrustGate(mesh))
-        async with host.run([multiaddr.Multiaddr(listen)]), background_trio_service(pubsub), \
-                background_trio_service(gossipsub):
+        async with (
+            host.run([multiaddr.Multiaddr(listen)]),
+            background_trio_service(pubsub),
+            background_trio_service(gossipsub),
+        ):
             await pubsub.wait_until_ready()
             try:
                 yield mesh

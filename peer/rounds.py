@@ -84,9 +84,15 @@ async def _open_wire(peer: Peer, neighbour: str) -> Wire:
     return wire
 
 
-def _update(peer: Peer, recipient: bytes, round: int, state: dict[str, np.ndarray], *,
-            base: tuple[bytes, dict[str, np.ndarray]] | None,
-            metrics: dict[str, float]) -> tuple[Update, dict[str, np.ndarray]]:
+def _update(
+    peer: Peer,
+    recipient: bytes,
+    round: int,
+    state: dict[str, np.ndarray],
+    *,
+    base: tuple[bytes, dict[str, np.ndarray]] | None,
+    metrics: dict[str, float],
+) -> tuple[Update, dict[str, np.ndarray]]:
     """An update message and the exact state the receiver will reconstruct from it.
 
     A delta is ``state - base``; float rounding makes ``base + delta`` differ from
@@ -99,14 +105,24 @@ def _update(peer: Peer, recipient: bytes, round: int, state: dict[str, np.ndarra
         tensors, base_digest = delta, base[0]
     else:
         result, tensors, base_digest = state, state, None
-    msg = Update(federation=peer.config.federation, sender=peer.crypto.public_key, recipient=recipient,
-                 round=round, sequence=peer.next_sequence(), tensors=tensors, base_digest=base_digest,
-                 n_samples=peer.learner.n_samples, state_digest=state_digest(result), metrics=metrics)
+    msg = Update(
+        federation=peer.config.federation,
+        sender=peer.crypto.public_key,
+        recipient=recipient,
+        round=round,
+        sequence=peer.next_sequence(),
+        tensors=tensors,
+        base_digest=base_digest,
+        n_samples=peer.learner.n_samples,
+        state_digest=state_digest(result),
+        metrics=metrics,
+    )
     return msg, result
 
 
-async def push_update(peer: Peer, neighbour: str, round: int, state: dict[str, np.ndarray],
-                      metrics: dict[str, float]) -> int:
+async def push_update(
+    peer: Peer, neighbour: str, round: int, state: dict[str, np.ndarray], metrics: dict[str, float]
+) -> int:
     """Send our round-``round`` model to ``neighbour``; returns bytes sent.
 
     Raises:
@@ -136,16 +152,24 @@ async def push_update(peer: Peer, neighbour: str, round: int, state: dict[str, n
         await wire.stream.close()
 
 
-async def request_training(peer: Peer, neighbour: str, round: int, state: dict[str, np.ndarray],
-                           deadline_ms: int) -> tuple[dict[str, np.ndarray], int, dict[str, float], int]:
+async def request_training(
+    peer: Peer, neighbour: str, round: int, state: dict[str, np.ndarray], deadline_ms: int
+) -> tuple[dict[str, np.ndarray], int, dict[str, float], int]:
     """FedEFM: have ``neighbour`` train our model on its data; returns (state, n, metrics, bytes)."""
     if not await peer.faults.before_send(peer.peer_id, neighbour, "train-request", round):
         raise ConversationError("dropped by fault injection")
     wire = await _open_wire(peer, neighbour)
     try:
-        msg = TrainRequest(federation=peer.config.federation, sender=peer.crypto.public_key,
-                           recipient=peer.public_key_of(neighbour), round=round,
-                           sequence=peer.next_sequence(), tensors=state, epochs=1, deadline_ms=deadline_ms)
+        msg = TrainRequest(
+            federation=peer.config.federation,
+            sender=peer.crypto.public_key,
+            recipient=peer.public_key_of(neighbour),
+            round=round,
+            sequence=peer.next_sequence(),
+            tensors=state,
+            epochs=1,
+            deadline_ms=deadline_ms,
+        )
         await wire.send(msg)
         reply = await wire.receive()
         if reply is None or not isinstance(reply.message, TrainResult):
@@ -158,8 +182,15 @@ async def request_training(peer: Peer, neighbour: str, round: int, state: dict[s
         await wire.stream.close()
 
 
-async def _gather_updates(peer: Peer, round: int, selected: list[str], state: dict[str, np.ndarray],
-                          metrics: dict[str, float], deadline: float, report: dict[str, Any]) -> None:
+async def _gather_updates(
+    peer: Peer,
+    round: int,
+    selected: list[str],
+    state: dict[str, np.ndarray],
+    metrics: dict[str, float],
+    deadline: float,
+    report: dict[str, Any],
+) -> None:
     async def push(n: str) -> None:
         try:
             report["bytes_sent"] += await push_update(peer, n, round, state, metrics)
@@ -180,8 +211,9 @@ async def _gather_updates(peer: Peer, round: int, selected: list[str], state: di
             await peer.inbox.changed.wait()
 
 
-async def _update_round(peer: Peer, round: int, selected: list[str], deadline: float,
-                        report: dict[str, Any]) -> dict[str, np.ndarray]:
+async def _update_round(
+    peer: Peer, round: int, selected: list[str], deadline: float, report: dict[str, Any]
+) -> dict[str, np.ndarray]:
     async with peer.compute:
         trained = await trio.to_thread.run_sync(peer.learner.train, peer.config.rounds.local_steps)
     report["train_loss"] = trained.mean_loss
@@ -198,16 +230,32 @@ async def _update_round(peer: Peer, round: int, selected: list[str], deadline: f
             continue
         _, state, n_samples, m = got
         degree = m.get("degree")
-        contributions.append(Contribution(peer_id=n, state=state, n_samples=max(n_samples, 1),
-                                          loss=m.get("loss"), degree=int(degree) if degree else None))
+        contributions.append(
+            Contribution(
+                peer_id=n,
+                state=state,
+                n_samples=max(n_samples, 1),
+                loss=m.get("loss"),
+                degree=int(degree) if degree else None,
+            )
+        )
     return _aggregate(peer, trained.state, contributions, report, own_loss=trained.mean_loss)
 
 
-def _aggregate(peer: Peer, own: dict[str, np.ndarray], contributions: list[Contribution],
-               report: dict[str, Any], own_loss: float | None = None) -> dict[str, np.ndarray]:
+def _aggregate(
+    peer: Peer,
+    own: dict[str, np.ndarray],
+    contributions: list[Contribution],
+    report: dict[str, Any],
+    own_loss: float | None = None,
+) -> dict[str, np.ndarray]:
     result = peer.learner.strategy.aggregate(
-        own, float(peer.learner.n_samples), contributions, own_degree=len(peer.trusted),
-        own_loss=own_loss if own_loss is not None and math.isfinite(own_loss) else None)
+        own,
+        float(peer.learner.n_samples),
+        contributions,
+        own_degree=len(peer.trusted),
+        own_loss=own_loss if own_loss is not None and math.isfinite(own_loss) else None,
+    )
     for n, reason in result.dropped.items():
         report["skipped"][n] = f"dropped: {reason}"
         peer.audit_log.append("refused", n, "update", round=report["round"], reason=f"aggregation: {reason}")
@@ -216,8 +264,9 @@ def _aggregate(peer: Peer, own: dict[str, np.ndarray], contributions: list[Contr
     return {**own, **result.state}
 
 
-async def _fedefm_round(peer: Peer, round: int, selected: list[str], deadline: float,
-                        report: dict[str, Any]) -> dict[str, np.ndarray]:
+async def _fedefm_round(
+    peer: Peer, round: int, selected: list[str], deadline: float, report: dict[str, Any]
+) -> dict[str, np.ndarray]:
     own = peer.learner.state()
     experts: dict[str, tuple[dict[str, np.ndarray], int, dict[str, float]]] = {}
     deadline_ms = int((time.time() + max(deadline - trio.current_time(), 0)) * 1000)
@@ -238,8 +287,9 @@ async def _fedefm_round(peer: Peer, round: int, selected: list[str], deadline: f
     for n in selected:
         if n not in experts:
             report["skipped"].setdefault(n, "missed the deadline")
-    contributions = [Contribution(peer_id=n, state=s, n_samples=max(c, 1), loss=m.get("loss"))
-                     for n, (s, c, m) in experts.items()]
+    contributions = [
+        Contribution(peer_id=n, state=s, n_samples=max(c, 1), loss=m.get("loss")) for n, (s, c, m) in experts.items()
+    ]
     strategy = peer.learner.strategy
     screened = strategy.screen(own, contributions) if hasattr(strategy, "screen") else contributions
     good = [c for c in screened if c.peer_id not in report["skipped"]] if isinstance(screened, list) else contributions
@@ -286,8 +336,14 @@ async def round_loop(peer: Peer) -> None:
         round += 1
 
 
-async def commit_round(peer: Peer, round: int, state: dict[str, np.ndarray], metrics: dict[str, float],
-                       report: dict[str, Any], started: float) -> None:
+async def commit_round(
+    peer: Peer,
+    round: int,
+    state: dict[str, np.ndarray],
+    metrics: dict[str, float],
+    report: dict[str, Any],
+    started: float,
+) -> None:
     """Save the model file, then model row, metrics and round row in one transaction."""
     digest = state_digest(state).hex()
     parent = peer.store.latest_model()
@@ -300,13 +356,33 @@ async def commit_round(peer: Peer, round: int, state: dict[str, np.ndarray], met
                     peer.store.record_metric(round, name, float(value))
             if "train_loss" in report and math.isfinite(report["train_loss"]):
                 peer.store.record_metric(round, "train_loss", report["train_loss"])
-            peer.store.record_round(round, status="done", started_at=started, finished_at=time.time(),
-                                    model=digest, contributors=report["contributors"],
-                                    skipped=[{"peer": p, "reason": r} for p, r in report["skipped"].items()],
-                                    bytes_sent=report["bytes_sent"])
-    log.info("%s round %d done: %s=%.4f, %d contributors, %d skipped", peer.peer_id[-8:], round,
-             peer.task.metric, metrics.get(peer.task.metric, float("nan")), len(report["contributors"]),
-             len(report["skipped"]))
-    await publish(peer, UpdateAvailable(federation=peer.config.federation, sender=peer.crypto.public_key,
-                                        round=round, sequence=peer.next_sequence(),
-                                        digest=bytes.fromhex(digest), size=sum(a.nbytes for a in state.values())))
+            peer.store.record_round(
+                round,
+                status="done",
+                started_at=started,
+                finished_at=time.time(),
+                model=digest,
+                contributors=report["contributors"],
+                skipped=[{"peer": p, "reason": r} for p, r in report["skipped"].items()],
+                bytes_sent=report["bytes_sent"],
+            )
+    log.info(
+        "%s round %d done: %s=%.4f, %d contributors, %d skipped",
+        peer.peer_id[-8:],
+        round,
+        peer.task.metric,
+        metrics.get(peer.task.metric, float("nan")),
+        len(report["contributors"]),
+        len(report["skipped"]),
+    )
+    await publish(
+        peer,
+        UpdateAvailable(
+            federation=peer.config.federation,
+            sender=peer.crypto.public_key,
+            round=round,
+            sequence=peer.next_sequence(),
+            digest=bytes.fromhex(digest),
+            size=sum(a.nbytes for a in state.values()),
+        ),
+    )

@@ -12,8 +12,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
+
+if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own TaskStatus
+    from trio_typing import TaskStatus
 
 from silomesh.peer.config import ConfigError, load_config
 from silomesh.peer.identity import IdentityError, load_key_file
@@ -31,14 +35,19 @@ async def _serve(config_path: Path) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def run_then_stop(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def run_then_stop(*, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
                 await peer.run(task_status=task_status)
                 log.info("all %d rounds done: stopping", config.rounds.count)
                 nursery.cancel_scope.cancel()
 
             await nursery.start(run_then_stop)
-            log.info("peer %s running: federation %s, listening on %s, control API on 127.0.0.1:%s",
-                     peer.peer_id, config.federation, ", ".join(peer.mesh.addrs), peer.control_port)
+            log.info(
+                "peer %s running: federation %s, listening on %s, control API on 127.0.0.1:%s",
+                peer.peer_id,
+                config.federation,
+                ", ".join(peer.mesh.addrs),
+                peer.control_port,
+            )
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
@@ -61,8 +70,13 @@ def run_service(config_path: Path) -> int:
         return 1
     except BaseExceptionGroup as group:
         user_errors = group.subgroup((ConfigError, IdentityError, OperatorError, OSError))
-        if user_errors is None or group.subgroup(lambda e: not isinstance(
-                e, ConfigError | IdentityError | OperatorError | OSError | BaseExceptionGroup)) is not None:
+        if (
+            user_errors is None
+            or group.subgroup(
+                lambda e: not isinstance(e, ConfigError | IdentityError | OperatorError | OSError | BaseExceptionGroup)
+            )
+            is not None
+        ):
             raise
         first = user_errors.exceptions[0]
         while isinstance(first, BaseExceptionGroup):

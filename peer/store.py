@@ -35,40 +35,92 @@ class StoreError(Exception):
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
-    db["models"].create(
-        {"digest": str, "round": int, "parent": str, "name": str, "file": str,
-         "created_at": float, "deleted": int, "origin": str},
-        pk="digest", not_null={"round", "file", "created_at"}, defaults={"deleted": 0, "origin": "local"},
+    db.table("models").create(
+        {
+            "digest": str,
+            "round": int,
+            "parent": str,
+            "name": str,
+            "file": str,
+            "created_at": float,
+            "deleted": int,
+            "origin": str,
+        },
+        pk="digest",
+        not_null={"round", "file", "created_at"},
+        defaults={"deleted": 0, "origin": "local"},
     )
-    db["models"].create_index(["round"])
-    db["models"].create_index(["name"], unique=False)
-    db["rounds"].create(
-        {"round": int, "started_at": float, "finished_at": float, "status": str, "model": str,
-         "contributors": str, "skipped": str, "bytes_sent": int, "bytes_received": int},
+    db.table("models").create_index(["round"])
+    db.table("models").create_index(["name"], unique=False)
+    db.table("rounds").create(
+        {
+            "round": int,
+            "started_at": float,
+            "finished_at": float,
+            "status": str,
+            "model": str,
+            "contributors": str,
+            "skipped": str,
+            "bytes_sent": int,
+            "bytes_received": int,
+        },
         pk="round",
     )
-    db["neighbours"].create(
-        {"peer_id": str, "name": str, "address": str, "last_seen": float, "connected": int,
-         "samples": int, "data_digest": str, "data_announced_at": float, "refused": int,
-         "selected": int},
-        pk="peer_id", defaults={"connected": 0, "refused": 0, "selected": 1},
+    db.table("neighbours").create(
+        {
+            "peer_id": str,
+            "name": str,
+            "address": str,
+            "last_seen": float,
+            "connected": int,
+            "samples": int,
+            "data_digest": str,
+            "data_announced_at": float,
+            "refused": int,
+            "selected": int,
+        },
+        pk="peer_id",
+        defaults={"connected": 0, "refused": 0, "selected": 1},
     )
-    db["datasets"].create(
+    db.table("datasets").create(
         {"id": int, "path": str, "manifest": str, "registered_at": float, "active": int},
-        pk="id", defaults={"active": 1},
+        pk="id",
+        defaults={"active": 1},
     )
-    db["metrics"].create({"round": int, "name": str, "value": float, "at": float}, pk=("round", "name"))
-    db["state"].create({"key": str, "value": str}, pk="key")
-    db["audit"].create(
-        {"seq": int, "at_ms": int, "direction": str, "peer": str, "round": int, "kind": str,
-         "payload_digest": str, "size": int, "envelope_sig": str, "reason": str,
-         "prev_hash": str, "entry_hash": str, "signature": str},
-        pk="seq", not_null={"at_ms", "direction", "prev_hash", "entry_hash", "signature"},
+    db.table("metrics").create({"round": int, "name": str, "value": float, "at": float}, pk=("round", "name"))
+    db.table("state").create({"key": str, "value": str}, pk="key")
+    db.table("audit").create(
+        {
+            "seq": int,
+            "at_ms": int,
+            "direction": str,
+            "peer": str,
+            "round": int,
+            "kind": str,
+            "payload_digest": str,
+            "size": int,
+            "envelope_sig": str,
+            "reason": str,
+            "prev_hash": str,
+            "entry_hash": str,
+            "signature": str,
+        },
+        pk="seq",
+        not_null={"at_ms", "direction", "prev_hash", "entry_hash", "signature"},
     )
-    db["approvals"].create(
-        {"id": int, "kind": str, "round": int, "peer": str, "detail": str, "status": str,
-         "created_at": float, "decided_at": float},
-        pk="id", defaults={"status": "pending"},
+    db.table("approvals").create(
+        {
+            "id": int,
+            "kind": str,
+            "round": int,
+            "peer": str,
+            "detail": str,
+            "status": str,
+            "created_at": float,
+            "decided_at": float,
+        },
+        pk="id",
+        defaults={"status": "pending"},
     )
 
 
@@ -148,7 +200,7 @@ class Store:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     def _remove_orphan_files(self) -> None:
-        known = {row["file"] for row in self.db["models"].rows}
+        known = {row["file"] for row in self.db.table("models").rows}
         for f in self.models_dir.iterdir():
             if f.name not in known:
                 log.warning("removing %s: written by an interrupted save, never committed", f)
@@ -170,7 +222,7 @@ class Store:
         return default if row is None else json.loads(row[0])
 
     def set_state(self, key: str, value: Any) -> None:
-        self.db["state"].upsert({"key": key, "value": json.dumps(value)}, pk="key")
+        self.db.table("state").upsert({"key": key, "value": json.dumps(value)}, pk="key")
 
     # -- models --------------------------------------------------------------------
 
@@ -196,9 +248,17 @@ class Store:
         existing = self.db.execute("SELECT digest FROM models WHERE digest = ?", [digest]).fetchone()
         if existing is None:
             file_name = self.write_model_file(state, digest)
-            self.db["models"].insert(
-                {"digest": digest, "round": round, "parent": parent, "name": name, "file": file_name,
-                 "created_at": time.time(), "deleted": 0, "origin": origin}
+            self.db.table("models").insert(
+                {
+                    "digest": digest,
+                    "round": round,
+                    "parent": parent,
+                    "name": name,
+                    "file": file_name,
+                    "created_at": time.time(),
+                    "deleted": 0,
+                    "origin": origin,
+                }
             )
         return self.model(digest)
 
@@ -208,25 +268,36 @@ class Store:
         Raises:
             StoreError: if nothing or more than one model matches.
         """
-        rows = list(self.db.query(
-            "SELECT * FROM models WHERE deleted = 0 AND (digest = :r OR name = :r OR "
-            "(length(:r) >= 8 AND digest LIKE :p))", {"r": ref, "p": ref + "%"},
-        ))
+        rows = list(
+            self.db.query(
+                "SELECT * FROM models WHERE deleted = 0 AND (digest = :r OR name = :r OR "
+                "(length(:r) >= 8 AND digest LIKE :p))",
+                {"r": ref, "p": ref + "%"},
+            )
+        )
         if not rows:
             raise StoreError(f"no model {ref!r}")
         if len(rows) > 1:
             raise StoreError(f"{ref!r} matches {len(rows)} models; give more of the digest")
         r = rows[0]
-        return ModelRecord(r["digest"], r["round"], r["parent"], r["name"], self.models_dir / r["file"],
-                           r["created_at"], r["origin"])
+        return ModelRecord(
+            r["digest"], r["round"], r["parent"], r["name"], self.models_dir / r["file"], r["created_at"], r["origin"]
+        )
 
     def load_model(self, ref: str) -> dict[str, np.ndarray]:
         return dict(load_file(str(self.model(ref).file)))
 
     def models(self) -> list[ModelRecord]:
         return [
-            ModelRecord(r["digest"], r["round"], r["parent"], r["name"], self.models_dir / r["file"],
-                        r["created_at"], r["origin"])
+            ModelRecord(
+                r["digest"],
+                r["round"],
+                r["parent"],
+                r["name"],
+                self.models_dir / r["file"],
+                r["created_at"],
+                r["origin"],
+            )
             for r in self.db.query("SELECT * FROM models WHERE deleted = 0 ORDER BY round, created_at")
         ]
 
@@ -243,14 +314,14 @@ class Store:
         ).fetchone()
         if clash:
             raise StoreError(f"name {name!r} is already used by model {clash[0][:12]}")
-        self.db["models"].update(record.digest, {"name": name})
+        self.db.table("models").update(record.digest, {"name": name})
         return self.model(record.digest)
 
     def delete_model(self, ref: str) -> ModelRecord:
         """Mark a model deleted and remove its weights file (the row keeps the history)."""
         record = self.model(ref)
         with self.atomic():
-            self.db["models"].update(record.digest, {"deleted": 1, "name": None})
+            self.db.table("models").update(record.digest, {"deleted": 1, "name": None})
         record.file.unlink(missing_ok=True)
         return record
 
@@ -260,7 +331,7 @@ class Store:
         row: dict[str, Any] = {"round": round}
         for key, value in fields.items():
             row[key] = json.dumps(value) if isinstance(value, list | dict) else value
-        self.db["rounds"].upsert(row, pk="round")
+        self.db.table("rounds").upsert(row, pk="round")
 
     def rounds(self) -> list[dict[str, Any]]:
         out = []
@@ -275,19 +346,21 @@ class Store:
         return -1 if row[0] is None else int(row[0])
 
     def record_metric(self, round: int, name: str, value: float) -> None:
-        self.db["metrics"].upsert({"round": round, "name": name, "value": float(value), "at": time.time()},
-                                  pk=("round", "name"))
+        self.db.table("metrics").upsert(
+            {"round": round, "name": name, "value": float(value), "at": time.time()}, pk=("round", "name")
+        )
 
     def metrics(self) -> list[dict[str, Any]]:
         return list(self.db.query("SELECT round, name, value FROM metrics ORDER BY round, name"))
 
     def upsert_neighbour(self, peer_id: str, **fields: Any) -> None:
-        self.db["neighbours"].upsert({"peer_id": peer_id, **fields}, pk="peer_id")
+        self.db.table("neighbours").upsert({"peer_id": peer_id, **fields}, pk="peer_id")
 
     def count_refused(self, peer_id: str) -> None:
         self.db.execute(
             "INSERT INTO neighbours (peer_id, refused) VALUES (?, 1) "
-            "ON CONFLICT(peer_id) DO UPDATE SET refused = refused + 1", [peer_id]
+            "ON CONFLICT(peer_id) DO UPDATE SET refused = refused + 1",
+            [peer_id],
         )
 
     def neighbours(self) -> list[dict[str, Any]]:
@@ -296,9 +369,10 @@ class Store:
     def register_dataset(self, path: str, manifest: Mapping[str, Any]) -> int:
         with self.atomic():
             self.db.execute("UPDATE datasets SET active = 0")
-            self.db["datasets"].insert({"path": path, "manifest": json.dumps(dict(manifest)),
-                                        "registered_at": time.time(), "active": 1})
-            return int(self.db["datasets"].last_pk)  # type: ignore[arg-type]
+            self.db.table("datasets").insert(
+                {"path": path, "manifest": json.dumps(dict(manifest)), "registered_at": time.time(), "active": 1}
+            )
+            return int(self.db.table("datasets").last_pk)  # type: ignore[arg-type]
 
     def datasets(self) -> list[dict[str, Any]]:
         rows = list(self.db.query("SELECT * FROM datasets ORDER BY id"))

@@ -29,9 +29,18 @@ def ring(n: int) -> list[list[int]]:
     return [sorted({(i - 1) % n, (i + 1) % n}) for i in range(n)]
 
 
-def configs(root: Path, n: int, *, strategy: str = "fedavg", rounds: int = 2, deadline: float = 30.0,
-            neighbours: list[list[int]] | None = None, participation: str = "auto",
-            local_steps: int = 3, extra: dict[str, Any] | None = None) -> tuple[list[PeerIdentity], list[PeerConfig]]:
+def configs(
+    root: Path,
+    n: int,
+    *,
+    strategy: str = "fedavg",
+    rounds: int = 2,
+    deadline: float = 30.0,
+    neighbours: list[list[int]] | None = None,
+    participation: str = "auto",
+    local_steps: int = 3,
+    extra: dict[str, Any] | None = None,
+) -> tuple[list[PeerIdentity], list[PeerConfig]]:
     """Identities and configs of ``n`` peers on a ring (or the given graph)."""
     ids = [identity(f"p{i}") for i in range(n)]
     ports = [free_port() for _ in range(n)]
@@ -39,15 +48,23 @@ def configs(root: Path, n: int, *, strategy: str = "fedavg", rounds: int = 2, de
     out = []
     for i in range(n):
         raw: dict[str, Any] = {
-            "federation": "test-fed", "key_file": "peer.key", "listen": f"/ip4/127.0.0.1/tcp/{ports[i]}",
-            "data_dir": str(root / f"p{i}"), "participation": participation,
-            "task": {"name": "catheter", "size": "tiny",
-                     "options": {"silos": n, "silo": i, "seed": 0, **TINY_CATHETER}},
+            "federation": "test-fed",
+            "key_file": "peer.key",
+            "listen": f"/ip4/127.0.0.1/tcp/{ports[i]}",
+            "data_dir": str(root / f"p{i}"),
+            "participation": participation,
+            "task": {
+                "name": "catheter",
+                "size": "tiny",
+                "options": {"silos": n, "silo": i, "seed": 0, **TINY_CATHETER},
+            },
             "strategy": {"name": strategy},
             "rounds": {"count": rounds, "deadline_seconds": deadline, "local_steps": local_steps, "batch_size": 8},
             "control": {"port": 0},
-            "trusted": [{"peer_id": ids[j].peer_id_text, "address": f"/ip4/127.0.0.1/tcp/{ports[j]}",
-                         "name": f"p{j}"} for j in graph[i]],
+            "trusted": [
+                {"peer_id": ids[j].peer_id_text, "address": f"/ip4/127.0.0.1/tcp/{ports[j]}", "name": f"p{j}"}
+                for j in graph[i]
+            ],
         }
         raw.update(extra or {})
         out.append(parse_config(raw, root))

@@ -62,8 +62,9 @@ async def test_untrusted_peer_is_disconnected_and_never_reaches_the_handler() ->
         await stream.close()
 
     with trio.fail_after(30):
-        async with open_mesh(B, LOOPBACK, {A.peer_id_text: "/ip4/127.0.0.1/tcp/1"},
-                             on_refused=lambda p, r: refused.append((p, r))) as b:
+        async with open_mesh(
+            B, LOOPBACK, {A.peer_id_text: "/ip4/127.0.0.1/tcp/1"}, on_refused=lambda p, r: refused.append((p, r))
+        ) as b:
             b.set_handler(handler)
             # Eve trusts B, but B does not trust Eve.
             async with open_mesh(EVE, LOOPBACK, {B.peer_id_text: _addr(b)}) as eve:
@@ -84,8 +85,11 @@ async def test_plaintext_only_dialer_cannot_connect() -> None:
     with trio.fail_after(30):
         async with open_mesh(B, LOOPBACK, {EVE.peer_id_text: "/ip4/127.0.0.1/tcp/1"}) as b:
             b.set_handler(_echo_upper)
-            plain = new_host(key_pair=EVE.key_pair, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(EVE.key_pair)},
-                             muxer_preference="YAMUX")
+            plain = new_host(
+                key_pair=EVE.key_pair,
+                sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(EVE.key_pair)},
+                muxer_preference="YAMUX",
+            )
             async with plain.run([multiaddr.Multiaddr(LOOPBACK)]):
                 info = info_from_p2p_addr(multiaddr.Multiaddr(f"{_addr(b)}/p2p/{B.peer_id_text}"))
                 with pytest.raises(Exception):  # noqa: B017 - any failure: no common security protocol

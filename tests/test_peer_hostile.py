@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 import trio
+from peerkit import configs
 
 from silomesh.peer.daemon import Peer
 from silomesh.peer.mesh import FramedStream, StreamClosed, open_mesh
 from silomesh.protocol import NEED_DATA, Ack, Hello, Identity, OpenedEnvelope, Role, Session, Update, state_digest
-
-from peerkit import configs
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +32,20 @@ class Neighbour:
 
     async def hello(self, stream: FramedStream) -> Session:
         session = Session(Role.DIALER, identity=self.crypto, peer=self.victim_key, federation=self.federation)
-        sealed = session.send(Hello(federation=self.federation, sender=self.crypto.public_key,
-                                    recipient=self.victim_key, round=0, sequence=self.seq(), agent="test",
-                                    model="", state_digest=None, codecs=("float32",), max_frame_size=1 << 30))
+        sealed = session.send(
+            Hello(
+                federation=self.federation,
+                sender=self.crypto.public_key,
+                recipient=self.victim_key,
+                round=0,
+                sequence=self.seq(),
+                agent="test",
+                model="",
+                state_digest=None,
+                codecs=("float32",),
+                max_frame_size=1 << 30,
+            )
+        )
         await stream.write(sealed.to_frame())
         assert isinstance(await self.next(session, stream), OpenedEnvelope)
         return session
@@ -46,8 +56,16 @@ class Neighbour:
         return event
 
     def update(self, state: dict[str, np.ndarray]) -> Update:
-        return Update(federation=self.federation, sender=self.crypto.public_key, recipient=self.victim_key,
-                      round=0, sequence=self.seq(), tensors=state, n_samples=4, state_digest=state_digest(state))
+        return Update(
+            federation=self.federation,
+            sender=self.crypto.public_key,
+            recipient=self.victim_key,
+            round=0,
+            sequence=self.seq(),
+            tensors=state,
+            n_samples=4,
+            state_digest=state_digest(state),
+        )
 
 
 async def _refused(stream: FramedStream) -> bool:

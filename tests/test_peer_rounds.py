@@ -8,11 +8,10 @@ from typing import Any
 import pytest
 import torch
 import trio
+from peerkit import configs
 
 from silomesh.peer.audit import verify_chain
 from silomesh.peer.daemon import Peer
-
-from peerkit import configs
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +34,11 @@ async def _run_all(peers: list[Peer], timeout: float = 120) -> dict[str, dict[st
             for p in peers:
                 await p.done.wait()
             for p in peers:
-                seen[p.peer_id] = {"rounds": await p.rounds(), "models": await p.models(),
-                                   "audit": p.audit_log.entries()}
+                seen[p.peer_id] = {
+                    "rounds": await p.rounds(),
+                    "models": await p.models(),
+                    "audit": p.audit_log.entries(),
+                }
             nursery.cancel_scope.cancel()
     return seen
 

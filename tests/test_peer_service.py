@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from peerkit import TINY_CATHETER, free_port
 
 from silomesh.peer.audit import verify_chain
 from silomesh.peer.cli import cli
 from silomesh.peer.identity import load_key_file
-
-from peerkit import TINY_CATHETER, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +55,7 @@ batch_size = 8
 port = {free_port()}
 
 [[trusted]]
-name = "{'ab'[j]}"
+name = "{"ab"[j]}"
 peer_id = "{ids[j]}"
 address = "/ip4/127.0.0.1/tcp/{ports[j]}"
 """)
@@ -66,8 +65,13 @@ address = "/ip4/127.0.0.1/tcp/{ports[j]}"
 
 def _start(config: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "silomesh.peer.cli", "peer", "run", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "silomesh.peer.cli", "peer", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def _done_rounds(config: Path) -> list[int]:
@@ -129,8 +133,12 @@ def test_killed_peer_restarts_resumes_and_sigterm_stops_cleanly(tmp_path: Path) 
 def test_bad_config_is_one_line_error_and_exit_1(tmp_path: Path) -> None:
     config = tmp_path / "peer.toml"
     config.write_text('federation = "x"\nkey_file = "absent.key"\n')
-    proc = subprocess.run([sys.executable, "-m", "silomesh.peer.cli", "peer", "run", "--config", str(config)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "silomesh.peer.cli", "peer", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "absent.key" in proc.stderr and "silomesh keygen" in proc.stderr
     assert "Traceback" not in proc.stderr

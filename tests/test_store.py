@@ -21,7 +21,10 @@ KEY = nacl.signing.SigningKey(b"\x09" * 32)
 
 def _state(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"body.w": rng.standard_normal((4, 3)).astype(np.float32), "head.b": rng.standard_normal(2).astype(np.float32)}
+    return {
+        "body.w": rng.standard_normal((4, 3)).astype(np.float32),
+        "head.b": rng.standard_normal(2).astype(np.float32),
+    }
 
 
 def test_new_store_is_migrated_to_latest_schema_in_wal_mode(tmp_path: Path) -> None:
