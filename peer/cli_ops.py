@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+
 from silomesh.peer.control_client import ControlClient, ControlError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

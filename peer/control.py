@@ -44,13 +44,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
-from silomesh.peer.operator import Operator, OperatorError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from silomesh.peer.operator import Operator, OperatorError
 
 if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own TaskStatus
     from trio_typing import TaskStatus

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+
 from silomesh.peer.config import ConfigError, load_config
 from silomesh.peer.control import TOKEN_FILE_NAME, TokenFileError, read_token_file
 
