@@ -1,0 +1,174 @@
+"""Generic local training and evaluation loops, and checkpoints.
+
+Training is deterministic for a given seed on a given machine: ``torch.manual_seed``
+seeds dropout and friends, a ``numpy`` Generator orders the batches. The number of torch
+threads is left as the caller set it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from silomesh.models.segmentation import model_device
+from silomesh.models.task import ArrayDataset, Task
+
+logger = logging.getLogger(__name__)
+
+
+def batch_stream(data: ArrayDataset, batch_size: int, rng: np.random.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches: one shuffled pass after another."""
+    while True:
+        yield from data.batches(batch_size, rng, shuffle=True)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[[float], None]]:
+    """A rich progress bar on stderr; a no-op callback when disabled."""
+    if not enabled:
+        yield lambda loss: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task_id = bar.add_task(label, total=total, loss=float("nan"))
+        yield lambda loss: bar.update(task_id, advance=1, loss=loss)
+
+
+def train_local(
+    task: Task,
+    model: nn.Module,
+    data: ArrayDataset,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = False,
+    *,
+    weight_decay: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    label: str = "train",
+) -> list[float]:
+    """Train ``model`` on ``data`` with ``task.loss`` for ``steps`` optimiser steps.
+
+    Args:
+        task: defines the loss.
+        model: trained in place (moved nowhere; batches follow the model's device).
+        data: training data; batches cycle through shuffled passes.
+        steps: number of optimiser steps.
+        batch_size: samples per step (the last batch of a pass may be smaller).
+        lr: AdamW learning rate (ignored when ``optimizer`` is given).
+        seed: seeds ``torch`` and the batch order.
+        progress: show a rich progress bar on stderr.
+        weight_decay: AdamW weight decay.
+        optimizer: use this optimiser instead of a fresh AdamW (e.g. to keep its state
+            across federated rounds).
+        label: progress-bar label.
+
+    Returns:
+        The loss of every step.
+
+    Raises:
+        ValueError: for empty data or non-positive batch size.
+        FloatingPointError: if the loss becomes NaN or infinite.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    if batch_size < 1 or steps < 0:
+        raise ValueError(f"need batch_size >= 1 and steps >= 0, got {batch_size} and {steps}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    device = model_device(model)
+    model.train()
+    losses: list[float] = []
+    batches = batch_stream(data, batch_size, rng)
+    with _progress_bar(progress, steps, label) as advance:
+        for step in range(steps):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = task.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            advance(losses[-1])
+    if losses:
+        logger.debug("trained %d steps: loss %.4f -> %.4f", steps, losses[0], losses[-1])
+    return losses
+
+
+def evaluate(task: Task, model: nn.Module, sets: ArrayDataset | Mapping[str, ArrayDataset]) -> dict[str, Any]:
+    """``task.evaluate`` on one dataset, or on each of a named mapping of datasets.
+
+    Returns:
+        The metric dict, or ``{name: metric dict}`` for a mapping.
+    """
+    if isinstance(sets, ArrayDataset):
+        return task.evaluate(model, sets)
+    return {name: task.evaluate(model, data) for name, data in sets.items()}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, task: str, size: str, round: int = 0, **extra: Any) -> None:
+    """Write the state dict as safetensors with the config and round as metadata."""
+    config = getattr(model, "config", None)
+    meta = {
+        "task": task,
+        "size": size,
+        "round": str(round),
+        "model": type(model).__name__,
+        "config": json.dumps(asdict(config) if is_dataclass(config) else {}),  # type: ignore[arg-type]
+        "extra": json.dumps(extra),
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=meta)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`: (state dict, metadata).
+
+    Never unpickles anything (safetensors).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    meta: dict[str, Any] = dict(raw)
+    for key in ("config", "extra"):
+        if key in meta:
+            meta[key] = json.loads(meta[key])
+    if "round" in meta:
+        meta["round"] = int(meta["round"])
+    return load_file(str(path)), meta

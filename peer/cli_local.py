@@ -1,0 +1,169 @@
+"""``silomesh train``: train one silo alone on its own data (the "local only" baseline).
+
+Thin on purpose: the task registry makes the data and model, ``train_local`` trains,
+``task.evaluate`` scores; this module only parses options and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``("image_size=32", "arch=vit")`` -> ``{"image_size": 32, "arch": "vit"}``.
+
+    Values are read as JSON when they parse (numbers, booleans, lists), else as strings.
+    """
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise click.ClickException(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options[key.strip()] = tuple(value) if isinstance(value, list) else value
+    return options
+
+
+def _round(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in metrics.items()}
+
+
+@click.command("train", context_settings=CONTEXT)
+@click.option(
+    "--task",
+    "task_name",
+    required=True,
+    help="Task name: catheter, organs, organs3d, lesion, spect.",
+)
+@click.option("--silos", default=4, show_default=True, help="Silos in the federation layout.")
+@click.option("--silo", "silo_index", default=0, show_default=True, help="Which silo trains (0-based).")
+@click.option("--steps", default=200, show_default=True, help="Optimiser steps.")
+@click.option("--seed", default=0, show_default=True, help="Seed of data, model and batch order.")
+@click.option("--size", default="tiny", show_default=True, help="Model size: tiny, small or base.")
+@click.option("--batch-size", default=16, show_default=True, help="Samples per step.")
+@click.option("--lr", default=3e-3, show_default=True, help="AdamW learning rate.")
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Task configuration, repeatable (e.g. -o image_size=32 -o arch=vit).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def train(
+    task_name: str,
+    silos: int,
+    silo_index: int,
+    steps: int,
+    seed: int,
+    size: str,
+    batch_size: int,
+    lr: float,
+    options: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Train one silo alone on its own data and report its metrics (local-only baseline).
+
+    The task's synthetic federation is generated from the seed; silo SILO trains for
+    STEPS steps and is evaluated on its own test set and on every shared test set (for
+    catheter: one per source, so seen and unseen sources can be compared).
+
+    \b
+    Examples:
+      silomesh train --task catheter --silos 4 --silo 0 --steps 200 --seed 0
+      silomesh train --task lesion --silo 2 --steps 100 --json
+      silomesh train --task catheter -o holdout_source=clinical -o arch=vit --size small
+    """
+    from silomesh.models.registry import TaskUnavailableError, get_task
+    from silomesh.models.train import count_parameters, evaluate, train_local
+
+    if silos < 1 or not 0 <= silo_index < silos:
+        raise click.ClickException(f"--silo must be in 0..{silos - 1}, got {silo_index}")
+    if steps < 0 or batch_size < 1:
+        raise click.ClickException("--steps must be >= 0 and --batch-size >= 1")
+    try:
+        task = get_task(task_name, **_parse_options(options))
+        federation = task.make_federation(silos, seed)
+        model = task.make_model(size, seed)
+    except (ValueError, TypeError, TaskUnavailableError) as exc:
+        raise click.ClickException(str(exc)) from None
+    silo = federation.silos[silo_index]
+    started = time.perf_counter()
+    try:
+        losses = train_local(
+            task, model, silo.train, steps, batch_size, lr, seed,
+            progress=not as_json, label=f"{task_name} {silo.name}",
+        )  # fmt: skip
+    except FloatingPointError as exc:
+        raise click.ClickException(f"training diverged: {exc}; try a lower --lr") from None
+    seconds = time.perf_counter() - started
+    results = evaluate(task, model, {"own": silo.test, **federation.tests})
+    report = {
+        "task": task_name,
+        "silo": silo.name,
+        "silos": silos,
+        "steps": steps,
+        "seed": seed,
+        "size": size,
+        "parameters": count_parameters(model),
+        "train_samples": len(silo.train),
+        "label_kind": silo.train.label_kind,
+        "info": silo.info,
+        "train_seconds": round(seconds, 2),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "metric": task.metric,
+        "results": {name: _round(m) for name, m in results.items()},
+    }
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+        return
+    _print_table(report)
+
+
+def _table_columns(results: dict[str, dict[str, float]], metric: str) -> list[tuple[str, str]]:
+    """(key, header) pairs: the headline metric, its per-class values, then other means.
+
+    Per-class values of secondary metrics (``iou_liver``...) stay in ``--json`` only, so
+    the table fits a terminal.
+    """
+    keys = list(dict.fromkeys(k for m in results.values() for k in m))  # first-seen order
+    per_class = [k for k in keys if k.startswith(f"{metric}_")]
+    others = [k for k in keys if k != metric and "_" not in k]
+    columns = [(metric, metric)] if metric in keys else []
+    columns += [(k, k.removeprefix(f"{metric}_")) for k in per_class]
+    return columns + [(k, k) for k in others]
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    results: dict[str, dict[str, float]] = report["results"]
+    table = Table(
+        title=(
+            f"{report['task']} · {report['silo']} alone · {report['steps']} steps · "
+            f"{report['parameters']:,} params · {report['train_seconds']:.1f} s"
+        )
+    )
+    table.add_column("test set", no_wrap=True)
+    columns = _table_columns(results, report["metric"])
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    for name, metrics in results.items():
+        table.add_row(name, *(f"{metrics[k]:.3f}" if k in metrics else "" for k, _ in columns))
+    console = Console()
+    console.print(table)
+    info = ", ".join(f"{k}={v}" for k, v in report["info"].items() if not isinstance(v, dict))
+    if info:
+        console.print(f"[dim]{report['silo']}: {info}[/dim]")
