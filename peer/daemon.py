@@ -208,6 +208,7 @@ class Peer:
             size=rec.size,
             envelope_sig=rec.envelope_sig,
             reason=rec.reason,
+            envelope_header=rec.envelope_header,
         )
         if rec.direction == "refused":
             self.store.count_refused(rec.peer)

@@ -46,6 +46,7 @@ class AuditRecord:
     size: int
     envelope_sig: str
     reason: str = ""
+    envelope_header: bytes | None = None  # the exact signed header bytes (routing fields, digests)
 
 
 AuditSink = Callable[[AuditRecord], None]
@@ -90,6 +91,7 @@ class Wire:
                 header.payload_digest.hex(),
                 sealed.size,
                 sealed.signature.hex(),
+                envelope_header=sealed.header_bytes,
             )
         )
         return sealed
@@ -140,6 +142,7 @@ class Wire:
                     header.payload_digest.hex(),
                     event.size,
                     event.signature.hex(),
+                    envelope_header=event.header_bytes,
                 )
             )
             return event

@@ -124,8 +124,18 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Audit: each envelope's signed header (to re-verify its signature) and signed tree heads."""
+    db.table("audit").add_column("envelope_header", str)
+    db.table("checkpoints").create(
+        {"size": int, "root_hash": str, "at_ms": int, "peer_id": str, "signature": str},
+        pk="size",
+        not_null={"root_hash", "at_ms", "peer_id", "signature"},
+    )
+
+
 #: migrations in order; index i upgrades from user_version i to i + 1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
 
 @dataclass(frozen=True)
@@ -369,10 +379,10 @@ class Store:
     def register_dataset(self, path: str, manifest: Mapping[str, Any]) -> int:
         with self.atomic():
             self.db.execute("UPDATE datasets SET active = 0")
-            self.db.table("datasets").insert(
+            table = self.db.table("datasets").insert(
                 {"path": path, "manifest": json.dumps(dict(manifest)), "registered_at": time.time(), "active": 1}
             )
-            return int(self.db.table("datasets").last_pk)  # type: ignore[arg-type]
+            return int(table.last_pk)  # type: ignore[arg-type]  # insert() returns the table holding it
 
     def datasets(self) -> list[dict[str, Any]]:
         rows = list(self.db.query("SELECT * FROM datasets ORDER BY id"))
