@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from silomesh.peer import cli_ops
+from silomesh.peer.audit_cli import audit
 from silomesh.peer.cli_local import train
 from silomesh.peer.identity import KEY_FILE_NAME, IdentityError, write_key_file
 
@@ -23,12 +24,6 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 #: command groups of the design that are not available yet, with what they will do
 _PLANNED: dict[str, dict[str, str]] = {
     "simnet": {"run": "Start N real peers on 127.0.0.1 and run federated rounds."},
-    "audit": {
-        "verify": "Verify a peer's hash-chained, signed exchange log.",
-        "show": "Show a log's entries as a table.",
-        "export": "Export a log as JSONL or CSV.",
-        "reconcile": "Match sends against receives across several peers' logs.",
-    },
 }
 
 
@@ -180,6 +175,8 @@ def bench(name: str | None, args: tuple[str, ...]) -> None:
     if code:
         sys.exit(code)
 
+
+cli.add_command(audit)
 
 _peer_group = cli.commands["peer"]
 assert isinstance(_peer_group, click.Group)

@@ -366,6 +366,7 @@ async def commit_round(
                 skipped=[{"peer": p, "reason": r} for p, r in report["skipped"].items()],
                 bytes_sent=report["bytes_sent"],
             )
+            peer.audit_log.checkpoint()  # signed tree head over the audit log, with the round
     log.info(
         "%s round %d done: %s=%.4f, %d contributors, %d skipped",
         peer.peer_id[-8:],

@@ -38,7 +38,7 @@ def test_every_command_has_help_text(path: tuple[str, ...]) -> None:
 
 
 def test_command_not_available_yet_says_so_and_exits_2() -> None:
-    result = CliRunner().invoke(cli, ["audit", "verify", "some.log"])
+    result = CliRunner().invoke(cli, ["simnet", "run"])
     assert result.exit_code == 2
     assert "not available in this version" in result.output
     assert "Traceback" not in result.output

@@ -1,0 +1,176 @@
+"""Reconciliation: every send in one peer's audit log should be a receive in the recipient's.
+
+After an incident an auditor collects the logs of the peers involved; :func:`reconcile`
+pairs each recorded send with the recipient's recorded receive of the same envelope and
+reports what does not pair up. The matching rules are specified in docs/AUDIT.md.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from silomesh.peer.audit import AuditError, LoadedLog, writer_key
+from silomesh.peer.audit_verify import parse_envelope_header
+from silomesh.peer.identity import peer_id_from_public_key
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """A send and a receive that do not match.
+
+    ``code``: unmatched-send (recorded sent, never recorded received), unmatched-receive
+    (recorded received, never recorded sent), digest-mismatch, signature-mismatch,
+    record-mismatch (same envelope, other kind/round/size/header recorded).
+    """
+
+    code: str
+    sender: str
+    recipient: str
+    kind: str
+    round: int
+    sender_entry: int | None
+    recipient_entry: int | None
+    detail: str
+
+
+@dataclass
+class ReconcileReport:
+    logs: list[dict[str, Any]]
+    matched: int = 0
+    unchecked_sends: int = 0
+    discrepancies: list[Discrepancy] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.discrepancies
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+def _signed_digest(e: Mapping[str, Any]) -> str | None:
+    header = parse_envelope_header(str(e.get("envelope_header"))) if e.get("envelope_header") else None
+    return header.payload_digest.hex() if header is not None else None
+
+
+def _compare(s: Mapping[str, Any], r: Mapping[str, Any]) -> tuple[str, str] | None:
+    if s.get("payload_digest") != r.get("payload_digest"):
+        signed = _signed_digest(s) or _signed_digest(r)
+        detail = f"sender recorded {s.get('payload_digest')}, receiver recorded {r.get('payload_digest')}"
+        if signed is not None:
+            liar = [n for n, x in (("sender", s), ("receiver", r)) if x.get("payload_digest") != signed]
+            detail += f"; the sender-signed header says {signed}: the {' and '.join(liar)}'s record is wrong"
+        return "digest-mismatch", detail
+    other = [f for f in ("kind", "round", "size", "envelope_header") if s.get(f) != r.get(f)]
+    if other:
+        return "record-mismatch", f"same envelope, different {', '.join(other)} recorded"
+    return None
+
+
+def reconcile(logs: Sequence[LoadedLog]) -> ReconcileReport:
+    """Match every send between the given logs' writers against the receiver's receive.
+
+    A send and a receive match when they are between the same two peers and carry the
+    same envelope signature; a pair that shares kind, round and payload digest but not
+    the signature is a signature mismatch. Sends to peers whose log is not given are
+    counted as unchecked.
+
+    Raises:
+        AuditError: if a log does not say who wrote it, or two logs have the same writer.
+    """
+    writers: dict[str, LoadedLog] = {}
+    for log in logs:
+        key = writer_key(log)
+        if key is None:
+            raise AuditError(f"{log.source} does not record who wrote it; cannot reconcile it")
+        peer_id = peer_id_from_public_key(key)
+        if peer_id in writers:
+            raise AuditError(f"{log.source} and {writers[peer_id].source} were both written by {peer_id}")
+        writers[peer_id] = log
+    report = ReconcileReport(
+        [{"source": lg.source, "peer_id": p, "entries": len(lg.entries)} for p, lg in writers.items()]
+    )
+    sends: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    receives: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for peer_id, log in writers.items():
+        for e in log.entries:
+            if e.get("direction") == "sent" and e.get("envelope_sig"):
+                if e.get("peer") in writers:
+                    sends[(peer_id, str(e["peer"]))].append(e)
+                else:
+                    report.unchecked_sends += 1
+            elif e.get("direction") == "received" and e.get("peer") in writers and e.get("envelope_sig"):
+                receives[(str(e["peer"]), peer_id)].append(e)
+    out = report.discrepancies
+    for pair in sorted(set(sends) | set(receives)):
+        sender, recipient = pair
+        by_sig: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in receives.get(pair, []):
+            by_sig[str(r["envelope_sig"])].append(r)
+        pending = []
+        for s in sends.get(pair, []):
+            candidates = by_sig.get(str(s["envelope_sig"]))
+            if not candidates:
+                pending.append(s)
+                continue
+            r = candidates.pop(0)
+            report.matched += 1
+            diff = _compare(s, r)
+            if diff is not None:
+                out.append(
+                    Discrepancy(
+                        diff[0], sender, recipient, str(s["kind"]), int(s["round"]), s["seq"], r["seq"], diff[1]
+                    )
+                )
+        left = [r for rs in by_sig.values() for r in rs]
+        for s in pending:
+            same = [
+                r
+                for r in left
+                if (r["kind"], r["round"], r["payload_digest"]) == (s["kind"], s["round"], s["payload_digest"])
+            ]
+            if same:
+                r = same[0]
+                left.remove(r)
+                out.append(
+                    Discrepancy(
+                        "signature-mismatch",
+                        sender,
+                        recipient,
+                        str(s["kind"]),
+                        int(s["round"]),
+                        s["seq"],
+                        r["seq"],
+                        "same kind, round and digest but a different envelope signature recorded",
+                    )
+                )
+            else:
+                out.append(
+                    Discrepancy(
+                        "unmatched-send",
+                        sender,
+                        recipient,
+                        str(s["kind"]),
+                        int(s["round"]),
+                        s["seq"],
+                        None,
+                        f"sent (digest {s['payload_digest']}) but not recorded as received",
+                    )
+                )
+        for r in sorted(left, key=lambda x: x["seq"]):
+            out.append(
+                Discrepancy(
+                    "unmatched-receive",
+                    sender,
+                    recipient,
+                    str(r["kind"]),
+                    int(r["round"]),
+                    None,
+                    r["seq"],
+                    f"received (digest {r['payload_digest']}) but not recorded as sent",
+                )
+            )
+    return report
