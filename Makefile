@@ -1,5 +1,5 @@
 # silomesh: one command to set up and run the demo, one to set up and run the tests.
-#   make demo   # creates .venv, installs silomesh, runs the small default job
+#   make demo   # creates .venv, installs silomesh, runs a small simnet (4 real peers)
 #   make test   # creates .venv, installs silomesh with dev tools, runs the whole suite
 # Prerequisites (Debian/Ubuntu): see README.md.
 
@@ -7,7 +7,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-OUT ?= runs/demo
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test lint bench clean
@@ -21,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/silomesh train --task catheter --silos 4 --silo 0 --steps 150 --seed 0
+	$(BIN)/silomesh simnet run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

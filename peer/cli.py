@@ -2,7 +2,6 @@
 
 Commands are thin: the library does the work and errors become one clear line with a
 non-zero exit code (``click.ClickException``), never a traceback for a user mistake.
-Command groups whose capability has not landed yet say so and exit with status 2.
 """
 
 from __future__ import annotations
@@ -18,35 +17,9 @@ from silomesh.peer import cli_ops
 from silomesh.peer.audit_cli import audit
 from silomesh.peer.cli_local import train
 from silomesh.peer.identity import KEY_FILE_NAME, IdentityError, write_key_file
+from silomesh.simnet.cli import simnet
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-#: command groups of the design that are not available yet, with what they will do
-_PLANNED: dict[str, dict[str, str]] = {
-    "simnet": {"run": "Start N real peers on 127.0.0.1 and run federated rounds."},
-}
-
-
-class NotAvailableYet(click.ClickException):
-    """A command of the design whose implementation has not landed in this version."""
-
-    exit_code = 2
-
-
-def _planned_command(group: str, name: str, help_text: str) -> click.Command:
-    full = f"silomesh {group} {name}".strip()
-
-    @click.command(
-        name=name or group,
-        help=f"{help_text}\n\nNot available in this version of silomesh yet.",
-        context_settings={**CONTEXT, "ignore_unknown_options": True},
-    )
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args: tuple[str, ...]) -> None:
-        raise NotAvailableYet(f"'{full}' is not available in this version of silomesh yet")
-
-    return command
-
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="silomesh")
@@ -102,16 +75,6 @@ def keygen(out_dir: Path, as_json: bool) -> None:
     else:
         for key, value in info.items():
             click.echo(f"{key:<11} {value}")
-
-
-for _group, _commands in _PLANNED.items():
-    if "" in _commands:
-        cli.add_command(_planned_command(_group, "", _commands[""]))
-        continue
-    _grp = click.Group(name=_group, help=f"{_group} commands.", context_settings=CONTEXT)
-    for _name, _help in _commands.items():
-        _grp.add_command(_planned_command(_group, _name, _help))
-    cli.add_command(_grp)
 
 
 cli_ops.register(cli)
@@ -177,6 +140,7 @@ def bench(name: str | None, args: tuple[str, ...]) -> None:
 
 
 cli.add_command(audit)
+cli.add_command(simnet)
 
 _peer_group = cli.commands["peer"]
 assert isinstance(_peer_group, click.Group)

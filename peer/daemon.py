@@ -116,6 +116,10 @@ class Consent:
         return list(self.store.db.query("SELECT * FROM approvals ORDER BY id"))
 
 
+#: ``[task.options]`` keys that pick this peer's synthetic silo rather than configure the task
+SILO_OPTIONS = ("silos", "silo", "seed")
+
+
 def load_silo(config: PeerConfig) -> Silo:
     """This peer's data: a registered folder, or a seeded synthetic silo (simnet, demos).
 
@@ -158,7 +162,11 @@ class Peer:
         self.identity = identity or load_key_file(config.key_file)
         self.crypto = Identity.from_seed(self.identity.seed)
         self.peer_id = self.identity.peer_id_text
-        self.task = get_task(config.task.name)
+        task_options = {k: v for k, v in config.task.options.items() if k not in SILO_OPTIONS}
+        try:
+            self.task = get_task(config.task.name, **task_options)
+        except (ValueError, TypeError) as exc:
+            raise OperatorError(f"task: {exc}") from None
         try:
             self.strategy = get_strategy(config.strategy.name, config.strategy.params)
         except ValueError as exc:

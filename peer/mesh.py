@@ -230,7 +230,7 @@ class Mesh:
         await self.pubsub.publish(topic, data)
 
     async def subscribe(self, topic: str) -> AsyncIterator[tuple[str, bytes]]:
-        """Yield (sender PeerID, data) of messages on ``topic`` from trusted peers only."""
+        """Yield (sender PeerID, data) of messages on ``topic`` from trusted peers; others are ignored."""
         subscription = await self.pubsub.subscribe(topic)
         while True:
             message = await subscription.get()
@@ -238,7 +238,9 @@ class Mesh:
             if sender == self.peer_id:
                 continue
             if sender not in self.trusted:
-                self.notify_refused(sender, "untrusted-announce")
+                # GossipSub relays announces of the whole federation; a peer acts only on
+                # its own neighbours' (unknown senders cannot connect to us at all).
+                log.debug("ignored announce relayed from non-neighbour %s", sender)
                 continue
             yield sender, bytes(message.data)
 

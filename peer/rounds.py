@@ -76,7 +76,14 @@ async def connect_loop(peer: Peer) -> None:
 async def _open_wire(peer: Peer, neighbour: str) -> Wire:
     if not await peer.mesh.connect(neighbour, timeout=5.0):
         raise ConversationError(f"{neighbour} unreachable")
-    stream = await peer.mesh.open_stream(neighbour)
+    try:
+        stream = await peer.mesh.open_stream(neighbour)
+    except StreamClosed:
+        # The connection may have died without libp2p telling us: redial once.
+        peer.mesh.connected.discard(neighbour)
+        if not await peer.mesh.connect(neighbour, timeout=5.0):
+            raise ConversationError(f"{neighbour} unreachable") from None
+        stream = await peer.mesh.open_stream(neighbour)
     wire = Wire(new_session(peer, Role.DIALER, neighbour), stream, peer.record)
     await wire.send(hello(peer, peer.public_key_of(neighbour)))
     if await wire.receive() is None:

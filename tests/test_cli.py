@@ -37,10 +37,10 @@ def test_every_command_has_help_text(path: tuple[str, ...]) -> None:
     assert (command.help or "").strip(), f"'silomesh {' '.join(path)}' has no help text"
 
 
-def test_command_not_available_yet_says_so_and_exits_2() -> None:
-    result = CliRunner().invoke(cli, ["simnet", "run"])
-    assert result.exit_code == 2
-    assert "not available in this version" in result.output
+def test_user_mistake_is_one_line_error_without_traceback() -> None:
+    result = CliRunner().invoke(cli, ["simnet", "run", "--peers", "1"])
+    assert result.exit_code != 0
+    assert "Error" in result.output
     assert "Traceback" not in result.output
 
 

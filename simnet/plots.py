@@ -1,0 +1,112 @@
+"""PNG plots of a run (matplotlib, Agg backend): metric and bytes per round, the graph.
+
+The topology is drawn on a circle (peer 0 at the top, clockwise), nodes coloured by
+their final metric; crashed peers get a red outline, byzantine peers a square marker.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from silomesh.simnet.plan import Plan
+
+
+def write_plots(plan: Plan, report: dict[str, Any], out: Path) -> list[Path]:
+    """Write ``metric_per_round.png``, ``bytes_per_round.png`` and ``topology.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [_metric_plot(plt, report, out / "metric_per_round.png"),
+             _bytes_plot(plt, report, out / "bytes_per_round.png"),
+             _topology_plot(plt, plan, report, out / "topology.png")]
+    return paths
+
+
+def _metric_plot(plt: Any, report: dict[str, Any], path: Path) -> Path:
+    metric = report["metric"]
+    history = report["history"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    names = [p["name"] for p in report["peers_detail"]]
+    for name in names:
+        pts = [(h["round"], h["metric_per_peer"][name]) for h in history if name in h["metric_per_peer"]]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, color="0.6", lw=0.8, alpha=0.7, marker="." if len(names) <= 16 else None)
+    mean = [(h["round"], h["metric_mean"]) for h in history if h["metric_mean"] is not None]
+    if mean:
+        xs, ys = zip(*mean, strict=True)
+        ax.plot(xs, ys, color="C0", lw=2.5, marker="o", label="federated mean")
+    local = report["final"].get("local_only_history")
+    if local:
+        ax.plot([h["round"] for h in local], [h["mean"] for h in local], color="C3", lw=2, ls="--",
+                marker="s", label="local-only mean")
+    ax.plot([], [], color="0.6", lw=0.8, label="each peer")
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{report['strategy']} on {report['task']}, {report['peers']} peers, {report['topology']}")
+    ax.set_xticks([h["round"] for h in history])
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _bytes_plot(plt: Any, report: dict[str, Any], path: Path) -> Path:
+    history = report["history"]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    ax.bar([h["round"] for h in history], [h["bytes"] / 1e6 for h in history], color="C2")
+    ax.set_xlabel("round")
+    ax.set_ylabel("MB sent (all peers)")
+    ax.set_xticks([h["round"] for h in history])
+    ax.set_title(f"bytes per round (total {report['bytes_sent_total'] / 1e6:.2f} MB)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def circle_layout(n: int) -> list[tuple[float, float]]:
+    """Node positions on the unit circle, peer 0 at the top, clockwise."""
+    return [(math.sin(2 * math.pi * i / n), math.cos(2 * math.pi * i / n)) for i in range(n)]
+
+
+def _topology_plot(plt: Any, plan: Plan, report: dict[str, Any], path: Path) -> Path:
+    n = plan.n
+    pos = circle_layout(n)
+    detail = report["peers_detail"]
+    values = [d["final_metric"] for d in detail]
+    known = [v for v in values if v is not None]
+    lo, hi = (min(known), max(known)) if known else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    for a, b in plan.topology["edges"]:
+        ax.plot([pos[a][0], pos[b][0]], [pos[a][1], pos[b][1]], color="0.75", lw=0.8, zorder=1)
+    cmap = plt.get_cmap("viridis")
+    size = 420 if n <= 16 else max(60, 420 * 16 // n)
+    for i, d in enumerate(detail):
+        v = values[i]
+        colour = cmap((v - lo) / (hi - lo)) if v is not None else "lightgrey"
+        ax.scatter([pos[i][0]], [pos[i][1]], s=size, c=[colour], marker="s" if d.get("byzantine") else "o",
+                   edgecolors="red" if d.get("crashed") else "black", linewidths=2.0 if d.get("crashed") else 0.6,
+                   zorder=2)
+        if n <= 32:
+            ax.annotate(d["name"], (pos[i][0] * 1.2, pos[i][1] * 1.2), ha="center", va="center", fontsize=8)
+    mappable = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(lo, hi))
+    fig.colorbar(mappable, ax=ax, shrink=0.7, label=f"final {report['metric']}")
+    ax.set_aspect("equal")
+    ax.set_xlim(-1.3, 1.3)
+    ax.set_ylim(-1.3, 1.3)
+    ax.axis("off")
+    ax.set_title(f"topology {report['topology']} (red outline: crashed, square: byzantine)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

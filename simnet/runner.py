@@ -1,0 +1,309 @@
+"""Run one process's share of a simnet: real :class:`~silomesh.peer.daemon.Peer` objects.
+
+Each simulated peer is a *slot*: one trio task in a flat nursery that starts a Peer
+from the peer's own ``peer.toml`` and key file (the production path), and — when the
+fault plan says so — cancels it in the middle of a round (a crash: the peer's scope
+is cancelled, its store closes in the Peer's shielded cleanup) and later starts a new
+Peer with the same config and key, which resumes from its store.
+
+The peers of a process share one compute limiter with one slot per CPU core (each
+Peer's own limiter has one slot): with dozens of peers each training in its own
+thread, the trio thread that runs all their networking was starved of the GIL.
+
+The share ends when every peer of the run has finished (``stop`` says so: the
+coordinator watches all stores) or when its own peers have all returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from silomesh.simnet.faultspec import CrashPlan, IntruderPlan
+from silomesh.simnet.hooks import Counters, SimFaults
+from silomesh.simnet.plan import PeerPlan, Plan
+from silomesh.simnet.scenario import SimnetError
+from silomesh.simnet.stores import committed_counts, committed_rounds
+
+if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own TaskStatus
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+POLL = 0.25
+#: peers of one process that may train or evaluate at the same time (see ShareRunner)
+COMPUTE_SLOTS = max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class CrashEvent:
+    peer: int
+    round: int  # the round the crash was scheduled in
+    phase: str = ""  # what the peer was doing when it was cancelled
+    crashed_at: float = 0.0
+    committed_before: int = 0  # rounds committed when it went down
+    restarted_at: float | None = None
+    resumed_round: int | None = None  # first round of the new incarnation
+    committed_after: int = 0
+
+
+@dataclass
+class SlotState:
+    plan: PeerPlan
+    incarnation: int = 0
+    done: bool = False  # its current incarnation finished all rounds (or it is down for good)
+    returned: bool = False
+    error: str | None = None
+    mesh_stats: dict[str, int] = field(default_factory=lambda: {
+        "refused_connections": 0, "refused_streams": 0, "handler_errors": 0})
+    crash: CrashEvent | None = None
+    faults: SimFaults | None = None
+
+
+class StartBarrier:
+    """Round 0 starts once every share's peers listen (one ready file per share)."""
+
+    def __init__(self, run_dir: Path, shares: int, share: int) -> None:
+        self.files = [run_dir / f"ready-{s}" for s in range(shares)]
+        self.mine = self.files[share]
+        self.released_at: float | None = None
+
+    def arrive(self) -> None:
+        self.mine.write_text(str(time.time()))
+
+    async def wait(self) -> None:
+        while self.released_at is None:
+            if all(f.exists() for f in self.files):
+                self.released_at = time.time()
+                break
+            await trio.sleep(0.05)
+
+
+class ShareRunner:
+    """Runs the peers of ``plan`` whose ``share`` is ``share`` (plus intruders on share 0)."""
+
+    def __init__(self, plan: Plan, share: int, *, stop: Callable[[], bool] | None = None) -> None:
+        self.plan = plan
+        self.share = share
+        self.stop = stop or (lambda: False)
+        self.slots = {p.index: SlotState(p) for p in plan.peers if p.share == share}
+        self.counters: Counters = Counters()
+        self.index_of = {p.peer_id: p.index for p in plan.peers}
+        self.barrier = StartBarrier(plan.run_dir, plan.shares, share)
+        self.intruders: list[dict[str, Any]] = []
+        self.started_at = time.time()
+        self.finished_at = 0.0
+        self.compute: trio.CapacityLimiter | None = None
+
+    # -- whole share -----------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.compute = trio.CapacityLimiter(COMPUTE_SLOTS)
+        try:
+            await trio.to_thread.run_sync(self._warm_data)
+        except (ValueError, TypeError) as exc:  # bad task options: every peer would fail alike
+            raise SimnetError(f"task {self.plan.scenario['task']}: cannot generate its data: {exc}") from None
+        async with trio.open_nursery() as nursery:
+            for index in self.slots:
+                await nursery.start(self._slot, index)
+            self.barrier.arrive()
+            task_status.started()
+            if self.share == 0 and self.plan.faults.intruders:
+                nursery.start_soon(self._intruders)
+            nursery.start_soon(self._watch, nursery.cancel_scope)
+        self.finished_at = time.time()
+
+    def _warm_data(self) -> None:
+        """Generate the synthetic federation once per process (peers then hit the cache)."""
+        from silomesh.peer.learner import synthetic_silo
+
+        sc = self.plan.scenario
+        options = dict(sc["task_options"])
+        synthetic_silo(sc["task"], self.plan.n, 0, int(sc["seed"]), **options)
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        own_done_only = self.plan.shares == 1
+        while True:
+            await trio.sleep(POLL)
+            if self.stop():
+                break
+            if all(s.returned for s in self.slots.values()):
+                break
+            if own_done_only and all(s.done for s in self.slots.values()):
+                break
+        scope.cancel()
+
+    async def _intruders(self) -> None:
+        from silomesh.simnet.intruder import run_intruder
+
+        await self.barrier.wait()
+        peers = self.plan.peers
+        seed = int(self.plan.scenario["seed"])
+
+        async def one(ip: IntruderPlan) -> None:
+            targets = {peers[i].peer_id: f"/ip4/127.0.0.1/tcp/{peers[i].port}" for i in ip.targets}
+            try:
+                report = await run_intruder(ip, targets, self.plan.federation, seed)
+                self.intruders.append({**asdict(report), "targets": [peers[i].name for i in ip.targets]})
+            except Exception as exc:  # noqa: BLE001 - a broken intruder must not stop the run
+                log.exception("intruder %d failed", ip.index)
+                self.intruders.append({"index": ip.index, "error": repr(exc)})
+
+        async with trio.open_nursery() as nursery:
+            for ip in self.plan.faults.intruders:
+                nursery.start_soon(one, ip)
+
+    # -- one simulated peer ----------------------------------------------------------
+
+    async def _slot(self, index: int, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from silomesh.peer.config import load_config
+        from silomesh.peer.daemon import Peer
+
+        slot = self.slots[index]
+        pp = slot.plan
+        crash_plan = self.plan.faults.crash_of(index)
+        started = False
+        while True:
+            crash_due = trio.Event()
+            faults = SimFaults(index, slot.incarnation, self.plan.faults, self.index_of, self.counters,
+                               int(self.plan.scenario["seed"]), wait_start=self.barrier.wait,
+                               on_crash_due=lambda _r, ev=crash_due: ev.set())
+            slot.faults = faults
+            try:
+                peer = Peer(load_config(Path(pp.config_path)), faults=faults, serve_control_api=False)
+                if self.compute is not None:
+                    peer.compute = self.compute
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot start is reported
+                self._failed(slot, exc)
+                if not started:
+                    task_status.started()
+                return
+            try:
+                with trio.CancelScope() as scope:
+                    async with trio.open_nursery() as inner:
+                        await inner.start(self._run_peer, peer, slot, inner.cancel_scope)
+                        if not started:
+                            started = True
+                            task_status.started()
+                        if crash_plan is not None and slot.incarnation == 0 and slot.error is None:
+                            inner.start_soon(self._crash_timer, crash_due, crash_plan, scope, peer, slot)
+            finally:
+                self._add_mesh_stats(slot, peer)
+            if not (slot.crash is not None and slot.incarnation == 0 and scope.cancelled_caught):
+                slot.returned = slot.done = True
+                return
+            assert crash_plan is not None
+            slot.crash.committed_before = committed_rounds(pp.store_path)
+            self.counters["crashes"] += 1
+            log.info("%s crashed in %s; %d rounds committed", pp.name, slot.crash.phase,
+                     slot.crash.committed_before)
+            if crash_plan.restart is None:
+                slot.done = slot.returned = True
+                return
+            await self._wait_restart(index, crash_plan)
+            slot.incarnation += 1
+            slot.crash.restarted_at = time.time()
+            self.counters["restarts"] += 1
+            log.info("%s restarts", pp.name)
+
+    @staticmethod
+    def _failed(slot: SlotState, exc: BaseException) -> None:
+        slot.error = f"{type(exc).__name__}: {exc}"
+        slot.done = slot.returned = True
+        log.error("%s failed: %s", slot.plan.name, slot.error, exc_info=exc)
+
+    async def _run_peer(self, peer: Any, slot: SlotState, done_scope: trio.CancelScope, *,
+                        task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run one incarnation; errors are recorded, never propagated to the other peers."""
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(peer.run)
+                started = True
+                task_status.started()
+                await peer.done.wait()
+                slot.done = True
+        except Exception as exc:  # noqa: BLE001 - one broken peer must not end the run
+            self._failed(slot, exc)
+            if not started:
+                task_status.started()
+        done_scope.cancel()  # peer.run returned (after lingering): stop the crash timer
+
+    async def _crash_timer(self, due: trio.Event, crash: CrashPlan, scope: trio.CancelScope,
+                           peer: Any, slot: SlotState) -> None:
+        await due.wait()
+        await trio.sleep(crash.delay)
+        if peer.done.is_set():  # it finished its rounds before the crash was due: nothing to crash
+            self.counters["crashes_skipped"] += 1
+            return
+        slot.crash = CrashEvent(slot.plan.index, crash.round, phase=f"round {peer.round}: {peer.phase}",
+                                crashed_at=time.time())
+        scope.cancel()
+
+    async def _wait_restart(self, index: int, crash: CrashPlan) -> None:
+        assert crash.restart is not None
+        kind, value = crash.restart
+        if kind == "seconds":
+            await trio.sleep(value)
+            return
+        target = min(crash.round + int(value), self.plan.rounds)
+        others = [p.store_path for p in self.plan.peers
+                  if p.index != index and p.index not in self.plan.faults.never_restarted]
+        if not others:
+            return
+        with trio.move_on_after(self.plan.scenario["deadline"] * (value + 1) + 30):
+            while max(await trio.to_thread.run_sync(committed_counts, others)) < target:
+                await trio.sleep(POLL)
+
+    @staticmethod
+    def _add_mesh_stats(slot: SlotState, peer: Any) -> None:
+        mesh = getattr(peer, "mesh", None)
+        if mesh is None:
+            return
+        for key in slot.mesh_stats:
+            slot.mesh_stats[key] += int(getattr(mesh.stats, key, 0))
+
+    # -- results ---------------------------------------------------------------------
+
+    def _slot_result(self, slot: SlotState) -> dict[str, Any]:
+        crash = None
+        if slot.crash is not None:
+            crash = asdict(slot.crash)
+            if slot.incarnation > 0 and slot.faults is not None:
+                crash["resumed_round"] = slot.faults.first_round
+            crash["committed_after"] = committed_rounds(slot.plan.store_path)
+        return {"error": slot.error, "incarnations": slot.incarnation + 1, "mesh": slot.mesh_stats,
+                "crash": crash}
+
+    def results(self) -> dict[str, Any]:
+        """What this share observed, as JSON-able data (merged by the coordinator)."""
+        return {
+            "share": self.share,
+            "pid": os.getpid(),
+            "peers": sorted(self.slots),
+            "rss_bytes": rss_bytes(),
+            "counters": dict(self.counters),
+            "barrier_released_at": self.barrier.released_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at or time.time(),
+            "slots": {str(i): self._slot_result(s) for i, s in self.slots.items()},
+            "intruders": self.intruders,
+        }
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

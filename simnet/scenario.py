@@ -1,0 +1,218 @@
+"""A simnet scenario: what to run, from defaults, a TOML file and command-line flags.
+
+Scenario files hold the same settings as the flags (flags override the file)::
+
+    # scenario.toml
+    peers = 8
+    topology = "smallworld"       # ring | regular:K | smallworld[:K[:P]] | full | FILE
+    strategy = "fedavg"           # fedavg | fedefm | segviz | fedmix
+    task = "catheter"             # catheter | organs | lesion | spect
+    size = "small"                # model size (tiny | small | ...)
+    rounds = 5
+    seed = 1
+    out = "runs/sw8"
+    compare_local = true
+    procs = 1
+    local_steps = 40
+    deadline = 30.0               # seconds per round before late neighbours are skipped
+    batch_size = 8
+    lr = 0.001
+    faults = "drop=0.05,intruder=1"   # or a table, see below
+
+    [faults]                      # alternative to the string form
+    crash = 0.25
+    restart = "after:1"
+
+    [task_options]                # passed to the task's federation generator
+    image_size = 32
+    n_train = 32
+
+    [strategy_params]             # the [strategy] params of every peer
+    robust = "median"
+
+Relative paths (``out``, a topology FILE) are resolved against the scenario file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from silomesh.simnet.faultspec import FaultSpec, FaultSpecError, parse_faults
+from silomesh.simnet.topology import BUILTIN
+
+#: small data per task so that a simnet of a few peers runs in about a minute on a laptop
+SMALL_TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "catheter": {"image_size": 32, "n_train": 32, "n_test": 16, "n_test_source": 16},
+    "organs": {"image_size": 32, "n_train": 32, "n_test": 16},
+    "lesion": {"image_size": 32, "n_train": 32, "n_test": 16},
+    "spect": {"size": 32, "n_train": 32, "n_silo_test": 16, "n_test": 16},
+}
+MAX_PEERS = 256
+
+
+class ScenarioError(ValueError):
+    """A scenario setting is missing or invalid; the message names it."""
+
+
+class SimnetError(RuntimeError):
+    """The run could not be carried out (no peer could start, a worker failed, ...)."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Everything a simnet run needs (see the module docstring for the meaning of fields)."""
+
+    peers: int = 4
+    topology: str = "ring"
+    strategy: str = "fedavg"
+    task: str = "catheter"
+    size: str = "small"  # "tiny" trains faster but barely learns catheter in 100 steps
+    rounds: int = 3
+    seed: int = 0
+    out: Path | None = None
+    faults: str = "none"
+    compare_local: bool = False
+    procs: int = 1
+    local_steps: int = 40
+    deadline: float = 30.0
+    batch_size: int = 8
+    lr: float = 1e-3
+    timeout: float | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fault_spec(self) -> FaultSpec:
+        return parse_faults(self.faults)
+
+    @property
+    def federation(self) -> str:
+        return f"simnet-{self.seed}"
+
+    @property
+    def effective_task_options(self) -> dict[str, Any]:
+        """The task's small defaults overridden by ``task_options``."""
+        return {**SMALL_TASK_OPTIONS.get(self.task, {}), **self.task_options}
+
+    @property
+    def effective_timeout(self) -> float:
+        """Wall-clock limit of the whole run (rounds plus start-up and restarts)."""
+        if self.timeout is not None:
+            return self.timeout
+        return 120.0 + self.peers * 2.0 + self.rounds * (self.deadline * 2 + 30.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out) if self.out is not None else None
+        d["task_options"] = self.effective_task_options
+        return d
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Scenario)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "peers": (int,), "topology": (str,), "strategy": (str,), "task": (str,), "size": (str,),
+    "rounds": (int,), "seed": (int,), "out": (str, Path), "faults": (str, dict),
+    "compare_local": (bool,),
+    "procs": (int,), "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
+    "lr": (int, float), "timeout": (int, float), "task_options": (dict,), "strategy_params": (dict,),
+}
+
+
+def _faults_from_table(table: dict[str, Any]) -> str:
+    parts = []
+    for key, value in table.items():
+        if isinstance(value, bool):
+            raise ScenarioError(f"faults.{key}: expected a number or string, got a boolean")
+        parts.append(f"{key}={value}")
+    return ",".join(parts) or "none"
+
+
+def load_scenario(path: Path) -> dict[str, Any]:
+    """Read a scenario TOML file into settings (validated by :func:`make_scenario`).
+
+    Raises:
+        ScenarioError: if the file is missing, not TOML, or names an unknown setting.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file") from None
+    except OSError as exc:
+        raise ScenarioError(f"{path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    if isinstance(data.get("simnet"), dict) and len(data) == 1:
+        data = data["simnet"]  # a [simnet] table is accepted too
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ScenarioError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(FIELDS))})")
+    base = path.parent
+    if isinstance(data.get("out"), str) and not Path(data["out"]).is_absolute():
+        data["out"] = str(base / data["out"])
+    topo = data.get("topology")
+    if isinstance(topo, str) and topo.partition(":")[0] not in BUILTIN and not Path(topo).is_absolute():
+        data["topology"] = str(base / topo)
+    return data
+
+
+def make_scenario(*layers: dict[str, Any]) -> Scenario:
+    """Merge settings (later layers win; ``None`` values are ignored) and validate them.
+
+    Raises:
+        ScenarioError: naming the first invalid setting.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if value is None:
+                continue
+            if key not in FIELDS:
+                raise ScenarioError(f"unknown setting {key!r}")
+            if key in ("task_options", "strategy_params") and key in merged:
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    for key, value in merged.items():
+        kinds = _TYPES[key]
+        if isinstance(value, bool) and bool not in kinds:
+            raise ScenarioError(f"{key}: expected {kinds[0].__name__}, got a boolean")
+        if not isinstance(value, kinds):
+            raise ScenarioError(f"{key}: expected {kinds[0].__name__}, got {type(value).__name__} {value!r}")
+    if isinstance(merged.get("faults"), dict):
+        merged["faults"] = _faults_from_table(merged["faults"])
+    if "out" in merged:
+        merged["out"] = Path(merged["out"])
+    for key in ("deadline", "lr", "timeout"):
+        if key in merged:
+            merged[key] = float(merged[key])
+    s = Scenario(**merged)
+    if not 1 <= s.peers <= MAX_PEERS:
+        raise ScenarioError(f"peers: must be between 1 and {MAX_PEERS}, got {s.peers}")
+    if s.rounds < 1:
+        raise ScenarioError(f"rounds: must be >= 1, got {s.rounds}")
+    if not 1 <= s.procs <= s.peers:
+        raise ScenarioError(f"procs: must be between 1 and the number of peers ({s.peers}), got {s.procs}")
+    for key in ("local_steps", "batch_size"):
+        if getattr(s, key) < 1:
+            raise ScenarioError(f"{key}: must be >= 1, got {getattr(s, key)}")
+    if not s.deadline > 0:
+        raise ScenarioError(f"deadline: must be > 0 seconds, got {s.deadline}")
+    if not s.lr > 0:
+        raise ScenarioError(f"lr: must be > 0, got {s.lr}")
+    if s.timeout is not None and not s.timeout > 0:
+        raise ScenarioError(f"timeout: must be > 0 seconds, got {s.timeout}")
+    try:
+        s.fault_spec  # noqa: B018 - parse to validate
+    except FaultSpecError as exc:
+        raise ScenarioError(str(exc)) from None
+    return s
+
+
+def default_out_dir() -> Path:
+    """``runs/simnet-YYYYmmdd-HHMMSS`` under the current folder."""
+    return Path("runs") / time.strftime("simnet-%Y%m%d-%H%M%S")
