@@ -187,6 +187,7 @@ class Peer:
         self.acked: dict[str, tuple[bytes, dict[str, np.ndarray]]] = {}
         self.received: dict[str, tuple[bytes, dict[str, np.ndarray]]] = {}
         self.unreachable: set[str] = set()
+        self.digest_memo: tuple[dict[str, np.ndarray], bytes] | None = None
         self._sequence = 0
         self.store: Store
         self.audit_log: AuditLog

@@ -88,13 +88,15 @@ def reconstruct(peer: Peer, sender: str, message: Update | TrainRequest) -> dict
         RemoteProtocolError: if the delta does not apply or the result's digest differs.
     """
     tensors = {k: np.array(v) for k, v in message.tensors.items()}  # own copies, writable
-    if message.base_digest is not None:
-        known = peer.received.get(sender)
-        if known is None or known[0] != message.base_digest:
-            return None
-        state = apply_delta(known[1], tensors)
-    else:
-        state = tensors
+    if message.base_digest is None:
+        # A full snapshot is covered by the signed payload digest already; its announced
+        # state digest only names it as the base of the sender's next delta, and that
+        # delta's result is checked below.
+        return tensors
+    known = peer.received.get(sender)
+    if known is None or known[0] != message.base_digest:
+        return None
+    state = apply_delta(known[1], tensors)
     expected = getattr(message, "state_digest", None)
     if expected is not None and state_digest(state) != expected:
         raise RemoteProtocolError(ErrorCode.DIGEST_MISMATCH, "delta does not produce the announced state")

@@ -19,6 +19,7 @@ never blocks the peer; :func:`connect_loop` redials lost neighbours with backoff
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -121,10 +122,27 @@ def _update(
         tensors=tensors,
         base_digest=base_digest,
         n_samples=peer.learner.n_samples,
-        state_digest=state_digest(result),
+        state_digest=_digest(peer, result),
         metrics=metrics,
     )
     return msg, result
+
+
+def _digest(peer: Peer, state: dict[str, np.ndarray]) -> bytes:
+    """``state_digest`` of a round's model, computed once however many neighbours get it."""
+    memo = peer.digest_memo
+    if memo is not None and memo[0] is state:
+        return memo[1]
+    digest = state_digest(state)
+    peer.digest_memo = (state, digest)
+    return digest
+
+
+async def _update_off_thread(peer: Peer, *args: Any, **kwargs: Any) -> tuple[Update, dict[str, np.ndarray]]:
+    """:func:`_update` in a worker thread for large models (delta and digest are O(size))."""
+    if sum(a.nbytes for a in args[2].values()) > (1 << 20):
+        return await trio.to_thread.run_sync(functools.partial(_update, peer, *args, **kwargs))
+    return _update(peer, *args, **kwargs)
 
 
 async def push_update(
@@ -140,11 +158,13 @@ async def push_update(
     wire = await _open_wire(peer, neighbour)
     try:
         recipient = peer.public_key_of(neighbour)
-        msg, result = _update(peer, recipient, round, state, base=peer.acked.get(neighbour), metrics=metrics)
+        msg, result = await _update_off_thread(
+            peer, recipient, round, state, base=peer.acked.get(neighbour), metrics=metrics
+        )
         await wire.send(msg)
         reply = await wire.receive()
         if reply is not None and isinstance(reply.message, NeedBase):
-            msg, result = _update(peer, recipient, round, state, base=None, metrics=metrics)
+            msg, result = await _update_off_thread(peer, recipient, round, state, base=None, metrics=metrics)
             await wire.send(msg)
             reply = await wire.receive()
         if reply is None:

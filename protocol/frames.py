@@ -20,6 +20,9 @@ __all__ = ["CLOSED", "NEED_DATA", "FrameDecoder", "Signal", "encode_frame", "fra
 
 logger = logging.getLogger(__name__)
 
+_INITIAL_BODY = 1 << 16
+"""First allocation for a frame body; it doubles as bytes arrive."""
+
 
 class Signal(enum.Enum):
     """Non-frame results of :meth:`FrameDecoder.next_frame` (and the session)."""
@@ -79,6 +82,7 @@ class FrameDecoder:
         self._prefix = bytearray()
         self._length: int | None = None
         self._body = bytearray()
+        self._filled = 0
         self._frames: deque[bytearray] = deque()
         self._queued = 0
         self._eof = False
@@ -96,7 +100,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes currently held (partial frame plus queued frames)."""
-        return len(self._prefix) + len(self._body) + self._queued
+        return len(self._prefix) + self._filled + self._queued
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the stream; ``b""`` means the stream ended (EOF).
@@ -134,14 +138,25 @@ class FrameDecoder:
                     )
                     break
                 self._length = length
+                self._body = bytearray(min(length, _INITIAL_BODY))
+                self._filled = 0
             else:
-                take = min(self._length - len(self._body), len(view))
-                self._body += view[:take]
+                take = min(self._length - self._filled, len(view))
+                end = self._filled + take
+                if end > len(self._body):
+                    # Grow by doubling (few copies for a large frame) but never past the
+                    # bytes that actually arrived times two, nor past the announced length:
+                    # a length prefix alone cannot make us allocate much.
+                    grown = min(self._length, max(2 * len(self._body), end))
+                    self._body.extend(bytes(grown - len(self._body)))
+                self._body[self._filled : end] = view[:take]
+                self._filled = end
                 view = view[take:]
-            if self._length is not None and len(self._body) == self._length:
+            if self._length is not None and self._filled == self._length:
                 self._queue(self._body)
                 self._prefix = bytearray()
                 self._body = bytearray()
+                self._filled = 0
                 self._length = None
 
     def _queue(self, frame: bytearray) -> None:
@@ -169,7 +184,7 @@ class FrameDecoder:
                 self._error = RemoteProtocolError(
                     ErrorCode.BAD_FRAME,
                     f"stream ended inside a frame ({len(self._prefix)} prefix bytes, "
-                    f"{len(self._body)} of {self._length} body bytes)",
+                    f"{self._filled} of {self._length} body bytes)",
                 )
                 raise self._error
             return CLOSED
