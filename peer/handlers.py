@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
@@ -21,8 +21,10 @@ from silomesh.peer.mesh import FramedStream, announce_topic
 from silomesh.protocol import (
     Ack,
     ErrorCode,
+    ErrorMessage,
     Hello,
     Leaving,
+    Message,
     NeedBase,
     NewData,
     ProtocolError,
@@ -79,6 +81,17 @@ def new_session(peer: Peer, role: Role, remote: str) -> Session:
         expected_shapes=peer.learner.shapes,
         complete=False,
     )
+
+
+def reply_routing(peer: Peer, msg: Message) -> dict[str, Any]:
+    """Routing fields of our reply to ``msg`` (same federation, back to its sender)."""
+    return {
+        "federation": msg.federation,
+        "sender": peer.crypto.public_key,
+        "recipient": msg.sender,
+        "round": max(peer.round, 0),
+        "sequence": peer.next_sequence(),
+    }
 
 
 def reconstruct(peer: Peer, sender: str, message: Update | TrainRequest) -> dict[str, np.ndarray] | None:
@@ -138,17 +151,7 @@ async def serve_stream(peer: Peer, stream: FramedStream) -> None:
 async def _on_update(peer: Peer, wire: Wire, remote: str, msg: Update) -> None:
     state = reconstruct(peer, remote, msg)
     if state is None:
-        await wire.send(
-            NeedBase(
-                federation=msg.federation,
-                sender=peer.crypto.public_key,
-                recipient=msg.sender,
-                round=max(peer.round, 0),
-                sequence=peer.next_sequence(),
-                unknown_base=msg.base_digest,
-                reply_to=msg.sequence,
-            )
-        )
+        await wire.send(NeedBase(**reply_routing(peer, msg), unknown_base=msg.base_digest, reply_to=msg.sequence))
         return
     digest = msg.state_digest or state_digest(state)
     peer.received[remote] = (digest, state)
@@ -160,32 +163,14 @@ async def _on_update(peer: Peer, wire: Wire, remote: str, msg: Update) -> None:
         note = f"late: round {msg.round} while we are at {peer.round}"
     peer.store.upsert_neighbour(remote, last_seen=time.time())
     await wire.send(
-        Ack(
-            federation=msg.federation,
-            sender=peer.crypto.public_key,
-            recipient=msg.sender,
-            round=max(peer.round, 0),
-            sequence=peer.next_sequence(),
-            reply_to=msg.sequence,
-            note=note,
-        )
+        Ack(**reply_routing(peer, msg), reply_to=msg.sequence, note=note)
     )
 
 
 async def _on_train_request(peer: Peer, wire: Wire, remote: str, msg: TrainRequest) -> None:
     state = reconstruct(peer, remote, msg)
     if state is None:
-        await wire.send(
-            NeedBase(
-                federation=msg.federation,
-                sender=peer.crypto.public_key,
-                recipient=msg.sender,
-                round=max(peer.round, 0),
-                sequence=peer.next_sequence(),
-                unknown_base=msg.base_digest,
-                reply_to=msg.sequence,
-            )
-        )
+        await wire.send(NeedBase(**reply_routing(peer, msg), unknown_base=msg.base_digest, reply_to=msg.sequence))
         return
     if peer.config.participation == "manual":
         name = peer.trusted[remote].name
@@ -193,20 +178,9 @@ async def _on_train_request(peer: Peer, wire: Wire, remote: str, msg: TrainReque
         with trio.move_on_after(peer.config.rounds.deadline_seconds):  # the requester waits no longer
             approved = await peer.consent.wait("train-request", msg.round, remote, f"train {name}'s model")
         if not approved:
-            from silomesh.protocol import ErrorMessage
-
             why = "declined by the operator" if approved is False else "not approved before the round deadline"
             await wire.send(
-                ErrorMessage(
-                    federation=msg.federation,
-                    sender=peer.crypto.public_key,
-                    recipient=msg.sender,
-                    round=max(peer.round, 0),
-                    sequence=peer.next_sequence(),
-                    code=ErrorCode.REFUSED,
-                    message=why,
-                    reply_to=msg.sequence,
-                )
+                ErrorMessage(**reply_routing(peer, msg), code=ErrorCode.REFUSED, message=why, reply_to=msg.sequence)
             )
             return
     steps = peer.config.rounds.local_steps
@@ -214,11 +188,7 @@ async def _on_train_request(peer: Peer, wire: Wire, remote: str, msg: TrainReque
         trained = await trio.to_thread.run_sync(peer.learner.train_copy, state, steps)
     await wire.send(
         TrainResult(
-            federation=msg.federation,
-            sender=peer.crypto.public_key,
-            recipient=msg.sender,
-            round=msg.round,
-            sequence=peer.next_sequence(),
+            **{**reply_routing(peer, msg), "round": msg.round},
             tensors=peer.faults.outgoing_state(peer.peer_id, msg.round, trained.state),
             request_sequence=msg.sequence,
             n_samples=peer.learner.n_samples,
