@@ -40,10 +40,14 @@ from .fedefm import (
 from .fedmix import (
     FedMixConfig,
     FedMixStrategy,
+    PairTrainResult,
     PseudoLabels,
+    cps_targets,
     cross_pseudo_supervision,
     fedmix_weights,
+    make_pseudo_labels,
     pseudo_labels,
+    train_pair,
 )
 from .registry import available_strategies, get_strategy, strategy_from_table
 from .robust import Screened, coordinate_median, screen, trimmed_mean
@@ -64,6 +68,7 @@ __all__ = [
     "FedEFMStrategy",
     "FedMixConfig",
     "FedMixStrategy",
+    "PairTrainResult",
     "PseudoLabels",
     "Screened",
     "SegVizConfig",
@@ -75,6 +80,7 @@ __all__ = [
     "available_strategies",
     "average_states",
     "coordinate_median",
+    "cps_targets",
     "cross_pseudo_supervision",
     "distill",
     "distillation_term",
@@ -83,6 +89,7 @@ __all__ = [
     "finetune_head",
     "get_strategy",
     "global_model",
+    "make_pseudo_labels",
     "metropolis_matrix",
     "metropolis_weights",
     "node_emd",
@@ -92,6 +99,7 @@ __all__ = [
     "screen",
     "similarity_weights",
     "strategy_from_table",
+    "train_pair",
     "train_steps",
     "trimmed_mean",
     "uniform_weights",

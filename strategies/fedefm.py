@@ -106,7 +106,9 @@ class FedEFMConfig(StrategyConfig):
         weight_temperature: temperature of the softmax weighting (cosine EMDs lie in
             ``[0, 2]``; 0.1 makes a 0.1 EMD difference worth a factor e).
         mix: ``theta <- (1 - mix) theta + mix * mean(experts)`` after distillation;
-            ``0`` is the paper's pure distillation, ``0.5`` the authors' code.
+            ``0`` is the paper's pure distillation, ``0.5`` the authors' code; ``0.75``
+            (our default) did best on unseen sources in bench/bench_strategies.py (see
+            docs/STRATEGIES.md, "Measured").
     """
 
     beta: float = 0.5
@@ -121,7 +123,7 @@ class FedEFMConfig(StrategyConfig):
     emd_grid: int = 8
     weighting: str = "softmax"
     weight_temperature: float = 0.1
-    mix: float = 0.5
+    mix: float = 0.75
 
     strategy_name: ClassVar[str] = "fedefm"
 

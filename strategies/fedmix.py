@@ -12,6 +12,9 @@ pixel masks train on pseudo-labels made by the two federated networks:
    (Dice with the box ``>= min_box_dice``, as in the authors' code);
 3. cross pseudo supervision: network A learns from B's pseudo-label and vice versa.
 
+:func:`train_pair` is that local step for a pair of torch networks (the peer's
+``Learner`` calls it each round); pixel-mask silos train both networks on their masks.
+
 Aggregation weights combine data size and training loss (as the authors' released
 notebook computes them, defaults included)::
 
@@ -26,15 +29,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from .base import AggregationResult, Contribution, Strategy, StrategyConfig, check_range
 from .robust import aggregate_contributions
+from .training import Batch, BatchSource, iterate_batches, make_optimizer, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class FedMixConfig(StrategyConfig):
         threshold: probability above which a pixel is foreground (0.5).
         min_box_dice: box silos: minimum Dice between the masked prediction and the box
             (0.5; ``0`` disables the check).
+        pseudo_weight: weight of the pseudo-label term next to the silo's own weak-label
+            loss in the local step (ours: 1.0; ``0`` turns the pseudo-label step off).
     """
 
     lam: float = 10.0
@@ -57,6 +65,7 @@ class FedMixConfig(StrategyConfig):
     tau: float = 0.9
     threshold: float = 0.5
     min_box_dice: float = 0.5
+    pseudo_weight: float = 1.0
 
     strategy_name: ClassVar[str] = "fedmix"
 
@@ -67,6 +76,7 @@ class FedMixConfig(StrategyConfig):
         check_range("tau", self.tau, 0.0, 1.0)
         check_range("threshold", self.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range("min_box_dice", self.min_box_dice, 0.0, 1.0)
+        check_range("pseudo_weight", self.pseudo_weight, 0.0)
 
 
 def fedmix_weights(
@@ -141,6 +151,7 @@ def pseudo_labels(
     tau: float = 0.9,
     threshold: float = 0.5,
     min_box_dice: float = 0.5,
+    drop_contradicting: bool = True,
 ) -> PseudoLabels:
     """Make and select pseudo-labels from two networks' foreground probabilities.
 
@@ -157,6 +168,10 @@ def pseudo_labels(
         threshold: foreground probability threshold.
         min_box_dice: with ``box``, minimum Dice between A's masked prediction and the
             box (0 disables).
+        drop_contradicting: also drop a sample whose weak label says the object is
+            there (a non-empty box, or ``present``) while its pseudo-label is empty:
+            two networks that both miss a lesion agree perfectly (Dice 1) on a label
+            that contradicts the silo's own annotation (ours; on by default).
 
     Raises:
         ValueError: if shapes do not match.
@@ -180,6 +195,14 @@ def pseudo_labels(
     keep = agreement >= tau
     if box_mask is not None and min_box_dice > 0:
         keep &= dice(la, box_mask) >= min_box_dice
+    if drop_contradicting:
+        n = len(la)
+        if box_mask is not None:
+            keep &= ~(box_mask.reshape(n, -1).any(1) & ~la.reshape(n, -1).any(1))
+        if present is not None:
+            p = np.asarray(present, bool)
+            found = la.reshape(p.shape + (-1,)).any(-1)
+            keep &= ~(p & ~found).reshape(n, -1).any(1)
     return PseudoLabels(la, lb, keep, agreement)
 
 
@@ -209,11 +232,206 @@ def cross_pseudo_supervision(
     return ((la + lb) * m).sum() / m.sum().clamp(min=1.0)
 
 
+#: label value the tasks' pixel losses skip (``silomesh.models.segmentation.IGNORE``)
+IGNORE = -1
+
+#: ``loss_terms(model, batch) -> {term: scalar}``, e.g. ``LesionTask.loss_terms``; a batch
+#: may carry ``"pseudo"`` (int64, ``IGNORE`` = no supervision) and must then get a
+#: ``"pseudo"`` term back
+LossTermsFn = Callable[[nn.Module, Batch], Mapping[str, torch.Tensor]]
+#: ``prob(model, images) -> (B, ...)`` foreground probabilities, e.g. ``LesionTask.predict_proba``
+ProbFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def box_masks(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Binary masks ``(N, H, W)`` filling each half-open box ``(y0, x0, y1, x1)``.
+
+    Boxes are rounded outwards and clipped to the image; an all-zero box gives an empty
+    mask (the lesion task's convention for "no lesion").
+    """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    h, w = shape
+    r0, c0 = np.clip(np.floor(b[:, 0]), 0, h), np.clip(np.floor(b[:, 1]), 0, w)
+    r1, c1 = np.clip(np.ceil(b[:, 2]), 0, h), np.clip(np.ceil(b[:, 3]), 0, w)
+    rows, cols = np.arange(h)[None, :], np.arange(w)[None, :]
+    in_rows = (rows >= r0[:, None]) & (rows < r1[:, None])  # (N, H)
+    in_cols = (cols >= c0[:, None]) & (cols < c1[:, None])  # (N, W)
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+def cps_targets(labels: PseudoLabels) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel targets for cross pseudo supervision: ``(target of A, target of B)``.
+
+    A gets B's pseudo-label and B gets A's, as int64 ``{0, 1}``; samples that failed
+    selection are :data:`IGNORE` everywhere, so they add nothing to the loss.
+    """
+    keep = np.asarray(labels.keep, bool)
+    shape = np.shape(labels.labels_a)
+    kept = keep.reshape(keep.shape + (1,) * (len(shape) - 1))
+    for_a = np.where(kept, np.asarray(labels.labels_b, np.int64), IGNORE)
+    for_b = np.where(kept, np.asarray(labels.labels_a, np.int64), IGNORE)
+    return for_a, for_b
+
+
+@dataclass
+class PairTrainResult:
+    """Outcome of :func:`train_pair`.
+
+    Attributes:
+        steps: optimiser steps run (each network takes one per step).
+        mean_loss: mean over steps of the two networks' mean total loss (what the peer
+            reports as its training loss for FedMix's weights).
+        losses: that mean for each step.
+        pseudo_steps: steps that ran the pseudo-label step (weakly labelled batches).
+        samples: weakly labelled samples seen by the pseudo-label step.
+        kept: of those, samples that passed selection.
+        kept_foreground: kept samples whose pseudo-labels hold foreground.
+        agreement: mean Dice agreement between the two networks' masked predictions.
+    """
+
+    steps: int
+    mean_loss: float
+    losses: list[float] = field(default_factory=list)
+    pseudo_steps: int = 0
+    samples: int = 0
+    kept: int = 0
+    kept_foreground: int = 0
+    agreement: float = math.nan
+
+    @property
+    def kept_fraction(self) -> float:
+        """Share of weakly labelled samples kept (NaN if none was seen)."""
+        return self.kept / self.samples if self.samples else math.nan
+
+
+def make_pseudo_labels(
+    teacher_a: nn.Module, teacher_b: nn.Module, batch: Batch, prob: ProbFn,
+    config: FedMixConfig,
+) -> PseudoLabels:
+    """Pseudo-labels of one weakly labelled batch from two networks (eval mode, no grad).
+
+    The batch's ``"box"`` (box silos) restricts the labels to the box, its
+    ``"present"`` zeroes images labelled absent.
+
+    Raises:
+        ValueError: if the batch holds neither ``box`` nor ``present``.
+    """
+    if "box" not in batch and "present" not in batch:
+        raise ValueError("a weakly labelled batch needs 'box' or 'present'")
+    modes = (teacher_a.training, teacher_b.training)
+    teacher_a.eval()
+    teacher_b.eval()
+    try:
+        with torch.no_grad():
+            pa = prob(teacher_a, batch["image"]).float().cpu().numpy()
+            pb = prob(teacher_b, batch["image"]).float().cpu().numpy()
+    finally:
+        teacher_a.train(modes[0])
+        teacher_b.train(modes[1])
+    box = None
+    if "box" in batch:
+        box = box_masks(batch["box"].cpu().numpy(), pa.shape[-2:])
+        box = box.reshape(box.shape[:1] + (1,) * (pa.ndim - 3) + box.shape[1:])
+    present = batch["present"].cpu().numpy() > 0.5 if "present" in batch else None
+    return pseudo_labels(pa, pb, box, present, tau=config.tau, threshold=config.threshold,
+                         min_box_dice=config.min_box_dice)
+
+
+def _total(terms: Mapping[str, torch.Tensor], pseudo_weight: float) -> torch.Tensor:
+    weak = [v for k, v in terms.items() if k != "pseudo"]
+    total = torch.stack(weak).sum() if weak else torch.zeros(())
+    if "pseudo" in terms:
+        total = total + pseudo_weight * terms["pseudo"]
+    return total
+
+
+def train_pair(
+    net_a: nn.Module,
+    net_b: nn.Module,
+    batches: BatchSource,
+    loss_terms: LossTermsFn,
+    prob: ProbFn,
+    steps: int,
+    lr: float,
+    config: FedMixConfig | None = None,
+    *,
+    optimizer: str = "adam",
+    teachers: tuple[nn.Module, nn.Module] | None = None,
+) -> PairTrainResult:
+    """FedMix's local step: train both networks of a silo in place for ``steps`` steps.
+
+    A batch with ``"mask"`` trains each network on ``loss_terms`` as is. A weakly
+    labelled batch (``"box"`` and/or ``"present"``, no ``"mask"``) first gets
+    pseudo-labels from the two ``teachers`` (:func:`make_pseudo_labels`: masked by box /
+    presence, kept if the two agree with Dice ``>= tau``), then network A trains on
+    ``weak terms + pseudo_weight * pseudo term`` with B's pseudo-label as ``"pseudo"``
+    and B likewise with A's (cross pseudo supervision, :func:`cps_targets`).
+
+    Args:
+        net_a, net_b: the silo's two networks (trained in place, left in train mode).
+        batches: own data; a list or a factory (``lambda: data.batches(bs, rng)``).
+        loss_terms: the task's per-term loss (must understand ``"pseudo"``).
+        prob: the task's foreground probabilities.
+        steps: optimiser steps (0: one pass over the batches).
+        lr: learning rate of both networks.
+        config: ``tau``, ``threshold``, ``min_box_dice``, ``pseudo_weight``.
+        optimizer: ``"adam"`` or ``"sgd"``.
+        teachers: the networks that make the pseudo-labels (default: ``net_a`` and
+            ``net_b`` themselves, as they are at each step).
+
+    Raises:
+        FloatingPointError: if a loss becomes non-finite.
+    """
+    cfg = config or FedMixConfig()
+    teach_a, teach_b = teachers or (net_a, net_b)
+    opts = [make_optimizer([p for p in n.parameters() if p.requires_grad], optimizer, lr)
+            for n in (net_a, net_b)]
+    net_a.train()
+    net_b.train()
+    result = PairTrainResult(0, math.nan)
+    agreement = 0.0
+    for batch in iterate_batches(batches, steps or None):
+        batch = to_device(batch, net_a)
+        targets: tuple[Batch, Batch] = (batch, batch)
+        if "mask" not in batch and cfg.pseudo_weight > 0:
+            pl = make_pseudo_labels(teach_a, teach_b, batch, prob, cfg)
+            for_a, for_b = cps_targets(pl)
+            device = batch["image"].device
+            targets = ({**batch, "pseudo": torch.from_numpy(for_a).to(device)},
+                       {**batch, "pseudo": torch.from_numpy(for_b).to(device)})
+            result.pseudo_steps += 1
+            result.samples += len(pl.keep)
+            result.kept += int(pl.keep.sum())
+            fg = pl.labels_a.reshape(len(pl.keep), -1).any(axis=1)
+            result.kept_foreground += int((pl.keep & fg).sum())
+            agreement += float(pl.agreement.sum())
+        step = []
+        for net, opt, b in zip((net_a, net_b), opts, targets, strict=True):
+            total = _total(loss_terms(net, b), cfg.pseudo_weight)
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"non-finite FedMix loss at step {result.steps}")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            step.append(float(total.detach()))
+        result.losses.append(sum(step) / 2)
+        result.steps += 1
+    if result.losses:
+        result.mean_loss = float(np.mean(result.losses))
+    if result.samples:
+        result.agreement = agreement / result.samples
+    logger.debug("fedmix local step: %d steps, kept %d of %d weak samples", result.steps,
+                 result.kept, result.samples)
+    return result
+
+
 class FedMixStrategy(Strategy):
     """Neighbourhood averaging with FedMix's size-plus-loss adaptive weights.
 
-    FedMix trains two networks per silo; the peer calls :meth:`aggregate` once per
-    network with the same sizes and losses (so both get the same weights).
+    FedMix trains two networks per silo (:meth:`train_pair`) and both are averaged with
+    the same weights. The peer's ``Learner`` carries the second network in the same
+    state dict (keys under ``"twin."``), so one :meth:`aggregate` call weights both
+    alike; calling it once per network with the same sizes and losses is equivalent.
     """
 
     name = "fedmix"
@@ -231,6 +449,13 @@ class FedMixStrategy(Strategy):
         cfg = self.config
         return pseudo_labels(prob_a, prob_b, box, present, tau=cfg.tau,
                              threshold=cfg.threshold, min_box_dice=cfg.min_box_dice)
+
+    def train_pair(self, net_a: nn.Module, net_b: nn.Module, batches: BatchSource,
+                   loss_terms: LossTermsFn, prob: ProbFn, steps: int, lr: float, *,
+                   teachers: tuple[nn.Module, nn.Module] | None = None) -> PairTrainResult:
+        """:func:`train_pair` with this strategy's config."""
+        return train_pair(net_a, net_b, batches, loss_terms, prob, steps, lr, self.config,
+                          teachers=teachers)
 
     def aggregate(
         self,
