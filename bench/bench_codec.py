@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from silomesh.protocol import (
     FrameDecoder,
     Identity,

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+
 from silomesh.models.spect import SpectTask, make_dataset, run_baselines
 from silomesh.models.task import ArrayDataset
 

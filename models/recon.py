@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from silomesh.models.spect_recon import Geometry, get_projector, ramp_filter
 from silomesh.models.task import SplitModel
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from silomesh.models.metrics import psnr, ssim
 from silomesh.models.recon import ReconNet, recon_config
 from silomesh.models.spect_phantom import PhantomConfig, block_mean, make_phantom
@@ -41,7 +43,6 @@ from silomesh.models.spect_recon import (
     simulate_sinograms,
 )
 from silomesh.models.task import ArrayDataset, Federation, Silo, Task
-from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 from click.testing import CliRunner, Result
+
 from silomesh.peer.cli_ops import (
     approvals,
     data,

@@ -8,6 +8,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from silomesh.protocol import (
     ANNOUNCE_SIGNING_DOMAIN,
     MAX_ANNOUNCE_SIZE,

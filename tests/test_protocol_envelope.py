@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.public import Box, PublicKey
 from nacl.signing import VerifyKey
+
 from silomesh.protocol import (
     ENVELOPE_SIGNING_DOMAIN,
     MESSAGE_TYPES,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from silomesh.protocol import (
     CLOSED,
     DEFAULT_MAX_FRAME_SIZE,

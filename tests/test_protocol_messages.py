@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from nacl.public import Box, PrivateKey
 from nacl.signing import SigningKey
+
 from silomesh.protocol import (
     Ack,
     ErrorCode,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from silomesh.protocol import ErrorCode, LocalProtocolError, RemoteProtocolError, ReplayGuard
 
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
+
 from silomesh.models.metrics import psnr
 from silomesh.models.spect_phantom import LABELS, make_phantom
 from silomesh.models.spect_recon import (

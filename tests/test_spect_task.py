@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from silomesh.models.recon import BackProjector, ReconNet, recon_config
 from silomesh.models.spect import SpectTask, make_dataset, run_baselines
 from silomesh.models.spect_phantom import make_phantom

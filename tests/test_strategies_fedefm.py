@@ -10,6 +10,8 @@ import ot
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from silomesh.models.task import SplitModel
 from silomesh.strategies import (
     KIND_TRAIN_REQUEST,
@@ -27,7 +29,6 @@ from silomesh.strategies import (
 )
 from silomesh.strategies.emd import cosine_cost, node_weights
 from silomesh.strategies.fedefm import expert_weights
-from torch import nn
 
 
 @pytest.fixture(autouse=True, scope="module")

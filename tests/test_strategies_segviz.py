@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from silomesh.models.task import SplitModel
 from silomesh.strategies import Contribution, get_strategy, partition_keys
 from silomesh.strategies.segviz import SegVizStrategy, is_local
-from torch import nn
 
 
 @pytest.fixture(autouse=True, scope="module")
