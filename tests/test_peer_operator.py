@@ -29,14 +29,6 @@ pytestmark = pytest.mark.slow
 T = TypeVar("T")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @asynccontextmanager
 async def running(peers: list[Peer], timeout: float = 60) -> AsyncIterator[None]:
     """Start ``peers``, run the body while they serve, then stop them (bounded)."""

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import trio
 from peerkit import configs
 
@@ -14,14 +13,6 @@ from silomesh.peer.audit import verify_chain
 from silomesh.peer.daemon import Peer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 async def _run_all(peers: list[Peer], timeout: float = 120) -> dict[str, dict[str, Any]]:

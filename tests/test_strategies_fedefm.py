@@ -31,15 +31,6 @@ from silomesh.strategies.emd import cosine_cost, node_weights
 from silomesh.strategies.fedefm import expert_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny convolutions run ~100x slower when two threads contend for 2 shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinySeg(SplitModel):
     """A two-conv body and a 1x1-conv head: logits (B, 3, H, W), features (B, 8, H, W)."""
 

@@ -9,12 +9,10 @@ doing what ``peer/rounds.py`` does each round (train, shared states as
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from silomesh.models.registry import get_task
 from silomesh.models.task import Federation, Task
@@ -23,14 +21,6 @@ from silomesh.strategies import Contribution, PseudoLabels, cps_targets, get_str
 from silomesh.strategies.fedmix import box_masks
 
 SEED = 0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ring(n: int) -> list[list[int]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,14 +12,6 @@ from torch import nn
 from silomesh.models.task import SplitModel
 from silomesh.strategies import Contribution, get_strategy, partition_keys
 from silomesh.strategies.segviz import SegVizStrategy, is_local
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TwoHeadNet(SplitModel):

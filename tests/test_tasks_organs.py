@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -14,19 +12,6 @@ from silomesh.models.task import ArrayDataset, Federation
 from silomesh.models.train import train_local
 
 SMALL = {"image_size": 32, "n_train": 12, "n_test": 6, "volume_shape": (8, 16, 16)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs (restored after).
-
-    Tests share a small machine with other test runs; two OpenMP threads on an
-    oversubscribed CPU spin-wait and run up to 10x slower than one.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

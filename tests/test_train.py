@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +16,6 @@ from silomesh.models.train import evaluate, load_checkpoint, save_checkpoint, tr
 from silomesh.peer.cli_local import train as train_command
 
 TINY = {"image_size": 32, "n_train": 8, "n_test": 4, "n_test_source": 4}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread while this module runs (restored after).
-
-    Tests share a small machine with other test runs; two OpenMP threads on an
-    oversubscribed CPU spin-wait and run up to 10x slower than one.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
