@@ -1,6 +1,7 @@
 # silomesh: one command to set up and run the demo, one to set up and run the tests.
 #   make demo   # creates .venv, installs silomesh, runs a small simnet (4 real peers)
-#   make test   # creates .venv, installs silomesh with dev tools, runs the whole suite
+#   make test   # creates .venv, installs silomesh with dev tools and the browser-test deps
+#               # (Debian's chromium + chromium-driver via apt), runs the whole suite
 # Prerequisites (Debian/Ubuntu): see README.md.
 
 PYTHON ?= python3
@@ -9,7 +10,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+
+.PHONY: venv demo test lint bench clean browser-deps
 
 venv: $(STAMP)
 
@@ -22,8 +26,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/silomesh simnet run
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The dashboard's browser tests drive Debian's headless Chromium through chromedriver.
+browser-deps:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	else echo "the browser tests need $(CHROMIUM) and $(CHROMEDRIVER): install Debian's 'chromium' and 'chromium-driver' packages (as root: apt-get install chromium chromium-driver)" >&2; exit 1; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: install chromium and its chromedriver, and point SILOMESH_CHROMIUM / SILOMESH_CHROMEDRIVER at them" >&2; exit 1; fi; \
+	$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ Exported click objects, to be registered in the main ``silomesh`` CLI:
 
 - :data:`peer_status` -> ``silomesh peer status``
 - :data:`peer_rounds` -> ``silomesh peer rounds``
+- :data:`peer_dashboard` -> ``silomesh peer dashboard``
 - :data:`neighbours` -> ``silomesh neighbours list | select``
 - :data:`data` -> ``silomesh data add | list``
 - :data:`models` -> ``silomesh models list | rename | delete | export | import``
@@ -185,6 +186,31 @@ def peer_status(config_path: Path, as_json: bool) -> None:
         return
     _print_record("peer", status)
     _print_table("neighbours", neighbours_, NEIGHBOUR_COLUMNS)
+
+
+@click.command("dashboard", context_settings=CONTEXT)
+@_config_option
+@click.option("--open", "open_browser", is_flag=True, help="Also open the URL in this machine's web browser.")
+def peer_dashboard(config_path: Path, open_browser: bool) -> None:
+    """Print a one-time URL that logs a browser into a running peer's dashboard.
+
+    The URL works once, for two minutes; opening it sets a session cookie for this peer's
+    address and shows the overview. Run it as the user that runs the peer (it reads the
+    control token). See docs/DASHBOARD.md.
+
+    \b
+    Example:
+      silomesh peer dashboard --config /etc/silomesh/peer.toml
+      silomesh peer dashboard --open
+    """
+    with _client(config_path) as client:
+        url = client.dashboard_login_url()
+    click.echo(url)
+    if open_browser:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            click.echo("could not start a browser here; open the URL above yourself", err=True)
 
 
 @click.command("rounds", context_settings=CONTEXT)
@@ -499,7 +525,7 @@ def approvals_decline(approval_id: int, config_path: Path, as_json: bool) -> Non
 #: top-level groups this module provides
 GROUPS: tuple[click.Group, ...] = (neighbours, data, models, approvals)
 #: commands that belong in ``silomesh peer``
-PEER_COMMANDS: tuple[click.Command, ...] = (peer_status, peer_rounds)
+PEER_COMMANDS: tuple[click.Command, ...] = (peer_status, peer_rounds, peer_dashboard)
 
 
 def register(root: click.Group) -> None:

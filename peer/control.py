@@ -23,6 +23,15 @@ Routes (all answer JSON; errors are ``{"error": message}``)::
     POST   /api/datasets                  {"path": "/abs/folder"}
     GET    /api/approvals
     POST   /api/approvals/{id}            {"approve": true|false}
+    GET    /api/audit?limit=N             (newest first)
+    POST   /api/audit/verify
+    POST   /api/dashboard/login-code      (bearer token only: a one-time dashboard login)
+
+The dashboard (``silomesh.peer.dashboard``) is served by the same app under
+``/dashboard/``. A browser authenticates with an HttpOnly, SameSite=Strict session cookie
+obtained by opening a one-time login URL (``silomesh peer dashboard``); requests carrying
+the cookie instead of the bearer token must also send the session's CSRF token in
+``X-CSRF-Token`` when they change state.
 """
 
 from __future__ import annotations
@@ -47,10 +56,12 @@ from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from silomesh.peer.dashboard.pages import LOGIN_PATH, SECURITY_HEADERS, STATIC_PREFIX, cookie_name, make_routes
+from silomesh.peer.dashboard.sessions import CSRF_HEADER, Sessions
 from silomesh.peer.operator import Operator, OperatorError
 
 if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own TaskStatus
@@ -263,15 +274,19 @@ def _endpoint(handler: Endpoint) -> Endpoint:
 
 
 class _Guard:
-    """ASGI middleware: loopback Host, same-origin for state changes, bearer token.
+    """ASGI middleware: loopback Host, same-origin for state changes, bearer token or session.
 
     The Host check defeats DNS rebinding (a page on evil.example resolving to 127.0.0.1
-    would send ``Host: evil.example``), which the Origin check alone would not.
+    would send ``Host: evil.example``), which the Origin check alone would not. A dashboard
+    session cookie stands in for the token, except on ``/api/dashboard/`` (minting login
+    codes needs the token); with a cookie, state-changing requests also need the session's
+    CSRF token. Only the login exchange and the static assets need neither.
     """
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, sessions: Sessions) -> None:
         self.app = app
         self._token = token.encode("ascii")
+        self._sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -285,6 +300,9 @@ class _Guard:
         message, status = refusal
         logger.warning("control API refused %s %s: %s", request.method, request.url.path, message)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if status == 401 and request.url.path.startswith("/dashboard"):
+            await _login_needed()(scope, receive, send)
+            return
         await _error(message, status, headers)(scope, receive, send)
 
     def _refusal(self, request: Request) -> tuple[str, int] | None:
@@ -296,13 +314,37 @@ class _Guard:
             own = f"{request.url.scheme}://{host}".lower()
             if origin.rstrip("/").lower() != own:
                 return "cross-origin request refused", 403
+        path = request.url.path
+        if request.method in _SAFE_METHODS and (path == LOGIN_PATH or path.startswith(STATIC_PREFIX)):
+            return None  # the login exchange and public assets (script, style, chart library)
         auth = request.headers.get("authorization", "")
         scheme, _, presented = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
+        if scheme.lower() == "bearer" and hmac.compare_digest(
             presented.strip().encode("latin-1", "replace"), self._token
         ):
-            return "missing or wrong control token", 401
-        return None
+            return None
+        session = self._sessions.get(request.cookies.get(cookie_name(request)))
+        if session is not None and not path.startswith("/api/dashboard/"):
+            if request.method in _SAFE_METHODS:
+                return None
+            presented_csrf = request.headers.get(CSRF_HEADER, "")
+            if hmac.compare_digest(presented_csrf.encode("latin-1", "replace"), session.csrf.encode("ascii")):
+                return None
+            return "missing or wrong CSRF token", 403
+        return "missing or wrong control token", 401
+
+
+def _login_needed() -> Response:
+    """The 401 page a browser sees without a session: how to get a login URL."""
+    body = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>silomesh: log in</title>"
+        '<link rel=stylesheet href="/dashboard/static/dashboard.css"></head><body><main class=login>'
+        "<h1>silomesh dashboard</h1><p>You are not logged in (or your session ended).</p>"
+        "<p>On the machine running the peer, as the user that runs it, run</p>"
+        "<pre>silomesh peer dashboard --config peer.toml</pre>"
+        "<p>and open the one-time URL it prints.</p></main></body></html>"
+    )
+    return HTMLResponse(body, status_code=401, headers={**SECURITY_HEADERS, "WWW-Authenticate": "Bearer"})
 
 
 # --------------------------------------------------------------------------- app
@@ -320,6 +362,7 @@ def make_app(
     """
     if len(token) < 16:
         raise ValueError("control token too short")
+    sessions = Sessions()
 
     @_endpoint
     async def status(request: Request) -> Response:
@@ -407,6 +450,17 @@ def make_app(
         approve = _field(data, "approve", bool, "true or false")
         return _json(await operator.decide(request.path_params["approval_id"], approve))
 
+    @_endpoint
+    async def audit(request: Request) -> Response:
+        raw = request.query_params.get("limit", "100")
+        if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+            raise OperatorError("limit must be a number from 1 to 10000", 400)
+        return _json(await operator.audit(int(raw)))
+
+    @_endpoint
+    async def verify_audit(request: Request) -> Response:
+        return _json(await operator.verify_audit())
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return _error(str(exc.detail), exc.status_code, dict(exc.headers or {}))
@@ -425,9 +479,12 @@ def make_app(
         Route("/api/datasets", register_dataset, methods=["POST"]),
         Route("/api/approvals", approvals, methods=["GET"]),
         Route("/api/approvals/{approval_id:int}", decide, methods=["POST"]),
+        Route("/api/audit", audit, methods=["GET"]),
+        Route("/api/audit/verify", verify_audit, methods=["POST"]),
+        *make_routes(operator, sessions, _jsonable),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-    app.add_middleware(_Guard, token=token)
+    app.add_middleware(_Guard, token=token, sessions=sessions)
     return app
 
 

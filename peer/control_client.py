@@ -269,6 +269,19 @@ class ControlClient:
             self._request("POST", f"/api/approvals/{int(approval_id)}", json={"approve": approve})
         )
 
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recent audit-log entries, newest first."""
+        return list(self._request("GET", "/api/audit", params={"limit": int(limit)}))
+
+    def verify_audit(self) -> dict[str, Any]:
+        """The peer's verification of its own audit log."""
+        return dict(self._request("POST", "/api/audit/verify"))
+
+    def dashboard_login_url(self) -> str:
+        """A one-time URL that logs a browser into the peer's dashboard (valid two minutes)."""
+        reply = self._request("POST", "/api/dashboard/login-code")
+        return f"http://{self.address}{reply['path']}"
+
 
 def _ref(ref: str) -> str:
     """A model reference as one URL path segment."""

@@ -351,7 +351,23 @@ class Peer:
         metrics: dict[int, dict[str, float]] = {}
         for m in self.store.metrics():
             metrics.setdefault(m["round"], {})[m["name"]] = m["value"]
-        return [{**r, "metrics": metrics.get(r["round"], {})} for r in self.store.rounds()]
+        # the round row does not carry bytes received; the signed audit log records every message's size
+        received = {
+            int(r["round"]): int(r["total"])
+            for r in self.store.db.query(
+                "SELECT round, sum(size) AS total FROM audit WHERE direction = 'received' GROUP BY round"
+            )
+        }
+        return [
+            {
+                **r,
+                "metrics": metrics.get(r["round"], {}),
+                "bytes_received": received.get(r["round"], 0)
+                if r.get("bytes_received") is None
+                else r["bytes_received"],
+            }
+            for r in self.store.rounds()
+        ]
 
     async def models(self) -> list[dict[str, Any]]:
         return [
@@ -463,3 +479,23 @@ class Peer:
 
     async def decide(self, approval_id: int, approve: bool) -> dict[str, Any]:
         return self.consent.decide(approval_id, approve)
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]:
+        if limit < 1:
+            raise OperatorError("limit must be a positive number of entries")
+        rows = self.store.db.query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", [limit])
+        return [{k: v for k, v in r.items() if k not in ("envelope_header",)} for r in rows]
+
+    async def verify_audit(self) -> dict[str, Any]:
+        from silomesh.peer.audit import COLUMNS, AuditError, LoadedLog
+        from silomesh.peer.audit_verify import verify_log
+
+        # read on the loop (the store's connection is bound to this thread), check in a worker
+        entries = [{c: e.get(c) for c in COLUMNS} for e in self.audit_log.entries()]
+        public_key = bytes(self.identity.signing_key.verify_key)
+        log_ = LoadedLog(str(self.config.store), entries, self.audit_log.heads(), self.peer_id, public_key)
+        try:
+            report = await trio.to_thread.run_sync(lambda: verify_log(log_))
+        except AuditError as exc:
+            raise OperatorError(str(exc)) from None
+        return {**report.to_json(), "summary": report.summary()}

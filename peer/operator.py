@@ -73,3 +73,10 @@ class Operator(Protocol):
 
     async def decide(self, approval_id: int, approve: bool) -> dict[str, Any]:
         """Approve or decline one pending request."""
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recent audit-log entries, newest first."""
+
+    async def verify_audit(self) -> dict[str, Any]:
+        """Verify this peer's whole audit log (chain, signatures, checkpoints); the report
+        as JSON with ``ok``, ``summary`` and ``findings``."""

@@ -22,6 +22,7 @@ from silomesh.peer.cli_ops import (
     data,
     models,
     neighbours,
+    peer_dashboard,
     peer_rounds,
     peer_status,
     register,
@@ -171,6 +172,16 @@ class FakeOperator:
                 a["status"] = "approved" if approve else "declined"
                 return a
         raise OperatorError(f"no pending request {approval_id}", 404)
+
+    async def audit(self, limit: int) -> list[dict[str, Any]]:
+        self._call("audit", limit)
+        return [{"seq": 2, "direction": "sent", "kind": "delta"}, {"seq": 1, "direction": "received", "kind": "delta"}][
+            :limit
+        ]
+
+    async def verify_audit(self) -> dict[str, Any]:
+        self._call("verify_audit")
+        return {"ok": True, "summary": "OK: 2 entries, chain intact", "findings": []}
 
 
 @pytest.fixture
@@ -569,7 +580,8 @@ def test_register_puts_the_commands_under_the_root_group() -> None:
     assert isinstance(peer, click.Group)
     assert {"status", "rounds"} <= set(peer.commands)
     assert {"data", "models", "approvals", "neighbours"} <= set(root.commands)
-    for command in (peer_status, peer_rounds, neighbours, data, models, approvals):
+    assert "dashboard" in peer.commands
+    for command in (peer_status, peer_rounds, peer_dashboard, neighbours, data, models, approvals):
         assert "Example" in (command.help or "")
 
 
@@ -614,6 +626,14 @@ async def test_real_server_on_port_0_serves_the_cli_and_closes_on_cancel(
 
             approved = await trio.to_thread.run_sync(cli, approvals, "approve", "7")
             assert approved.exit_code == 0 and operator.approvals_[0]["status"] == "approved"
+
+            shown = await trio.to_thread.run_sync(cli, peer_dashboard)
+            url = shown.stdout.strip()
+            assert shown.exit_code == 0 and url.startswith(f"http://127.0.0.1:{port}/dashboard/login?code=")
+            async with httpx.AsyncClient(trust_env=False) as browser:
+                login = await browser.get(url)
+                assert login.status_code == 303 and "httponly" in login.headers["set-cookie"].lower()
+                assert (await browser.get(f"http://127.0.0.1:{port}/dashboard/")).status_code == 200
             nursery.cancel_scope.cancel()
 
     with pytest.raises(OSError):
