@@ -69,10 +69,13 @@ def simnet() -> None:
               help="Task data option, e.g. --task-option image_size=48 (repeatable).")
 @click.option("--strategy-param", "strategy_params", multiple=True, metavar="KEY=VALUE",
               help="Strategy parameter, e.g. --strategy-param robust=median (repeatable).")
+@click.option("--scale", type=int, default=1, show_default=True,
+              help="Experiment files only: multiply what the file's experiment.scale names by N.")
+@click.option("--seeds", help="Experiment files only: comma-separated seeds instead of the file's.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of a summary.")
 def run(scenario_file: Path | None, task_options: tuple[str, ...], strategy_params: tuple[str, ...],
-        quiet: bool, as_json: bool, **flags: Any) -> None:
+        quiet: bool, as_json: bool, scale: int, seeds: str | None, **flags: Any) -> None:
     """Run a simnet: start peers, run the rounds, write DIR/report.json, metrics, plots.
 
     Every peer is a real silomesh peer with its own key, trust list (its neighbours
@@ -88,9 +91,21 @@ def run(scenario_file: Path | None, task_options: tuple[str, ...], strategy_para
       silomesh simnet run --task organs --strategy segviz --rounds 5 --out runs/segviz
       silomesh simnet run --peers 48 --procs 2 --faults drop=0.05,delay=100ms-300ms
       silomesh simnet run scenario.toml --seed 3
+      silomesh simnet run experiments/fedefm_unseen.toml --scale 2 --out runs/fedefm
+
+    A file with an [experiment] table runs every arm x seed and writes
+    DIR/results.json and DIR/results.md (see docs/SIMNET.md, Experiments).
     """
     from silomesh.simnet.scenario import ScenarioError, load_scenario, make_scenario
 
+    if scenario_file is not None:
+        from silomesh.simnet.experiment import has_experiment
+
+        if has_experiment(scenario_file):
+            _run_experiment(scenario_file, task_options, strategy_params, scale, seeds, as_json, flags)
+            return
+    if scale != 1 or seeds is not None:
+        raise click.ClickException("--scale and --seeds apply to experiment files (with an [experiment] table)")
     layers: list[dict[str, Any]] = []
     try:
         if scenario_file is not None:
@@ -118,6 +133,42 @@ def run(scenario_file: Path | None, task_options: tuple[str, ...], strategy_para
         click.echo(json.dumps(report, indent=1))
         return
     _summary(report)
+
+
+def _run_experiment(path: Path, task_options: tuple[str, ...], strategy_params: tuple[str, ...], scale: int,
+                    seeds: str | None, as_json: bool, flags: dict[str, Any]) -> None:
+    import time
+
+    from silomesh.simnet.experiment import command_line, load_experiment, run_experiment
+    from silomesh.simnet.scenario import ScenarioError, SimnetError
+
+    try:
+        exp = load_experiment(path)
+        seed_list = None
+        if seeds is not None:
+            try:
+                seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+            except ValueError:
+                raise ScenarioError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+            if not seed_list:
+                raise ScenarioError("--seeds: no seed given")
+        if flags.get("seed") is not None:
+            raise ScenarioError("--seed: an experiment runs its own seeds; use --seeds")
+        out = flags.pop("out") or Path("runs") / time.strftime(f"{exp.name}-%Y%m%d-%H%M%S")
+        overrides = dict(flags)
+        overrides["task_options"] = _key_values(task_options, "--task-option") or None
+        overrides["strategy_params"] = _key_values(strategy_params, "--strategy-param") or None
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        command = command_line(path, scale, seed_list, None)
+        results = run_experiment(exp, out, scale=scale, seeds=seed_list, overrides=overrides, command=command,
+                                 echo=None if as_json else lambda line: click.echo(line, err=True))
+    except (ScenarioError, SimnetError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+        return
+    click.echo(f"experiment {exp.name}: {len(results['arms'])} arms x {len(results['seeds'])} seeds "
+               f"in {results['wall_seconds']:.0f} s -> {out / 'results.md'}")
 
 
 def _check_names(task: str, strategy: str, size: str) -> None:

@@ -132,8 +132,11 @@ def _faults_from_table(table: dict[str, Any]) -> str:
     return ",".join(parts) or "none"
 
 
-def load_scenario(path: Path) -> dict[str, Any]:
+def load_scenario(path: Path, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a scenario TOML file into settings (validated by :func:`make_scenario`).
+
+    Top-level keys in ``ignore`` (e.g. an experiment file's ``experiment`` table) are
+    skipped.
 
     Raises:
         ScenarioError: if the file is missing, not TOML, or names an unknown setting.
@@ -148,6 +151,7 @@ def load_scenario(path: Path) -> dict[str, Any]:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
     if isinstance(data.get("simnet"), dict) and len(data) == 1:
         data = data["simnet"]  # a [simnet] table is accepted too
+    data = {k: v for k, v in data.items() if k not in ignore}
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ScenarioError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(FIELDS))})")

@@ -1,0 +1,302 @@
+"""Evaluations an experiment applies to a finished simnet run.
+
+Each evaluation reads the peers' final models from their stores (the newest model of
+each ``DIR/peers/<name>/store.sqlite``, loaded with the store's own safetensors path),
+evaluates them on the task's test sets, and returns flat ``{metric: value}`` numbers
+(one run, one seed). Local-only baselines train each silo alone exactly like
+``--compare-local``: the federation's shared initial model, ``rounds x local_steps``
+AdamW steps in per-round chunks with the run's ``lr`` and ``batch_size``.
+
+- ``federation``: ``fed_own`` (mean over peers of the metric on each peer's own test
+  set, as in report.json), ``success``, ``bytes_mb``. Always applied.
+- ``vs_best_silo``: ``fed_common`` / ``local_common_mean`` / ``local_common_best``: the
+  metric on the federation-wide shared test set (``tests["all"]``) of every peer's final
+  model (mean over peers) and of every silo trained alone (mean and best silo);
+  ``margin_common = fed_common - local_common_best``; the same on own test sets
+  (``fed_own``, ``local_own_best``, ``margin_own``).
+- ``unseen_sources`` (catheter): Dice of each peer on the ``source:<s>`` test sets of the
+  training sources it never saw (``unseen_dice``) and of those it saw (``seen_dice``).
+- ``downstream_finetune`` (catheter with ``holdout_source``): the plain average of the
+  peers' final models (FedEFM's foundation model) and a fresh model are each fine-tuned
+  on the held-out source for ``options.finetune_steps`` steps; Dice / IoU on its test set.
+- ``per_organ`` (organs): per-organ Dice on the shared test set of the peer that labels
+  that organ (``dice_<organ>``), the mean over labelled organs (``dice_labelled``), and
+  the same for each silo trained alone (``local_dice_<organ>``, ``local_dice_labelled``);
+  with ``options.head_finetune_steps > 0`` also ``headft_dice_*``: the peer's final model
+  after that many head-only steps on its own data (body frozen; SegViz's fine-tune).
+- ``mixed_labels`` (lesion): ``fed_common`` and the pixel-labelled silo (silo 0) trained
+  alone on the same steps (``pixel_only_common``).
+- ``spect_baselines`` (spect): the peers' networks, FBP and MLEM on the ``infarct`` and
+  ``normal`` test sets: PSNR, SSIM and ms per image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from silomesh.simnet.scenario import Scenario
+
+log = logging.getLogger(__name__)
+
+
+class RunModels:
+    """The task, federation and final peer models of one finished run (lazily loaded)."""
+
+    def __init__(self, scenario: Scenario, report: dict[str, Any]) -> None:
+        from silomesh.models.registry import get_task
+        from silomesh.peer.learner import _federation, federation_seed
+
+        self.scenario = scenario
+        self.report = report
+        self.options = scenario.effective_task_options
+        self.task = get_task(scenario.task, **self.options)
+        self.federation = _federation(scenario.task, scenario.peers, scenario.seed,
+                                      tuple(sorted(self.options.items())))
+        self.init_seed = federation_seed(scenario.federation)
+        self._models: list[Any] | None = None
+
+    @property
+    def peer_names(self) -> list[str]:
+        return [d["name"] for d in sorted(self.report["peers_detail"], key=lambda d: d["index"])]
+
+    def final_models(self) -> list[Any]:
+        """Each peer's newest stored model (``None`` for a peer that stored none)."""
+        if self._models is None:
+            from silomesh.peer.learner import TWIN_PREFIX, load_numpy
+            from silomesh.peer.store import Store
+
+            out = Path(self.report["out"])
+            models: list[Any] = []
+            for name in self.peer_names:
+                store = Store(out / "peers" / name / "store.sqlite")
+                try:
+                    record = store.latest_model()
+                    state = store.load_model(record.digest) if record is not None else None
+                finally:
+                    store.close()
+                if state is None:
+                    models.append(None)
+                    continue
+                model = self.task.make_model(self.scenario.size, seed=self.init_seed)
+                load_numpy(model, {k: v for k, v in state.items() if not k.startswith(TWIN_PREFIX)})
+                model.eval()
+                models.append(model)
+            self._models = models
+        return self._models
+
+    def train_alone(self, index: int) -> Any:
+        """Silo ``index`` trained alone on the run's budget (as ``--compare-local``)."""
+        from silomesh.models.train import train_local
+
+        sc = self.scenario
+        model = self.task.make_model(sc.size, seed=self.init_seed)
+        for r in range(sc.rounds):
+            train_local(self.task, model, self.federation.silos[index].train, sc.local_steps, sc.batch_size,
+                        sc.lr, seed=self.init_seed + r + 1)
+        model.eval()
+        return model
+
+    def metric(self, model: Any, data: Any, name: str | None = None) -> float:
+        return float(self.task.evaluate(model, data)[name or self.task.metric])
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _common_test(run: RunModels) -> Any:
+    tests = run.federation.tests
+    return tests["all"] if "all" in tests else next(iter(tests.values()))
+
+
+def eval_federation(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    fed = run.report["final"]["federated_mean"]
+    return {
+        "fed_own": math.nan if fed is None else float(fed),
+        "success": float(run.report["round_success_rate"]),
+        "bytes_mb": run.report["bytes_sent_total"] / 1e6,
+    }
+
+
+def eval_vs_best_silo(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    common = _common_test(run)
+    fed = [run.metric(m, common) for m in run.final_models() if m is not None]
+    fed_own = [run.metric(m, run.federation.silos[i].test)
+               for i, m in enumerate(run.final_models()) if m is not None]
+    local_common, local_own = [], []
+    for i, silo in enumerate(run.federation.silos):
+        model = run.train_alone(i)
+        local_common.append(run.metric(model, common))
+        local_own.append(run.metric(model, silo.test))
+    out = {
+        "fed_common": _mean(fed),
+        "local_common_mean": _mean(local_common),
+        "local_common_best": float(np.max(local_common)),
+        "fed_own": _mean(fed_own),
+        "local_own_mean": _mean(local_own),
+        "local_own_best": float(np.max(local_own)),
+    }
+    out["margin_common"] = out["fed_common"] - out["local_common_best"]
+    out["margin_own"] = out["fed_own"] - out["local_own_best"]
+    out["beats_best_common"] = float(out["margin_common"] > 0)
+    return out
+
+
+def eval_unseen_sources(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    seen_d: list[float] = []
+    unseen_d: list[float] = []
+    train_sources = [s.split(":", 1)[1] for s in run.federation.tests if s.startswith("source:")]
+    holdout = run.options.get("holdout_source")
+    for i, model in enumerate(run.final_models()):
+        if model is None:
+            continue
+        seen = set(run.federation.silos[i].info["sources"])
+        for source in train_sources:
+            if source == holdout:
+                continue
+            value = run.metric(model, run.federation.tests[f"source:{source}"])
+            (seen_d if source in seen else unseen_d).append(value)
+    return {"seen_dice": _mean(seen_d), "unseen_dice": _mean(unseen_d)}
+
+
+def eval_downstream_finetune(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    from silomesh.models.train import train_local
+    from silomesh.peer.learner import load_numpy, to_numpy
+    from silomesh.strategies.fedefm import global_model
+
+    if not run.options.get("holdout_source"):
+        raise ValueError("downstream_finetune needs task_options.holdout_source")
+    steps = int(options.get("finetune_steps", 40))
+    sc = run.scenario
+    finetune, test = run.task.downstream_split(sc.seed, **run.options)
+    states = [to_numpy(m) for m in run.final_models() if m is not None]
+    out: dict[str, float] = {}
+    for label in ("foundation", "scratch"):
+        model = run.task.make_model(sc.size, seed=run.init_seed)
+        if label == "foundation":
+            load_numpy(model, global_model(states))
+            before = run.task.evaluate(model, test)
+            out["foundation_zero_shot_dice"] = float(before["dice"])
+        train_local(run.task, model, finetune, steps, sc.batch_size, sc.lr, seed=run.init_seed + 7)
+        metrics = run.task.evaluate(model, test)
+        out[f"{label}_dice"] = float(metrics["dice"])
+        out[f"{label}_iou"] = float(metrics["iou"])
+    return out
+
+
+def eval_per_organ(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    common = _common_test(run)
+    organs = list(run.task.config.organs)
+    fed: dict[str, list[float]] = {o: [] for o in organs}
+    local: dict[str, list[float]] = {o: [] for o in organs}
+    fed_all = []
+    head_steps = int(options.get("head_finetune_steps", 0))
+    ft: dict[str, list[float]] = {o: [] for o in organs}
+    for i, model in enumerate(run.final_models()):
+        organ = run.federation.silos[i].info["organ"]
+        if model is None or organ is None:
+            continue
+        metrics = run.task.evaluate(model, common)
+        fed[organ].append(float(metrics[f"dice_{organ}"]))
+        fed_all.append(float(metrics["dice"]))
+        if head_steps > 0:
+            tuned = _head_finetuned(run, i, model, head_steps)
+            ft[organ].append(float(run.task.evaluate(tuned, common)[f"dice_{organ}"]))
+        alone = run.task.evaluate(run.train_alone(i), common)
+        local[organ].append(float(alone[f"dice_{organ}"]))
+    out: dict[str, float] = {}
+    for organ in organs:
+        if fed[organ]:
+            out[f"dice_{organ}"] = _mean(fed[organ])
+            out[f"local_dice_{organ}"] = _mean(local[organ])
+    out["dice_labelled"] = _mean([out[f"dice_{o}"] for o in organs if f"dice_{o}" in out])
+    out["local_dice_labelled"] = _mean([out[f"local_dice_{o}"] for o in organs if f"local_dice_{o}" in out])
+    out["dice_all_organs"] = _mean(fed_all)
+    if head_steps > 0:
+        for organ in organs:
+            if ft[organ]:
+                out[f"headft_dice_{organ}"] = _mean(ft[organ])
+        out["headft_dice_labelled"] = _mean([out[k] for k in list(out) if k.startswith("headft_dice_")
+                                             and k != "headft_dice_labelled"])
+    return out
+
+
+def _head_finetuned(run: RunModels, index: int, model: Any, steps: int) -> Any:
+    """A copy of ``model`` whose head (only) is trained ``steps`` steps on silo ``index``'s data.
+
+    Uses SegViz's own helper (:func:`silomesh.strategies.segviz.finetune_head`, body frozen);
+    this is what ``segviz``'s ``finetune_steps`` parameter describes but the peers do not run.
+    """
+    import copy
+
+    from silomesh.models.train import batch_stream
+    from silomesh.strategies.segviz import finetune_head
+
+    tuned = copy.deepcopy(model)
+    rng = np.random.default_rng(run.init_seed + index)
+    stream = batch_stream(run.federation.silos[index].train, run.scenario.batch_size, rng)
+    finetune_head(tuned, stream, run.task.loss, tuple(tuned.head_prefixes), steps, run.scenario.lr)
+    tuned.eval()
+    return tuned
+
+
+def eval_mixed_labels(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    common = _common_test(run)
+    fed = [run.metric(m, common) for m in run.final_models() if m is not None]
+    kinds = [s.info.get("label_kind") for s in run.federation.silos]
+    pixel = [i for i, k in enumerate(kinds) if k == "mask"]
+    pixel_only = [run.metric(run.train_alone(i), common) for i in pixel]
+    return {"fed_common": _mean(fed), "pixel_only_common": _mean(pixel_only)}
+
+
+def eval_spect_baselines(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    from silomesh.models.spect import run_baselines
+
+    iters = int(options.get("mlem_iterations", 30))
+    out: dict[str, float] = {}
+    models = [m for m in run.final_models() if m is not None]
+    for subset in ("infarct", "normal"):
+        data = run.federation.tests[subset]
+        geometry = run.task.geometry
+        base = run_baselines(data, geometry, methods=("fbp", "mlem"), mlem_iterations=iters)
+        nets = [run_baselines(data, geometry, model=m, methods=("network",))["network"] for m in models]
+        base["network"] = {k: _mean([n[k] for n in nets]) for k in ("psnr", "ssim", "ms_per_image")}
+        for method, metrics in base.items():
+            for key in ("psnr", "ssim", "ms_per_image"):
+                out[f"{subset}_{method}_{key}"] = float(metrics[key])
+    return out
+
+
+Evaluation = Callable[[RunModels, dict[str, Any]], dict[str, float]]
+
+EVALUATIONS: dict[str, Evaluation] = {
+    "vs_best_silo": eval_vs_best_silo,
+    "unseen_sources": eval_unseen_sources,
+    "downstream_finetune": eval_downstream_finetune,
+    "per_organ": eval_per_organ,
+    "mixed_labels": eval_mixed_labels,
+    "spect_baselines": eval_spect_baselines,
+}
+
+
+def evaluate_run(names: tuple[str, ...] | list[str], scenario: Scenario, report: dict[str, Any],
+                 options: dict[str, Any]) -> dict[str, float]:
+    """Apply ``federation`` and the named evaluations to one finished run."""
+    from silomesh.simnet.coordinator import limit_torch_threads
+
+    limit_torch_threads()
+    run = RunModels(scenario, report)
+    metrics = eval_federation(run, options)
+    for name in names:
+        t0 = time.time()
+        metrics.update(EVALUATIONS[name](run, options))
+        log.info("evaluation %s took %.1f s", name, time.time() - t0)
+    return metrics
