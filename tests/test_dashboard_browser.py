@@ -60,12 +60,13 @@ def browser(peers: PeerThread) -> Iterator[Any]:
 
 
 def wait(driver: Any, condition: Any, timeout: float = WAIT, message: str = "") -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
-        condition, message
-    )
+    # Pages reload after an action; reading an element while the old document goes away
+    # raises a stale-element error or chromedriver's "unhandled inspector error". Both
+    # are WebDriverExceptions and are retried until the condition holds or time runs out.
+    return WebDriverWait(driver, timeout, ignored_exceptions=(WebDriverException,)).until(condition, message)
 
 
 def css(driver: Any, selector: str) -> list[Any]:
