@@ -75,6 +75,10 @@ class LesionConfig:
 
     image_size: int = 64  # image side in pixels
     n_train: int = 128  # training images per silo
+    # training images kept at the pixel-mask silos (None: n_train); FedMix's premise is
+    # that pixel labels are scarce and weak labels plentiful. The kept images are the
+    # first n_train_mask of the n_train the silo would otherwise have.
+    n_train_mask: int | None = None
     n_test: int = 32  # test images per silo (always with masks)
     label_kinds: tuple[str, ...] = LABEL_KINDS  # silo i gets label_kinds[i % len]
     present_prob: float = 0.7  # share of images with a lesion
@@ -282,10 +286,20 @@ class LesionTask(Task):
             raise ValueError(f"unknown label kinds {bad}; choose from {LABEL_KINDS}")
         if cfg.arch not in ("unet", "vit"):
             raise ValueError(f"unknown architecture {cfg.arch!r}; choose 'unet' or 'vit'")
+        m = cfg.n_train_mask
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= cfg.n_train):
+            raise ValueError(f"option 'n_train_mask' must be an integer from 1 to n_train ({cfg.n_train}) "
+                             f"or unset (= n_train), got {m!r}")
         return cfg
 
     def make_federation(self, n_silos: int, seed: int, **options: Any) -> Federation:
-        """Silo ``i`` has supervision ``label_kinds[i % len(label_kinds)]``."""
+        """Silo ``i`` has supervision ``label_kinds[i % len(label_kinds)]``.
+
+        Pixel-mask silos keep ``n_train_mask`` training images when it is set.
+
+        Raises:
+            ValueError: for ``n_silos < 1`` or an invalid option.
+        """
         if n_silos < 1:
             raise ValueError(f"n_silos must be >= 1, got {n_silos}")
         cfg = self._checked(apply_options(self.config, options, self.name, fixed=("arch",)))
@@ -294,6 +308,8 @@ class LesionTask(Task):
             style = camera_style(seed, i)
             kind = cfg.label_kinds[i % len(cfg.label_kinds)]
             train = generate(cfg.n_train, stream(seed, _TRAIN, i), cfg, style, kind)
+            if kind == "mask" and cfg.n_train_mask is not None:
+                train = train.subset(np.arange(cfg.n_train_mask))
             test = self._with_present(generate(cfg.n_test, stream(seed, _TEST, i), cfg, style, "mask"))
             silos.append(Silo(f"silo{i}", train, test, {"label_kind": kind, "camera": asdict(style)}))
         tests = {"all": concat([s.test for s in silos])}

@@ -30,6 +30,7 @@ from silomesh.models.train import train_local
 from silomesh.strategies import Strategy
 from silomesh.strategies.fedefm import FedEFMStrategy
 from silomesh.strategies.fedmix import FedMixStrategy
+from silomesh.strategies.segviz import SegVizStrategy
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,29 @@ class Learner:
             load_numpy(self.twin, twin)
         else:
             log.warning("state without FedMix's second network: keeping the current one")
+
+    def adopt(self, state: Mapping[str, np.ndarray]) -> StateDict:
+        """Load the round's aggregated ``state`` and return the model to evaluate and commit.
+
+        Under ``segviz`` with ``finetune_steps > 0`` the task head is then fine-tuned on
+        this silo's training data with the federated body frozen (SegViz's local head
+        step), so the committed body equals the aggregated one bit for bit. Every other
+        strategy returns the aggregated state unchanged.
+
+        Raises:
+            RuntimeError: from torch, if keys or shapes do not match the model.
+        """
+        self.load(state)
+        strategy = self.strategy
+        if not isinstance(strategy, SegVizStrategy) or strategy.config.finetune_steps <= 0:
+            return dict(state)
+        seed = self._seed()
+        rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        data, bs = self.silo.train, self.batch_size
+        result = strategy.finetune_head(self.model, lambda: data.batches(bs, rng), self.task.loss)
+        log.debug("segviz head fine-tune: %d steps, loss %.4f", result.steps, result.mean_loss)
+        return self.state()
 
     def shared(self, state: Mapping[str, np.ndarray]) -> StateDict:
         """The part of ``state`` the strategy exchanges with neighbours."""

@@ -357,7 +357,7 @@ async def round_loop(peer: Peer) -> None:
             state = await _update_round(peer, round, selected, deadline, report)
         peer.phase = "evaluating"
         async with peer.compute:
-            await trio.to_thread.run_sync(peer.learner.load, state)
+            state = await trio.to_thread.run_sync(peer.learner.adopt, state)
             metrics = await trio.to_thread.run_sync(peer.learner.evaluate)
         await commit_round(peer, round, state, metrics, report, started)
         round += 1

@@ -233,7 +233,8 @@ def _head_finetuned(run: RunModels, index: int, model: Any, steps: int) -> Any:
     """A copy of ``model`` whose head (only) is trained ``steps`` steps on silo ``index``'s data.
 
     Uses SegViz's own helper (:func:`silomesh.strategies.segviz.finetune_head`, body frozen);
-    this is what ``segviz``'s ``finetune_steps`` parameter describes but the peers do not run.
+    the same step a peer runs after each round when ``segviz``'s ``finetune_steps`` > 0, applied
+    here once after the run so that runs without it can be compared with and without.
     """
     import copy
 

@@ -5,8 +5,8 @@ segmentation on heterogeneous data sets with partial annotations", 2023): silos 
 different organs, so each keeps its own task head and only the shared body (encoder
 and decoder) is averaged. The FedBN variant (Li et al., ICLR 2021) additionally keeps
 normalisation layers local, which helps when silos differ in scanner or contrast.
-After federation a silo may fine-tune its head on the federated body
-(:func:`finetune_head`).
+With ``finetune_steps > 0`` a peer also fine-tunes its head on the federated body after
+every aggregation (:func:`finetune_head`; our addition, not the paper's).
 
 Only the shared keys travel: :meth:`SegVizStrategy.shared_keys` tells the peer what to
 send, and a neighbour's heads (which may even have another shape) are never read.
@@ -53,8 +53,10 @@ class SegVizConfig(StrategyConfig):
         norm_patterns: with ``local_norm``, a key is local when its lower-cased name
             contains any of these fragments.
         weighting: ``"samples"``, ``"metropolis"`` or ``"uniform"`` (as in ``fedavg``).
-        finetune_steps: steps of head fine-tuning after federation (0 = none);
-            used by :meth:`SegVizStrategy.finetune_head`.
+        finetune_steps: head-only fine-tuning steps on the peer's own data after every
+            round's aggregation, before it evaluates and commits (0 = none, the
+            paper's method); run by the peer (``Learner.adopt``) through
+            :meth:`SegVizStrategy.finetune_head`.
         finetune_lr: learning rate of the head fine-tuning.
         optimizer: ``"adam"`` or ``"sgd"`` for the head fine-tuning.
     """

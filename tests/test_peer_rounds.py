@@ -83,3 +83,37 @@ async def test_restarted_peer_resumes_after_its_last_committed_round(tmp_path: P
         assert models[-1]["round"] == 2
         assert models[1]["parent"] == models[0]["digest"]
         assert verify_chain(seen[p.peer_id]["audit"], p.identity.public_key) == []
+
+
+async def test_segviz_peer_commits_its_head_fine_tuned_on_the_aggregated_body(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from silomesh.peer.learner import Learner
+    from silomesh.protocol import state_digest
+
+    adopted: dict[int, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    original = Learner.adopt
+
+    def spy(self: Learner, state: Any) -> Any:
+        aggregated = {k: np.array(v, copy=True) for k, v in state.items()}
+        committed = original(self, state)
+        adopted.setdefault(id(self), []).append((aggregated, committed))
+        return committed
+
+    monkeypatch.setattr(Learner, "adopt", spy)
+    ids, cfgs = configs(tmp_path, 2, rounds=1, strategy="segviz",
+                        extra={"strategy": {"name": "segviz", "params": {"finetune_steps": 5, "finetune_lr": 0.01}}})
+    peers = [Peer(c, identity=i, serve_control_api=False) for i, c in zip(ids, cfgs, strict=True)]
+    seen = await _run_all(peers)
+    assert len(adopted) == 2 and all(len(v) == 1 for v in adopted.values())
+    for p in peers:
+        aggregated, committed = adopted[id(p.learner)][0]
+        assert seen[p.peer_id]["models"][-1]["digest"] == state_digest(committed).hex()  # committed as tuned
+        heads = tuple(p.learner.strategy.config.head_prefixes)
+        assert heads and committed.keys() == aggregated.keys()
+        for k, v in committed.items():
+            if not k.startswith(heads):
+                np.testing.assert_array_equal(v, aggregated[k], err_msg=k)  # body untouched
+        assert any(not np.array_equal(committed[k], aggregated[k]) for k in committed if k.startswith(heads))

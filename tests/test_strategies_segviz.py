@@ -115,3 +115,48 @@ def test_finetune_head_changes_head_and_leaves_body_bit_identical() -> None:
         else:
             assert torch.equal(after[k], v), k
     assert all(p.requires_grad for p in model.parameters())
+
+
+# -- the peer applies finetune_steps (peer/learner.py Learner.adopt) -----------------------
+
+
+def _organ_learner(finetune_steps: int):
+    from silomesh.models.registry import get_task
+    from silomesh.peer.learner import Learner
+
+    task = get_task("organs", image_size=32, n_train=16, n_test=8)
+    silo = task.make_federation(2, 0).silos[0]
+    strategy = get_strategy("segviz", {"finetune_steps": finetune_steps, "finetune_lr": 1e-2})
+    return Learner(task, silo, size="tiny", init_seed=0, batch_size=4, lr=1e-2, strategy=strategy)
+
+
+def _aggregated_state(learner) -> dict[str, np.ndarray]:
+    """A stand-in for an aggregated state: the learner's state, perturbed everywhere."""
+    rng = np.random.default_rng(1)
+    return {k: (v + rng.normal(0, 0.01, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v
+            for k, v in learner.state().items()}
+
+
+def test_learner_adopt_fine_tunes_only_the_head_when_segviz_finetune_steps_is_set() -> None:
+    learner = _organ_learner(finetune_steps=3)
+    heads = learner.strategy.config.head_prefixes
+    assert heads
+    aggregated = _aggregated_state(learner)
+    committed = learner.adopt(aggregated)
+    body = [k for k in aggregated if not k.startswith(heads)]
+    head = [k for k in aggregated if k.startswith(heads) and aggregated[k].dtype.kind == "f"]
+    assert body and head
+    for k in body:
+        np.testing.assert_array_equal(committed[k], aggregated[k], err_msg=k)
+    assert any(not np.array_equal(committed[k], aggregated[k]) for k in head)
+    for k, v in learner.state().items():  # the evaluated model is the committed one
+        np.testing.assert_array_equal(v, committed[k])
+
+
+def test_learner_adopt_returns_the_aggregated_state_unchanged_without_finetune_steps() -> None:
+    learner = _organ_learner(finetune_steps=0)
+    aggregated = _aggregated_state(learner)
+    committed = learner.adopt(aggregated)
+    assert committed.keys() == aggregated.keys()
+    for k in aggregated:
+        np.testing.assert_array_equal(committed[k], aggregated[k], err_msg=k)

@@ -138,3 +138,30 @@ def test_evaluate_reports_dice_and_image_accuracy(task: LesionTask, fed: Federat
     report = task.evaluate(task.make_model("tiny", seed=0), fed.tests["all"])
     assert {"dice", "iou", "dice_lesion", "accuracy"} <= set(report)
     assert 0.0 <= report["accuracy"] <= 1.0
+
+
+def test_n_train_mask_shrinks_only_the_pixel_mask_silos_to_a_prefix() -> None:
+    scarce = LesionTask(**SMALL, n_train_mask=4).make_federation(6, seed=0)
+    full = LesionTask(**SMALL).make_federation(6, seed=0)
+    for s, f in zip(scarce.silos, full.silos, strict=True):
+        if s.train.label_kind == "mask":
+            assert len(s.train) == 4
+            for k, v in s.train.arrays.items():
+                np.testing.assert_array_equal(v, f.train.arrays[k][:4])
+        else:
+            assert len(s.train) == SMALL["n_train"]
+        np.testing.assert_array_equal(s.test["mask"], f.test["mask"])
+    assert sum(s.train.label_kind == "mask" for s in scarce.silos) == 2
+
+
+def test_n_train_mask_unset_keeps_n_train_images(task: LesionTask) -> None:
+    assert task.config.n_train_mask is None
+    assert len(task.make_federation(1, seed=0, n_train_mask=None).silos[0].train) == SMALL["n_train"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 17, 2.5, True])
+def test_n_train_mask_outside_1_to_n_train_is_a_clear_error(bad: object) -> None:
+    with pytest.raises(ValueError, match="n_train_mask"):
+        LesionTask(**SMALL, n_train_mask=bad)
+    with pytest.raises(ValueError, match="n_train_mask"):
+        LesionTask(**SMALL).make_federation(3, seed=0, n_train_mask=bad)
