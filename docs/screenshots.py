@@ -15,7 +15,8 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 sys.path.insert(0, str(DOCS.parent / "tests"))
 
-from dashkit import base_url, login_url, make_driver, missing_browser, start_pair, write_png_folder  # noqa: E402
+from dashkit import base_url, login_url, make_driver, missing_browser, start_pair  # noqa: E402
+from peerkit import write_png_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 

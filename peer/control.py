@@ -56,11 +56,11 @@ from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from silomesh.peer.dashboard.pages import LOGIN_PATH, SECURITY_HEADERS, STATIC_PREFIX, cookie_name, make_routes
+from silomesh.peer.dashboard.pages import LOGIN_PATH, STATIC_PREFIX, cookie_name, login_needed, make_routes
 from silomesh.peer.dashboard.sessions import CSRF_HEADER, Sessions
 from silomesh.peer.operator import Operator, OperatorError
 
@@ -301,7 +301,7 @@ class _Guard:
         logger.warning("control API refused %s %s: %s", request.method, request.url.path, message)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if status == 401 and request.url.path.startswith("/dashboard"):
-            await _login_needed()(scope, receive, send)
+            await login_needed()(scope, receive, send)
             return
         await _error(message, status, headers)(scope, receive, send)
 
@@ -332,19 +332,6 @@ class _Guard:
                 return None
             return "missing or wrong CSRF token", 403
         return "missing or wrong control token", 401
-
-
-def _login_needed() -> Response:
-    """The 401 page a browser sees without a session: how to get a login URL."""
-    body = (
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>silomesh: log in</title>"
-        '<link rel=stylesheet href="/dashboard/static/dashboard.css"></head><body><main class=login>'
-        "<h1>silomesh dashboard</h1><p>You are not logged in (or your session ended).</p>"
-        "<p>On the machine running the peer, as the user that runs it, run</p>"
-        "<pre>silomesh peer dashboard --config peer.toml</pre>"
-        "<p>and open the one-time URL it prints.</p></main></body></html>"
-    )
-    return HTMLResponse(body, status_code=401, headers={**SECURITY_HEADERS, "WWW-Authenticate": "Bearer"})
 
 
 # --------------------------------------------------------------------------- app

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import numpy as np
 import trio
 from peerkit import configs
 
@@ -139,16 +138,3 @@ def login_url(peer: Peer) -> str:
     )
     reply.raise_for_status()
     return base_url(peer) + reply.json()["path"]
-
-
-def write_png_folder(root: Path, n: int, size: int) -> Path:
-    """``root/images/NAME.png`` + ``root/masks/NAME.png`` (classes 0..2), as data_io expects."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / "images" / f"s{i}.png")
-        Image.fromarray(rng.integers(0, 3, (size, size), dtype=np.uint8)).save(root / "masks" / f"s{i}.png")
-    return root

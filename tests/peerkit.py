@@ -7,6 +7,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from silomesh.peer.config import PeerConfig, parse_config
 from silomesh.peer.identity import PeerIdentity
 
@@ -69,3 +71,16 @@ def configs(
         raw.update(extra or {})
         out.append(parse_config(raw, root))
     return ids, out
+
+
+def write_png_folder(root: Path, n: int, size: int) -> Path:
+    """``root/images/NAME.png`` + ``root/masks/NAME.png`` (classes 0..2), as data_io expects."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray(rng.integers(0, 3, (size, size), dtype=np.uint8)).save(root / "masks" / f"s{i}.png")
+    return root

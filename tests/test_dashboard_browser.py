@@ -15,8 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from dashkit import PeerThread, base_url, login_url, make_driver, missing_browser, start_pair, write_png_folder
-from peerkit import TINY_CATHETER
+from dashkit import PeerThread, base_url, login_url, make_driver, missing_browser, start_pair
+from peerkit import TINY_CATHETER, write_png_folder
 from safetensors.numpy import save_file
 
 from silomesh.peer.control import TOKEN_FILE_NAME, read_token_file

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import trio
-from peerkit import TINY_CATHETER, configs
+from peerkit import TINY_CATHETER, configs, write_png_folder
 from safetensors.numpy import load_file
 from safetensors.numpy import save as save_safetensors
 
@@ -235,19 +235,6 @@ async def test_models_are_listed_per_round_renamed_exported_imported_and_deleted
 
 
 # -- datasets -------------------------------------------------------------------------
-
-
-def write_png_folder(root: Path, n: int, size: int) -> Path:
-    """``root/images/NAME.png`` + ``root/masks/NAME.png`` (classes 0..2), as data_io expects."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / "images" / f"s{i}.png")
-        Image.fromarray(rng.integers(0, 3, (size, size), dtype=np.uint8)).save(root / "masks" / f"s{i}.png")
-    return root
 
 
 async def test_registering_a_bad_dataset_folder_fails_naming_the_file(tmp_path: Path) -> None:

@@ -102,6 +102,12 @@ def make_environment() -> Environment:
     return env
 
 
+def login_needed(expired: bool = False) -> HTMLResponse:
+    """The 401 page a browser sees without a valid session: how to get a login URL."""
+    html = make_environment().get_template("login.html").render(expired=expired)
+    return HTMLResponse(html, status_code=401, headers={**SECURITY_HEADERS, "WWW-Authenticate": "Bearer"})
+
+
 async def live_snapshot(operator: Operator) -> dict[str, Any]:
     """What the live stream reports: the round and phase, the neighbours and the models."""
     status = await operator.status()
@@ -183,7 +189,7 @@ def make_routes(operator: Operator, sessions: Sessions, jsonable: Callable[[Any]
     async def login(request: Request) -> Response:
         session = sessions.redeem(request.query_params.get("code", ""))
         if session is None:
-            return render(request, "login.html", 401, title="Log in", expired=bool(request.query_params.get("code")))
+            return login_needed(expired=bool(request.query_params.get("code")))
         response = RedirectResponse("/dashboard/", status_code=303, headers={"Cache-Control": "no-store"})
         response.set_cookie(
             cookie_name(request),
