@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
+from silomesh.audit.cli import audit
 from silomesh.peer import cli_ops
-from silomesh.peer.audit_cli import audit
 from silomesh.peer.cli_local import train
 from silomesh.peer.identity import KEY_FILE_NAME, IdentityError, write_key_file
 from silomesh.simnet.cli import simnet

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silomesh.peer.identity import IdentityError, public_key_from_peer_id
+from silomesh.protocol.peerid import PeerIdError, public_key_from_peer_id
 
 PARTICIPATION_POLICIES = ("auto", "manual")
 
@@ -236,7 +236,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         peer_id = _get(entry, "peer_id", where, str)
         try:
             public_key = public_key_from_peer_id(peer_id)
-        except IdentityError as exc:
+        except PeerIdError as exc:
             raise ConfigError(f"{where}peer_id: {exc}") from None
         if peer_id in seen:
             raise ConfigError(f"{where}peer_id: {peer_id} is listed twice")

@@ -20,6 +20,20 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
+from silomesh.protocol.peerid import PeerIdError, peer_id_from_public_key
+from silomesh.protocol.peerid import public_key_from_peer_id as _public_key_from_peer_id
+
+__all__ = [
+    "KEY_FILE_NAME",
+    "SEED_BYTES",
+    "IdentityError",
+    "PeerIdentity",
+    "load_key_file",
+    "peer_id_from_public_key",
+    "public_key_from_peer_id",
+    "write_key_file",
+]
+
 SEED_BYTES = 32
 KEY_FILE_NAME = "peer.key"
 
@@ -98,31 +112,17 @@ def load_key_file(path: Path) -> PeerIdentity:
     return PeerIdentity.from_seed(seed)
 
 
-def peer_id_from_public_key(public_key: bytes) -> str:
-    """The base58 PeerID of a raw Ed25519 public key."""
-    from libp2p.crypto.ed25519 import Ed25519PublicKey
-
-    return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
-
-
-_ED25519_PEER_ID_PREFIX = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
-
-
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """Recover the raw Ed25519 public key embedded in an Ed25519 PeerID.
 
     Ed25519 PeerIDs are identity multihashes of the key, so a trust list needs only
-    PeerIDs: the encryption key of a neighbour follows from its PeerID.
+    PeerIDs: the encryption key of a neighbour follows from its PeerID. (The pure
+    implementation is :func:`silomesh.protocol.public_key_from_peer_id`.)
 
     Raises:
         IdentityError: if ``peer_id`` is not a base58 Ed25519 PeerID.
     """
-    import base58
-
     try:
-        raw = base58.b58decode(peer_id)
-    except ValueError:
-        raise IdentityError(f"{peer_id!r} is not base58") from None
-    if len(raw) != len(_ED25519_PEER_ID_PREFIX) + 32 or not raw.startswith(_ED25519_PEER_ID_PREFIX):
-        raise IdentityError(f"{peer_id!r} is not an Ed25519 PeerID (they start with 12D3KooW)")
-    return raw[len(_ED25519_PEER_ID_PREFIX) :]
+        return _public_key_from_peer_id(peer_id)
+    except PeerIdError as exc:
+        raise IdentityError(str(exc)) from None

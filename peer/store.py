@@ -389,3 +389,56 @@ class Store:
         for r in rows:
             r["manifest"] = json.loads(r["manifest"])
         return rows
+
+    # -- audit log (written only by silomesh.peer.audit.AuditLog) ---------------------
+
+    def last_audit_entry(self) -> tuple[int, str] | None:
+        """``(seq, entry_hash)`` of the newest audit entry, or None when the log is empty."""
+        row = self.db.execute("SELECT seq, entry_hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def insert_audit_entry(self, entry: Mapping[str, Any]) -> None:
+        """Insert one audit entry row (the caller chains and signs it, inside :meth:`atomic`)."""
+        self.db.table("audit").insert(dict(entry))
+
+    def audit_entry_hash(self, seq: int) -> str | None:
+        """The ``entry_hash`` of audit entry ``seq``, or None if there is no such entry."""
+        row = self.db.execute("SELECT entry_hash FROM audit WHERE seq = ?", [seq]).fetchone()
+        return None if row is None else str(row[0])
+
+    def audit_hashes_after(self, seq: int) -> list[tuple[int, str]]:
+        """``(seq, entry_hash)`` of every audit entry numbered above ``seq``, in order."""
+        return [
+            (int(s), str(h))
+            for s, h in self.db.execute("SELECT seq, entry_hash FROM audit WHERE seq > ? ORDER BY seq", [seq])
+        ]
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        """Every audit entry row, oldest first."""
+        return list(self.db.query("SELECT * FROM audit ORDER BY seq"))
+
+    def latest_audit_entries(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` newest audit entry rows, newest first."""
+        return list(self.db.query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", [limit]))
+
+    def received_bytes_by_round(self) -> dict[int, int]:
+        """Bytes recorded as received in the audit log, summed per round."""
+        return {
+            int(r["round"]): int(r["total"])
+            for r in self.db.query(
+                "SELECT round, sum(size) AS total FROM audit WHERE direction = 'received' GROUP BY round"
+            )
+        }
+
+    def latest_checkpoint_size(self) -> int | None:
+        """The size of the largest signed audit checkpoint, or None when there is none."""
+        row = self.db.execute("SELECT max(size) FROM checkpoints").fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def insert_checkpoint(self, row: Mapping[str, Any]) -> None:
+        """Insert one signed tree head row (``size``, ``root_hash``, ``at_ms``, ``peer_id``, ``signature``)."""
+        self.db.table("checkpoints").insert(dict(row))
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Every signed audit checkpoint row, smallest first."""
+        return list(self.db.query("SELECT * FROM checkpoints ORDER BY size"))

@@ -1,7 +1,7 @@
 """silomesh.protocol: the sans-I/O wire protocol.
 
 Frames, messages, envelopes (Ed25519 signatures, X25519 Box encryption), announces,
-the tensor codec, the replay guard and the exchange session state machine. Nothing
+the tensor codec, the replay guard, Ed25519 PeerIDs and the exchange session state machine. Nothing
 here does I/O or imports trio, libp2p, torch or sqlite3. See ``docs/PROTOCOL.md``.
 """
 
@@ -53,6 +53,7 @@ from .messages import (
     TrainResult,
     Update,
 )
+from .peerid import PeerIdError, peer_id_from_public_key, public_key_from_peer_id
 from .replay import ReplayGuard, ReplayStatistics
 from .session import Role, Session, State
 from .state import apply_delta, make_delta, state_digest
@@ -88,6 +89,7 @@ __all__ = [
     "NeedBase",
     "NewData",
     "OpenedEnvelope",
+    "PeerIdError",
     "ProtocolError",
     "ReceivedAnnounce",
     "RemoteProtocolError",
@@ -113,6 +115,8 @@ __all__ = [
     "frame_prefix",
     "make_delta",
     "open_envelope",
+    "peer_id_from_public_key",
+    "public_key_from_peer_id",
     "read_header",
     "seal_envelope",
     "state_digest",

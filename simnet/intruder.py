@@ -114,6 +114,6 @@ async def _attempt(mesh: Mesh, victim: str, crypto: Identity, federation: str, r
 
 
 def _public_key(peer_id: str) -> bytes:
-    from silomesh.peer.identity import public_key_from_peer_id
+    from silomesh.protocol.peerid import public_key_from_peer_id
 
     return public_key_from_peer_id(peer_id)

@@ -19,26 +19,13 @@ import pytest
 from click.testing import CliRunner, Result
 from peerkit import identity
 
-from silomesh.peer.audit import (
-    CHECKPOINT_DOMAIN,
-    DOMAIN,
-    GENESIS,
-    AuditError,
-    AuditLog,
-    TreeHead,
-    entry_hash,
-    load_log,
-    verify_chain,
-)
-from silomesh.peer.audit_cli import audit
-from silomesh.peer.audit_reconcile import reconcile
-from silomesh.peer.audit_verify import (
-    check_consistency,
-    check_inclusion,
-    consistency,
-    inclusion,
-    verify_log,
-)
+from silomesh.audit.cli import audit
+from silomesh.audit.entries import CHECKPOINT_DOMAIN, DOMAIN, GENESIS, AuditError, TreeHead, entry_hash
+from silomesh.audit.logfile import load_log
+from silomesh.audit.proofs import check_consistency, check_inclusion, consistency, inclusion
+from silomesh.audit.reconcile import reconcile
+from silomesh.audit.verify import verify_chain, verify_log
+from silomesh.peer.audit import AuditLog
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.store import Store
 from silomesh.protocol import Ack, Identity, seal_envelope

@@ -15,10 +15,10 @@ import trio
 from click.testing import CliRunner
 from peerkit import configs
 
-from silomesh.peer.audit import load_log
-from silomesh.peer.audit_cli import audit
-from silomesh.peer.audit_reconcile import reconcile
-from silomesh.peer.audit_verify import check_consistency, check_inclusion, consistency, inclusion
+from silomesh.audit.cli import audit
+from silomesh.audit.logfile import load_log
+from silomesh.audit.proofs import check_consistency, check_inclusion, consistency, inclusion
+from silomesh.audit.reconcile import reconcile
 from silomesh.peer.daemon import Peer
 from silomesh.peer.store import Store
 from silomesh.protocol.envelope import HEADER_KEYS

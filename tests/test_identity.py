@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 from pathlib import Path
 
 import base58
+import nacl.signing
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from silomesh.peer.cli import cli
 from silomesh.peer.identity import IdentityError, PeerIdentity, load_key_file, write_key_file
+from silomesh.protocol import PeerIdError, peer_id_from_public_key
+from silomesh.protocol import public_key_from_peer_id as protocol_public_key_from_peer_id
 
 
 def _peer_id_by_hand(public_key: bytes) -> str:
@@ -96,3 +102,61 @@ def test_non_ed25519_peer_id_is_refused(bad: str) -> None:
 
     with pytest.raises(IdentityError):
         public_key_from_peer_id(bad)
+
+
+# -- silomesh.protocol.peerid: the same PeerIDs without libp2p ------------------------------
+
+
+@pytest.mark.parametrize(
+    "seed", [bytes(32), bytes(range(32)), b"\x07" * 32, b"\xff" * 32, hashlib.sha256(b"x").digest()]
+)
+def test_protocol_peer_id_equals_libp2p_id_of_the_same_key(seed: bytes) -> None:
+    from libp2p.crypto.ed25519 import Ed25519PublicKey
+    from libp2p.peer.id import ID
+
+    public_key = bytes(nacl.signing.SigningKey(seed).verify_key)
+    libp2p_id = ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
+    assert peer_id_from_public_key(public_key) == libp2p_id
+    assert protocol_public_key_from_peer_id(libp2p_id) == public_key
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_protocol_peer_id_round_trips_and_matches_libp2p_for_any_32_bytes(public_key: bytes) -> None:
+    from libp2p.crypto.ed25519 import Ed25519PublicKey
+    from libp2p.peer.id import ID
+
+    peer_id = peer_id_from_public_key(public_key)
+    assert peer_id == ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
+    assert protocol_public_key_from_peer_id(peer_id) == public_key
+
+
+def test_protocol_peer_id_equals_peer_identity_peer_id_text() -> None:
+    identity = PeerIdentity.from_seed(b"\x2a" * 32)
+    assert peer_id_from_public_key(identity.public_key) == identity.peer_id_text
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x01" * 31, b"\x01" * 33])
+def test_protocol_peer_id_of_a_key_that_is_not_32_bytes_is_refused(bad: bytes) -> None:
+    with pytest.raises(PeerIdError, match="32 bytes"):
+        peer_id_from_public_key(bad)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ("", "not an Ed25519 PeerID"),
+        ("not-base58-0OIl", "not base58"),
+        ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "not an Ed25519 PeerID"),
+    ],
+)
+def test_protocol_refuses_a_non_ed25519_peer_id_with_a_value_error(bad: str, match: str) -> None:
+    with pytest.raises(PeerIdError, match=match) as caught:
+        protocol_public_key_from_peer_id(bad)
+    assert isinstance(caught.value, ValueError)
+
+
+def test_peer_identity_wraps_the_protocol_error_as_identity_error() -> None:
+    from silomesh.peer.identity import public_key_from_peer_id
+
+    with pytest.raises(IdentityError, match="not base58"):
+        public_key_from_peer_id("0OIl")

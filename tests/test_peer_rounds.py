@@ -9,7 +9,7 @@ import pytest
 import trio
 from peerkit import configs
 
-from silomesh.peer.audit import verify_chain
+from silomesh.audit.verify import verify_chain
 from silomesh.peer.daemon import Peer
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from peerkit import TINY_CATHETER, free_port
 
-from silomesh.peer.audit import verify_chain
+from silomesh.audit.verify import verify_chain
 from silomesh.peer.cli import cli
 from silomesh.peer.identity import load_key_file
 

@@ -13,7 +13,8 @@ import nacl.signing
 import numpy as np
 import pytest
 
-from silomesh.peer.audit import AuditLog, verify_chain
+from silomesh.audit.verify import verify_chain
+from silomesh.peer.audit import AuditLog
 from silomesh.peer.store import MIGRATIONS, Store, StoreError
 
 KEY = nacl.signing.SigningKey(b"\x09" * 32)

@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from silomesh.peer.audit import AuditError, LoadedLog, writer_key
-from silomesh.peer.audit_verify import parse_envelope_header
-from silomesh.peer.identity import peer_id_from_public_key
+from silomesh.audit.entries import AuditError, parse_envelope_header
+from silomesh.audit.logfile import LoadedLog, writer_key
+from silomesh.protocol.peerid import PeerIdError, peer_id_from_public_key
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,10 @@ def reconcile(logs: Sequence[LoadedLog]) -> ReconcileReport:
         key = writer_key(log)
         if key is None:
             raise AuditError(f"{log.source} does not record who wrote it; cannot reconcile it")
-        peer_id = peer_id_from_public_key(key)
+        try:
+            peer_id = peer_id_from_public_key(key)
+        except PeerIdError:
+            raise AuditError(f"{log.source}: the recorded writer's key is not an Ed25519 public key") from None
         if peer_id in writers:
             raise AuditError(f"{log.source} and {writers[peer_id].source} were both written by {peer_id}")
         writers[peer_id] = log

@@ -1,12 +1,12 @@
-"""What an auditor does with one audit log: verify it, prove entries and heads.
+"""What an auditor does with one audit log: verify it.
 
 :func:`verify_log` checks the whole hash chain, every entry's signature by the writer,
 every recorded envelope signature by its sender, and every signed tree head; it says
 which entry was modified, deleted, inserted, reordered or cut off rather than only that
-the chain breaks somewhere. :func:`inclusion` / :func:`check_inclusion` and
-:func:`consistency` / :func:`check_consistency` make and check RFC 6962 proofs against
-signed heads. (:mod:`silomesh.peer.audit_reconcile` matches peers' logs against each
-other.) The procedures are specified in docs/AUDIT.md.
+the chain breaks somewhere. :func:`verify_chain` is the strict row-by-row check of the
+chain and entry signatures alone. (:mod:`silomesh.audit.proofs` makes and checks RFC 6962
+proofs; :mod:`silomesh.audit.reconcile` matches peers' logs against each other.) The
+procedures are specified in docs/AUDIT.md.
 """
 
 from __future__ import annotations
@@ -16,34 +16,67 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from silomesh.peer.audit import (
+import nacl.exceptions
+import nacl.signing
+
+from silomesh.audit.entries import (
     DIRECTIONS,
     FIELDS,
     GENESIS,
     AuditError,
-    LoadedLog,
     TreeHead,
     entry_hash,
-    entry_leaf,
+    hex_bytes,
+    key_of,
+    parse_envelope_header,
+    prefix_roots,
     verify_ed25519,
-    writer_key,
 )
-from silomesh.peer.identity import IdentityError, peer_id_from_public_key, public_key_from_peer_id
-from silomesh.protocol import ProtocolError
-from silomesh.protocol.envelope import ENVELOPE_SIGNING_DOMAIN, EnvelopeHeader
-from silomesh.protocol.limits import MAX_HEADER_SIZE
-from silomesh.protocol.merkle import (
-    Frontier,
-    consistency_proof,
-    inclusion_proof,
-    root_from_inclusion,
-    tree_root,
-    verify_consistency,
-)
-from silomesh.protocol.wire import unpack_map
+from silomesh.audit.logfile import LoadedLog, writer_key
+from silomesh.protocol.envelope import ENVELOPE_SIGNING_DOMAIN
+from silomesh.protocol.peerid import PeerIdError, peer_id_from_public_key
 
-PROOF_FORMAT = "silomesh-inclusion-proof/1"
-CONSISTENCY_FORMAT = "silomesh-consistency-proof/1"
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """One thing wrong with a log, located by entry number (``seq``) or row position."""
+
+    position: int
+    seq: int | None
+    problem: str
+
+
+def verify_chain(entries: Iterable[Mapping[str, Any]], public_key: bytes) -> list[ChainProblem]:
+    """Check sequence numbers, the hash chain and every entry's signature (strictly, row by row).
+
+    Returns an empty list when the log is intact. :func:`verify_log` adds envelope
+    signatures, checkpoints and a diagnosis of what was changed.
+    """
+    verify_key = nacl.signing.VerifyKey(public_key)
+    problems: list[ChainProblem] = []
+    prev = GENESIS
+    for position, entry in enumerate(entries, start=1):
+        seq = entry.get("seq")
+        if seq != position:
+            problems.append(ChainProblem(position, seq, f"expected entry {position}, found {seq}"))
+        if entry.get("prev_hash") != prev:
+            problems.append(ChainProblem(position, seq, "previous-hash link broken"))
+        try:
+            computed = entry_hash(entry)
+        except (KeyError, TypeError) as exc:
+            problems.append(ChainProblem(position, seq, f"malformed entry: {exc}"))
+            prev = str(entry.get("entry_hash", ""))
+            continue
+        if computed != entry.get("entry_hash"):
+            problems.append(ChainProblem(position, seq, "content does not match its hash"))
+        try:
+            verify_key.verify(
+                bytes.fromhex(str(entry.get("entry_hash", ""))), bytes.fromhex(str(entry.get("signature", "")))
+            )
+        except (nacl.exceptions.BadSignatureError, ValueError):
+            problems.append(ChainProblem(position, seq, "signature does not verify"))
+        prev = str(entry.get("entry_hash", ""))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -93,20 +126,6 @@ class VerifyReport:
         out = asdict(self)
         out["ok"] = self.ok
         return out
-
-
-def parse_envelope_header(hex_header: str) -> EnvelopeHeader | None:
-    try:
-        return EnvelopeHeader(**unpack_map(bytes.fromhex(hex_header), what="header", max_size=MAX_HEADER_SIZE))
-    except (ProtocolError, ValueError, TypeError):
-        return None
-
-
-def _key_of(peer_id: str) -> bytes | None:
-    try:
-        return public_key_from_peer_id(peer_id)
-    except IdentityError:
-        return None
 
 
 def _original_seqs(entries: Sequence[Mapping[str, Any]], content_ok: Sequence[bool]) -> list[int | None]:
@@ -203,7 +222,7 @@ def _check_entries(entries: list[dict[str, Any]], key: bytes, findings: list[Fin
                 findings.append(Finding(seq, "modified", f"entry {seq} has an unknown direction {e['direction']!r}"))
             else:
                 findings.append(Finding(seq, "modified", f"entry {seq} was modified: content does not match its hash"))
-        if not verify_ed25519(key, _hex(e["entry_hash"]), str(e.get("signature") or "")):
+        if not verify_ed25519(key, hex_bytes(e["entry_hash"]), str(e.get("signature") or "")):
             findings.append(
                 Finding(
                     seq,
@@ -253,13 +272,6 @@ def _check_entries(entries: list[dict[str, Any]], key: bytes, findings: list[Fin
     return max(signed_as, default=0)
 
 
-def _hex(value: Any) -> bytes:
-    try:
-        return bytes.fromhex(str(value))
-    except ValueError:
-        return b""
-
-
 def _hash_as(entry: Mapping[str, Any], seq: int) -> str:
     return entry_hash({**entry, "seq": seq})
 
@@ -274,7 +286,7 @@ def _check_envelope(e: Mapping[str, Any], writer: bytes, report: VerifyReport) -
     header = parse_envelope_header(str(e["envelope_header"]))
     if header is None:
         return Finding(seq, "envelope", f"entry {seq}: the recorded envelope header is malformed")
-    other = _key_of(str(e.get("peer")))
+    other = key_of(str(e.get("peer")))
     if other is None:
         return Finding(seq, "envelope", f"entry {seq}: peer {e.get('peer')!r} is not an Ed25519 PeerID")
     sender, recipient = (writer, other) if e["direction"] == "sent" else (other, writer)
@@ -293,43 +305,16 @@ def _check_envelope(e: Mapping[str, Any], writer: bytes, report: VerifyReport) -
     if mismatch:
         return Finding(seq, "envelope", f"entry {seq}: {', '.join(mismatch)} differ(s) from the sender-signed header")
     report.envelope_signatures_checked += 1
-    if not verify_ed25519(sender, ENVELOPE_SIGNING_DOMAIN + _hex(e["envelope_header"]), str(e["envelope_sig"])):
+    if not verify_ed25519(sender, ENVELOPE_SIGNING_DOMAIN + hex_bytes(e["envelope_header"]), str(e["envelope_sig"])):
         return Finding(seq, "envelope", f"entry {seq}: envelope signature does not verify with the key of {who}")
     return None
-
-
-def _prefix_roots(entries: Sequence[Mapping[str, Any]], sizes: Iterable[int]) -> dict[int, str | None]:
-    """Hex root over entries 1..size for each size, in one pass; None where they are not all present in order."""
-    wanted = sorted(set(sizes))
-    roots: dict[int, str | None] = dict.fromkeys(wanted)
-    frontier = Frontier()
-    pending = iter(wanted)
-    target = next(pending, None)
-    while target is not None and target == 0:
-        roots[0] = frontier.root.hex()
-        target = next(pending, None)
-    for position, e in enumerate(entries, start=1):
-        if target is None or e.get("seq") != position:
-            break
-        try:
-            frontier.append(entry_leaf(e))
-        except (ValueError, KeyError):
-            break
-        while target is not None and target == position:
-            roots[target] = frontier.root.hex()
-            target = next(pending, None)
-    return roots
-
-
-def _root_of_prefix(entries: Sequence[Mapping[str, Any]], size: int) -> str | None:
-    return _prefix_roots(entries, [size])[size]
 
 
 def _check_heads(
     log: LoadedLog, key: bytes, heads: Sequence[TreeHead], last: int, external: bool, findings: list[Finding]
 ) -> None:
     what = "given head" if external else "checkpoint"
-    roots = _prefix_roots(log.entries, [h.size for h in heads if h.size <= last])
+    roots = prefix_roots(log.entries, [h.size for h in heads if h.size <= last])
     for head in heads:
         if not head.verify(key):
             findings.append(Finding(None, "checkpoint", f"{what} of size {head.size}: signature does not verify"))
@@ -365,7 +350,7 @@ def verify_log(log: LoadedLog, *, key: bytes | None = None, heads: Sequence[Tree
     """Verify a whole log: chain, signatures, envelope signatures, checkpoints and ``heads``.
 
     Args:
-        log: The log read by :func:`~silomesh.peer.audit.load_log`.
+        log: The log read by :func:`~silomesh.audit.logfile.load_log`.
         key: The writer's public key the auditor expects; by default the one the log records.
         heads: Signed tree heads the auditor kept from earlier (truncation evidence).
 
@@ -378,14 +363,14 @@ def verify_log(log: LoadedLog, *, key: bytes | None = None, heads: Sequence[Tree
         raise AuditError(f"{log.source} does not record who wrote it; give the writer's key (--key)")
     try:
         peer_id = peer_id_from_public_key(use)
-    except Exception:  # noqa: BLE001 - libp2p raises assorted errors for a bad key
+    except PeerIdError:
         raise AuditError(f"{use.hex()} is not an Ed25519 public key") from None
     latest = max((h.size for h in log.checkpoints), default=None)
     report = VerifyReport(log.source, peer_id, use.hex(), len(log.entries), len(log.checkpoints), latest)
     findings = report.findings
     if key is not None and recorded is not None and key != recorded:
         findings.append(Finding(None, "key", f"the log says it was written by {recorded.hex()}, not by the given key"))
-    if log.writer_public_key and log.writer_peer_id and _key_of(log.writer_peer_id) != log.writer_public_key:
+    if log.writer_public_key and log.writer_peer_id and key_of(log.writer_peer_id) != log.writer_public_key:
         findings.append(Finding(None, "key", "the recorded writer's PeerID and public key do not match"))
     for head in log.checkpoints:
         if head.peer_id != peer_id:
@@ -400,121 +385,3 @@ def verify_log(log: LoadedLog, *, key: bytes | None = None, heads: Sequence[Tree
     _check_heads(log, use, heads, last, True, findings)
     findings.sort(key=lambda f: (f.entry is None, f.entry or 0))
     return report
-
-
-# -- proofs ---------------------------------------------------------------------------
-
-
-def head_of(log: LoadedLog, size: int | None = None) -> TreeHead:
-    """The signed checkpoint of ``size`` entries (the latest by default).
-
-    Raises:
-        AuditError: if the log has no such checkpoint.
-    """
-    if not log.checkpoints:
-        raise AuditError(f"{log.source} has no signed checkpoint yet (one is signed at each round end)")
-    if size is None:
-        return log.checkpoints[-1]
-    for head in log.checkpoints:
-        if head.size == size:
-            return head
-    sizes = ", ".join(str(h.size) for h in log.checkpoints)
-    raise AuditError(f"{log.source} has no checkpoint of size {size}; checkpoints cover: {sizes}")
-
-
-def _leaves(log: LoadedLog, size: int) -> list[bytes]:
-    if _root_of_prefix(log.entries, size) is None:
-        raise AuditError(f"entries 1-{size} of {log.source} are not all present; run 'silomesh audit verify'")
-    return [entry_leaf(e) for e in log.entries[:size]]
-
-
-def inclusion(log: LoadedLog, seq: int, size: int | None = None) -> dict[str, Any]:
-    """An inclusion proof of entry ``seq`` under a signed head (JSON-ready).
-
-    Raises:
-        AuditError: if the entry or a head covering it does not exist.
-    """
-    head = head_of(log, size)
-    if not 1 <= seq <= head.size:
-        raise AuditError(f"entry {seq} is not covered by the signed head of size {head.size}")
-    leaves = _leaves(log, head.size)
-    if tree_root(leaves).hex() != head.root_hash:
-        raise AuditError(f"{log.source} no longer matches its head of size {head.size}; run 'silomesh audit verify'")
-    entry = log.entries[seq - 1]
-    return {
-        "format": PROOF_FORMAT,
-        "entry": entry,
-        "leaf_index": seq - 1,
-        "tree_size": head.size,
-        "leaf_hash": leaves[seq - 1].hex(),
-        "audit_path": [p.hex() for p in inclusion_proof(leaves, seq - 1)],
-        "head": head.to_json(),
-    }
-
-
-def check_inclusion(proof: Mapping[str, Any], head: TreeHead, key: bytes | None = None) -> list[str]:
-    """Problems with an inclusion proof against a signed head you trust (empty when it holds)."""
-    problems = []
-    if key is not None and head.verify(key) is False:
-        problems.append("the head is not signed by the given key")
-    if not head.verify():
-        problems.append(f"the head's signature does not verify with the key of {head.peer_id}")
-    try:
-        entry = dict(proof["entry"])
-        index, size = int(proof["leaf_index"]), int(proof["tree_size"])
-        path = [bytes.fromhex(p) for p in proof["audit_path"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        return [*problems, f"malformed proof: {exc}"]
-    if size != head.size:
-        problems.append(f"the proof is for a tree of {size} entries, the head covers {head.size}")
-    if entry.get("seq") != index + 1:
-        problems.append(f"the entry is number {entry.get('seq')}, the proof is for leaf {index}")
-    try:
-        if entry_hash(entry) != entry.get("entry_hash"):
-            problems.append("the entry's content does not match its hash")
-    except (KeyError, TypeError):
-        problems.append("the entry is malformed")
-    if not verify_ed25519(
-        head.public_key if head.verify() else b"", _hex(entry.get("entry_hash")), str(entry.get("signature") or "")
-    ):
-        problems.append("the entry's signature does not verify with the head's writer key")
-    leaf = entry_leaf(entry) if _hex(entry.get("entry_hash")) else b""
-    if root_from_inclusion(leaf, index, size, path) != _hex(head.root_hash):
-        problems.append("the audit path does not lead to the head's root hash")
-    return problems
-
-
-def consistency(log: LoadedLog, first: int, second: int | None = None) -> dict[str, Any]:
-    """A consistency proof between two signed heads of ``log`` (JSON-ready).
-
-    Raises:
-        AuditError: if either head does not exist or ``first`` > ``second``.
-    """
-    a, b = head_of(log, first), head_of(log, second)
-    if a.size > b.size:
-        raise AuditError(f"--from {a.size} is after --to {b.size}")
-    leaves = _leaves(log, b.size)
-    return {
-        "format": CONSISTENCY_FORMAT,
-        "first": a.to_json(),
-        "second": b.to_json(),
-        "proof": [p.hex() for p in consistency_proof(leaves, a.size)],
-    }
-
-
-def check_consistency(proof: Mapping[str, Any], key: bytes | None = None) -> list[str]:
-    """Problems with a consistency proof (empty when both heads are signed and consistent)."""
-    try:
-        a, b = TreeHead.from_json(proof["first"]), TreeHead.from_json(proof["second"])
-        path = [bytes.fromhex(p) for p in proof["proof"]]
-    except (KeyError, TypeError, ValueError, AuditError) as exc:
-        return [f"malformed proof: {exc}"]
-    problems = []
-    if a.peer_id != b.peer_id:
-        problems.append("the two heads were signed by different peers")
-    for name, head in (("first", a), ("second", b)):
-        if not head.verify(key):
-            problems.append(f"the {name} head's signature does not verify")
-    if not verify_consistency(a.size, b.size, _hex(a.root_hash), _hex(b.root_hash), path):
-        problems.append(f"the head of size {b.size} does not extend the head of size {a.size}")
-    return problems

@@ -19,17 +19,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from silomesh.peer.audit import DIRECTIONS, AuditError, LoadedLog, TreeHead, export_csv, export_jsonl, load_log
-from silomesh.peer.audit_reconcile import reconcile
-from silomesh.peer.audit_verify import (
-    check_consistency,
-    check_inclusion,
-    consistency,
-    head_of,
-    inclusion,
-    verify_log,
-)
-from silomesh.peer.identity import IdentityError, public_key_from_peer_id
+from silomesh.audit.entries import DIRECTIONS, AuditError, TreeHead
+from silomesh.audit.logfile import LoadedLog, export_csv, export_jsonl, load_log
+from silomesh.audit.proofs import check_consistency, check_inclusion, consistency, head_of, inclusion
+from silomesh.audit.reconcile import reconcile
+from silomesh.audit.verify import verify_log
+from silomesh.protocol.peerid import PeerIdError, public_key_from_peer_id
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 F = TypeVar("F", bound=Callable[..., Any])
@@ -73,7 +68,7 @@ def _parse_key(text: str | None) -> bytes | None:
     except ValueError:
         try:
             return public_key_from_peer_id(text)
-        except IdentityError:
+        except PeerIdError:
             raise AuditInputError(f"--key {text!r} is neither 64 hex digits nor an Ed25519 PeerID") from None
     if len(key) != 32:
         raise AuditInputError(f"--key must be a 32-byte public key (64 hex digits), got {len(key)} bytes")
