@@ -53,6 +53,11 @@ def _federation(task_name: str, n_silos: int, seed: int, options: tuple[tuple[st
     return get_task(task_name, **dict(options)).make_federation(n_silos, seed)
 
 
+def synthetic_federation(task_name: str, n_silos: int, seed: int, **options: Any) -> Federation:
+    """The whole seeded synthetic federation (every silo and the shared test sets), cached per process."""
+    return _federation(task_name, n_silos, seed, tuple(sorted(options.items())))
+
+
 def synthetic_silo(task_name: str, n_silos: int, silo: int, seed: int, **options: Any) -> Silo:
     """Silo ``silo`` of a seeded synthetic federation (cached per process for simnet).
 

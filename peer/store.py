@@ -190,6 +190,33 @@ class Store:
             raise StoreError(f"cannot open store {path}: {exc}") from None
         self._remove_orphan_files()
 
+    @classmethod
+    def open_readonly(cls, path: Path) -> Store:
+        """Open an existing store for reading only, beside the peer that writes it.
+
+        No migrations, no clean-up of model files, no writes: SQLite's WAL lets such a
+        reader run next to the peer's own connection (in this process or another), so a
+        harness or a tool can watch a live peer. Only the read methods may be used.
+
+        Raises:
+            StoreError: if the file does not exist or cannot be opened.
+        """
+        if not path.is_file():
+            raise StoreError(f"no store {path}")
+        store = cls.__new__(cls)
+        store.path = path
+        store.models_dir = path.parent / "models"
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+        try:
+            store.db = sqlite_utils.Database(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+        return store
+
     # -- lifecycle -----------------------------------------------------------------
 
     def _migrate(self) -> None:
@@ -354,6 +381,11 @@ class Store:
     def last_committed_round(self) -> int:
         row = self.db.execute("SELECT max(round) FROM rounds WHERE status = 'done'").fetchone()
         return -1 if row[0] is None else int(row[0])
+
+    def committed_round_count(self) -> int:
+        """How many rounds this peer has committed (rounds with status ``done``)."""
+        row = self.db.execute("SELECT count(*) FROM rounds WHERE status = 'done'").fetchone()
+        return int(row[0])
 
     def record_metric(self, round: int, name: str, value: float) -> None:
         self.db.table("metrics").upsert(

@@ -96,7 +96,7 @@ def run(scenario_file: Path | None, task_options: tuple[str, ...], strategy_para
     A file with an [experiment] table runs every arm x seed and writes
     DIR/results.json and DIR/results.md (see docs/SIMNET.md, Experiments).
     """
-    from silomesh.simnet.scenario import ScenarioError, load_scenario, make_scenario
+    from silomesh.simnet.scenario import ScenarioError, SimnetError, load_scenario, make_scenario
 
     if scenario_file is not None:
         from silomesh.simnet.experiment import has_experiment
@@ -118,7 +118,7 @@ def run(scenario_file: Path | None, task_options: tuple[str, ...], strategy_para
     except ScenarioError as exc:
         raise click.ClickException(str(exc)) from None
 
-    from silomesh.simnet.coordinator import SimnetError, run_simnet
+    from silomesh.simnet.coordinator import run_simnet
 
     progress = None if quiet or as_json else _RichProgress(scenario.rounds)
     try:

@@ -18,44 +18,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from silomesh.simnet.plan import Plan, build_plan
+from silomesh.simnet.results import ShareResult
+from silomesh.simnet.runtime import STOP_FILE, limit_torch_threads, quiet_expected_dial_errors
 from silomesh.simnet.scenario import Scenario, SimnetError, default_out_dir
 from silomesh.simnet.stores import committed_counts
 
 log = logging.getLogger(__name__)
 
 POLL = 0.5
-STOP_FILE = "stop"
 
 ProgressCallback = Callable[[int, int, list[int]], None]
-
-
-def quiet_expected_dial_errors() -> None:
-    """Silence libp2p's own error logs during a simnet (unless debugging).
-
-    A simnet dials peers that are still starting, crashes peers mid-stream and runs
-    intruders that victims cut off: libp2p logs each of these at ERROR, some with
-    tracebacks. The peers log what matters to them at INFO and the report counts it
-    from their stores, so libp2p is set to CRITICAL unless the root logger is at DEBUG.
-    """
-    import libp2p  # noqa: F401 - its import resets the "libp2p" logger; quiet it afterwards
-
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
-
-
-def limit_torch_threads() -> None:
-    """One torch thread per process: many peers share few cores (measured ~100x faster)."""
-    import torch
-
-    torch.set_num_threads(1)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work already started
-        pass
 
 
 class Watcher:
@@ -85,7 +62,7 @@ def run_simnet(scenario: Scenario, *, progress: ProgressCallback | None = None) 
     """
     from silomesh.simnet.report import build_report, write_outputs
 
-    out = Path(scenario.out) if scenario.out is not None else default_out_dir()
+    out = scenario.out if scenario.out is not None else default_out_dir()
     t_setup = time.time()
     plan = build_plan(scenario, out)
     log.info("simnet: %d peers, %s, %s/%s, %d rounds -> %s", plan.n, scenario.topology, scenario.strategy,
@@ -96,7 +73,7 @@ def run_simnet(scenario: Scenario, *, progress: ProgressCallback | None = None) 
     else:
         shares = _run_processes(plan, progress, scenario.effective_timeout)
     wall = time.time() - t0
-    errors = [slot["error"] for share in shares for slot in share["slots"].values() if slot.get("error")]
+    errors = [slot.error for share in shares for slot in share.slots.values() if slot.error]
     if errors and len(errors) == plan.n:
         raise SimnetError(f"no peer could run: {errors[0]} (logs in {plan.run_dir})")
     local = None
@@ -139,8 +116,7 @@ def peer_logs_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-
-def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: float) -> dict[str, Any]:
+def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: float) -> ShareResult:
     import trio
 
     from silomesh.simnet.runner import ShareRunner
@@ -177,19 +153,16 @@ def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: floa
                 first = first.exceptions[0]
             raise first from None
     watcher.poll()
-    results = runner.results()
-    results["timed_out"] = not finished
     if not finished:
         log.warning("simnet run stopped by its %.0f s timeout", timeout)
-    return results
+    return replace(runner.results(), timed_out=not finished)
 
 
 # -- several processes -------------------------------------------------------------------
 
 
-def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float) -> list[dict[str, Any]]:
+def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float) -> list[ShareResult]:
     run_dir = plan.run_dir
-    plan_path = Path(plan.out) / "plan.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
@@ -197,7 +170,7 @@ def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float
         log_file = open(run_dir / f"worker-{share}.log", "wb")  # noqa: SIM115 - closed below
         logs.append(log_file)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "silomesh.simnet.worker", str(plan_path), str(share)],
+            [sys.executable, "-m", "silomesh.simnet.worker", str(plan.path), str(share)],
             stdout=log_file, stderr=subprocess.STDOUT, env=env))
     watcher = Watcher(plan, progress)
     deadline = time.monotonic() + timeout
@@ -216,7 +189,7 @@ def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float
         (run_dir / STOP_FILE).write_text(str(time.time()))
         for p in procs:
             try:
-                p.wait(timeout=max(30.0, plan.scenario["deadline"] + 15))
+                p.wait(timeout=max(30.0, plan.scenario.deadline + 15))
             except subprocess.TimeoutExpired:
                 log.warning("worker %d did not stop; terminating it", p.pid)
                 p.terminate()
@@ -234,8 +207,6 @@ def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float
         if not path.exists():
             raise SimnetError(f"worker {share} exited with status {p.returncode} without results; "
                               f"see {run_dir / f'worker-{share}.log'}")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        data["timed_out"] = timed_out
-        data["exit_code"] = p.returncode
-        results.append(data)
+        result = ShareResult.from_json(json.loads(path.read_text(encoding="utf-8")))
+        results.append(replace(result, timed_out=timed_out))
     return results

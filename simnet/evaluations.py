@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from silomesh.simnet.runtime import limit_torch_threads
 from silomesh.simnet.scenario import Scenario
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,13 @@ class RunModels:
 
     def __init__(self, scenario: Scenario, report: dict[str, Any]) -> None:
         from silomesh.models.registry import get_task
-        from silomesh.peer.learner import _federation, federation_seed
+        from silomesh.peer.learner import federation_seed, synthetic_federation
 
         self.scenario = scenario
         self.report = report
         self.options = scenario.effective_task_options
         self.task = get_task(scenario.task, **self.options)
-        self.federation = _federation(scenario.task, scenario.peers, scenario.seed,
-                                      tuple(sorted(self.options.items())))
+        self.federation = synthetic_federation(scenario.task, scenario.peers, scenario.seed, **self.options)
         self.init_seed = federation_seed(scenario.federation)
         self._models: list[Any] | None = None
 
@@ -291,8 +291,6 @@ EVALUATIONS: dict[str, Evaluation] = {
 def evaluate_run(names: tuple[str, ...] | list[str], scenario: Scenario, report: dict[str, Any],
                  options: dict[str, Any]) -> dict[str, float]:
     """Apply ``federation`` and the named evaluations to one finished run."""
-    from silomesh.simnet.coordinator import limit_torch_threads
-
     limit_torch_threads()
     run = RunModels(scenario, report)
     metrics = eval_federation(run, options)

@@ -34,7 +34,7 @@ import math
 import shlex
 import time
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -353,7 +353,7 @@ def run_experiment(exp: Experiment, out: Path, *, scale: int = 1, seeds: tuple[i
         keys: list[str] = []
         for m in runs.values():
             keys += [k for k in m if k not in keys]
-        settings = replace(scenario, out=None, seed=0).to_dict()
+        settings = scenario.to_settings()
         settings.pop("seed")
         settings.pop("out")
         results["arms"][arm.name] = {

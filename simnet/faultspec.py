@@ -20,15 +20,21 @@ Grammar (comma-separated items, each at most once; ``none`` or empty means no fa
     rounds    numbered from 0, as in report.json
 
 Example: ``crash=0.1,restart=after:2,drop=0.05,delay=200ms,partition=3-5,byzantine=2:scale,intruder=1``.
-This module is pure Python (no trio/torch) so the CLI can validate specs quickly.
+The same items may come as a TOML table (``[faults]`` with ``crash = 0.25``,
+``restart = "after:1"``, ...): :func:`parse_fault_table`. Either way the spec is parsed
+once into a :class:`FaultSpec`; :func:`plan_faults` resolves it into a :class:`FaultPlan`
+for a federation, and both cross process boundaries (``plan.json``) as JSON through their
+``to_json`` / ``from_json`` pairs, never as spec text. This module is pure Python (no
+trio/torch) so the CLI can validate specs quickly.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 KNOWN = ("crash", "restart", "drop", "delay", "partition", "byzantine", "intruder")
 BYZANTINE_MODES = ("noise", "scale", "nan")
@@ -43,13 +49,42 @@ class FaultSpecError(ValueError):
     """A ``--faults`` spec does not follow the grammar; the message names the item."""
 
 
+def _pair(value: Any) -> tuple[Any, Any] | None:
+    return None if value is None else (value[0], value[1])
+
+
+@dataclass(frozen=True)
+class Restart:
+    """When a crashed peer comes back (same key, same store).
+
+    ``kind == "rounds"``: once the other peers have completed ``after`` more rounds;
+    ``kind == "seconds"``: ``after`` seconds after the crash.
+    """
+
+    kind: Literal["rounds", "seconds"]
+    after: float
+
+    def to_text(self) -> str:
+        return f"after:{int(self.after)}" if self.kind == "rounds" else f"after:{self.after:g}s"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "after": self.after}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Restart:
+        kind = d["kind"]
+        if kind not in ("rounds", "seconds"):
+            raise ValueError(f"restart kind must be rounds or seconds, got {kind!r}")
+        return cls(kind, float(d["after"]))
+
+
 @dataclass(frozen=True)
 class FaultSpec:
     """A parsed ``--faults`` spec (amounts not yet resolved against a peer count)."""
 
     crash: float = 0.0
     crash_round: int | None = None
-    restart: tuple[str, float] | None = None  # ("rounds", N) or ("seconds", S); None: never
+    restart: Restart | None = None  # None: never
     drop: float = 0.0
     delay: tuple[float, float] | None = None  # seconds (low, high)
     partition: tuple[int, int] | None = None  # rounds (first, last)
@@ -62,14 +97,13 @@ class FaultSpec:
         return self == FaultSpec()
 
     def to_text(self) -> str:
-        """The canonical spec string (parses back to an equal spec)."""
+        """The canonical spec string (parses back to an equal spec); for people and reports."""
         items = []
         if self.crash:
             items.append(f"crash={_amount_text(self.crash)}"
                          + (f"@{self.crash_round}" if self.crash_round is not None else ""))
         if self.restart is not None:
-            kind, value = self.restart
-            items.append(f"restart=after:{int(value)}" if kind == "rounds" else f"restart=after:{value:g}s")
+            items.append(f"restart={self.restart.to_text()}")
         if self.drop:
             items.append(f"drop={self.drop:g}")
         if self.delay is not None:
@@ -82,6 +116,30 @@ class FaultSpec:
         if self.intruders:
             items.append(f"intruder={self.intruders}")
         return ",".join(items) or "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "crash": self.crash, "crash_round": self.crash_round,
+            "restart": self.restart.to_json() if self.restart is not None else None,
+            "drop": self.drop,
+            "delay": list(self.delay) if self.delay is not None else None,
+            "partition": list(self.partition) if self.partition is not None else None,
+            "byzantine": self.byzantine, "byzantine_mode": self.byzantine_mode, "intruders": self.intruders,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> FaultSpec:
+        return cls(
+            crash=float(d["crash"]),
+            crash_round=d["crash_round"],
+            restart=Restart.from_json(d["restart"]) if d["restart"] is not None else None,
+            drop=float(d["drop"]),
+            delay=_pair(d["delay"]),
+            partition=_pair(d["partition"]),
+            byzantine=float(d["byzantine"]),
+            byzantine_mode=d["byzantine_mode"],
+            intruders=int(d["intruders"]),
+        )
 
 
 def _amount_text(x: float) -> str:
@@ -120,8 +178,7 @@ def parse_faults(spec: str | None) -> FaultSpec:
     """
     if spec is None or spec.strip().lower() in ("", "none"):
         return FaultSpec()
-    values: dict[str, Any] = {}
-    seen: set[str] = set()
+    items: list[tuple[str, str, str]] = []
     for raw in spec.split(","):
         item = raw.strip()
         if not item:
@@ -130,6 +187,36 @@ def parse_faults(spec: str | None) -> FaultSpec:
         key, value = key.strip(), value.strip()
         if not eq or not value:
             raise FaultSpecError(f"faults: {item!r}: expected NAME=VALUE (names: {', '.join(KNOWN)})")
+        items.append((key, value, item))
+    return _parse_items(items)
+
+
+def parse_fault_table(table: Mapping[str, Any]) -> FaultSpec:
+    """Parse the table form of a spec (a scenario file's ``[faults]``: ``crash = 0.25``, ...).
+
+    Each value follows the grammar of its item in the string form (numbers may be TOML
+    numbers). An empty table means no faults.
+
+    Raises:
+        FaultSpecError: naming the first key whose value does not follow the grammar.
+    """
+    items: list[tuple[str, str, str]] = []
+    for key, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            got = "a boolean" if isinstance(value, bool) else f"{type(value).__name__} {value!r}"
+            raise FaultSpecError(f"faults.{key}: expected a number or string, got {got}")
+        text = str(value).strip()
+        if not text:
+            raise FaultSpecError(f"faults.{key}: empty value")
+        items.append((key, text, f"{key}={text}"))
+    return _parse_items(items)
+
+
+def _parse_items(items: Iterable[tuple[str, str, str]]) -> FaultSpec:
+    """Build a spec from ``(name, value, item text)`` triples (the item text names errors)."""
+    values: dict[str, Any] = {}
+    seen: set[str] = set()
+    for key, value, item in items:
         if key not in KNOWN:
             raise FaultSpecError(f"faults: unknown fault {key!r} (known: {', '.join(KNOWN)})")
         if key in seen:
@@ -141,19 +228,7 @@ def parse_faults(spec: str | None) -> FaultSpec:
             if at:
                 values["crash_round"] = _int(rnd, item)
         elif key == "restart":
-            if value == "never":
-                values["restart"] = None
-            elif value.startswith("after:"):
-                arg = value[len("after:"):]
-                if arg.isdigit():
-                    if int(arg) < 1:
-                        raise FaultSpecError(f"faults: {item}: restart after at least 1 round")
-                    values["restart"] = ("rounds", float(arg))
-                else:
-                    values["restart"] = ("seconds", _duration(arg, item))
-            else:
-                raise FaultSpecError(f"faults: {item}: expected restart=never, after:N (rounds) "
-                                     "or after:DURATION (e.g. after:5s)")
+            values["restart"] = _restart(value, item)
         elif key == "drop":
             try:
                 p = float(value)
@@ -189,9 +264,23 @@ def parse_faults(spec: str | None) -> FaultSpec:
             if n > 16:
                 raise FaultSpecError(f"faults: {item}: at most 16 intruders")
             values["intruders"] = n
-    if "restart" in values and values["restart"] is not None and "crash" not in values:
+    if values.get("restart") is not None and "crash" not in values:
         raise FaultSpecError("faults: restart=... needs crash=... (nothing to restart)")
     return FaultSpec(**values)
+
+
+def _restart(value: str, item: str) -> Restart | None:
+    if value == "never":
+        return None
+    if value.startswith("after:"):
+        arg = value[len("after:"):]
+        if arg.isdigit():
+            if int(arg) < 1:
+                raise FaultSpecError(f"faults: {item}: restart after at least 1 round")
+            return Restart("rounds", float(arg))
+        return Restart("seconds", _duration(arg, item))
+    raise FaultSpecError(f"faults: {item}: expected restart=never, after:N (rounds) "
+                         "or after:DURATION (e.g. after:5s)")
 
 
 def _count(amount: float, n: int) -> int:
@@ -203,31 +292,60 @@ def _count(amount: float, n: int) -> int:
 
 @dataclass(frozen=True)
 class CrashPlan:
+    """Peer ``peer`` is cancelled ``delay`` seconds into round ``round``."""
+
     peer: int
     round: int
     delay: float  # seconds into the round
-    restart: tuple[str, float] | None
+    restart: Restart | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peer": self.peer, "round": self.round, "delay": self.delay,
+                "restart": self.restart.to_json() if self.restart is not None else None}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> CrashPlan:
+        return cls(int(d["peer"]), int(d["round"]), float(d["delay"]),
+                   Restart.from_json(d["restart"]) if d["restart"] is not None else None)
 
 
 @dataclass(frozen=True)
 class IntruderPlan:
+    """Intruder ``index`` attacks the peers ``targets``, ``attempts`` times each."""
+
     index: int
     targets: tuple[int, ...]
     attempts: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "targets": list(self.targets), "attempts": self.attempts}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> IntruderPlan:
+        return cls(int(d["index"]), tuple(int(t) for t in d["targets"]), int(d["attempts"]))
 
 
 @dataclass(frozen=True)
 class FaultPlan:
     """A spec resolved for a federation: which peers, rounds and sides, from the seed."""
 
-    spec: str
+    spec: FaultSpec = field(default_factory=FaultSpec)
     crashes: tuple[CrashPlan, ...] = ()
-    byzantine: dict[int, str] = field(default_factory=dict)
-    drop: float = 0.0
-    delay: tuple[float, float] | None = None
-    partition: tuple[int, int] | None = None
-    partition_side: tuple[int, ...] = ()
+    byzantine: dict[int, str] = field(default_factory=dict)  # peer index -> byzantine mode
+    partition_side: tuple[int, ...] = ()  # peer indices on one side of the partition
     intruders: tuple[IntruderPlan, ...] = ()
+
+    @property
+    def drop(self) -> float:
+        return self.spec.drop
+
+    @property
+    def delay(self) -> tuple[float, float] | None:
+        return self.spec.delay
+
+    @property
+    def partition(self) -> tuple[int, int] | None:
+        return self.spec.partition
 
     def crash_of(self, peer: int) -> CrashPlan | None:
         return next((c for c in self.crashes if c.peer == peer), None)
@@ -236,24 +354,23 @@ class FaultPlan:
     def never_restarted(self) -> set[int]:
         return {c.peer for c in self.crashes if c.restart is None}
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["byzantine"] = {str(k): v for k, v in self.byzantine.items()}
-        return d
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_json(),
+            "crashes": [c.to_json() for c in self.crashes],
+            "byzantine": {str(k): v for k, v in sorted(self.byzantine.items())},
+            "partition_side": list(self.partition_side),
+            "intruders": [i.to_json() for i in self.intruders],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FaultPlan:
+    def from_json(cls, d: Mapping[str, Any]) -> FaultPlan:
         return cls(
-            spec=d["spec"],
-            crashes=tuple(CrashPlan(c["peer"], c["round"], c["delay"],
-                                    tuple(c["restart"]) if c["restart"] else None)
-                          for c in d["crashes"]),
-            byzantine={int(k): v for k, v in d["byzantine"].items()},
-            drop=d["drop"],
-            delay=tuple(d["delay"]) if d["delay"] else None,
-            partition=tuple(d["partition"]) if d["partition"] else None,
-            partition_side=tuple(d["partition_side"]),
-            intruders=tuple(IntruderPlan(i["index"], tuple(i["targets"]), i["attempts"]) for i in d["intruders"]),
+            spec=FaultSpec.from_json(d["spec"]),
+            crashes=tuple(CrashPlan.from_json(c) for c in d["crashes"]),
+            byzantine={int(k): str(v) for k, v in d["byzantine"].items()},
+            partition_side=tuple(int(i) for i in d["partition_side"]),
+            intruders=tuple(IntruderPlan.from_json(i) for i in d["intruders"]),
         )
 
 
@@ -284,12 +401,9 @@ def plan_faults(spec: FaultSpec, n: int, rounds: int, seed: int) -> FaultPlan:
         for k in range(spec.intruders)
     )
     return FaultPlan(
-        spec=spec.to_text(),
+        spec=spec,
         crashes=tuple(crashes),
         byzantine={i: spec.byzantine_mode for i in byz},
-        drop=spec.drop,
-        delay=spec.delay,
-        partition=spec.partition,
         partition_side=tuple(range(n // 2)) if spec.partition is not None else (),
         intruders=intruders,
     )

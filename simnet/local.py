@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from silomesh.simnet.plan import Plan
+from silomesh.simnet.runtime import limit_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +25,19 @@ def compare_local(plan: Plan) -> dict[str, Any]:
     from silomesh.models.registry import get_task
     from silomesh.models.train import train_local
     from silomesh.peer.learner import federation_seed, synthetic_silo
-    from silomesh.simnet.coordinator import limit_torch_threads
 
     limit_torch_threads()
     sc = plan.scenario
-    task = get_task(sc["task"])
+    task = get_task(sc.task)
     metric = task.metric
     init_seed = federation_seed(plan.federation)
     per_peer: dict[str, float] = {}
     history: list[dict[str, float]] = [{} for _ in range(plan.rounds)]
     for p in plan.peers:
-        silo = synthetic_silo(sc["task"], plan.n, p.index, int(sc["seed"]), **dict(sc["task_options"]))
-        model = task.make_model(sc["size"], seed=init_seed)
+        silo = synthetic_silo(sc.task, plan.n, p.index, sc.seed, **sc.effective_task_options)
+        model = task.make_model(sc.size, seed=init_seed)
         for r in range(plan.rounds):
-            train_local(task, model, silo.train, int(sc["local_steps"]), int(sc["batch_size"]),
-                        float(sc["lr"]), seed=init_seed + r + 1)
+            train_local(task, model, silo.train, sc.local_steps, sc.batch_size, sc.lr, seed=init_seed + r + 1)
             value = float(task.evaluate(model, silo.test)[metric])
             history[r][p.name] = value
         per_peer[p.name] = history[-1][p.name]
@@ -51,5 +50,5 @@ def compare_local(plan: Plan) -> dict[str, Any]:
                     for r, h in enumerate(history)],
         "mean": float(np.mean(values)),
         "best": float(np.max(values)),
-        "steps": plan.rounds * int(sc["local_steps"]),
+        "steps": plan.rounds * sc.local_steps,
     }

@@ -6,6 +6,12 @@ silo index, strategy, rounds, and its topology neighbours as ``[[trusted]]``) â€
 person could also start by hand with ``silomesh peer run --config``. Workers load them
 with the production :func:`~silomesh.peer.config.load_config`. ``plan.json`` adds what
 only the harness needs (which process runs which peer, the resolved fault plan).
+
+A :class:`Plan` holds the :class:`~silomesh.simnet.scenario.Scenario` itself, the
+:class:`~silomesh.simnet.topology.Topology`, the resolved
+:class:`~silomesh.simnet.faultspec.FaultPlan` and one :class:`PeerPlan` per peer. Worker
+processes read it back with :meth:`Plan.load` (``to_json`` / ``from_json`` on each
+dataclass), so every process sees the same typed objects.
 """
 
 from __future__ import annotations
@@ -15,43 +21,62 @@ import json
 import os
 import socket
 import tomllib
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from silomesh.simnet.faultspec import FaultPlan, plan_faults
+from silomesh.simnet.faultspec import FaultPlan, FaultSpecError, plan_faults
 from silomesh.simnet.scenario import Scenario, ScenarioError
-from silomesh.simnet.topology import Topology, build_topology
+from silomesh.simnet.topology import Topology, TopologyError, build_topology
 
 PLAN_FILE = "plan.json"
+PLAN_SCHEMA = "silomesh.simnet.plan/1"
 
 
 @dataclass(frozen=True)
 class PeerPlan:
+    """One simulated peer: its identity, port, neighbours and folder (key, config, store)."""
+
     index: int
     name: str
     peer_id: str
     share: int  # which process runs it
     port: int
     neighbours: tuple[int, ...]
-    data_dir: str
-    config_path: str
-    key_path: str
+    folder: Path  # DIR/peers/<name>: peer.key, peer.toml, store.sqlite (the peer's data_dir)
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "peer.toml"
+
+    @property
+    def key_path(self) -> Path:
+        return self.folder / "peer.key"
 
     @property
     def store_path(self) -> Path:
-        return Path(self.data_dir) / "store.sqlite"
+        return self.folder / "store.sqlite"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "peer_id": self.peer_id, "share": self.share,
+                "port": self.port, "neighbours": list(self.neighbours), "folder": str(self.folder)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PeerPlan:
+        return cls(int(d["index"]), str(d["name"]), str(d["peer_id"]), int(d["share"]), int(d["port"]),
+                   tuple(int(j) for j in d["neighbours"]), Path(d["folder"]))
 
 
 @dataclass(frozen=True)
 class Plan:
-    out: str
-    scenario: dict[str, Any]
-    federation: str
-    topology: dict[str, Any]
+    """A laid-out run: the scenario, its graph and fault plan, and every peer's place."""
+
+    out: Path
+    scenario: Scenario
+    topology: Topology
     peers: tuple[PeerPlan, ...]
     faults: FaultPlan
-    shares: int
 
     @property
     def n(self) -> int:
@@ -59,32 +84,50 @@ class Plan:
 
     @property
     def rounds(self) -> int:
-        return int(self.scenario["rounds"])
+        return self.scenario.rounds
+
+    @property
+    def federation(self) -> str:
+        return self.scenario.federation
+
+    @property
+    def shares(self) -> int:
+        """Processes the peers are spread over (``procs``)."""
+        return self.scenario.procs
 
     @property
     def run_dir(self) -> Path:
         """Harness bookkeeping: barrier files, stop file, worker results and logs."""
-        return Path(self.out) / "run"
+        return self.out / "run"
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"out": self.out, "scenario": self.scenario, "federation": self.federation,
-                "topology": self.topology, "peers": [asdict(p) for p in self.peers],
-                "faults": self.faults.to_dict(), "shares": self.shares}
+    @property
+    def path(self) -> Path:
+        return self.out / PLAN_FILE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": PLAN_SCHEMA, "out": str(self.out), "scenario": self.scenario.to_json(),
+                "topology": self.topology.to_json(), "peers": [p.to_json() for p in self.peers],
+                "faults": self.faults.to_json()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
-        peers = tuple(PeerPlan(**{**p, "neighbours": tuple(p["neighbours"])}) for p in d["peers"])
-        return cls(d["out"], d["scenario"], d["federation"], d["topology"], peers,
-                   FaultPlan.from_dict(d["faults"]), d["shares"])
+    def from_json(cls, d: Mapping[str, Any]) -> Plan:
+        """The plan of :meth:`to_json`.
+
+        Raises:
+            ValueError: if ``d`` is not a plan of this version.
+        """
+        if d.get("schema") != PLAN_SCHEMA:
+            raise ValueError(f"not a {PLAN_SCHEMA} plan (schema {d.get('schema')!r})")
+        return cls(Path(d["out"]), Scenario.from_json(d["scenario"]), Topology.from_json(d["topology"]),
+                   tuple(PeerPlan.from_json(p) for p in d["peers"]), FaultPlan.from_json(d["faults"]))
 
     def save(self) -> Path:
-        path = Path(self.out) / PLAN_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
-        return path
+        self.path.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+        return self.path
 
     @classmethod
     def load(cls, path: Path) -> Plan:
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
 def peer_seed(seed: int, index: int) -> bytes:
@@ -165,12 +208,10 @@ def build_plan(scenario: Scenario, out: Path) -> Plan:
             for this scenario.
     """
     from silomesh.peer.identity import PeerIdentity
-    from silomesh.simnet.faultspec import FaultSpecError
-    from silomesh.simnet.topology import TopologyError
 
     try:
-        topology: Topology = build_topology(scenario.topology, scenario.peers, scenario.seed)
-        faults = plan_faults(scenario.fault_spec, scenario.peers, scenario.rounds, scenario.seed)
+        topology = build_topology(scenario.topology, scenario.peers, scenario.seed)
+        faults = plan_faults(scenario.faults, scenario.peers, scenario.rounds, scenario.seed)
     except (TopologyError, FaultSpecError) as exc:
         raise ScenarioError(str(exc)) from None
     if topology.n != scenario.peers:
@@ -188,12 +229,13 @@ def build_plan(scenario: Scenario, out: Path) -> Plan:
     options = scenario.effective_task_options
     plans = []
     for i in range(n):
-        folder = (peers_dir / names[i]).resolve()
-        folder.mkdir(mode=0o700)
-        _write_key(folder / "peer.key", peer_seed(scenario.seed, i))
+        pp = PeerPlan(index=i, name=names[i], peer_id=ids[i].peer_id_text, share=i * scenario.procs // n,
+                      port=ports[i], neighbours=tuple(nbrs[i]), folder=(peers_dir / names[i]).resolve())
+        pp.folder.mkdir(mode=0o700)
+        _write_key(pp.key_path, peer_seed(scenario.seed, i))
         config = {
             "federation": scenario.federation,
-            "key_file": "peer.key",
+            "key_file": pp.key_path.name,
             "listen": f"/ip4/127.0.0.1/tcp/{ports[i]}",
             "data_dir": ".",
             "participation": "auto",
@@ -207,13 +249,8 @@ def build_plan(scenario: Scenario, out: Path) -> Plan:
             "trusted": [{"name": names[j], "peer_id": ids[j].peer_id_text,
                          "address": f"/ip4/127.0.0.1/tcp/{ports[j]}"} for j in nbrs[i]],
         }
-        config_path = folder / "peer.toml"
-        config_path.write_text(toml_dumps(config), encoding="utf-8")
-        plans.append(PeerPlan(index=i, name=names[i], peer_id=ids[i].peer_id_text,
-                              share=i * scenario.procs // n, port=ports[i], neighbours=tuple(nbrs[i]),
-                              data_dir=str(folder), config_path=str(config_path),
-                              key_path=str(folder / "peer.key")))
-    plan = Plan(str(out.resolve()), scenario.to_dict(), scenario.federation, topology.to_dict(),
-                tuple(plans), faults, scenario.procs)
+        pp.config_path.write_text(toml_dumps(config), encoding="utf-8")
+        plans.append(pp)
+    plan = Plan(out.resolve(), scenario, topology, tuple(plans), faults)
     plan.save()
     return plan

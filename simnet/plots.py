@@ -87,7 +87,7 @@ def _topology_plot(plt: Any, plan: Plan, report: dict[str, Any], path: Path) -> 
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
-    for a, b in plan.topology["edges"]:
+    for a, b in plan.topology.edges:
         ax.plot([pos[a][0], pos[b][0]], [pos[a][1], pos[b][1]], color="0.75", lw=0.8, zorder=1)
     cmap = plt.get_cmap("viridis")
     size = 420 if n <= 16 else max(60, 420 * 16 // n)

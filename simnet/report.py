@@ -20,6 +20,7 @@ from typing import Any
 
 from silomesh.simnet.intruder import intruder_identity
 from silomesh.simnet.plan import Plan
+from silomesh.simnet.results import ShareResult, SlotResult
 from silomesh.simnet.stores import PeerRecord, read_store
 
 log = logging.getLogger(__name__)
@@ -108,25 +109,25 @@ def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
 
 
-def build_report(plan: Plan, shares: list[dict[str, Any]], local: dict[str, Any] | None, *,
+def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | None, *,
                  wall_seconds: float, setup_seconds: float = 0.0) -> dict[str, Any]:
     """Assemble ``report.json`` from the stores, the shares' results and local-only training."""
     from silomesh.models.registry import get_task
 
     sc = plan.scenario
-    metric = get_task(sc["task"]).metric
+    metric = get_task(sc.task).metric
     n, rounds = plan.n, plan.rounds
     records: list[PeerRecord] = [read_store(p.store_path) for p in plan.peers]
     names = [p.name for p in plan.peers]
-    slots: dict[int, dict[str, Any]] = {}
+    slots: dict[int, SlotResult] = {}
     injected: Counter[str] = Counter()
     intruders: list[dict[str, Any]] = []
-    released = [s["barrier_released_at"] for s in shares if s.get("barrier_released_at")]
+    released = [s.barrier_released_at for s in shares if s.barrier_released_at]
     t_start = max(released) if released else 0.0
     for s in shares:
-        slots.update({int(k): v for k, v in s["slots"].items()})
-        injected.update(s["counters"])
-        intruders.extend(s.get("intruders", []))
+        slots.update(s.slots)
+        injected.update(s.counters)
+        intruders.extend(s.intruders)
 
     history = []
     for r in range(rounds):
@@ -177,50 +178,49 @@ def build_report(plan: Plan, shares: list[dict[str, Any]], local: dict[str, Any]
     byz = plan.faults.byzantine
     detail = []
     for p, rec, count in zip(plan.peers, records, done_counts, strict=True):
-        slot = slots.get(p.index, {})
-        crash = slot.get("crash")
+        slot = slots.get(p.index, SlotResult())
+        crash = slot.crash
         detail.append({
             "name": p.name, "index": p.index, "peer_id": p.peer_id,
-            "audit_log": str(p.store_path), "config": p.config_path,
+            "audit_log": str(p.store_path), "config": str(p.config_path),
             "neighbours": [names[j] for j in p.neighbours],
             "rounds_completed": count, "final_metric": final_per_peer.get(p.name),
             "bytes_sent": sum(int(x["bytes_sent"] or 0) for x in rec.rounds),
             "refused": sum(1 for a in rec.audit if a["direction"] == "refused"),
-            "crashed": crash is not None, "restarted": bool(crash and crash.get("restarted_at")),
+            "crashed": crash is not None, "restarted": bool(crash and crash.restarted_at),
             "byzantine": byz.get(p.index), "share": p.share,
-            "mesh": slot.get("mesh", {}), "error": slot.get("error"),
+            "mesh": dict(slot.mesh), "error": slot.error,
         })
-    processes = [{"share": s["share"], "pid": s["pid"], "peers": len(s["peers"]), "rss_bytes": s["rss_bytes"]}
-                 for s in shares]
+    processes = [{"share": s.share, "pid": s.pid, "peers": len(s.peers), "rss_bytes": s.rss_bytes} for s in shares]
     rss_total = sum(x["rss_bytes"] for x in processes)
     return {
         "schema": SCHEMA_NAME,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "out": plan.out,
-        "peers": n, "rounds": rounds, "strategy": sc["strategy"], "task": sc["task"],
-        "topology": sc["topology"], "seed": int(sc["seed"]), "federation": plan.federation,
+        "out": str(plan.out),
+        "peers": n, "rounds": rounds, "strategy": sc.strategy, "task": sc.task,
+        "topology": sc.topology, "seed": sc.seed, "federation": plan.federation,
         "metric": metric,
         "round_success_rate": sum(min(c, rounds) for c in done_counts) / (n * rounds),
         "wall_seconds": round(wall_seconds, 3),
         "setup_seconds": round(setup_seconds, 3),
         "bytes_sent_total": bytes_total,
-        "timed_out": any(s.get("timed_out") for s in shares),
+        "timed_out": any(s.timed_out for s in shares),
         "history": history,
         "final": final,
         "faults": faults,
         "peers_detail": detail,
-        "graph": plan.topology,
-        "settings": sc,
+        "graph": plan.topology.to_json(),
+        "settings": sc.to_settings(),
         "resources": {"processes": processes, "rss_total_bytes": rss_total,
                       "rss_per_peer_bytes": rss_total // n},
         "files": {},
     }
 
 
-def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, dict[str, Any]],
+def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, SlotResult],
             injected: Counter[str], intruders: list[dict[str, Any]], done_counts: list[int]) -> dict[str, Any]:
     """Injected counts (from the shares) beside what the peers' stores show."""
-    seed = int(plan.scenario["seed"])
+    seed = plan.scenario.seed
     rounds = plan.rounds
     id_of = {p.peer_id: p.index for p in plan.peers}
     intruder_ids = {intruder_identity(seed, ip.index).peer_id_text for ip in plan.faults.intruders}
@@ -251,12 +251,13 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, dict[str, An
                 j = id_of.get(s.get("peer", ""))
                 if part and j is not None and part[0] <= row["round"] <= part[1] and (i in side) != (j in side):
                     partition_skips += 1
-    crashes = [dict(v["crash"], name=plan.peers[k].name) for k, v in sorted(slots.items()) if v.get("crash")]
-    crashed = {c["peer"] for c in crashes}
+    events = [v.crash for _, v in sorted(slots.items()) if v.crash is not None]
+    crashes = [{**c.to_json(), "name": plan.peers[c.peer].name} for c in events]
+    crashed = {c.peer for c in events}
     live = [i for i in range(plan.n) if i not in crashed]
     mesh: Counter[str] = Counter()
     for v in slots.values():
-        mesh.update(v.get("mesh", {}))
+        mesh.update(v.mesh)
     inj: dict[str, Any] = {k: int(v) for k, v in sorted(injected.items())}
     inj["crashes_planned"] = len(plan.faults.crashes)
     inj["byzantine_peers"] = [plan.peers[i].name for i in sorted(plan.faults.byzantine)]
@@ -277,16 +278,16 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, dict[str, An
         "byzantine_contributions_used": byz_used,
         "poisoned_refused_at_source": refused_at_source,
         "partition_skips": partition_skips,
-        "crashed_peers": len(crashes),
-        "restarted_peers": sum(1 for c in crashes if c.get("restarted_at")),
-        "recovered_peers": sum(1 for c in crashes if c.get("restarted_at") and done_counts[c["peer"]] >= rounds),
-        "resumed_from_store": sum(1 for c in crashes if c.get("resumed_round") is not None
-                                  and c["resumed_round"] == c["committed_before"]),
+        "crashed_peers": len(events),
+        "restarted_peers": sum(1 for c in events if c.restarted_at),
+        "recovered_peers": sum(1 for c in events if c.restarted_at and done_counts[c.peer] >= rounds),
+        "resumed_from_store": sum(1 for c in events if c.resumed_round is not None
+                                  and c.resumed_round == c.committed_before),
         "round_success_rate_excluding_crashed":
             (sum(min(done_counts[i], rounds) for i in live) / (len(live) * rounds)) if live else None,
-        "peer_errors": sum(1 for v in slots.values() if v.get("error")),
+        "peer_errors": sum(1 for v in slots.values() if v.error),
     }
-    return {"spec": plan.faults.spec, "injected": inj, "observed": observed, "crashes": crashes,
+    return {"spec": plan.faults.spec.to_text(), "injected": inj, "observed": observed, "crashes": crashes,
             "intruders": intruders}
 
 
@@ -330,7 +331,7 @@ def write_outputs(plan: Plan, report: dict[str, Any]) -> None:
     from silomesh.simnet.markdown import render_markdown
     from silomesh.simnet.plots import write_plots
 
-    out = Path(plan.out)
+    out = plan.out
     write_metrics_db(plan, report, out / "metrics.sqlite")
     plots = write_plots(plan, report, out)
     report["files"] = {"report": "report.json", "metrics": "metrics.sqlite", "markdown": "report.md",

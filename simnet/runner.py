@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ import trio
 from silomesh.simnet.faultspec import CrashPlan, IntruderPlan
 from silomesh.simnet.hooks import Counters, SimFaults
 from silomesh.simnet.plan import PeerPlan, Plan
+from silomesh.simnet.results import CrashEvent, ShareResult, SlotResult
 from silomesh.simnet.scenario import SimnetError
 from silomesh.simnet.stores import committed_counts, committed_rounds
 
@@ -40,18 +41,6 @@ log = logging.getLogger(__name__)
 POLL = 0.25
 #: peers of one process that may train or evaluate at the same time (see ShareRunner)
 COMPUTE_SLOTS = max(1, os.cpu_count() or 1)
-
-
-@dataclass
-class CrashEvent:
-    peer: int
-    round: int  # the round the crash was scheduled in
-    phase: str = ""  # what the peer was doing when it was cancelled
-    crashed_at: float = 0.0
-    committed_before: int = 0  # rounds committed when it went down
-    restarted_at: float | None = None
-    resumed_round: int | None = None  # first round of the new incarnation
-    committed_after: int = 0
 
 
 @dataclass
@@ -109,7 +98,7 @@ class ShareRunner:
         try:
             await trio.to_thread.run_sync(self._warm_data)
         except (ValueError, TypeError) as exc:  # bad task options: every peer would fail alike
-            raise SimnetError(f"task {self.plan.scenario['task']}: cannot generate its data: {exc}") from None
+            raise SimnetError(f"task {self.plan.scenario.task}: cannot generate its data: {exc}") from None
         async with trio.open_nursery() as nursery:
             for index in self.slots:
                 await nursery.start(self._slot, index)
@@ -125,8 +114,7 @@ class ShareRunner:
         from silomesh.peer.learner import synthetic_silo
 
         sc = self.plan.scenario
-        options = dict(sc["task_options"])
-        synthetic_silo(sc["task"], self.plan.n, 0, int(sc["seed"]), **options)
+        synthetic_silo(sc.task, self.plan.n, 0, sc.seed, **sc.effective_task_options)
 
     async def _watch(self, scope: trio.CancelScope) -> None:
         own_done_only = self.plan.shares == 1
@@ -145,7 +133,7 @@ class ShareRunner:
 
         await self.barrier.wait()
         peers = self.plan.peers
-        seed = int(self.plan.scenario["seed"])
+        seed = self.plan.scenario.seed
 
         async def one(ip: IntruderPlan) -> None:
             targets = {peers[i].peer_id: f"/ip4/127.0.0.1/tcp/{peers[i].port}" for i in ip.targets}
@@ -173,11 +161,11 @@ class ShareRunner:
         while True:
             crash_due = trio.Event()
             faults = SimFaults(index, slot.incarnation, self.plan.faults, self.index_of, self.counters,
-                               int(self.plan.scenario["seed"]), wait_start=self.barrier.wait,
+                               self.plan.scenario.seed, wait_start=self.barrier.wait,
                                on_crash_due=lambda _r, ev=crash_due: ev.set())
             slot.faults = faults
             try:
-                peer = Peer(load_config(Path(pp.config_path)), faults=faults, serve_control_api=False)
+                peer = Peer(load_config(pp.config_path), faults=faults, serve_control_api=False)
                 if self.compute is not None:
                     peer.compute = self.compute
             except Exception as exc:  # noqa: BLE001 - a peer that cannot start is reported
@@ -248,17 +236,17 @@ class ShareRunner:
         scope.cancel()
 
     async def _wait_restart(self, index: int, crash: CrashPlan) -> None:
-        assert crash.restart is not None
-        kind, value = crash.restart
-        if kind == "seconds":
-            await trio.sleep(value)
+        restart = crash.restart
+        assert restart is not None
+        if restart.kind == "seconds":
+            await trio.sleep(restart.after)
             return
-        target = min(crash.round + int(value), self.plan.rounds)
+        target = min(crash.round + int(restart.after), self.plan.rounds)
         others = [p.store_path for p in self.plan.peers
                   if p.index != index and p.index not in self.plan.faults.never_restarted]
         if not others:
             return
-        with trio.move_on_after(self.plan.scenario["deadline"] * (value + 1) + 30):
+        with trio.move_on_after(self.plan.scenario.deadline * (restart.after + 1) + 30):
             while max(await trio.to_thread.run_sync(committed_counts, others)) < target:
                 await trio.sleep(POLL)
 
@@ -272,30 +260,29 @@ class ShareRunner:
 
     # -- results ---------------------------------------------------------------------
 
-    def _slot_result(self, slot: SlotState) -> dict[str, Any]:
+    def _slot_result(self, slot: SlotState) -> SlotResult:
         crash = None
         if slot.crash is not None:
-            crash = asdict(slot.crash)
+            resumed = slot.crash.resumed_round
             if slot.incarnation > 0 and slot.faults is not None:
-                crash["resumed_round"] = slot.faults.first_round
-            crash["committed_after"] = committed_rounds(slot.plan.store_path)
-        return {"error": slot.error, "incarnations": slot.incarnation + 1, "mesh": slot.mesh_stats,
-                "crash": crash}
+                resumed = slot.faults.first_round
+            crash = replace(slot.crash, resumed_round=resumed,
+                            committed_after=committed_rounds(slot.plan.store_path))
+        return SlotResult(slot.error, slot.incarnation + 1, dict(slot.mesh_stats), crash)
 
-    def results(self) -> dict[str, Any]:
-        """What this share observed, as JSON-able data (merged by the coordinator)."""
-        return {
-            "share": self.share,
-            "pid": os.getpid(),
-            "peers": sorted(self.slots),
-            "rss_bytes": rss_bytes(),
-            "counters": dict(self.counters),
-            "barrier_released_at": self.barrier.released_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at or time.time(),
-            "slots": {str(i): self._slot_result(s) for i, s in self.slots.items()},
-            "intruders": self.intruders,
-        }
+    def results(self) -> ShareResult:
+        """What this share observed (merged by the coordinator)."""
+        return ShareResult(
+            share=self.share,
+            pid=os.getpid(),
+            rss_bytes=rss_bytes(),
+            counters={k: int(v) for k, v in self.counters.items()},
+            barrier_released_at=self.barrier.released_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at or time.time(),
+            slots={i: self._slot_result(s) for i, s in self.slots.items()},
+            intruders=tuple(self.intruders),
+        )
 
 
 def rss_bytes() -> int:

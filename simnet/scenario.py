@@ -31,6 +31,11 @@ Scenario files hold the same settings as the flags (flags override the file)::
     robust = "median"
 
 Relative paths (``out``, a topology FILE) are resolved against the scenario file's folder.
+
+Settings are merged and validated once by :func:`make_scenario` into a frozen
+:class:`Scenario` (faults parsed into a :class:`~silomesh.simnet.faultspec.FaultSpec`);
+from there on the harness passes the object itself, and ``plan.json`` carries it as
+:meth:`Scenario.to_json`.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from __future__ import annotations
 import dataclasses
 import time
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silomesh.simnet.faultspec import FaultSpec, FaultSpecError, parse_faults
+from silomesh.simnet.faultspec import FaultSpec, FaultSpecError, parse_fault_table, parse_faults
 from silomesh.simnet.topology import BUILTIN
 
 #: small data per task so that a simnet of a few peers runs in about a minute on a laptop
@@ -75,7 +81,7 @@ class Scenario:
     rounds: int = 3
     seed: int = 0
     out: Path | None = None
-    faults: str = "none"
+    faults: FaultSpec = field(default_factory=FaultSpec)
     compare_local: bool = False
     procs: int = 1
     local_steps: int = 40
@@ -85,10 +91,6 @@ class Scenario:
     timeout: float | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     strategy_params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def fault_spec(self) -> FaultSpec:
-        return parse_faults(self.faults)
 
     @property
     def federation(self) -> str:
@@ -106,30 +108,42 @@ class Scenario:
             return self.timeout
         return 120.0 + self.peers * 2.0 + self.rounds * (self.deadline * 2 + 30.0)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["out"] = str(self.out) if self.out is not None else None
+    def to_settings(self) -> dict[str, Any]:
+        """The settings as ``report.json`` and ``results.json`` show them.
+
+        Faults as their canonical spec text, ``out`` as a string, task options with the
+        task's defaults filled in. For people; :meth:`to_json` is the faithful form.
+        """
+        d = self.to_json()
+        d["faults"] = self.faults.to_text()
         d["task_options"] = self.effective_task_options
         return d
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict that :meth:`from_json` turns back into an equal scenario."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["out"] = str(self.out) if self.out is not None else None
+        d["faults"] = self.faults.to_json()
+        d["task_options"] = dict(self.task_options)
+        d["strategy_params"] = dict(self.strategy_params)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Scenario:
+        values = dict(d)
+        values["out"] = Path(d["out"]) if d["out"] is not None else None
+        values["faults"] = FaultSpec.from_json(d["faults"])
+        return cls(**values)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Scenario)}
 _TYPES: dict[str, tuple[type, ...]] = {
     "peers": (int,), "topology": (str,), "strategy": (str,), "task": (str,), "size": (str,),
-    "rounds": (int,), "seed": (int,), "out": (str, Path), "faults": (str, dict),
+    "rounds": (int,), "seed": (int,), "out": (str, Path), "faults": (str, dict, FaultSpec),
     "compare_local": (bool,),
     "procs": (int,), "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
     "lr": (int, float), "timeout": (int, float), "task_options": (dict,), "strategy_params": (dict,),
 }
-
-
-def _faults_from_table(table: dict[str, Any]) -> str:
-    parts = []
-    for key, value in table.items():
-        if isinstance(value, bool):
-            raise ScenarioError(f"faults.{key}: expected a number or string, got a boolean")
-        parts.append(f"{key}={value}")
-    return ",".join(parts) or "none"
 
 
 def load_scenario(path: Path, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -164,8 +178,25 @@ def load_scenario(path: Path, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     return data
 
 
-def make_scenario(*layers: dict[str, Any]) -> Scenario:
+def _fault_spec(value: str | dict[str, Any] | FaultSpec) -> FaultSpec:
+    """The faults setting in any of its forms, parsed (once) into a spec.
+
+    Raises:
+        ScenarioError: with the grammar's message.
+    """
+    if isinstance(value, FaultSpec):
+        return value
+    try:
+        return parse_fault_table(value) if isinstance(value, dict) else parse_faults(value)
+    except FaultSpecError as exc:
+        raise ScenarioError(str(exc)) from None
+
+
+def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
     """Merge settings (later layers win; ``None`` values are ignored) and validate them.
+
+    ``faults`` may be spec text (``--faults``), a table (a scenario file's ``[faults]``)
+    or a :class:`~silomesh.simnet.faultspec.FaultSpec`.
 
     Raises:
         ScenarioError: naming the first invalid setting.
@@ -187,8 +218,8 @@ def make_scenario(*layers: dict[str, Any]) -> Scenario:
             raise ScenarioError(f"{key}: expected {kinds[0].__name__}, got a boolean")
         if not isinstance(value, kinds):
             raise ScenarioError(f"{key}: expected {kinds[0].__name__}, got {type(value).__name__} {value!r}")
-    if isinstance(merged.get("faults"), dict):
-        merged["faults"] = _faults_from_table(merged["faults"])
+    if "faults" in merged:
+        merged["faults"] = _fault_spec(merged["faults"])
     if "out" in merged:
         merged["out"] = Path(merged["out"])
     for key in ("deadline", "lr", "timeout"):
@@ -210,10 +241,6 @@ def make_scenario(*layers: dict[str, Any]) -> Scenario:
         raise ScenarioError(f"lr: must be > 0, got {s.lr}")
     if s.timeout is not None and not s.timeout > 0:
         raise ScenarioError(f"timeout: must be > 0 seconds, got {s.timeout}")
-    try:
-        s.fault_spec  # noqa: B018 - parse to validate
-    except FaultSpecError as exc:
-        raise ScenarioError(str(exc)) from None
     return s
 
 

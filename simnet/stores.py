@@ -1,13 +1,13 @@
-"""Read-only views of the peers' SQLite stores (progress, restarts, the final report).
+"""Read-only views of the peers' stores (progress, restarts, the final report).
 
-The harness never writes to a peer's store: it opens ``file:...?mode=ro`` connections
-of its own (SQLite WAL lets readers run beside the peer's writer, in this process or
-another), so what it reports is what the peers themselves committed and audited.
+The harness never writes to a peer's store: it opens it with
+:meth:`silomesh.peer.store.Store.open_readonly` (SQLite WAL lets readers run beside the
+peer's writer, in this process or another) and uses the store's own read methods, so
+what it reports is what the peers themselves committed and audited.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
@@ -15,33 +15,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from silomesh.peer.store import Store, StoreError
+
+#: the audit columns the report uses (no signatures, hashes or envelope headers)
+AUDIT_COLUMNS = ("seq", "direction", "peer", "round", "kind", "size", "reason")
+
 
 @contextmanager
-def open_ro(path: Path) -> Iterator[sqlite3.Connection | None]:
-    """A read-only connection, or None while the store does not exist yet."""
-    if not path.exists():
-        yield None
-        return
+def open_ro(path: Path) -> Iterator[Store | None]:
+    """A read-only store, or None while the store does not exist (or cannot be opened) yet."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    except sqlite3.Error:
+        store = Store.open_readonly(path)
+    except StoreError:
         yield None
         return
-    with closing(conn):
-        conn.row_factory = sqlite3.Row
-        yield conn
+    with closing(store):
+        yield store
 
 
 def committed_rounds(path: Path) -> int:
     """How many rounds this peer has committed (0 if none or not readable yet)."""
-    with open_ro(path) as conn:
-        if conn is None:
+    with open_ro(path) as store:
+        if store is None:
             return 0
         try:
-            row = conn.execute("SELECT count(*) FROM rounds WHERE status = 'done'").fetchone()
+            return store.committed_round_count()
         except sqlite3.Error:  # table not created yet, or busy: report no progress
             return 0
-        return int(row[0])
 
 
 def committed_counts(paths: Iterable[Path]) -> list[int]:
@@ -60,17 +60,11 @@ class PeerRecord:
 def read_store(path: Path) -> PeerRecord:
     """Rounds, metrics and the audit entries (without signatures) of one store."""
     rec = PeerRecord()
-    with open_ro(path) as conn:
-        if conn is None:
+    with open_ro(path) as store:
+        if store is None:
             return rec
-        for r in conn.execute("SELECT round, status, started_at, finished_at, contributors, skipped, "
-                              "bytes_sent FROM rounds ORDER BY round"):
-            row = dict(r)
-            for key in ("contributors", "skipped"):
-                row[key] = json.loads(row[key]) if row[key] else []
-            rec.rounds.append(row)
-        for m in conn.execute("SELECT round, name, value FROM metrics ORDER BY round, name"):
+        rec.rounds = store.rounds()
+        for m in store.metrics():
             rec.metrics.setdefault(int(m["round"]), {})[m["name"]] = float(m["value"])
-        rec.audit = [dict(a) for a in conn.execute(
-            "SELECT seq, direction, peer, round, kind, size, reason FROM audit ORDER BY seq")]
+        rec.audit = [{k: a.get(k) for k in AUDIT_COLUMNS} for a in store.audit_entries()]
     return rec

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BUILTIN = ("ring", "regular", "smallworld", "full")
 
@@ -62,7 +64,8 @@ class Topology:
                     todo.append(j)
         return len(seen) == self.n
 
-    def to_dict(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
+        """The graph plus its degree statistics (``report.json``'s ``graph``, ``plan.json``)."""
         degrees = self.degrees
         return {
             "spec": self.spec, "n": self.n, "edges": [list(e) for e in self.edges],
@@ -70,6 +73,11 @@ class Topology:
             "degree_mean": (sum(degrees) / self.n) if self.n else 0.0,
             "connected": self.is_connected(),
         }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Topology:
+        """The topology of :meth:`to_json` (the derived statistics are recomputed, not read)."""
+        return cls(str(d["spec"]), int(d["n"]), tuple((int(a), int(b)) for a, b in d["edges"]))
 
 
 def _make(spec: str, n: int, edges: set[tuple[int, int]]) -> Topology:

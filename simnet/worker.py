@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import trio
 
-    from silomesh.simnet.coordinator import STOP_FILE, limit_torch_threads, quiet_expected_dial_errors
     from silomesh.simnet.plan import Plan
     from silomesh.simnet.runner import ShareRunner
+    from silomesh.simnet.runtime import STOP_FILE, limit_torch_threads, quiet_expected_dial_errors
 
     plan = Plan.load(Path(args[0]))
     share = int(args[1])
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     trio.run(runner.run)
     out = plan.run_dir / f"worker-{share}.json"
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(runner.results()), encoding="utf-8")
+    tmp.write_text(json.dumps(runner.results().to_json()), encoding="utf-8")
     tmp.replace(out)
     return 0
 

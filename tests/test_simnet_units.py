@@ -11,12 +11,22 @@ import pytest
 from click.testing import CliRunner
 
 from silomesh.simnet.cli import simnet
-from silomesh.simnet.faultspec import FaultSpec, FaultSpecError, parse_faults, plan_faults
+from silomesh.simnet.faultspec import (
+    FaultPlan,
+    FaultSpec,
+    FaultSpecError,
+    Restart,
+    parse_fault_table,
+    parse_faults,
+    plan_faults,
+)
 from silomesh.simnet.hooks import poison
-from silomesh.simnet.plan import toml_dumps
+from silomesh.simnet.plan import Plan, build_plan, toml_dumps
 from silomesh.simnet.report import report_schema, validate, validate_report
-from silomesh.simnet.scenario import ScenarioError, load_scenario, make_scenario
-from silomesh.simnet.topology import TopologyError, build_topology
+from silomesh.simnet.results import CrashEvent, ShareResult, SlotResult
+from silomesh.simnet.scenario import Scenario, ScenarioError, load_scenario, make_scenario
+from silomesh.simnet.stores import committed_rounds, read_store
+from silomesh.simnet.topology import Topology, TopologyError, build_topology
 
 # -- topologies --------------------------------------------------------------------------
 
@@ -79,6 +89,11 @@ def test_topology_file_naming_a_missing_peer_is_refused(tmp_path: Path) -> None:
         build_topology(str(f), 4)
 
 
+def test_topology_round_trips_through_json() -> None:
+    top = build_topology("smallworld:4:0.3", 12, seed=4)
+    assert Topology.from_json(json.loads(json.dumps(top.to_json()))) == top
+
+
 @pytest.mark.parametrize("spec", ["ring:3", "regular", "regular:x", "nosuch", "regular:9"])
 def test_bad_topology_specs_are_refused(spec: str) -> None:
     with pytest.raises(TopologyError):
@@ -91,7 +106,7 @@ def test_bad_topology_specs_are_refused(spec: str) -> None:
 def test_fault_spec_accepts_the_documented_example() -> None:
     spec = parse_faults("crash=0.1,restart=after:2,drop=0.05,delay=200ms,partition=3-5,"
                         "byzantine=2:noise,intruder=1")
-    assert spec == FaultSpec(crash=0.1, restart=("rounds", 2.0), drop=0.05, delay=(0.2, 0.2),
+    assert spec == FaultSpec(crash=0.1, restart=Restart("rounds", 2.0), drop=0.05, delay=(0.2, 0.2),
                              partition=(3, 5), byzantine=2.0, byzantine_mode="noise", intruders=1)
 
 
@@ -102,6 +117,32 @@ def test_fault_spec_accepts_the_documented_example() -> None:
 def test_fault_spec_round_trips_through_its_canonical_text(text: str) -> None:
     spec = parse_faults(text)
     assert parse_faults(spec.to_text()) == spec
+
+
+@pytest.mark.parametrize("text", ["none", "crash=2@1,restart=after:1.5s", "crash=0.25,restart=after:2,drop=0.1",
+                                  "delay=100ms-1s,partition=0-1,byzantine=0.25:nan,intruder=3"])
+def test_fault_spec_round_trips_through_json(text: str) -> None:
+    spec = parse_faults(text)
+    assert FaultSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+
+
+def test_fault_table_parses_to_the_same_spec_as_the_string_form() -> None:
+    table = {"crash": 0.25, "restart": "after:1", "drop": 0.05, "delay": "200ms", "partition": "1-2",
+             "byzantine": "1:scale", "intruder": 1}
+    assert parse_fault_table(table) == parse_faults(
+        "crash=0.25,restart=after:1,drop=0.05,delay=200ms,partition=1-2,byzantine=1:scale,intruder=1")
+    assert parse_fault_table({}) == FaultSpec()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"drop": True}, "faults.drop: expected a number or string, got a boolean"),
+    ({"drop": [0.1]}, "faults.drop: expected a number or string"),
+    ({"drop": 2}, "probability must be in"),
+    ({"restart": "after:1"}, "needs crash"),
+])
+def test_fault_table_rejects_bad_values_naming_the_key(table: dict[str, object], message: str) -> None:
+    with pytest.raises(FaultSpecError, match=message):
+        parse_fault_table(table)
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -136,7 +177,7 @@ def test_fault_plan_is_seeded_and_resolves_amounts() -> None:
     assert not {c.peer for c in a.crashes} & set(a.byzantine)
     assert len(a.intruders) == 2 and all(len(i.targets) == 2 for i in a.intruders)
     assert a.partition_side == (0, 1, 2, 3)
-    assert type(a).from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    assert FaultPlan.from_json(json.loads(json.dumps(a.to_json()))) == a
 
 
 def test_fault_plan_refuses_rounds_that_do_not_exist() -> None:
@@ -162,7 +203,7 @@ def test_scenario_file_is_overridden_by_flags(tmp_path: Path) -> None:
     f.write_text('peers = 6\nstrategy = "fedefm"\nout = "runs/x"\n[faults]\ndrop = 0.1\n'
                  '[task_options]\nn_train = 8\n', encoding="utf-8")
     s = make_scenario(load_scenario(f), {"peers": 5, "seed": None, "task_options": {"n_test": 4}})
-    assert (s.peers, s.strategy, s.faults) == (5, "fedefm", "drop=0.1")
+    assert (s.peers, s.strategy, s.faults) == (5, "fedefm", FaultSpec(drop=0.1))
     assert s.out == tmp_path / "runs" / "x"
     assert s.effective_task_options["n_train"] == 8 and s.effective_task_options["n_test"] == 4
 
@@ -185,7 +226,34 @@ def test_the_scenario_example_in_the_docs_is_valid(tmp_path: Path) -> None:
     f.write_text(example, encoding="utf-8")
     s = make_scenario(load_scenario(f))
     assert (s.peers, s.topology, s.rounds, s.compare_local) == (8, "smallworld:4:0.2", 5, True)
-    assert s.fault_spec.intruders == 1 and s.strategy_params == {"robust": "median"}
+    assert s.faults.intruders == 1 and s.strategy_params == {"robust": "median"}
+
+
+def test_scenario_round_trips_through_json(tmp_path: Path) -> None:
+    s = make_scenario({"peers": 6, "out": str(tmp_path / "o"), "faults": "crash=1,restart=after:2,delay=1ms-2ms",
+                       "timeout": 50, "task_options": {"n_train": 8, "sources": ["a", "b"]},
+                       "strategy_params": {"robust": "median"}})
+    assert Scenario.from_json(json.loads(json.dumps(s.to_json()))) == s
+    assert Scenario.from_json(json.loads(json.dumps(Scenario().to_json()))) == Scenario()
+
+
+def test_scenario_settings_show_faults_as_spec_text_and_effective_task_options() -> None:
+    settings = make_scenario({"faults": {"drop": 0.1}, "task_options": {"n_train": 8}}).to_settings()
+    assert settings["faults"] == "drop=0.1" and settings["out"] is None
+    assert settings["task_options"] == {"image_size": 32, "n_train": 8, "n_test": 16, "n_test_source": 16}
+
+
+def test_plan_round_trips_through_plan_json(tmp_path: Path) -> None:
+    scenario = make_scenario({"peers": 4, "procs": 2, "rounds": 3, "topology": "regular:3", "seed": 5,
+                              "faults": "crash=1,restart=after:1,byzantine=1,intruder=1,partition=1-2"})
+    plan = build_plan(scenario, tmp_path / "run")
+    loaded = Plan.load(plan.path)
+    assert loaded == plan
+    assert loaded.scenario is not plan.scenario and loaded.scenario == scenario
+    assert [p.share for p in loaded.peers] == [0, 0, 1, 1]
+    assert all(p.config_path.is_file() and p.key_path.stat().st_mode & 0o777 == 0o600 for p in loaded.peers)
+    config = tomllib.loads(loaded.peers[0].config_path.read_text(encoding="utf-8"))
+    assert [t["peer_id"] for t in config["trusted"]] == [loaded.peers[j].peer_id for j in loaded.peers[0].neighbours]
 
 
 def test_unknown_scenario_file_setting_is_refused(tmp_path: Path) -> None:
@@ -200,6 +268,39 @@ def test_toml_writer_round_trips_a_peer_config() -> None:
               "options": {"silos": 4, "sources": ["a", "b"], "lr": 0.5}}, "rounds": {"count": 3},
               "trusted": [{"name": "p1", "peer_id": "x"}, {"name": "p2", "peer_id": "y"}]}
     assert tomllib.loads(toml_dumps(config)) == config
+
+
+# -- results and stores ------------------------------------------------------------------
+
+
+def test_share_result_round_trips_through_worker_json() -> None:
+    crash = CrashEvent(2, 1, phase="round 1: training", crashed_at=5.0, committed_before=1, restarted_at=9.0,
+                       resumed_round=1, committed_after=3)
+    result = ShareResult(share=1, pid=42, rss_bytes=1 << 20, counters={"dropped_messages": 3}, barrier_released_at=None,
+                         started_at=1.0, finished_at=2.0,
+                         slots={2: SlotResult(None, 2, {"refused_streams": 1}, crash), 3: SlotResult("boom")},
+                         intruders=({"index": 0, "error": "RuntimeError()"},))
+    assert ShareResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+    assert result.peers == [2, 3]
+
+
+def test_store_views_read_what_the_peer_committed(tmp_path: Path) -> None:
+    from silomesh.peer.store import Store
+
+    path = tmp_path / "store.sqlite"
+    assert committed_rounds(path) == 0 and read_store(path).rounds == []
+    store = Store(path)
+    try:
+        store.record_round(0, status="done", contributors=["a"], skipped=[], bytes_sent=10)
+        store.record_round(1, status="running")
+        store.record_metric(0, "dice", 0.5)
+        assert committed_rounds(path) == 1  # read while the writer holds its connection
+        record = read_store(path)
+    finally:
+        store.close()
+    rows = [(r["round"], r["status"], r["contributors"]) for r in record.rounds]
+    assert rows == [(0, "done", ["a"]), (1, "running", [])]
+    assert record.metrics == {0: {"dice": 0.5}} and record.audit == []
 
 
 # -- CLI -----------------------------------------------------------------------------------
