@@ -1,4 +1,10 @@
-"""The ``silomesh`` command line: one entry point for operators, researchers and auditors.
+"""The peer layer's commands: identity, the peer daemon and its operator tools.
+
+``keygen``, ``peer run | status | rounds | dashboard``, ``data``, ``models``,
+``neighbours``, ``approvals`` (:mod:`silomesh.peer.cli_ops`) and ``train``
+(:mod:`silomesh.peer.cli_local`). The ``silomesh`` entry point (:mod:`silomesh.cli`)
+adds these to its root group beside the other layers' groups; :data:`cli` holds just
+these (``python -m silomesh.peer.cli``), so this layer imports nothing above it.
 
 Commands are thin: the library does the work and errors become one clear line with a
 non-zero exit code (``click.ClickException``), never a traceback for a user mistake.
@@ -13,32 +19,35 @@ from pathlib import Path
 
 import click
 
-from silomesh.audit.cli import audit
 from silomesh.peer import cli_ops
 from silomesh.peer.cli_local import train
 from silomesh.peer.identity import KEY_FILE_NAME, IdentityError, write_key_file
-from silomesh.simnet.cli import simnet
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def configure_logging(verbose: int) -> None:
+    """Log at WARNING, or INFO / DEBUG with ``-v`` / ``-vv``; libp2p's chatter stays at WARNING."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("libp2p", "multiaddr", "async_service"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="silomesh")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:
-    """silomesh: federated learning for medical imaging without a server.
+    """silomesh peer tools: a hospital's identity, its peer and the peer's operator commands.
 
-    Every hospital runs a peer that exchanges encrypted, signed weight deltas with the
-    neighbours it trusts; every exchange lands in a signed, hash-chained audit log.
+    The full command line (with simnet and audit) is 'silomesh'.
 
     \b
     Examples:
-      silomesh train --task catheter --silo 0 --steps 200
-      silomesh simnet run --peers 4 --rounds 3
+      silomesh keygen --out /etc/silomesh
+      silomesh peer run --config /etc/silomesh/peer.toml
     """
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("libp2p", "multiaddr", "async_service"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    configure_logging(verbose)
 
 
 cli.add_command(train)
@@ -109,46 +118,13 @@ def peer_run(config_path: Path) -> None:
         sys.exit(code)
 
 
-@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
-@click.argument("name", required=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(name: str | None, args: tuple[str, ...]) -> None:
-    """Run one of the benchmarks in the source tree's bench/ folder; each prints JSON.
-
-    Without NAME, lists the benchmarks. Extra arguments go to the benchmark
-    (try 'silomesh bench codec --help').
-
-    \b
-    Example:
-      silomesh bench codec
-      silomesh bench exchange
-    """
-    import subprocess
-
-    folder = Path(__file__).resolve().parent.parent / "bench"
-    available = sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
-    if not available:
-        raise click.ClickException(f"no benchmarks found in {folder} (they ship with the source tree, not the wheel)")
-    if name is None:
-        click.echo("\n".join(available))
-        return
-    if name not in available:
-        raise click.ClickException(f"unknown benchmark {name!r}; choose from {', '.join(available)}")
-    code = subprocess.call([sys.executable, str(folder / f"bench_{name}.py"), *args])
-    if code:
-        sys.exit(code)
-
-
-cli.add_command(audit)
-cli.add_command(simnet)
-
 _peer_group = cli.commands["peer"]
 assert isinstance(_peer_group, click.Group)
 _peer_group.add_command(peer_run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the process exit code."""
+    """Run the peer layer's commands (``python -m silomesh.peer.cli``); returns the exit code."""
     try:
         cli.main(args=argv, prog_name="silomesh", standalone_mode=True)
     except SystemExit as exc:  # click exits; turn it into a return code for tests

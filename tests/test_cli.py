@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from silomesh.peer.cli import cli
+from silomesh.cli import cli
 
 DESIGN_GROUPS = ["keygen", "peer", "data", "models", "simnet", "audit", "bench", "train"]
 
@@ -46,7 +46,15 @@ def test_user_mistake_is_one_line_error_without_traceback() -> None:
 
 def test_console_script_entry_point_runs() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "silomesh.peer.cli", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "silomesh.cli", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     assert "silomesh" in proc.stdout
+
+
+def test_peer_commands_load_no_layer_above_the_peer() -> None:
+    code = ("import sys, silomesh.peer.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith(('silomesh.simnet', 'silomesh.cli'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
