@@ -98,6 +98,11 @@ class FrameDecoder:
         self._max = _check_max(value)
 
     @property
+    def complete_bytes(self) -> int:
+        """Bytes of complete frames waiting for :meth:`next_frame`."""
+        return self._queued
+
+    @property
     def buffered(self) -> int:
         """Bytes currently held (partial frame plus queued frames)."""
         return len(self._prefix) + self._filled + self._queued

@@ -159,6 +159,14 @@ class Session:
         """The current conversation state."""
         return self._state
 
+    @property
+    def ready_bytes(self) -> int:
+        """Bytes of complete frames received and not yet opened by :meth:`next_event`.
+
+        An I/O layer can use it to open a large envelope in a worker thread.
+        """
+        return self._decoder.complete_bytes
+
     def _advance(self, sender: Role, kind: Kind, error: type[ProtocolError]) -> None:
         nxt = TRANSITIONS.get((self._state, sender, kind))
         if nxt is None:
