@@ -7,7 +7,7 @@ the three transfers interleaved (one of each per repetition) and the best of N k
 
 What is timed (all in one process, both ends on 127.0.0.1, one trio loop):
 
-* ``push_update_full`` / ``push_update_delta``: ``silomesh.peer.rounds.push_update``
+* ``push_update_full`` / ``push_update_delta``: ``silomesh.peer.dialer.push_update``
   from peer A to peer B, two real :class:`~silomesh.peer.daemon.Peer` objects (store,
   audit log, mesh, handlers) whose model is a float32 U-Net of ``--mb`` MB. From the
   call to its return, which is after B's ``Ack`` arrived, so it covers everything the
@@ -263,9 +263,9 @@ async def exchange(mb: float, repeats: int, raw_chunks: list[int]) -> dict[str, 
 
     from silomesh.models.unet import UNet, UNetConfig
     from silomesh.peer.daemon import Peer
+    from silomesh.peer.dialer import UpdateMaker, push_update
     from silomesh.peer.exchange import WRITE_CHUNK
     from silomesh.peer.learner import synthetic_silo
-    from silomesh.peer.rounds import push_update
 
     torch.set_num_threads(1)
     width = _unet_width(int(mb * 1e6))
@@ -292,23 +292,24 @@ async def exchange(mb: float, repeats: int, raw_chunks: list[int]) -> dict[str, 
             payload = np.concatenate([v.ravel() for v in base.values()]).view(np.uint8).data
             raw_send = await _raw_pair(nursery)
             tcp_send = await _tcp_pair(nursery)
-            assert await a.mesh.connect(b.peer_id)
+            assert await a.transport.connect(b.peer_id)
 
             # warm-up: first connection use, thread pool, first full snapshot
-            await push_update(a, b.peer_id, 0, states[0], {})
+            await push_update(a.context, b.peer_id, UpdateMaker(a.context, 0, states[0], {}))
             for c in raw_chunks:
                 await raw_send(payload, c)
             await tcp_send(payload)
             for r in range(repeats):
-                a.acked.pop(b.peer_id, None)
+                a.context.bases.acked.pop(b.peer_id, None)
                 t0 = time.perf_counter()
-                await push_update(a, b.peer_id, 0, states[r % 2], {})
+                await push_update(a.context, b.peer_id, UpdateMaker(a.context, 0, states[r % 2], {}))
                 results["push_update_full"].append(time.perf_counter() - t0)
-                assert b.peer_id in a.acked
+                assert b.peer_id in a.context.bases.acked
                 t0 = time.perf_counter()
-                await push_update(a, b.peer_id, 0, states[(r + 1) % 2], {})  # delta against the ack
+                delta = UpdateMaker(a.context, 0, states[(r + 1) % 2], {})
+                await push_update(a.context, b.peer_id, delta)  # a delta against the ack
                 results["push_update_delta"].append(time.perf_counter() - t0)
-                assert b.inbox.latest[a.peer_id][1].keys() == base.keys()
+                assert b.context.inbox.get(a.peer_id, 0).state.keys() == base.keys()
                 for c in raw_chunks:
                     t0 = time.perf_counter()
                     await raw_send(payload, c)
@@ -372,7 +373,7 @@ async def _idle_peers(k: int, settle: float) -> dict[str, Any]:
             async with trio.open_nursery() as nursery:
                 for p in peers:
                     await nursery.start(p.run)
-                while not all(set(p.trusted) <= p.mesh.connected for p in peers):
+                while not all(set(p.context.trust) <= p.transport.connected for p in peers):
                     await trio.sleep(0.1)
                 await trio.sleep(settle)  # a few gossipsub heartbeats
                 gc.collect()

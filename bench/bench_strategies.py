@@ -63,8 +63,8 @@ import torch
 
 from silomesh.models.registry import get_task
 from silomesh.models.task import Federation, Task
-from silomesh.peer.learner import Learner, RoundTraining
-from silomesh.strategies import Contribution, get_strategy
+from silomesh.peer.learner import Learner
+from silomesh.strategies import Contribution, LocalStep, get_strategy
 
 Arm = dict[str, Any]
 
@@ -89,7 +89,7 @@ def make_learners(task: Task, fed: Federation, strategy: str, params: dict[str, 
 
 def update_round(learners: list[Learner], graph: list[list[int]], steps: int) -> dict[str, Any]:
     """Train, exchange shared states, aggregate (``peer/rounds.py``'s update round)."""
-    trained: list[RoundTraining] = [lr.train(steps) for lr in learners]
+    trained: list[LocalStep] = [lr.train(steps) for lr in learners]
     new_states = []
     for i, lr in enumerate(learners):
         contributions = [
@@ -122,9 +122,9 @@ def fedefm_round(learners: list[Learner], graph: list[list[int]], steps: int) ->
     experts = [[learners[j].train_copy(starts[i], steps) for j in graph[i]] for i in range(len(learners))]
     losses = []
     for i, lr in enumerate(learners):
-        info = lr.distill([e.state for e in experts[i]])
         contributions = [Contribution(f"silo{j}", e.state, learners[j].n_samples, loss=e.mean_loss)
                          for j, e in zip(graph[i], experts[i], strict=True)]
+        info = lr.learn_from_experts(contributions)
         result = lr.strategy.aggregate(lr.state(), float(lr.n_samples), contributions)
         lr.load({**lr.state(), **result.state})
         losses.append(float(np.mean([e.mean_loss for e in experts[i]])))

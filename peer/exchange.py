@@ -1,7 +1,7 @@
 """One exchange conversation over one libp2p stream, and the audit of what crosses it.
 
 :class:`Wire` drives a sans-I/O :class:`~silomesh.protocol.Session` over a
-:class:`~silomesh.peer.mesh.FramedStream`: it writes sealed envelopes in bounded
+:class:`~silomesh.peer.transport.Stream`: it writes sealed envelopes in bounded
 chunks, feeds bounded reads to the session, and records every envelope sent, received
 or refused in the audit log. Sealing and opening large envelopes (encryption, hashing,
 decoding) run in a worker thread so the trio loop keeps serving other neighbours.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import trio
 
-from silomesh.peer.mesh import FramedStream, StreamClosed
+from silomesh.peer.transport import Stream, StreamClosed
 from silomesh.protocol import (
     NEED_DATA,
     ErrorCode,
@@ -59,7 +59,7 @@ class ConversationError(Exception):
 class Wire:
     """A Session bound to a stream, with auditing."""
 
-    def __init__(self, session: Session, stream: FramedStream, audit: AuditSink) -> None:
+    def __init__(self, session: Session, stream: Stream, audit: AuditSink) -> None:
         self.session = session
         self.stream = stream
         self.audit = audit
@@ -108,7 +108,7 @@ class Wire:
                 # a worker thread only for a complete large frame (opening it is the heavy part):
                 # while a frame is still arriving next_event is a cheap NEED_DATA, and a thread
                 # hop per 64 KiB read cost more than the crypto (bench/bench_exchange.py)
-                if self.session._decoder._queued > THREAD_THRESHOLD:  # noqa: SLF001
+                if self.session.ready_bytes > THREAD_THRESHOLD:
                     event = await trio.to_thread.run_sync(self.session.next_event)
                 else:
                     event = self.session.next_event()

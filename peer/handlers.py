@@ -1,126 +1,50 @@
-"""What a peer does when a neighbour talks to it: exchange streams and announces.
+"""What a peer does when a neighbour talks to it: one exchange stream, start to end.
 
-A stream handler answers one neighbour's conversation: hello, then updates (deltas or
-full snapshots), FedEFM train-requests, or requests for our current model. Everything
-that is refused is audited and counted against the sender; the mesh layer already
-guarantees the stream comes from a trusted, authenticated PeerID and that an exception
-here cannot take the host down.
+:func:`serve_stream` answers one neighbour's conversation: hello, then updates (deltas
+or full snapshots), train-requests, or requests for our current model. Everything
+refused is audited and counted against the sender (the :class:`~silomesh.peer.exchange.Wire`
+does that); the transport already guarantees the stream comes from a trusted,
+authenticated PeerID and that an exception here cannot take the host down.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
 
+from silomesh.peer.context import Base, Received, RoundContext, StateDict
 from silomesh.peer.exchange import ConversationError, Wire
-from silomesh.peer.mesh import FramedStream, announce_topic
+from silomesh.peer.transport import Stream
 from silomesh.protocol import (
     Ack,
     ErrorCode,
     ErrorMessage,
     Hello,
-    Leaving,
-    Message,
     NeedBase,
-    NewData,
     ProtocolError,
     RemoteProtocolError,
     Role,
-    Session,
     TrainRequest,
     TrainResult,
     Update,
-    UpdateAvailable,
     apply_delta,
-    decode_announce,
-    encode_announce,
     state_digest,
 )
 
-if TYPE_CHECKING:
-    from silomesh.peer.daemon import Peer
-
 log = logging.getLogger(__name__)
 
-AGENT = "silomesh/0.1"
 #: updates more than this many rounds behind ours are acknowledged but not used
 MAX_ROUND_LAG = 2
 
 
-def model_id(peer: Peer) -> str:
-    return f"{peer.config.task.name}/{peer.config.task.size}"
-
-
-def hello(peer: Peer, recipient: bytes) -> Hello:
-    return Hello(
-        federation=peer.config.federation,
-        sender=peer.crypto.public_key,
-        recipient=recipient,
-        round=max(peer.round, 0),
-        sequence=peer.next_sequence(),
-        agent=AGENT,
-        model=model_id(peer),
-        state_digest=None,
-        codecs=("float32", "float16", "int8"),
-        max_frame_size=peer.limits.max_frame_size,
-    )
-
-
-def new_session(peer: Peer, role: Role, remote: str) -> Session:
-    return Session(
-        role,
-        identity=peer.crypto,
-        peer=peer.public_key_of(remote),
-        federation=peer.config.federation,
-        replay=peer.replay,
-        limits=peer.limits,
-        expected_shapes=peer.learner.shapes,
-        complete=False,
-    )
-
-
-def reply_routing(peer: Peer, msg: Message) -> dict[str, Any]:
-    """Routing fields of our reply to ``msg`` (same federation, back to its sender)."""
-    return {
-        "federation": msg.federation,
-        "sender": peer.crypto.public_key,
-        "recipient": msg.sender,
-        "round": max(peer.round, 0),
-        "sequence": peer.next_sequence(),
-    }
-
-
-def reconstruct(peer: Peer, sender: str, message: Update | TrainRequest) -> dict[str, np.ndarray] | None:
-    """The full state a tensor message describes, or None if its base is unknown.
-
-    Raises:
-        RemoteProtocolError: if the delta does not apply or the result's digest differs.
-    """
-    tensors = {k: np.array(v) for k, v in message.tensors.items()}  # own copies, writable
-    if message.base_digest is None:
-        # A full snapshot is covered by the signed payload digest already; its announced
-        # state digest only names it as the base of the sender's next delta, and that
-        # delta's result is checked below.
-        return tensors
-    known = peer.received.get(sender)
-    if known is None or known[0] != message.base_digest:
-        return None
-    state = apply_delta(known[1], tensors)
-    expected = getattr(message, "state_digest", None)
-    if expected is not None and state_digest(state) != expected:
-        raise RemoteProtocolError(ErrorCode.DIGEST_MISMATCH, "delta does not produce the announced state")
-    return state
-
-
-async def serve_stream(peer: Peer, stream: FramedStream) -> None:
+async def serve_stream(ctx: RoundContext, stream: Stream) -> None:
     """Answer one neighbour's exchange stream until it closes."""
-    wire = Wire(new_session(peer, Role.LISTENER, stream.remote), stream, peer.record)
+    wire = ctx.endpoint.wire(Role.LISTENER, stream, ctx.learner.shapes)
     remote = stream.remote
-    peer.store.upsert_neighbour(remote, last_seen=time.time())
+    ctx.store.upsert_neighbour(remote, last_seen=time.time())
     try:
         while True:
             opened = await wire.receive()
@@ -128,15 +52,15 @@ async def serve_stream(peer: Peer, stream: FramedStream) -> None:
                 return
             msg = opened.message
             if isinstance(msg, Hello):
-                if msg.model and msg.model != model_id(peer):
-                    log.warning("%s runs model %s, we run %s", remote, msg.model, model_id(peer))
-                await wire.send(hello(peer, msg.sender))
+                if msg.model and msg.model != ctx.endpoint.model_id:
+                    log.warning("%s runs model %s, we run %s", remote, msg.model, ctx.endpoint.model_id)
+                await wire.send(ctx.endpoint.hello(msg.sender))
             elif isinstance(msg, Update):
-                await _on_update(peer, wire, remote, msg)
+                await _on_update(ctx, wire, msg)
             elif isinstance(msg, TrainRequest):
-                await _on_train_request(peer, wire, remote, msg)
+                await _on_train_request(ctx, wire, msg)
             elif isinstance(msg, NeedBase):
-                await wire.send(current_update(peer, msg.sender))
+                await wire.send(current_update(ctx, msg.sender))
             else:  # the session's transition table makes this unreachable
                 raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{msg.kind} not expected")
     except RemoteProtocolError as exc:
@@ -148,116 +72,85 @@ async def serve_stream(peer: Peer, stream: FramedStream) -> None:
         await stream.close()
 
 
-async def _on_update(peer: Peer, wire: Wire, remote: str, msg: Update) -> None:
-    state = reconstruct(peer, remote, msg)
+def reconstruct(ctx: RoundContext, sender: str, message: Update | TrainRequest) -> StateDict | None:
+    """The full state a tensor message describes, or None if its base is unknown.
+
+    Raises:
+        RemoteProtocolError: if the delta does not apply or the result's digest differs.
+    """
+    tensors = {k: np.array(v) for k, v in message.tensors.items()}  # own copies, writable
+    if message.base_digest is None:
+        # A full snapshot is covered by the signed payload digest already; its announced
+        # state digest only names it as the base of the sender's next delta, and that
+        # delta's result is checked below.
+        return tensors
+    known = ctx.bases.received.get(sender)
+    if known is None or known.digest != message.base_digest:
+        return None
+    state = apply_delta(known.state, tensors)
+    expected = message.state_digest if isinstance(message, Update) else None
+    if expected is not None and state_digest(state) != expected:
+        raise RemoteProtocolError(ErrorCode.DIGEST_MISMATCH, "delta does not produce the announced state")
+    return state
+
+
+async def _need_base(ctx: RoundContext, wire: Wire, msg: Update | TrainRequest) -> None:
+    await wire.send(NeedBase(**ctx.endpoint.reply_routing(msg), unknown_base=msg.base_digest, reply_to=msg.sequence))
+
+
+async def _on_update(ctx: RoundContext, wire: Wire, msg: Update) -> None:
+    remote = wire.stream.remote
+    state = reconstruct(ctx, remote, msg)
     if state is None:
-        await wire.send(NeedBase(**reply_routing(peer, msg), unknown_base=msg.base_digest, reply_to=msg.sequence))
+        await _need_base(ctx, wire, msg)
         return
-    digest = msg.state_digest or state_digest(state)
-    peer.received[remote] = (digest, state)
-    metrics = dict(getattr(msg, "metrics", {}) or {})
-    if msg.round + MAX_ROUND_LAG >= peer.round:
-        peer.inbox.put(remote, msg.round, state, msg.n_samples, metrics)
-        note = ""
+    ctx.bases.received[remote] = Base(msg.state_digest or state_digest(state), state)
+    note = ""
+    if msg.round + MAX_ROUND_LAG >= ctx.progress.round:
+        ctx.inbox.put(Received.from_metrics(remote, msg.round, state, msg.n_samples, msg.metrics))
     else:
-        note = f"late: round {msg.round} while we are at {peer.round}"
-    peer.store.upsert_neighbour(remote, last_seen=time.time())
-    await wire.send(
-        Ack(**reply_routing(peer, msg), reply_to=msg.sequence, note=note)
-    )
+        note = f"late: round {msg.round} while we are at {ctx.progress.round}"
+    ctx.store.upsert_neighbour(remote, last_seen=time.time())
+    await wire.send(Ack(**ctx.endpoint.reply_routing(msg), reply_to=msg.sequence, note=note))
 
 
-async def _on_train_request(peer: Peer, wire: Wire, remote: str, msg: TrainRequest) -> None:
-    state = reconstruct(peer, remote, msg)
+async def _on_train_request(ctx: RoundContext, wire: Wire, msg: TrainRequest) -> None:
+    remote = wire.stream.remote
+    state = reconstruct(ctx, remote, msg)
     if state is None:
-        await wire.send(NeedBase(**reply_routing(peer, msg), unknown_base=msg.base_digest, reply_to=msg.sequence))
+        await _need_base(ctx, wire, msg)
         return
-    if peer.config.participation == "manual":
-        name = peer.trusted[remote].name
+    if ctx.participation == "manual":
         approved: bool | None = None
-        with trio.move_on_after(peer.config.rounds.deadline_seconds):  # the requester waits no longer
-            approved = await peer.consent.wait("train-request", msg.round, remote, f"train {name}'s model")
+        with trio.move_on_after(ctx.rounds.deadline_seconds):  # the requester waits no longer
+            approved = await ctx.consent.wait(
+                "train-request", msg.round, remote, f"train {ctx.trust.name(remote)}'s model"
+            )
         if not approved:
             why = "declined by the operator" if approved is False else "not approved before the round deadline"
             await wire.send(
-                ErrorMessage(**reply_routing(peer, msg), code=ErrorCode.REFUSED, message=why, reply_to=msg.sequence)
+                ErrorMessage(**ctx.endpoint.reply_routing(msg), code=ErrorCode.REFUSED, message=why,
+                             reply_to=msg.sequence)
             )
             return
-    steps = peer.config.rounds.local_steps
-    async with peer.compute:
-        trained = await trio.to_thread.run_sync(peer.learner.train_copy, state, steps)
+    trained = await ctx.compute.run(ctx.learner.serve_train_request, state, ctx.rounds.local_steps)
     await wire.send(
         TrainResult(
-            **{**reply_routing(peer, msg), "round": msg.round},
-            tensors=peer.faults.outgoing_state(peer.peer_id, msg.round, trained.state),
+            **ctx.endpoint.reply_routing(msg, round=msg.round),
+            tensors=ctx.faults.outgoing_state(ctx.peer_id, msg.round, trained.state),
             request_sequence=msg.sequence,
-            n_samples=peer.learner.n_samples,
+            n_samples=ctx.learner.n_samples,
             metrics={"loss": trained.mean_loss} if np.isfinite(trained.mean_loss) else {},
         )
     )
 
 
-def current_update(peer: Peer, recipient: bytes) -> Update:
-    state = peer.learner.shared(peer.learner.state())
+def current_update(ctx: RoundContext, recipient: bytes) -> Update:
+    """Our current model as a full snapshot (the answer to a neighbour's need-base)."""
+    state = ctx.learner.shared(ctx.learner.state())
     return Update(
-        federation=peer.config.federation,
-        sender=peer.crypto.public_key,
-        recipient=recipient,
-        round=max(peer.round, 0),
-        sequence=peer.next_sequence(),
+        **ctx.endpoint.routing(recipient),
         tensors=state,
-        n_samples=peer.learner.n_samples,
+        n_samples=ctx.learner.n_samples,
         state_digest=state_digest(state),
     )
-
-
-# -- announces --------------------------------------------------------------------------
-
-
-async def publish(peer: Peer, announce: UpdateAvailable | NewData | Leaving) -> None:
-    try:
-        await peer.mesh.publish(announce_topic(peer.config.federation), encode_announce(announce, peer.crypto))
-    except Exception as exc:  # noqa: BLE001 - announcing is best effort
-        log.info("announce %s not published: %s", type(announce).__name__, exc)
-
-
-async def announce_new_data(peer: Peer, n_samples: int, manifest_digest: bytes) -> None:
-    await publish(
-        peer,
-        NewData(
-            federation=peer.config.federation,
-            sender=peer.crypto.public_key,
-            round=max(peer.round, 0),
-            sequence=peer.next_sequence(),
-            n_samples=n_samples,
-            manifest_digest=manifest_digest,
-        ),
-    )
-
-
-async def listen_announces(peer: Peer) -> None:
-    """Record neighbours' announces (last seen, new data); refuse forged or foreign ones."""
-    topic = announce_topic(peer.config.federation)
-    async for sender, data in peer.mesh.subscribe(topic):
-        try:
-            received = decode_announce(
-                data,
-                federation=peer.config.federation,
-                trusted=set(peer.trusted_keys),
-                me=peer.crypto.public_key,
-                expected_sender=peer.public_key_of(sender),
-                replay=peer.replay,
-            )
-        except RemoteProtocolError as exc:
-            peer.audit_log.append("refused", sender, "announce", reason=f"{exc.code.value}: {exc.message}")
-            peer.store.count_refused(sender)
-            continue
-        announce = received.announce
-        fields: dict[str, object] = {"last_seen": time.time()}
-        if isinstance(announce, NewData):
-            fields.update(
-                samples=announce.n_samples, data_digest=announce.manifest_digest.hex(), data_announced_at=time.time()
-            )
-        elif isinstance(announce, Leaving):
-            peer.mesh.connected.discard(sender)
-        peer.store.upsert_neighbour(sender, **fields)

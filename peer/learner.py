@@ -1,13 +1,9 @@
-"""The peer's model and data: local training, evaluation, and the strategies' torch steps.
+"""The peer's model and data: local training, evaluation, and the strategies' workbench.
 
-Everything here is synchronous torch work; the daemon calls it through
-``trio.to_thread.run_sync`` under one capacity limiter, so training never blocks the
-network loop and a peer never trains two things at once.
-
-FedMix peers hold two networks (:class:`Learner` ``.model`` and ``.twin``). The second
-one travels in the same state dict under :data:`TWIN_PREFIX`, so it is exchanged,
-aggregated with the same weights, stored with every committed model and restored on
-restart exactly like the first; evaluation uses the first network only.
+Everything here is synchronous torch work; the round loop calls it through its
+:class:`~silomesh.peer.context.Compute` (a worker thread under one capacity limiter in
+production), so training never blocks the network loop and a peer never trains two
+things at once.
 """
 
 from __future__ import annotations
@@ -16,31 +12,24 @@ import copy
 import functools
 import hashlib
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from silomesh.models.data_io import load_folder
 from silomesh.models.registry import get_task
 from silomesh.models.task import ArrayDataset, Federation, Silo, Task
 from silomesh.models.train import train_local
-from silomesh.strategies import Strategy
-from silomesh.strategies.fedefm import FedEFMStrategy
-from silomesh.strategies.fedmix import FedMixStrategy
-from silomesh.strategies.segviz import SegVizStrategy
+from silomesh.peer.config import TaskConfig
+from silomesh.strategies import Contribution, LocalStep, Strategy
+from silomesh.strategies.training import BatchSource
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, np.ndarray]
-
-#: state-dict prefix of a FedMix peer's second network
-TWIN_PREFIX = "twin."
-#: the second network is initialised from ``init_seed + TWIN_SEED_OFFSET`` (alike on all
-#: peers of a federation, and different from the first network's initialisation)
-TWIN_SEED_OFFSET = 7919
 
 
 def federation_seed(federation: str) -> int:
@@ -51,11 +40,6 @@ def federation_seed(federation: str) -> int:
 @functools.lru_cache(maxsize=8)
 def _federation(task_name: str, n_silos: int, seed: int, options: tuple[tuple[str, Any], ...]) -> Federation:
     return get_task(task_name, **dict(options)).make_federation(n_silos, seed)
-
-
-def synthetic_federation(task_name: str, n_silos: int, seed: int, **options: Any) -> Federation:
-    """The whole seeded synthetic federation (every silo and the shared test sets), cached per process."""
-    return _federation(task_name, n_silos, seed, tuple(sorted(options.items())))
 
 
 def synthetic_silo(task_name: str, n_silos: int, silo: int, seed: int, **options: Any) -> Silo:
@@ -69,6 +53,11 @@ def synthetic_silo(task_name: str, n_silos: int, silo: int, seed: int, **options
     return _federation(task_name, n_silos, seed, tuple(sorted(options.items()))).silos[silo]
 
 
+def synthetic_federation(task_name: str, n_silos: int, seed: int, **options: Any) -> Federation:
+    """The whole seeded synthetic federation (every silo and the shared test sets), cached per process."""
+    return _federation(task_name, n_silos, seed, tuple(sorted(options.items())))
+
+
 def to_numpy(model: nn.Module) -> StateDict:
     """A detached numpy copy of the model's state dict."""
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
@@ -80,35 +69,14 @@ def load_numpy(model: nn.Module, state: Mapping[str, np.ndarray], *, strict: boo
     model.load_state_dict(tensors, strict=strict)
 
 
-@dataclass
-class RoundTraining:
-    """One round's local training: the new state, its mean loss, and strategy facts.
-
-    ``info`` holds FedMix's pseudo-label statistics (``pseudo_steps``, ``weak_samples``,
-    ``kept``, ``kept_foreground``, ``kept_fraction``, ``agreement``); empty otherwise.
-    """
-
-    state: StateDict
-    mean_loss: float
-    steps: int
-    info: dict[str, float] = field(default_factory=dict)
-
-
-def supports_pseudo_labels(task: Task) -> bool:
-    """True if the task offers what FedMix's local step needs.
-
-    That is ``loss_terms(model, batch)`` understanding a ``"pseudo"`` key and
-    ``predict_proba(model, images)``; today the ``lesion`` task.
-    """
-    return callable(getattr(task, "loss_terms", None)) and callable(getattr(task, "predict_proba", None))
-
-
 class Learner:
-    """A task, this silo's data, and the current model (two networks under FedMix).
+    """A task, this silo's data, and the current model: the strategies' :class:`Workbench`.
 
-    With the ``fedmix`` strategy on a task that supports pseudo-labels
-    (:func:`supports_pseudo_labels`), ``twin`` is FedMix's second network; otherwise it
-    is ``None`` and the learner trains one model with the task's loss.
+    A strategy may add networks that travel with the model under a state-dict prefix
+    (:meth:`~silomesh.strategies.Strategy.extra_networks`; FedMix's second network); every
+    method here that reads or writes a state covers them. What a round does with the
+    model is the strategy's (its hooks receive this learner); the learner only trains,
+    evaluates, loads and copies.
     """
 
     def __init__(
@@ -126,43 +94,49 @@ class Learner:
         self.silo = silo
         self.batch_size = batch_size
         self.lr = lr
-        self.strategy = strategy
         self.model = task.make_model(size, seed=init_seed)
         self.size = size
         self.init_seed = init_seed
         self._step_seed = 0
-        if hasattr(strategy, "with_head_prefixes") and hasattr(self.model, "head_prefixes"):
-            self.strategy = strategy.with_head_prefixes(tuple(self.model.head_prefixes))
-        self.twin: nn.Module | None = None
-        if isinstance(strategy, FedMixStrategy):
-            if supports_pseudo_labels(task):
-                self.twin = task.make_model(size, seed=init_seed + TWIN_SEED_OFFSET)
-            else:
-                log.warning("task %s has no pseudo-label support: fedmix trains one network "
-                            "with the task's loss and only its aggregation weights differ", task.name)
+        self.strategy = strategy.prepared_for(self.model)
+        self.extra = self.strategy.extra_networks(task, lambda seed: task.make_model(size, seed=seed), init_seed)
+
+    # -- Workbench --------------------------------------------------------------------
 
     @property
     def n_samples(self) -> int:
         return len(self.silo.train)
 
     @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Key -> shape of every tensor :meth:`state` returns (twin keys included)."""
-        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        if self.twin is not None:
-            shapes.update({TWIN_PREFIX + k: tuple(v.shape) for k, v in self.twin.state_dict().items()})
-        return shapes
-
-    @property
     def weak_labels(self) -> bool:
         """True if this silo's training data has no pixel masks (box / image-level)."""
         return "mask" not in self.silo.train.arrays
 
+    def network(self, prefix: str) -> nn.Module | None:
+        return self.extra.get(prefix)
+
+    def next_seed(self) -> int:
+        self._step_seed += 1
+        return self.init_seed + self._step_seed
+
+    def batches(self, seed: int) -> BatchSource:
+        rng = np.random.default_rng(seed)
+        data, bs = self.silo.train, self.batch_size
+        return lambda: data.batches(bs, rng)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Key -> shape of every tensor :meth:`state` returns (extra networks included)."""
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        for prefix, net in self.extra.items():
+            shapes.update({prefix + k: tuple(v.shape) for k, v in net.state_dict().items()})
+        return shapes
+
     def state(self) -> StateDict:
-        """The model's state dict; a FedMix twin's keys follow under :data:`TWIN_PREFIX`."""
+        """The model's state dict; extra networks' keys follow under their prefixes."""
         state = to_numpy(self.model)
-        if self.twin is not None:
-            state.update({TWIN_PREFIX + k: v for k, v in to_numpy(self.twin).items()})
+        for prefix, net in self.extra.items():
+            state.update({prefix + k: v for k, v in to_numpy(net).items()})
         return state
 
     def load(self, state: Mapping[str, np.ndarray]) -> None:
@@ -171,111 +145,91 @@ class Learner:
         Raises:
             RuntimeError: from torch, if keys or shapes do not match the model.
         """
-        if self.twin is None:
-            load_numpy(self.model, state)
-            return
-        twin = {k[len(TWIN_PREFIX):]: v for k, v in state.items() if k.startswith(TWIN_PREFIX)}
-        load_numpy(self.model, {k: v for k, v in state.items() if not k.startswith(TWIN_PREFIX)})
-        if twin:
-            load_numpy(self.twin, twin)
-        else:
-            log.warning("state without FedMix's second network: keeping the current one")
+        prefixes = tuple(self.extra)
+        load_numpy(self.model, {k: v for k, v in state.items() if not prefixes or not k.startswith(prefixes)})
+        for prefix, net in self.extra.items():
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if own:
+                load_numpy(net, own)
+            else:
+                log.warning("state without the %r network: keeping the current one", prefix)
+
+    def train_plain(self, steps: int) -> LocalStep:
+        """Train the first network with the task's loss on this silo's data."""
+        losses = train_local(self.task, self.model, self.silo.train, steps, self.batch_size, self.lr,
+                             seed=self.next_seed())
+        return LocalStep(self.state(), float(np.mean(losses)) if losses else float("nan"), steps)
+
+    def train_copy(self, state: Mapping[str, np.ndarray], steps: int) -> LocalStep:
+        """Train a copy of the first network, started from ``state``, on this silo's data."""
+        model = copy.deepcopy(self.model)
+        load_numpy(model, {**to_numpy(model), **state})
+        losses = train_local(self.task, model, self.silo.train, steps, self.batch_size, self.lr, seed=self.next_seed())
+        return LocalStep(to_numpy(model), float(np.mean(losses)) if losses else float("nan"), steps)
+
+    def copies(self, states: list[StateDict]) -> list[nn.Module]:
+        models = []
+        for state in states:
+            m = copy.deepcopy(self.model)
+            load_numpy(m, state)
+            models.append(m)
+        return models
+
+    # -- what the round loop calls (each one strategy hook) -----------------------------
+
+    def train(self, steps: int) -> LocalStep:
+        """The round's local training, as the strategy does it (FedMix: both networks)."""
+        return self.strategy.local_step(self, steps)
+
+    def serve_train_request(self, state: Mapping[str, np.ndarray], steps: int) -> LocalStep:
+        """A neighbour's model trained on this silo's data, as the strategy does it."""
+        return self.strategy.serve_train_request(self, state, steps)
+
+    def learn_from_experts(self, experts: Sequence[Contribution]) -> dict[str, Any]:
+        """Learn from neighbours' trained copies of our model (train-request rounds)."""
+        return self.strategy.learn_from_experts(self, experts)
 
     def adopt(self, state: Mapping[str, np.ndarray]) -> StateDict:
-        """Load the round's aggregated ``state`` and return the model to evaluate and commit.
+        """Load the round's aggregated ``state``; return the model to evaluate and commit.
 
-        Under ``segviz`` with ``finetune_steps > 0`` the task head is then fine-tuned on
-        this silo's training data with the federated body frozen (SegViz's local head
-        step), so the committed body equals the aggregated one bit for bit. Every other
-        strategy returns the aggregated state unchanged.
+        The strategy's :meth:`~silomesh.strategies.Strategy.adopt` hook runs after the
+        load (SegViz's head fine-tune); for the others the aggregated state is returned.
 
         Raises:
             RuntimeError: from torch, if keys or shapes do not match the model.
         """
         self.load(state)
-        strategy = self.strategy
-        if not isinstance(strategy, SegVizStrategy) or strategy.config.finetune_steps <= 0:
-            return dict(state)
-        seed = self._seed()
-        rng = np.random.default_rng(seed)
-        torch.manual_seed(seed)
-        data, bs = self.silo.train, self.batch_size
-        result = strategy.finetune_head(self.model, lambda: data.batches(bs, rng), self.task.loss)
-        log.debug("segviz head fine-tune: %d steps, loss %.4f", result.steps, result.mean_loss)
-        return self.state()
+        return self.state() if self.strategy.adopt(self) else dict(state)
 
     def shared(self, state: Mapping[str, np.ndarray]) -> StateDict:
         """The part of ``state`` the strategy exchanges with neighbours."""
-        keys = self.strategy.shared_keys(state)
-        return {k: state[k] for k in keys}
-
-    def _seed(self) -> int:
-        self._step_seed += 1
-        return self.init_seed + self._step_seed
-
-    def train(self, steps: int) -> RoundTraining:
-        """Train the current model on this silo's data (FedMix: both networks)."""
-        if self.twin is not None:
-            return self._train_fedmix(steps)
-        losses = train_local(self.task, self.model, self.silo.train, steps, self.batch_size, self.lr, seed=self._seed())
-        return RoundTraining(self.state(), float(np.mean(losses)) if losses else float("nan"), steps)
-
-    def _train_fedmix(self, steps: int) -> RoundTraining:
-        """FedMix's local step (:func:`silomesh.strategies.fedmix.train_pair`).
-
-        Pixel-mask silos train both networks on their masks. Box / image-level silos
-        train each network on its weak-label loss plus the other network's
-        pseudo-labels, made by frozen copies of the two networks as they stand at the
-        start of the round, i.e. the federated (aggregated) networks.
-        """
-        assert isinstance(self.strategy, FedMixStrategy) and self.twin is not None
-        seed = self._seed()
-        if steps <= 0:
-            return RoundTraining(self.state(), float("nan"), 0)
-        teachers = (copy.deepcopy(self.model), copy.deepcopy(self.twin)) if self.weak_labels else None
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        data, bs = self.silo.train, self.batch_size
-        result = self.strategy.train_pair(
-            self.model, self.twin, lambda: data.batches(bs, rng),
-            getattr(self.task, "loss_terms"), getattr(self.task, "predict_proba"),  # noqa: B009
-            steps, self.lr, teachers=teachers,
-        )
-        info: dict[str, float] = {}
-        if result.pseudo_steps:
-            info = {
-                "pseudo_steps": float(result.pseudo_steps),
-                "weak_samples": float(result.samples),
-                "kept": float(result.kept),
-                "kept_foreground": float(result.kept_foreground),
-                "kept_fraction": result.kept_fraction,
-                "agreement": result.agreement,
-            }
-            log.debug("fedmix pseudo-labels: kept %d of %d (%d with foreground), agreement %.3f",
-                      result.kept, result.samples, result.kept_foreground, result.agreement)
-        return RoundTraining(self.state(), result.mean_loss, result.steps, info)
-
-    def train_copy(self, state: Mapping[str, np.ndarray], steps: int) -> RoundTraining:
-        """FedEFM: train a neighbour's model on this silo's data (the overseas expert)."""
-        model = copy.deepcopy(self.model)
-        load_numpy(model, {**to_numpy(model), **state})
-        losses = train_local(self.task, model, self.silo.train, steps, self.batch_size, self.lr, seed=self._seed())
-        return RoundTraining(to_numpy(model), float(np.mean(losses)) if losses else float("nan"), steps)
-
-    def distill(self, experts: list[StateDict]) -> dict[str, Any]:
-        """FedEFM: distil returned experts into the current model (in place)."""
-        assert isinstance(self.strategy, FedEFMStrategy)
-        models = []
-        for state in experts:
-            m = copy.deepcopy(self.model)
-            load_numpy(m, state)
-            models.append(m)
-        rng = np.random.default_rng(self._seed())
-        result = self.strategy.distill(
-            self.model, models, lambda: self.silo.train.batches(self.batch_size, rng), self.task.loss
-        )
-        return {"weights": [float(w) for w in result.weights], "steps": result.steps}
+        return {k: state[k] for k in self.strategy.shared_keys(state)}
 
     @torch.no_grad()
     def evaluate(self, data: ArrayDataset | None = None) -> dict[str, float]:
         return self.task.evaluate(self.model, data if data is not None else self.silo.test)
+
+
+#: ``[task.options]`` keys that pick this peer's synthetic silo rather than configure the task
+SILO_OPTIONS = ("silos", "silo", "seed")
+
+
+def load_silo(task: TaskConfig) -> Silo:
+    """This peer's data: a registered folder, or a seeded synthetic silo (simnet, demos).
+
+    Synthetic data is chosen with ``[task.options]``: ``silos`` (federation size),
+    ``silo`` (this peer's index), ``seed``, plus the task's own options.
+
+    Raises:
+        DatasetError: if the folder cannot be loaded.
+    """
+    options = dict(task.options)
+    if task.dataset is not None:
+        data = load_folder(task.dataset)
+        n_test = max(1, len(data) // 5)
+        order = np.random.default_rng(0).permutation(len(data))
+        return Silo(task.dataset.name, data.subset(order[n_test:]), data.subset(order[:n_test]))
+    n_silos = int(options.pop("silos", 1))
+    index = int(options.pop("silo", 0))
+    seed = int(options.pop("seed", 0))
+    return synthetic_silo(task.name, n_silos, index, seed, **options)

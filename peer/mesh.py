@@ -1,4 +1,4 @@
-"""Our small interface over py-libp2p: a Noise-only host that talks only to trusted peers.
+"""The libp2p :class:`~silomesh.peer.transport.Transport`: a Noise-only host that talks only to trusted peers.
 
 The daemon never calls libp2p directly; it uses :func:`open_mesh` and the :class:`Mesh`
 it yields (open a stream, set a handler, publish, subscribe). What this module enforces:
@@ -36,6 +36,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
 from silomesh.peer.identity import PeerIdentity
+from silomesh.peer.transport import Stream, StreamClosed, TransportStatistics
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,7 @@ EXCHANGE_PROTOCOL = TProtocol("/silomesh/exchange/1.0.0")
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 READ_CHUNK = 256 * 1024
 
-StreamHandler = Callable[["FramedStream"], Awaitable[None]]
-
-
-class StreamClosed(Exception):
-    """The remote end closed or reset the stream before a whole frame arrived."""
+StreamHandler = Callable[[Stream], Awaitable[None]]
 
 
 def announce_topic(federation: str) -> str:
@@ -163,6 +160,14 @@ class Mesh:
     @property
     def addrs(self) -> list[str]:
         return [str(a) for a in self.host.get_addrs()]
+
+    def statistics(self) -> TransportStatistics:
+        return TransportStatistics(
+            self.stats.refused_connections, self.stats.refused_streams, self.stats.handler_errors
+        )
+
+    def forget(self, peer_id: str) -> None:
+        self.connected.discard(peer_id)
 
     def notify_refused(self, peer: str, reason: str) -> None:
         if self.on_refused is not None:

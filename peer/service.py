@@ -45,7 +45,7 @@ async def _serve(config_path: Path) -> None:
                 "peer %s running: federation %s, listening on %s, control API on 127.0.0.1:%s",
                 peer.peer_id,
                 config.federation,
-                ", ".join(peer.mesh.addrs),
+                ", ".join(peer.transport.addrs),
                 peer.control_port,
             )
 

@@ -422,6 +422,38 @@ class Store:
             r["manifest"] = json.loads(r["manifest"])
         return rows
 
+    def deselected_neighbours(self) -> set[str]:
+        """PeerIDs the operator took out of the next rounds (``selected = 0``)."""
+        return {r[0] for r in self.db.execute("SELECT peer_id FROM neighbours WHERE selected = 0")}
+
+    # -- operator approvals (participation = "manual") ------------------------------
+
+    def add_approval(self, kind: str, round: int, peer: str, detail: str) -> int:
+        """A new pending approval request; returns its id."""
+        table = self.db.table("approvals").insert(
+            {"kind": kind, "round": round, "peer": peer, "detail": detail, "status": "pending",
+             "created_at": time.time()}
+        )
+        return int(table.last_pk)  # type: ignore[arg-type]  # insert() returns the table holding it
+
+    def approval(self, approval_id: int) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM approvals WHERE id = ?", [approval_id]))
+        return rows[0] if rows else None
+
+    def decide_approval(self, approval_id: int, status: str) -> None:
+        """Set a request's status (approved, declined, expired) and decision time."""
+        self.db.execute("UPDATE approvals SET status = ?, decided_at = ? WHERE id = ?",
+                        [status, time.time(), approval_id])
+
+    def expire_pending_approvals(self) -> int:
+        """Expire every pending request (nobody waits for them any more); returns how many."""
+        cursor = self.db.execute("UPDATE approvals SET status = 'expired', decided_at = ? WHERE status = 'pending'",
+                                 [time.time()])
+        return int(cursor.rowcount)
+
+    def approvals(self) -> list[dict[str, Any]]:
+        return list(self.db.query("SELECT * FROM approvals ORDER BY id"))
+
     # -- audit log (written only by silomesh.peer.audit.AuditLog) ---------------------
 
     def last_audit_entry(self) -> tuple[int, str] | None:

@@ -69,8 +69,9 @@ class RunModels:
     def final_models(self) -> list[Any]:
         """Each peer's newest stored model (``None`` for a peer that stored none)."""
         if self._models is None:
-            from silomesh.peer.learner import TWIN_PREFIX, load_numpy
+            from silomesh.peer.learner import load_numpy
             from silomesh.peer.store import Store
+            from silomesh.strategies.fedmix import TWIN_PREFIX
 
             out = Path(self.report["out"])
             models: list[Any] = []

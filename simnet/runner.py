@@ -252,11 +252,12 @@ class ShareRunner:
 
     @staticmethod
     def _add_mesh_stats(slot: SlotState, peer: Any) -> None:
-        mesh = getattr(peer, "mesh", None)
-        if mesh is None:
+        context = getattr(peer, "context", None)  # absent if the peer never got as far as its transport
+        if context is None:
             return
+        stats = asdict(context.transport.statistics())
         for key in slot.mesh_stats:
-            slot.mesh_stats[key] += int(getattr(mesh.stats, key, 0))
+            slot.mesh_stats[key] += int(stats.get(key, 0))
 
     # -- results ---------------------------------------------------------------------
 

@@ -24,7 +24,6 @@ from .base import (
     AggregationResult,
     Contribution,
     StateDict,
-    Strategy,
     StrategyConfig,
 )
 from .emd import feature_map_emd, node_emd, similarity_weights
@@ -52,7 +51,9 @@ from .fedmix import (
 from .registry import available_strategies, get_strategy, strategy_from_table
 from .robust import Screened, coordinate_median, screen, trimmed_mean
 from .segviz import SegVizConfig, SegVizStrategy, finetune_head, partition_keys
+from .strategy import RoundShape, Strategy
 from .training import TrainResult, train_steps
+from .workbench import LocalStep, Workbench
 
 __all__ = [
     "KIND_TRAIN_REQUEST",
@@ -68,8 +69,10 @@ __all__ = [
     "FedEFMStrategy",
     "FedMixConfig",
     "FedMixStrategy",
+    "LocalStep",
     "PairTrainResult",
     "PseudoLabels",
+    "RoundShape",
     "Screened",
     "SegVizConfig",
     "SegVizStrategy",
@@ -77,6 +80,7 @@ __all__ = [
     "Strategy",
     "StrategyConfig",
     "TrainResult",
+    "Workbench",
     "available_strategies",
     "average_states",
     "coordinate_median",

@@ -1,12 +1,7 @@
-"""The common interface of all strategies: configs, contributions, results.
+"""What every strategy shares: configs, contributions, aggregation results.
 
-A strategy is called by the peer's round loop after local training, once the
-neighbours' models of the round have arrived (or the round's deadline passed):
-
-    strategy = get_strategy("fedavg", {"weighting": "metropolis"})
-    result = strategy.aggregate(own_state, own_n_samples, contributions, own_degree=2)
-    model.load_state_dict(to_torch(result.state))
-    for peer, reason in result.dropped.items(): log(...)
+The :class:`~silomesh.strategies.strategy.Strategy` interface itself, with the hooks
+through which a strategy owns its round, is in :mod:`.strategy`.
 
 State dicts are ``dict[str, numpy.ndarray]``, the wire codec's representation. All
 functions here are pure: they never do I/O, sleep or touch the network, and they never
@@ -19,8 +14,7 @@ import dataclasses
 import logging
 import types
 import typing
-from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, Union
 
@@ -214,67 +208,3 @@ class StrategyConfig:
         """The parameters as a plain dict (for reports and logs)."""
         out = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-
-class Strategy(ABC):
-    """Base class of the federated strategies.
-
-    Subclasses set :attr:`name`, :attr:`config_class`, :attr:`message_kinds` and
-    implement :meth:`aggregate`. Everything is synchronous and side-effect free; the
-    peer runs CPU-heavy calls (distillation) in a worker thread.
-    """
-
-    name: ClassVar[str] = ""
-    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
-    #: message kinds the round uses, in the order they flow
-    message_kinds: ClassVar[tuple[str, ...]] = (KIND_UPDATE,)
-
-    def __init__(self, config: StrategyConfig | None = None) -> None:
-        self.config = config if config is not None else self.config_class()
-        if not isinstance(self.config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__} needs a {self.config_class.__name__}, "
-                f"got {type(self.config).__name__}"
-            )
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
-
-    @property
-    def contribution_fields(self) -> frozenset[str]:
-        """The :class:`Contribution` fields a neighbour must fill in besides its state
-        (e.g. ``{"degree"}`` for Metropolis weights, ``{"loss"}`` for FedMix)."""
-        return frozenset({"n_samples"})
-
-    def shared_keys(self, names: Iterable[str]) -> list[str]:
-        """The state-dict keys exchanged with and merged from neighbours (default: all).
-
-        The peer may send only these keys; the others stay local and are never read
-        from a neighbour's state.
-        """
-        return list(names)
-
-    @abstractmethod
-    def aggregate(
-        self,
-        own: Mapping[str, np.ndarray],
-        own_weight: float,
-        neighbours: Sequence[Contribution],
-        *,
-        own_degree: int | None = None,
-        own_loss: float | None = None,
-    ) -> AggregationResult:
-        """Merge the neighbours' models into the peer's own model.
-
-        Args:
-            own: the peer's model after its local training of the round.
-            own_weight: the peer's own sample count (for sample-count weighting).
-            neighbours: the contributions that arrived in time.
-            own_degree: the peer's number of trusted neighbours (Metropolis weights;
-                pass the configured count, not the number that answered, so that the
-                weights stay symmetric across the graph). Defaults to ``len(neighbours)``.
-            own_loss: the peer's own training loss of the round (FedMix weights).
-
-        Returns:
-            The new state and a report of weights, drops and clipping.
-        """

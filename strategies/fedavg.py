@@ -16,8 +16,9 @@ from typing import ClassVar
 import numpy as np
 
 from .averaging import WEIGHTINGS, mixing_weights, required_fields
-from .base import AggregationResult, Contribution, Strategy, StrategyConfig, check_choice
+from .base import AggregationResult, Contribution, StrategyConfig, check_choice
 from .robust import aggregate_contributions
+from .strategy import Strategy
 
 logger = logging.getLogger(__name__)
 

@@ -18,17 +18,16 @@ Optionally (``mix > 0``) the distilled student is then mixed with the experts,
 ``theta_i <- (1 - mix) theta_i + mix * mean_j theta_j`` (``mix = 0.5`` is what the
 authors' released code does); ``mix = 0`` is the paper's pure distillation.
 
-The round, as the peer daemon runs it::
+The round, as the peer daemon runs it (``round_shape = TRAIN_REQUEST``; the hooks of
+:class:`~.strategy.Strategy`)::
 
-    s = get_strategy("fedefm", params)
-    # (local training of the own model on own data: models/)
-    # send own state to each neighbour              -> train-request
-    # on a neighbour's train-request:  s.train_for_neighbour(copy, my_batches, task.loss)
-    #                                                -> train-result (the trained copy)
+    # send own state to each neighbour                      -> train-request
+    # on a neighbour's train-request: s.serve_train_request(bench, its_state, steps)
+    #                                                        -> train-result (the trained copy)
     # with the train-results that came back in time:
-    ok = s.screen(own_state, results)               # drop broken / non-finite experts
-    d = s.distill(model, [module_from(c.state) for c in ok.accepted], my_batches, task.loss)
-    new = s.aggregate(state_of(d.student), n_own, ok.accepted)   # the mixing step
+    ok = s.screen(own_state, results)                       # drop broken / non-finite experts
+    s.learn_from_experts(bench, ok.accepted)                # EMD-weighted distillation, in place
+    new = s.aggregate(bench.state(), n_own, ok.accepted)    # the mixing step
     # after the last round: global_model([all peers' states]) is the foundation model
 """
 
@@ -38,7 +37,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,18 +46,16 @@ from torch import nn
 
 from .averaging import average_states
 from .base import (
-    KIND_TRAIN_REQUEST,
-    KIND_TRAIN_RESULT,
     AggregationResult,
     Contribution,
     StateDict,
-    Strategy,
     StrategyConfig,
     check_choice,
     check_range,
 )
 from .emd import EMD_METHODS, WEIGHTINGS, feature_map_emd, similarity_weights
-from .robust import Screened, aggregate_contributions, screen
+from .robust import aggregate_contributions
+from .strategy import RoundShape, Strategy
 from .training import (
     OPTIMIZERS,
     Batch,
@@ -71,6 +68,7 @@ from .training import (
     to_device,
     train_steps,
 )
+from .workbench import Workbench
 
 logger = logging.getLogger(__name__)
 
@@ -312,12 +310,16 @@ class FedEFMStrategy(Strategy):
     name = "fedefm"
     config_class = FedEFMConfig
     config: FedEFMConfig
-    message_kinds = (KIND_TRAIN_REQUEST, KIND_TRAIN_RESULT)
+    round_shape = RoundShape.TRAIN_REQUEST
 
-    def screen(self, own: Mapping[str, np.ndarray],
-               results: Sequence[Contribution]) -> Screened:
-        """Drop returned experts that are broken (missing keys, shapes, non-finite)."""
-        return screen(own, results)
+    def learn_from_experts(self, bench: Workbench, experts: Sequence[Contribution]) -> dict[str, Any]:
+        """Distil the screened experts into the peer's model on its own data (in place).
+
+        Returns ``{"weights": [...], "steps": n}``: each expert's EMD-based weight, in order.
+        """
+        models = bench.copies([dict(c.state) for c in experts])
+        result = self.distill(bench.model, models, bench.batches(bench.next_seed()), bench.task.loss)
+        return {"weights": [float(w) for w in result.weights], "steps": result.steps}
 
     def train_for_neighbour(self, model: nn.Module, batches: BatchSource,
                             loss: LossFn) -> TrainResult:

@@ -27,20 +27,23 @@ neighbour's reported loss.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .base import AggregationResult, Contribution, Strategy, StrategyConfig, check_range
+from .base import AggregationResult, Contribution, StrategyConfig, check_range
 from .robust import aggregate_contributions
+from .strategy import Strategy
 from .training import Batch, BatchSource, iterate_batches, make_optimizer, to_device
+from .workbench import LocalStep, Workbench
 
 logger = logging.getLogger(__name__)
 
@@ -425,6 +428,21 @@ def train_pair(
     return result
 
 
+#: state-dict prefix of a FedMix peer's second network
+TWIN_PREFIX = "twin."
+#: the second network is initialised from ``init_seed + TWIN_SEED_OFFSET``
+TWIN_SEED_OFFSET = 7919
+
+
+def supports_pseudo_labels(task: Any) -> bool:
+    """True if the task offers what FedMix's local step needs.
+
+    That is ``loss_terms(model, batch)`` understanding a ``"pseudo"`` key and
+    ``predict_proba(model, images)``; today the ``lesion`` task.
+    """
+    return callable(getattr(task, "loss_terms", None)) and callable(getattr(task, "predict_proba", None))
+
+
 class FedMixStrategy(Strategy):
     """Neighbourhood averaging with FedMix's size-plus-loss adaptive weights.
 
@@ -437,6 +455,54 @@ class FedMixStrategy(Strategy):
     name = "fedmix"
     config_class = FedMixConfig
     config: FedMixConfig
+
+    def extra_networks(self, task: Any, make_model: Callable[[int], nn.Module], init_seed: int) -> dict[str, nn.Module]:
+        """FedMix's second network, under :data:`TWIN_PREFIX`, if the task supports pseudo-labels.
+
+        It is initialised from ``init_seed + TWIN_SEED_OFFSET``: alike on every peer of a
+        federation, and different from the first network.
+        """
+        if supports_pseudo_labels(task):
+            return {TWIN_PREFIX: make_model(init_seed + TWIN_SEED_OFFSET)}
+        logger.warning("task %s has no pseudo-label support: fedmix trains one network "
+                       "with the task's loss and only its aggregation weights differ",
+                       getattr(task, "name", task))
+        return {}
+
+    def local_step(self, bench: Workbench, steps: int) -> LocalStep:
+        """FedMix's local step (:func:`train_pair`) when the peer holds the second network.
+
+        Pixel-mask silos train both networks on their masks. Box / image-level silos
+        train each network on its weak-label loss plus the other network's
+        pseudo-labels, made by frozen copies of the two networks as they stand at the
+        start of the round, i.e. the federated (aggregated) networks. Without a second
+        network this is the plain local step.
+        """
+        twin = bench.network(TWIN_PREFIX)
+        if twin is None:
+            return bench.train_plain(steps)
+        seed = bench.next_seed()
+        if steps <= 0:
+            return LocalStep(bench.state(), float("nan"), 0)
+        model = bench.model
+        teachers = (copy.deepcopy(model), copy.deepcopy(twin)) if bench.weak_labels else None
+        torch.manual_seed(seed)
+        task = bench.task
+        result = self.train_pair(model, twin, bench.batches(seed), task.loss_terms, task.predict_proba,
+                                 steps, bench.lr, teachers=teachers)
+        info: dict[str, float] = {}
+        if result.pseudo_steps:
+            info = {
+                "pseudo_steps": float(result.pseudo_steps),
+                "weak_samples": float(result.samples),
+                "kept": float(result.kept),
+                "kept_foreground": float(result.kept_foreground),
+                "kept_fraction": result.kept_fraction,
+                "agreement": result.agreement,
+            }
+            logger.debug("fedmix pseudo-labels: kept %d of %d (%d with foreground), agreement %.3f",
+                         result.kept, result.samples, result.kept_foreground, result.agreement)
+        return LocalStep(bench.state(), result.mean_loss, result.steps, info)
 
     @property
     def contribution_fields(self) -> frozenset[str]:

@@ -12,11 +12,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from .base import Strategy
 from .fedavg import FedAvgStrategy
 from .fedefm import FedEFMStrategy
 from .fedmix import FedMixStrategy
 from .segviz import SegVizStrategy
+from .strategy import Strategy
 
 logger = logging.getLogger(__name__)
 

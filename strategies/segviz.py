@@ -21,19 +21,21 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import torch
 from torch import nn
 
 from .averaging import WEIGHTINGS, mixing_weights, required_fields
 from .base import (
     AggregationResult,
     Contribution,
-    Strategy,
     StrategyConfig,
     check_choice,
     check_range,
 )
 from .robust import aggregate_contributions
+from .strategy import Strategy
 from .training import OPTIMIZERS, BatchSource, LossFn, TrainResult, train_steps
+from .workbench import Workbench
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +164,25 @@ class SegVizStrategy(Strategy):
         if self.config.head_prefixes:
             return self
         return SegVizStrategy(dataclasses.replace(self.config, head_prefixes=tuple(prefixes)))
+
+    def prepared_for(self, model: nn.Module) -> SegVizStrategy:
+        """Take the head prefixes from ``model.head_prefixes`` when none were configured."""
+        prefixes = getattr(model, "head_prefixes", None)
+        return self.with_head_prefixes(tuple(prefixes)) if prefixes else self
+
+    def adopt(self, bench: Workbench) -> bool:
+        """SegViz's local head step: fine-tune the head on this silo's data, body frozen.
+
+        With ``finetune_steps > 0`` the committed body equals the aggregated one bit for
+        bit; with 0 nothing changes.
+        """
+        if self.config.finetune_steps <= 0:
+            return False
+        seed = bench.next_seed()
+        torch.manual_seed(seed)
+        result = self.finetune_head(bench.model, bench.batches(seed), bench.task.loss)
+        logger.debug("segviz head fine-tune: %d steps, loss %.4f", result.steps, result.mean_loss)
+        return True
 
     @property
     def contribution_fields(self) -> frozenset[str]:

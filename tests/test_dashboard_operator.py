@@ -17,11 +17,11 @@ async def test_audit_lists_newest_first_verifies_and_rounds_count_bytes_received
     a, b = peers
     async with running(peers):
         await a.done.wait()
-        entries = await a.audit(5)
-        report = await a.verify_audit()
-        rounds = await a.rounds()
+        entries = await a.operator.audit(5)
+        report = await a.operator.verify_audit()
+        rounds = await a.operator.rounds()
         with pytest.raises(OperatorError):
-            await a.audit(0)
+            await a.operator.audit(0)
     seqs = [e["seq"] for e in entries]
     assert seqs == sorted(seqs, reverse=True) and len(seqs) == 5
     assert "envelope_header" not in entries[0]

@@ -87,7 +87,7 @@ async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps
         async with trio.open_nursery() as nursery:
             await nursery.start(victim.run)
             state = {k: v.copy() for k, v in victim.learner.state().items()}
-            addr = victim.mesh.addrs[0].split("/p2p/")[0]
+            addr = victim.transport.addrs[0].split("/p2p/")[0]
             async with open_mesh(ids[1], "/ip4/127.0.0.1/tcp/0", {ids[0].peer_id_text: addr}) as mesh:
                 assert await mesh.connect(ids[0].peer_id_text)
 

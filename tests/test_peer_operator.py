@@ -50,7 +50,7 @@ async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0) -
 
 def pending(peer: Peer, kind: str) -> Callable[[], Awaitable[list[dict[str, Any]]]]:
     async def check() -> list[dict[str, Any]]:
-        return [a for a in await peer.approvals() if a["kind"] == kind and a["status"] == "pending"]
+        return [a for a in await peer.operator.approvals() if a["kind"] == kind and a["status"] == "pending"]
 
     return check
 
@@ -71,26 +71,26 @@ async def test_manual_round_waits_for_approval_and_a_declined_round_is_recorded(
         asks = {p.peer_id: (await eventually(pending(p, "round")))[0] for p in peers}
         for p in peers:
             assert asks[p.peer_id]["round"] == 0
-            assert await p.rounds() == []  # nothing ran before consent
-            assert (await p.status())["phase"] == "waiting-approval"
+            assert await p.operator.rounds() == []  # nothing ran before consent
+            assert (await p.operator.status())["phase"] == "waiting-approval"
         for p in peers:
-            decided = await p.decide(asks[p.peer_id]["id"], True)
+            decided = await p.operator.decide(asks[p.peer_id]["id"], True)
             assert decided["status"] == "approved" and decided["decided_at"]
         with pytest.raises(OperatorError) as again:
-            await a.decide(asks[a.peer_id]["id"], False)
+            await a.operator.decide(asks[a.peer_id]["id"], False)
         assert again.value.status == 409
         with pytest.raises(OperatorError) as unknown:
-            await a.decide(10_000, True)
+            await a.operator.decide(10_000, True)
         assert unknown.value.status == 404
 
         round1 = {p.peer_id: (await eventually(pending(p, "round"), timeout=30))[0] for p in peers}
         assert all(r["round"] == 1 for r in round1.values())
         for p in peers:
-            declined = await p.decide(round1[p.peer_id]["id"], False)
+            declined = await p.operator.decide(round1[p.peer_id]["id"], False)
             assert declined["status"] == "declined"
         for p in peers:
             await p.done.wait()
-        seen = {p.peer_id: (await p.rounds(), await p.models()) for p in peers}
+        seen = {p.peer_id: (await p.operator.rounds(), await p.operator.models()) for p in peers}
     for p, other in ((a, b), (b, a)):
         rounds, models = seen[p.peer_id]
         assert [(r["round"], r["status"]) for r in rounds] == [(0, "done"), (1, "declined")]
@@ -107,12 +107,12 @@ async def test_manual_peer_asks_before_training_a_neighbours_model_and_decline_s
     async with running(peers):
         ask = (await eventually(pending(trainer, "train-request")))[0]
         assert ask["peer"] == requester.peer_id and ask["round"] == 0
-        assert await requester.rounds() == []  # the requester's round waits for the answer
+        assert await requester.operator.rounds() == []  # the requester's round waits for the answer
         own_round = (await eventually(pending(trainer, "round")))[0]
-        await trainer.decide(own_round["id"], False)
-        await trainer.decide(ask["id"], False)
+        await trainer.operator.decide(own_round["id"], False)
+        await trainer.operator.decide(ask["id"], False)
         await requester.done.wait()
-        rounds = await requester.rounds()
+        rounds = await requester.operator.rounds()
         audit = requester.audit_log.entries()
     assert [(r["round"], r["status"]) for r in rounds] == [(0, "done")]
     assert rounds[0]["contributors"] == []
@@ -130,14 +130,14 @@ async def test_unanswered_train_request_approval_expires_after_the_round_deadlin
         await requester.done.wait()  # the requester gave up on the trainer at its deadline
 
         async def expired() -> bool:
-            rows = {a["id"]: a for a in await trainer.approvals()}
+            rows = {a["id"]: a for a in await trainer.operator.approvals()}
             return rows[ask["id"]]["status"] == "expired"
 
         assert await eventually(expired, timeout=10)
         with pytest.raises(OperatorError) as late:
-            await trainer.decide(ask["id"], True)
+            await trainer.operator.decide(ask["id"], True)
         assert late.value.status == 409
-        rounds = await requester.rounds()
+        rounds = await requester.operator.rounds()
     assert [s["peer"] for s in rounds[0]["skipped"]] == [trainer.peer_id]
 
 
@@ -157,9 +157,9 @@ async def test_requests_left_pending_by_a_stopped_or_killed_peer_expire_at_resta
     again = Peer(cfgs[0], identity=ids[0], serve_control_api=False)
     async with running([again]):
         fresh = (await eventually(pending(again, "round")))[0]
-        rows = await again.approvals()
+        rows = await again.operator.approvals()
         with pytest.raises(OperatorError) as late:
-            await again.decide(stopped["id"], True)
+            await again.operator.decide(stopped["id"], True)
         assert late.value.status == 409
     assert fresh["id"] != stopped["id"] and fresh["round"] == 0
     assert [a["status"] for a in rows] == ["expired", "expired", "pending"]
@@ -174,39 +174,39 @@ async def test_models_are_listed_per_round_renamed_exported_imported_and_deleted
     async with running(peers):
         for p in peers:
             await p.done.wait()
-        models = await peer.models()
+        models = await peer.operator.models()
         assert [m["round"] for m in models] == [0, 1]
         assert models[0]["parent"] is None and models[1]["parent"] == models[0]["digest"]
         first, last = models[0]["digest"], models[1]["digest"]
 
         # rename, by digest prefix; the name then works as a reference; names are unique
-        renamed = await peer.rename_model(last[:10], "baseline")
+        renamed = await peer.operator.rename_model(last[:10], "baseline")
         assert renamed["digest"] == last and renamed["name"] == "baseline"
         with pytest.raises(OperatorError) as clash:
-            await peer.rename_model(first, "baseline")
+            await peer.operator.rename_model(first, "baseline")
         assert clash.value.status == 409
         with pytest.raises(OperatorError) as missing:
-            await peer.rename_model("no-such-model", "x")
+            await peer.operator.rename_model("no-such-model", "x")
         assert missing.value.status == 404
 
         # export: safetensors is the stored file; pt is a plain state dict torch can load safely
-        stored = load_file(str(await peer.export_model("baseline", "safetensors")))
+        stored = load_file(str(await peer.operator.export_model("baseline", "safetensors")))
         assert set(stored) == set(peer.learner.shapes)
-        pt = await peer.export_model("baseline", "pt")
+        pt = await peer.operator.export_model("baseline", "pt")
         loaded = torch.load(pt, weights_only=True)
         assert isinstance(loaded, dict) and set(loaded) == set(stored)
         for k, v in stored.items():
             assert isinstance(loaded[k], torch.Tensor)
             assert torch.equal(loaded[k], torch.from_numpy(v)), k
         with pytest.raises(OperatorError):
-            await peer.export_model("baseline", "onnx")
+            await peer.operator.export_model("baseline", "onnx")
 
         # import: a valid file of the right shapes becomes a model version; bad ones are refused
         new = {k: (v + np.float32(0.01)).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in stored.items()}
-        imported = await peer.import_model(save_safetensors(new), "pretrained.safetensors")
+        imported = await peer.operator.import_model(save_safetensors(new), "pretrained.safetensors")
         assert imported["origin"] == "import:pretrained.safetensors"
-        assert imported["digest"] in {m["digest"] for m in await peer.models()}
-        back = load_file(str(await peer.export_model(imported["digest"], "safetensors")))
+        assert imported["digest"] in {m["digest"] for m in await peer.operator.models()}
+        back = load_file(str(await peer.operator.export_model(imported["digest"], "safetensors")))
         assert all(np.array_equal(back[k], new[k]) for k in new)
 
         name, value = next((k, v) for k, v in stored.items() if v.ndim >= 2)
@@ -215,23 +215,23 @@ async def test_models_are_listed_per_round_renamed_exported_imported_and_deleted
         missing_tensor = {k: v for k, v in stored.items() if k != name}
         for bad, why in ((wrong_shape, "shape"), (nan, "NaN"), (missing_tensor, "missing")):
             with pytest.raises(OperatorError, match=why):
-                await peer.import_model(save_safetensors(bad), "bad.safetensors")
+                await peer.operator.import_model(save_safetensors(bad), "bad.safetensors")
         with pytest.raises(OperatorError, match="garbage.bin"):
-            await peer.import_model(b"\x00garbage, not a safetensors file", "garbage.bin")
-        assert len(await peer.models()) == 3  # refused imports left nothing behind
+            await peer.operator.import_model(b"\x00garbage, not a safetensors file", "garbage.bin")
+        assert len(await peer.operator.models()) == 3  # refused imports left nothing behind
 
         # delete: the weights file goes, the listing and references forget it
-        file = await peer.export_model(first, "safetensors")
+        file = await peer.operator.export_model(first, "safetensors")
         assert file.exists()
-        deleted = await peer.delete_model(first)
+        deleted = await peer.operator.delete_model(first)
         assert deleted["deleted"] is True and deleted["digest"] == first
         assert not file.exists()
-        assert first not in {m["digest"] for m in await peer.models()}
+        assert first not in {m["digest"] for m in await peer.operator.models()}
         with pytest.raises(OperatorError) as gone:
-            await peer.export_model(first, "pt")
+            await peer.operator.export_model(first, "pt")
         assert gone.value.status == 404
         with pytest.raises(OperatorError):
-            await peer.delete_model(first)
+            await peer.operator.delete_model(first)
 
 
 # -- datasets -------------------------------------------------------------------------
@@ -249,12 +249,12 @@ async def test_registering_a_bad_dataset_folder_fails_naming_the_file(tmp_path: 
     Image.fromarray(np.zeros((size, size + 2), np.uint8)).save(odd / "masks" / "s0.png")
     async with running(peers):
         with pytest.raises(OperatorError, match="s1.png"):
-            await hospital.register_dataset(str(bad))
+            await hospital.operator.register_dataset(str(bad))
         with pytest.raises(OperatorError, match=r"masks/s0.png"):
-            await hospital.register_dataset(str(odd))
+            await hospital.operator.register_dataset(str(odd))
         with pytest.raises(OperatorError, match="absent"):
-            await hospital.register_dataset(str(tmp_path / "absent"))
-        assert await hospital.datasets() == []
+            await hospital.operator.register_dataset(str(tmp_path / "absent"))
+        assert await hospital.operator.datasets() == []
 
 
 async def test_registered_dataset_is_announced_to_the_neighbour(tmp_path: Path) -> None:
@@ -266,14 +266,14 @@ async def test_registered_dataset_is_announced_to_the_neighbour(tmp_path: Path) 
         for p in peers:
             await p.done.wait()  # connected, announce topic meshed
 
-        record = await hospital.register_dataset(str(good))
+        record = await hospital.operator.register_dataset(str(good))
         manifest = record["manifest"]
         assert manifest["count"] == 5 and manifest["label_kind"] == "mask"
         assert manifest["image_shape"] == [1, size, size]
-        assert [d["path"] for d in await hospital.datasets()] == [str(good)]
+        assert [d["path"] for d in await hospital.operator.datasets()] == [str(good)]
 
         async def announced() -> dict[str, Any] | None:
-            rows = {r["peer_id"]: r for r in await neighbour.neighbours()}
+            rows = {r["peer_id"]: r for r in await neighbour.operator.neighbours()}
             row = rows[hospital.peer_id]
             return row if row.get("samples") == 5 else None
 
@@ -290,14 +290,14 @@ async def test_round_after_deselecting_every_neighbour_has_no_contributors(tmp_p
     async with running(peers):
         ask = (await eventually(pending(a, "round")))[0]
         with pytest.raises(OperatorError) as unknown:
-            await a.select_neighbours(["12D3KooWNotTrustedAtAll"])
+            await a.operator.select_neighbours(["12D3KooWNotTrustedAtAll"])
         assert unknown.value.status == 404
-        rows = await a.select_neighbours([])
+        rows = await a.operator.select_neighbours([])
         assert [(r["peer_id"], r["selected"]) for r in rows] == [(b.peer_id, False)]
-        await a.decide(ask["id"], True)
-        await b.decide((await eventually(pending(b, "round")))[0]["id"], False)
+        await a.operator.decide(ask["id"], True)
+        await b.operator.decide((await eventually(pending(b, "round")))[0]["id"], False)
         await a.done.wait()
-        rounds = await a.rounds()
+        rounds = await a.operator.rounds()
         audit = a.audit_log.entries()
     assert [(r["round"], r["status"]) for r in rounds] == [(0, "done")]
     assert rounds[0]["contributors"] == [] and rounds[0]["skipped"] == []

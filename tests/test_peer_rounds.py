@@ -26,8 +26,8 @@ async def _run_all(peers: list[Peer], timeout: float = 120) -> dict[str, dict[st
                 await p.done.wait()
             for p in peers:
                 seen[p.peer_id] = {
-                    "rounds": await p.rounds(),
-                    "models": await p.models(),
+                    "rounds": await p.operator.rounds(),
+                    "models": await p.operator.models(),
                     "audit": p.audit_log.entries(),
                 }
             nursery.cancel_scope.cancel()

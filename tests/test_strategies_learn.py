@@ -16,9 +16,9 @@ import pytest
 
 from silomesh.models.registry import get_task
 from silomesh.models.task import Federation, Task
-from silomesh.peer.learner import TWIN_PREFIX, Learner, RoundTraining
-from silomesh.strategies import Contribution, PseudoLabels, cps_targets, get_strategy, pseudo_labels
-from silomesh.strategies.fedmix import box_masks
+from silomesh.peer.learner import Learner
+from silomesh.strategies import Contribution, LocalStep, PseudoLabels, cps_targets, get_strategy, pseudo_labels
+from silomesh.strategies.fedmix import TWIN_PREFIX, box_masks
 
 SEED = 0
 
@@ -33,7 +33,7 @@ def learners(task: Task, fed: Federation, strategy: str, params: dict[str, Any] 
                     strategy=get_strategy(strategy, params or {})) for s in fed.silos]
 
 
-def update_round(ls: list[Learner], steps: int) -> tuple[list[RoundTraining], list[Any]]:
+def update_round(ls: list[Learner], steps: int) -> tuple[list[LocalStep], list[Any]]:
     """One update round as peer/rounds.py runs it; returns the trainings and results."""
     graph = ring(len(ls))
     trained = [x.train(steps) for x in ls]
@@ -81,7 +81,7 @@ def test_fedefm_distils_and_mixes_experts_into_a_better_model(catheter) -> None:
         starts = [x.state() for x in ls]
         experts = [[ls[j].train_copy(starts[i], 10) for j in graph[i]] for i in range(len(ls))]
         for i, x in enumerate(ls):
-            info = x.distill([e.state for e in experts[i]])
+            info = x.learn_from_experts([Contribution(str(j), e.state) for j, e in enumerate(experts[i])])
             assert info["steps"] == 10 and sum(info["weights"]) == pytest.approx(1.0)
             distilled = x.state()
             assert not np.array_equal(distilled["head.weight"], starts[i]["head.weight"])
@@ -241,7 +241,7 @@ async def test_fedmix_peers_exchange_store_and_restore_both_networks(tmp_path) -
                     await nursery.start(p.run)
                 for p in peers:
                     await p.done.wait()
-                out = [(await p.rounds(), p.store.load_model(p.store.latest_model().digest)) for p in peers]
+                out = [(await p.operator.rounds(), p.store.load_model(p.store.latest_model().digest)) for p in peers]
                 nursery.cancel_scope.cancel()
         return out
 

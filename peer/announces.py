@@ -1,0 +1,72 @@
+"""Small signed announces on the federation's GossipSub topic: publish, and listen.
+
+"Peer P has a new model for round r", "peer P has new data (n samples)", "peer P is
+leaving". Announces are best effort and never carry weights; a forged, foreign or
+replayed one is refused and audited.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from silomesh.peer.context import Endpoint, RoundContext
+from silomesh.protocol import (
+    Leaving,
+    NewData,
+    RemoteProtocolError,
+    UpdateAvailable,
+    announce_topic,
+    decode_announce,
+    encode_announce,
+)
+
+log = logging.getLogger(__name__)
+
+
+def announce_fields(endpoint: Endpoint, round: int | None = None) -> dict[str, Any]:
+    """Routing fields of an announce (it has no recipient)."""
+    fields = endpoint.routing(b"", round)
+    del fields["recipient"]
+    return fields
+
+
+async def publish(endpoint: Endpoint, announce: UpdateAvailable | NewData | Leaving) -> None:
+    """Publish an announce (best effort: a failure is logged, never raised)."""
+    try:
+        data = encode_announce(announce, endpoint.crypto)
+        await endpoint.transport.publish(announce_topic(endpoint.federation), data)
+    except Exception as exc:  # noqa: BLE001 - announcing is best effort
+        log.info("announce %s not published: %s", type(announce).__name__, exc)
+
+
+async def announce_new_data(endpoint: Endpoint, n_samples: int, manifest_digest: bytes) -> None:
+    await publish(endpoint, NewData(**announce_fields(endpoint), n_samples=n_samples, manifest_digest=manifest_digest))
+
+
+async def listen_announces(ctx: RoundContext) -> None:
+    """Record neighbours' announces (last seen, new data); refuse forged or foreign ones."""
+    endpoint = ctx.endpoint
+    async for sender, data in endpoint.transport.subscribe(announce_topic(endpoint.federation)):
+        try:
+            received = decode_announce(
+                data,
+                federation=endpoint.federation,
+                trusted=set(endpoint.trust.keys),
+                me=endpoint.crypto.public_key,
+                expected_sender=endpoint.trust.public_key_of(sender),
+                replay=endpoint.replay,
+            )
+        except RemoteProtocolError as exc:
+            endpoint.journal.refused(sender, "announce", f"{exc.code.value}: {exc.message}")
+            continue
+        announce = received.announce
+        fields: dict[str, object] = {"last_seen": time.time()}
+        if isinstance(announce, NewData):
+            fields.update(
+                samples=announce.n_samples, data_digest=announce.manifest_digest.hex(), data_announced_at=time.time()
+            )
+        elif isinstance(announce, Leaving):
+            endpoint.transport.forget(sender)
+        ctx.store.upsert_neighbour(sender, **fields)

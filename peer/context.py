@@ -1,0 +1,365 @@
+"""The round context: everything the stream handlers and the round loop may use, typed.
+
+The daemon (:mod:`silomesh.peer.daemon`) builds one :class:`RoundContext` when it starts
+and passes it explicitly to :mod:`~silomesh.peer.handlers` (a neighbour talks to us),
+:mod:`~silomesh.peer.dialer` (we talk to a neighbour) and :mod:`~silomesh.peer.rounds`
+(the round loop). Nothing else is shared between them:
+
+* :class:`Endpoint`: who we are on the wire (keys, federation, trust list, replay
+  guard, limits, sequence counter, audit journal, transport) and how a message to a
+  neighbour is addressed;
+* :class:`Inbox`: the neighbours' latest models, as typed :class:`Received` entries;
+* :class:`Bases`: the states a neighbour acknowledged from us, and the last state we
+  reconstructed from each neighbour (the bases of deltas in both directions);
+* :class:`Progress`: the current round and phase (read by the operator's status);
+* :class:`Compute`: where torch work runs (a worker thread under a limiter of one).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import numpy as np
+import trio
+
+from silomesh.peer.exchange import AuditRecord, Wire
+from silomesh.peer.transport import Stream, Transport
+from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
+from silomesh.protocol.peerid import public_key_from_peer_id
+
+if TYPE_CHECKING:
+    from silomesh.peer.audit import AuditLog
+    from silomesh.peer.config import PeerConfig, RoundConfig, TrustedPeer
+    from silomesh.peer.consent import Consent
+    from silomesh.peer.faults import FaultHooks
+    from silomesh.peer.learner import Learner
+    from silomesh.peer.store import Store
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, np.ndarray]
+T = TypeVar("T")
+
+AGENT = "silomesh/0.1"
+CODECS = ("float32", "float16", "int8")
+
+
+class SequenceCounter:
+    """Message sequence numbers, strictly increasing across restarts.
+
+    The counter follows the microsecond wall clock and never repeats, so a restarted
+    peer never reuses a (sender, round, sequence) its neighbours' replay guards saw.
+    """
+
+    def __init__(self, clock_us: Callable[[], int] = lambda: time.time_ns() // 1000) -> None:
+        self._last = 0
+        self._clock_us = clock_us
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, self._clock_us())
+        return self._last
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The trust list: neighbours by PeerID, and their Ed25519 public keys."""
+
+    peers: Mapping[str, TrustedPeer]
+
+    @functools.cached_property
+    def keys(self) -> frozenset[bytes]:
+        return frozenset(p.public_key for p in self.peers.values())
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self.peers
+
+    def __iter__(self) -> Any:
+        return iter(self.peers)
+
+    def __len__(self) -> int:
+        return len(self.peers)
+
+    def name(self, peer_id: str) -> str:
+        return self.peers[peer_id].name
+
+    @staticmethod
+    def public_key_of(peer_id: str) -> bytes:
+        return public_key_from_peer_id(peer_id)
+
+
+class Journal:
+    """Where the exchange's audit records go: the signed audit log, plus refusal counts."""
+
+    def __init__(self, audit_log: AuditLog, store: Store) -> None:
+        self.audit_log = audit_log
+        self.store = store
+
+    def record(self, rec: AuditRecord) -> None:
+        """Audit sink of :class:`~silomesh.peer.exchange.Wire`; refusals count toward distrust."""
+        self.audit_log.append(
+            rec.direction,
+            rec.peer,
+            rec.kind,
+            round=max(rec.round, -1),
+            payload_digest=rec.payload_digest,
+            size=rec.size,
+            envelope_sig=rec.envelope_sig,
+            reason=rec.reason,
+            envelope_header=rec.envelope_header,
+        )
+        if rec.direction == "refused":
+            self.store.count_refused(rec.peer)
+
+    def refused(self, peer: str, kind: str, reason: str, *, round: int = -1) -> None:
+        """Audit a refusal that is not one envelope (a connection, an announce, a drop)."""
+        self.audit_log.append("refused", peer, kind, round=round, reason=reason)
+        self.store.count_refused(peer)
+
+
+@dataclass
+class Progress:
+    """The round the peer is in and what it is doing (``status`` shows both)."""
+
+    round: int = -1
+    phase: str = "starting"
+
+    @property
+    def wire_round(self) -> int:
+        """The round our messages carry (0 before the first round)."""
+        return max(self.round, 0)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Who we are on the wire, and how our messages to neighbours are addressed."""
+
+    crypto: Identity
+    peer_id: str
+    federation: str
+    model_id: str
+    trust: Trust
+    replay: ReplayGuard
+    limits: Limits
+    sequence: SequenceCounter
+    journal: Journal
+    transport: Transport
+    progress: Progress
+
+    def routing(self, recipient: bytes, round: int | None = None) -> dict[str, Any]:
+        """Routing fields of a new message to ``recipient`` (default: the current round)."""
+        return {
+            "federation": self.federation,
+            "sender": self.crypto.public_key,
+            "recipient": recipient,
+            "round": self.progress.wire_round if round is None else round,
+            "sequence": self.sequence.next(),
+        }
+
+    def reply_routing(self, msg: Message, round: int | None = None) -> dict[str, Any]:
+        """Routing fields of our reply to ``msg`` (same federation, back to its sender)."""
+        return {**self.routing(msg.sender, round), "federation": msg.federation}
+
+    def hello(self, recipient: bytes) -> Hello:
+        return Hello(
+            **self.routing(recipient),
+            agent=AGENT,
+            model=self.model_id,
+            state_digest=None,
+            codecs=CODECS,
+            max_frame_size=self.limits.max_frame_size,
+        )
+
+    def wire(self, role: Role, stream: Stream, expected_shapes: Mapping[str, tuple[int, ...]]) -> Wire:
+        """A sans-I/O session with ``stream.remote`` bound to ``stream``, audited to the journal."""
+        session = Session(
+            role,
+            identity=self.crypto,
+            peer=self.trust.public_key_of(stream.remote),
+            federation=self.federation,
+            replay=self.replay,
+            limits=self.limits,
+            expected_shapes=dict(expected_shapes),
+            complete=False,
+        )
+        return Wire(session, stream, self.journal.record)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A neighbour's model of a round, as reconstructed from its update.
+
+    ``degree`` and ``loss`` are read from the update's metrics map once, here: the
+    sender's number of trusted neighbours (Metropolis weights) and its training loss
+    (FedMix weights).
+    """
+
+    peer_id: str
+    round: int
+    state: StateDict
+    n_samples: int
+    loss: float | None = None
+    degree: int | None = None
+
+    @classmethod
+    def from_metrics(
+        cls, peer_id: str, round: int, state: StateDict, n_samples: int, metrics: Mapping[str, float]
+    ) -> Received:
+        loss = metrics.get("loss")
+        degree = metrics.get("degree")
+        return cls(
+            peer_id,
+            round,
+            state,
+            n_samples,
+            loss=float(loss) if loss is not None and math.isfinite(loss) else None,
+            degree=int(degree) if degree is not None and math.isfinite(degree) and degree >= 1 else None,
+        )
+
+
+class Inbox:
+    """Neighbours' latest models (newest round wins), and a way to wait for a round's.
+
+    A neighbour we could not reach in this round is not waited for, until the connect
+    loop reaches it again.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[str, Received] = {}
+        self._unreachable: set[str] = set()
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def put(self, entry: Received) -> None:
+        old = self._latest.get(entry.peer_id)
+        if old is None or entry.round >= old.round:
+            self._latest[entry.peer_id] = entry
+        self._changed.unpark_all()
+
+    def get(self, peer: str, round: int) -> Received | None:
+        """``peer``'s model of round ``round`` or later, if it arrived."""
+        entry = self._latest.get(peer)
+        return entry if entry is not None and entry.round >= round else None
+
+    def new_round(self) -> None:
+        """Forget who was unreachable: every neighbour is waited for again."""
+        self._unreachable.clear()
+
+    def unreachable(self, peer: str) -> None:
+        """Stop waiting for ``peer`` in this round."""
+        self._unreachable.add(peer)
+        self._changed.unpark_all()
+
+    def reachable(self, peer: str) -> None:
+        """``peer`` is connected again: wait for it after all."""
+        self._unreachable.discard(peer)
+
+    def waiting(self, peers: set[str], round: int) -> set[str]:
+        """The reachable ``peers`` whose model of ``round`` has not arrived."""
+        return {p for p in peers - self._unreachable if self.get(p, round) is None}
+
+    async def wait_for(self, peers: set[str], round: int) -> None:
+        """Return once every reachable peer in ``peers`` has a model of ``round`` here."""
+        while self.waiting(peers, round):
+            await self._changed.park()
+
+
+@dataclass(frozen=True)
+class Base:
+    """A state both sides of an exchange hold, named by its digest (the base of a delta)."""
+
+    digest: bytes
+    state: StateDict
+
+
+@dataclass
+class Bases:
+    """Delta bases in both directions, per neighbour."""
+
+    #: the last state each neighbour acknowledged from us (our next delta's base)
+    acked: dict[str, Base] = field(default_factory=dict)
+    #: the last state we reconstructed from each neighbour (its next delta's base)
+    received: dict[str, Base] = field(default_factory=dict)
+
+
+class Compute(Protocol):
+    """Where synchronous work runs: torch compute, and blocking file I/O."""
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Torch work, one job at a time."""
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Blocking I/O (loading data, writing model files), not limited."""
+
+
+class ThreadCompute:
+    """Production: worker threads; torch work one job at a time, so a peer never trains
+    two things at once and the trio loop keeps serving neighbours meanwhile."""
+
+    def __init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._limiter:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args)
+
+
+class InlineCompute:
+    """Tests under trio's ``MockClock``: run on the loop, so virtual time stands still
+    while the work runs (autojump would otherwise jump the clock while a thread works)."""
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.run(fn, *args)
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What the handlers and the round loop need, passed explicitly (module docstring)."""
+
+    endpoint: Endpoint
+    rounds: RoundConfig
+    participation: str
+    learner: Learner
+    store: Store
+    consent: Consent
+    faults: FaultHooks
+    compute: Compute
+    inbox: Inbox = field(default_factory=Inbox)
+    bases: Bases = field(default_factory=Bases)
+
+    @property
+    def progress(self) -> Progress:
+        return self.endpoint.progress
+
+    @property
+    def peer_id(self) -> str:
+        return self.endpoint.peer_id
+
+    @property
+    def transport(self) -> Transport:
+        return self.endpoint.transport
+
+    @property
+    def trust(self) -> Trust:
+        return self.endpoint.trust
+
+    def selected_neighbours(self) -> list[str]:
+        """Trusted neighbours the operator has not deselected, in trust-list order."""
+        deselected = self.store.deselected_neighbours()
+        return [p for p in self.trust if p not in deselected]
+
+
+def model_id(config: PeerConfig) -> str:
+    """The model neighbours must agree on, as named in our hello."""
+    return f"{config.task.name}/{config.task.size}"

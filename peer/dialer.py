@@ -1,0 +1,217 @@
+"""The dialer side of the exchange: we open a stream to a neighbour and talk.
+
+* :func:`push_update`: send our round's model (a delta against what the neighbour
+  acknowledged last, or a full snapshot when it lacks that base) and wait for its ack;
+* :func:`request_training`: a train-request round trip (our model, trained on the
+  neighbour's data, comes back as a train-result);
+* :func:`connect_loop`: keep every trusted neighbour dialled, backing off per neighbour.
+
+Every function raises :class:`~silomesh.peer.exchange.ConversationError`,
+:class:`~silomesh.peer.transport.StreamClosed` or a
+:class:`~silomesh.protocol.ProtocolError` when the neighbour could not be served; the
+round loop turns that into "skipped" for the round.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import trio
+
+from silomesh.peer.context import Base, RoundContext, StateDict
+from silomesh.peer.exchange import ConversationError, Wire
+from silomesh.peer.transport import StreamClosed
+from silomesh.protocol import (
+    Ack,
+    ErrorMessage,
+    NeedBase,
+    Role,
+    TrainRequest,
+    TrainResult,
+    Update,
+    apply_delta,
+    make_delta,
+    state_digest,
+)
+
+log = logging.getLogger(__name__)
+
+#: a neighbour that cannot be dialled is retried after 0.5 s, then 1, 2, 4... up to this
+MAX_BACKOFF = 30.0
+FIRST_BACKOFF = 0.5
+#: how often the connect loop looks for lost neighbours
+CONNECT_POLL = 0.5
+DIAL_TIMEOUT = 5.0
+#: models larger than this are turned into deltas in a worker thread
+DELTA_THREAD_THRESHOLD = 1 << 20
+
+
+async def connect_loop(ctx: RoundContext) -> None:
+    """Keep trying to connect to every trusted neighbour, backing off per neighbour."""
+    transport = ctx.transport
+    backoff = {p: FIRST_BACKOFF for p in ctx.trust}
+    next_try = {p: 0.0 for p in ctx.trust}
+    while True:
+        for p in ctx.trust:
+            if p in transport.connected or trio.current_time() < next_try[p]:
+                continue
+            if await transport.connect(p, timeout=DIAL_TIMEOUT):
+                backoff[p] = FIRST_BACKOFF
+                ctx.inbox.reachable(p)
+                ctx.store.upsert_neighbour(p, last_seen=time.time())
+            else:
+                next_try[p] = trio.current_time() + backoff[p]
+                backoff[p] = min(backoff[p] * 2, MAX_BACKOFF)
+        await trio.sleep(CONNECT_POLL)
+
+
+async def open_wire(ctx: RoundContext, neighbour: str) -> Wire:
+    """A stream to ``neighbour`` with hellos exchanged.
+
+    Raises:
+        ConversationError: if the neighbour cannot be reached or closes during hello.
+    """
+    transport = ctx.transport
+    if not await transport.connect(neighbour, timeout=DIAL_TIMEOUT):
+        raise ConversationError(f"{neighbour} unreachable")
+    try:
+        stream = await transport.open_stream(neighbour)
+    except StreamClosed:
+        # The connection may have died without the transport telling us: redial once.
+        transport.forget(neighbour)
+        if not await transport.connect(neighbour, timeout=DIAL_TIMEOUT):
+            raise ConversationError(f"{neighbour} unreachable") from None
+        stream = await transport.open_stream(neighbour)
+    wire = ctx.endpoint.wire(Role.DIALER, stream, ctx.learner.shapes)
+    await wire.send(ctx.endpoint.hello(ctx.trust.public_key_of(neighbour)))
+    if await wire.receive() is None:
+        raise ConversationError(f"{neighbour} closed the stream during hello")
+    return wire
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An update message, and the exact state the receiver will reconstruct from it."""
+
+    message: Update
+    result: Base
+
+
+class UpdateMaker:
+    """Builds a round's update messages; the model's digest is computed once per round.
+
+    A delta is ``state - base``; float rounding makes ``base + delta`` differ from
+    ``state`` in the last bit, so the announced digest (and our record of what the
+    neighbour holds) is that of the reconstruction, not of ``state``.
+    """
+
+    def __init__(self, ctx: RoundContext, round: int, state: StateDict, metrics: dict[str, float]) -> None:
+        self.ctx = ctx
+        self.round = round
+        self.state = state
+        self.metrics = metrics
+        self._digest: bytes | None = None
+        self._large = sum(a.nbytes for a in state.values()) > DELTA_THREAD_THRESHOLD
+
+    def _digest_of_state(self) -> bytes:
+        if self._digest is None:
+            self._digest = state_digest(self.state)
+        return self._digest
+
+    def _make(self, recipient: bytes, base: Base | None) -> Outgoing:
+        if base is not None and set(base.state) == set(self.state):
+            delta = make_delta(self.state, base.state)
+            result = apply_delta(base.state, delta)
+            tensors, base_digest, digest = delta, base.digest, state_digest(result)
+        else:
+            result, tensors, base_digest, digest = self.state, self.state, None, self._digest_of_state()
+        msg = Update(
+            **self.ctx.endpoint.routing(recipient, self.round),
+            tensors=tensors,
+            base_digest=base_digest,
+            n_samples=self.ctx.learner.n_samples,
+            state_digest=digest,
+            metrics=self.metrics,
+        )
+        return Outgoing(msg, Base(digest, result))
+
+    async def make(self, recipient: bytes, base: Base | None) -> Outgoing:
+        """The update for ``recipient`` (a delta against ``base`` if given), off the loop when large."""
+        if self._large:
+            return await trio.to_thread.run_sync(functools.partial(self._make, recipient, base))
+        return self._make(recipient, base)
+
+
+async def push_update(ctx: RoundContext, neighbour: str, maker: UpdateMaker) -> int:
+    """Send our round's model to ``neighbour``; returns bytes sent.
+
+    Raises:
+        ConversationError, StreamClosed, ProtocolError: the neighbour could not be served.
+    """
+    if not await ctx.faults.before_send(ctx.peer_id, neighbour, "update", maker.round):
+        raise ConversationError("dropped by fault injection")
+    wire = await open_wire(ctx, neighbour)
+    try:
+        recipient = ctx.trust.public_key_of(neighbour)
+        out = await maker.make(recipient, ctx.bases.acked.get(neighbour))
+        await wire.send(out.message)
+        reply = await wire.receive()
+        if reply is not None and isinstance(reply.message, NeedBase):
+            out = await maker.make(recipient, None)
+            await wire.send(out.message)
+            reply = await wire.receive()
+        if reply is None:
+            raise ConversationError(f"{neighbour} closed the stream without answering")
+        if isinstance(reply.message, Ack):
+            ctx.bases.acked[neighbour] = out.result
+        elif isinstance(reply.message, ErrorMessage):
+            raise ConversationError(f"{neighbour} refused: {reply.message.code}: {reply.message.message}")
+        return wire.bytes_sent
+    finally:
+        await wire.stream.close()
+
+
+@dataclass(frozen=True)
+class Expert:
+    """Our model as trained on a neighbour's data (a train-result)."""
+
+    state: StateDict
+    n_samples: int
+    loss: float | None
+    bytes: int
+
+
+async def request_training(ctx: RoundContext, neighbour: str, round: int, state: StateDict, deadline_ms: int) -> Expert:
+    """Have ``neighbour`` train our model on its data.
+
+    Raises:
+        ConversationError, StreamClosed, ProtocolError: the neighbour could not be served.
+    """
+    if not await ctx.faults.before_send(ctx.peer_id, neighbour, "train-request", round):
+        raise ConversationError("dropped by fault injection")
+    wire = await open_wire(ctx, neighbour)
+    try:
+        msg = TrainRequest(
+            **ctx.endpoint.routing(ctx.trust.public_key_of(neighbour), round),
+            tensors=state,
+            epochs=1,
+            deadline_ms=deadline_ms,
+        )
+        await wire.send(msg)
+        reply = await wire.receive()
+        if reply is None or not isinstance(reply.message, TrainResult):
+            what = "nothing" if reply is None else reply.message.kind
+            raise ConversationError(f"{neighbour} answered {what} to a train-request")
+        result = reply.message
+        return Expert(
+            {k: np.array(v) for k, v in result.tensors.items()},
+            result.n_samples,
+            result.metrics.get("loss"),
+            wire.bytes_sent + wire.bytes_received,
+        )
+    finally:
+        await wire.stream.close()

@@ -1,0 +1,321 @@
+"""The round loop under trio's MockClock, over the in-memory transport: exact and instant.
+
+Deadlines, stragglers, backoff, reconnects after a partition and approval expiry are
+checked at exact virtual times. Torch work runs inline (``InlineCompute``) so virtual
+time stands still while a peer trains; everything else is the production peer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+from memnet import MemoryNetwork
+from peerkit import configs
+
+from silomesh.peer import rounds
+from silomesh.peer.context import InlineCompute, RoundContext
+from silomesh.peer.daemon import Peer
+from silomesh.peer.dialer import Expert
+from silomesh.peer.faults import FaultHooks
+from silomesh.peer.operator import OperatorError
+from silomesh.strategies import (
+    AggregationResult,
+    Contribution,
+    LocalStep,
+    Strategy,
+    Workbench,
+    average_states,
+)
+from silomesh.strategies.fedefm import FedEFMStrategy
+from silomesh.strategies.registry import STRATEGIES
+
+
+class Timeline(FaultHooks):
+    """Records the virtual time each peer's rounds start; optional per-peer send delays.
+
+    Round 0 waits until :attr:`go` is set (by :func:`running`, once every peer's
+    transport is open), so no peer dials a neighbour that has not started yet. No
+    virtual time passes meanwhile: the round's deadline still counts from its start.
+    """
+
+    def __init__(self, delays: dict[str, float] | None = None) -> None:
+        self.started: dict[tuple[str, int], float] = {}
+        self.delays = delays or {}
+        self.go = trio.Event()
+
+    async def round_start(self, peer_id: str, round: int) -> None:
+        self.started[(peer_id, round)] = trio.current_time()
+        await self.go.wait()
+
+    async def before_send(self, peer_id: str, neighbour: str, kind: str, round: int) -> bool:
+        if peer_id in self.delays:
+            await trio.sleep(self.delays[peer_id])
+        return True
+
+
+def make(
+    tmp_path: Path,
+    n: int,
+    net: MemoryNetwork,
+    faults: Timeline,
+    *,
+    participation: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[Peer]:
+    ids, cfgs = configs(tmp_path, n, **kwargs)
+    out = []
+    for i, (identity, cfg) in enumerate(zip(ids, cfgs, strict=True)):
+        if participation is not None:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, participation=participation[i])
+        out.append(
+            Peer(cfg, identity=identity, serve_control_api=False, transport=net.open, compute=InlineCompute(),
+                 faults=faults)
+        )
+    return out
+
+
+@asynccontextmanager
+async def running(peers: Sequence[Peer], timeline: Timeline) -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as nursery:
+        for p in peers:
+            await nursery.start(p.run)
+        timeline.go.set()
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_peers_average_each_other_over_the_in_memory_transport(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net, timeline = MemoryNetwork(), Timeline()
+    a, b = peers = make(tmp_path, 2, net, timeline, rounds=2)
+    async with running(peers, timeline):
+        await a.done.wait()
+        await b.done.wait()
+        seen = {p.peer_id: await p.operator.rounds() for p in peers}
+    for p, other in ((a, b), (b, a)):
+        assert [r["status"] for r in seen[p.peer_id]] == ["done", "done"]
+        assert all(r["contributors"] == [other.peer_id] for r in seen[p.peer_id])
+
+
+async def test_straggler_is_skipped_exactly_at_the_round_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork()
+    ids, _ = configs(tmp_path, 2)
+    slow = ids[1].peer_id_text
+    timeline = Timeline(delays={slow: 100.0})  # its updates leave 100 s after it tries
+    a, b = peers = make(tmp_path, 2, net, timeline, rounds=1, deadline=30.0)
+    async with running(peers, timeline):
+        await a.done.wait()
+        finished = trio.current_time()
+        await b.done.wait()
+        seen = {p.peer_id: await p.operator.rounds() for p in peers}
+    assert finished - timeline.started[(a.peer_id, 0)] == pytest.approx(30.0, abs=1e-9)
+    (round_a,) = seen[a.peer_id]
+    assert round_a["contributors"] == []
+    assert round_a["skipped"] == [{"peer": slow, "reason": "missed the deadline"}]
+    (round_b,) = seen[b.peer_id]  # the straggler itself got a's update in time
+    assert round_b["contributors"] == [a.peer_id]
+
+
+async def test_unreachable_neighbour_is_redialled_with_exponential_backoff_until_it_comes_up(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork()
+    # manual participation: no round dials, only the connect loop's
+    a, b = make(tmp_path, 2, net, Timeline(), participation=["manual", "manual"], rounds=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.sleep(40.0)
+        failed = [t for t, src, dst, ok in net.dials if src == a.peer_id and dst == b.peer_id and not ok]
+        await nursery.start(b.run)
+        await trio.sleep(1.0)
+        assert b.peer_id in a.transport.connected and a.peer_id in b.transport.connected
+        nursery.cancel_scope.cancel()
+    first = failed[0]
+    assert [t - first for t in failed] == [0.0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5]
+
+
+async def test_partitioned_neighbour_is_skipped_then_used_again_after_the_link_heals(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork()
+
+    class Partition(Timeline):
+        """Cut the link when the first peer starts round 1; round 2 starts 30 s later."""
+
+        cut = trio.Event()
+
+        async def round_start(self, peer_id: str, round: int) -> None:
+            await super().round_start(peer_id, round)
+            if round == 1 and not self.cut.is_set():
+                net.cut(*net.hosts)
+                self.cut.set()
+            if round == 2:
+                await trio.sleep(30.0)
+
+    async def heal_after_20_seconds() -> None:
+        await timeline.cut.wait()
+        await trio.sleep(20.0)
+        net.heal(*net.hosts)
+
+    timeline = Partition()
+    a, b = peers = make(tmp_path, 2, net, timeline, rounds=3, deadline=60.0)
+    async with running(peers, timeline) as nursery:
+        nursery.start_soon(heal_after_20_seconds)
+        await a.done.wait()
+        await b.done.wait()
+        seen = {p.peer_id: await p.operator.rounds() for p in peers}
+    for p, other in ((a, b), (b, a)):
+        r0, r1, r2 = seen[p.peer_id]
+        assert r0["contributors"] == [other.peer_id]
+        assert r1["contributors"] == [] and r1["skipped"][0]["peer"] == other.peer_id
+        assert r1["skipped"][0]["reason"].startswith("unreachable")
+        assert r2["contributors"] == [other.peer_id], r2
+
+
+async def test_unanswered_train_request_approval_expires_exactly_at_the_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork()
+    timeline = Timeline()
+    requester, trainer = peers = make(
+        tmp_path, 2, net, timeline, participation=["auto", "manual"], rounds=1, deadline=30.0, strategy="fedefm"
+    )
+
+    async def train_request() -> dict[str, Any]:
+        (row,) = [r for r in await trainer.operator.approvals() if r["kind"] == "train-request"]
+        return row
+
+    async with running(peers, timeline):
+        await trio.sleep(1.0)
+        asked = timeline.started[(requester.peer_id, 0)]
+        assert (await train_request())["status"] == "pending"
+        await trio.sleep_until(asked + 29.999)
+        assert (await train_request())["status"] == "pending"
+        await trio.sleep_until(asked + 30.001)
+        ask = await train_request()
+        assert ask["status"] == "expired"
+        with pytest.raises(OperatorError) as late:
+            await trainer.operator.decide(ask["id"], True)
+        assert late.value.status == 409
+        await requester.done.wait()
+        rounds_ = await requester.operator.rounds()
+    assert [s["peer"] for s in rounds_[0]["skipped"]] == [trainer.peer_id]
+
+
+# -- the strategy owns its round ---------------------------------------------------------
+
+
+class RecordingStrategy(Strategy):
+    """A strategy that exists only in this test: plain averaging, recording its hooks."""
+
+    name = "recording"
+    calls: list[tuple[str, Any]] = []
+
+    def prepared_for(self, model: Any) -> Strategy:
+        self.calls.append(("prepared_for", type(model).__name__))
+        return self
+
+    def local_step(self, bench: Workbench, steps: int) -> LocalStep:
+        self.calls.append(("local_step", steps))
+        return bench.train_plain(steps)
+
+    def aggregate(
+        self,
+        own: Any,
+        own_weight: float,
+        neighbours: Sequence[Contribution],
+        *,
+        own_degree: int | None = None,
+        own_loss: float | None = None,
+    ) -> AggregationResult:
+        self.calls.append(("aggregate", sorted(c.peer_id for c in neighbours)))
+        return AggregationResult(average_states([own, *[c.state for c in neighbours]]), {})
+
+    def adopt(self, bench: Workbench) -> bool:
+        self.calls.append(("adopt", None))
+        return False
+
+
+async def test_a_strategy_registered_only_here_runs_its_own_round_through_its_hooks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(STRATEGIES, RecordingStrategy.name, RecordingStrategy)  # the one registry line
+    monkeypatch.setattr(RecordingStrategy, "calls", [])
+    net, timeline = MemoryNetwork(), Timeline()
+    a, b = peers = make(tmp_path, 2, net, timeline, rounds=1, strategy="recording", local_steps=2)
+    async with running(peers, timeline):
+        await a.done.wait()
+        await b.done.wait()
+        committed = {p.peer_id: p.store.load_model(p.store.latest_model().digest) for p in peers}  # type: ignore[union-attr]
+        sent = {p.peer_id: p.context.bases.acked for p in peers}
+    kinds = [c[0] for c in RecordingStrategy.calls]
+    assert kinds.count("prepared_for") == 2 and kinds.count("adopt") == 2
+    for p in peers:
+        assert ("aggregate", [q.peer_id for q in peers if q is not p]) in RecordingStrategy.calls
+    assert ("local_step", 2) in RecordingStrategy.calls
+    # each committed the average of what the two sent each other (full snapshots in round 0)
+    sent_by_a, sent_by_b = sent[a.peer_id][b.peer_id].state, sent[b.peer_id][a.peer_id].state
+    for p in peers:
+        for k, v in committed[p.peer_id].items():
+            np.testing.assert_allclose(v, (sent_by_a[k] + sent_by_b[k]) / 2, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+async def test_fedefm_experts_that_are_non_finite_or_misshaped_never_reach_distillation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = MemoryNetwork()
+    ids, _ = configs(tmp_path, 4, neighbours=[[1, 2, 3], [0], [0], [0]])
+    asker, nan_peer, odd_peer, good_peer = (i.peer_id_text for i in ids)
+    real_request = rounds.request_training
+
+    async def corrupted(ctx: RoundContext, neighbour: str, *args: Any) -> Expert:
+        """What a decoder bug would let through: the screening hook is the last line."""
+        expert = await real_request(ctx, neighbour, *args)
+        if ctx.peer_id != asker or neighbour == good_peer:
+            return expert
+        state = {k: v.copy() for k, v in expert.state.items()}
+        key = next(k for k, v in state.items() if v.dtype.kind == "f" and v.ndim > 1)
+        if neighbour == nan_peer:
+            state[key][...] = np.nan
+        else:
+            state[key] = state[key][:1]
+        return Expert(state, expert.n_samples, expert.loss, expert.bytes)
+
+    learned_from: list[list[str]] = []
+    real_learn = FedEFMStrategy.learn_from_experts
+
+    def spy(self: FedEFMStrategy, bench: Workbench, experts: Sequence[Contribution]) -> dict[str, Any]:
+        learned_from.append([c.peer_id for c in experts])
+        for c in experts:
+            assert all(np.isfinite(v).all() for v in c.state.values())
+        return real_learn(self, bench, experts)
+
+    monkeypatch.setattr(rounds, "request_training", corrupted)
+    monkeypatch.setattr(FedEFMStrategy, "learn_from_experts", spy)
+    timeline = Timeline()
+    peers = make(tmp_path, 4, net, timeline, rounds=1, strategy="fedefm", neighbours=[[1, 2, 3], [0], [0], [0]])
+    async with running(peers, timeline):
+        for p in peers:
+            await p.done.wait()
+        seen = await peers[0].operator.rounds()
+        audit = peers[0].audit_log.entries()
+    assert [good_peer] in learned_from
+    assert not any(nan_peer in names or odd_peer in names for names in learned_from)
+    (round0,) = seen
+    assert round0["contributors"] == [good_peer]
+    reasons = {s["peer"]: s["reason"] for s in round0["skipped"]}
+    assert reasons[nan_peer].startswith("dropped:") and reasons[odd_peer].startswith("dropped:")
+    refused = {e["peer"] for e in audit if e["direction"] == "refused" and e["reason"].startswith("screening:")}
+    assert refused == {nan_peer, odd_peer}
