@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import trio
 import trio.testing
 
+from silomesh.peer.faults import FaultHooks
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.transport import Stream, StreamClosed, StreamHandler, TransportStatistics
 
@@ -168,6 +169,12 @@ class MemoryNetwork:
     cuts: set[frozenset[str]] = field(default_factory=set)
     #: every dial: (virtual time, dialler, dialled, succeeded)
     dials: list[tuple[float, str, str, bool]] = field(default_factory=list)
+    _joined: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+    async def wait_for_hosts(self, count: int) -> None:
+        """Return once at least ``count`` hosts are on the network."""
+        while len(self.hosts) < count:
+            await self._joined.park()
 
     def reachable(self, a: str, b: str) -> MemoryTransport | None:
         if frozenset((a, b)) in self.cuts:
@@ -198,6 +205,7 @@ class MemoryNetwork:
         async with trio.open_nursery() as nursery:
             host = MemoryTransport(self, peer_id, dict(trusted), nursery, on_refused)
             self.hosts[peer_id] = host
+            self._joined.unpark_all()
             try:
                 yield host
             finally:
@@ -205,3 +213,19 @@ class MemoryNetwork:
                 for other in self.hosts.values():
                     other.drop_connection(peer_id)
                 nursery.cancel_scope.cancel()
+
+
+class StartTogether(FaultHooks):
+    """A peer's rounds wait until ``count`` hosts are on the network.
+
+    With inline compute a peer started first would otherwise run its first round before
+    its neighbours exist. No virtual time passes while it waits when the peers start
+    together, so a round's deadline still counts from its start.
+    """
+
+    def __init__(self, network: MemoryNetwork, count: int) -> None:
+        self.network = network
+        self.count = count
+
+    async def round_start(self, peer_id: str, round: int) -> None:
+        await self.network.wait_for_hosts(self.count)

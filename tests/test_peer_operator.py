@@ -1,8 +1,11 @@
-"""Operator features against real running peers on 127.0.0.1.
+"""Operator features against running peers, under trio's MockClock.
 
 Approvals (participation ``manual``), model versions (list, rename, delete, export,
 import), dataset registration and its announce, and neighbour selection, all through
-the :class:`~silomesh.peer.operator.Operator` methods the control API calls.
+the :class:`~silomesh.peer.operator.Operator` methods the control API calls. The peers
+are production peers over the in-memory transport (``tests/memnet.py``) with torch work
+inline, so every wait below is in virtual time: exact and instant. The same features
+over libp2p and the real clock are covered by test_dashboard_*.py and test_control.py.
 """
 
 from __future__ import annotations
@@ -17,21 +20,26 @@ import numpy as np
 import pytest
 import torch
 import trio
+from memnet import MemoryNetwork, StartTogether
 from peerkit import TINY_CATHETER, configs, write_png_folder
 from safetensors.numpy import load_file
 from safetensors.numpy import save as save_safetensors
 
+from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
 from silomesh.peer.operator import OperatorError
-
-pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 
 
+@pytest.fixture(autouse=True)
+def _virtual_time(autojump_clock: trio.testing.MockClock) -> None:
+    """Every test here runs under an autojumping MockClock."""
+
+
 @asynccontextmanager
-async def running(peers: list[Peer], timeout: float = 60) -> AsyncIterator[None]:
-    """Start ``peers``, run the body while they serve, then stop them (bounded)."""
+async def running(peers: list[Peer], timeout: float = 600) -> AsyncIterator[None]:
+    """Start ``peers``, run the body while they serve, then stop them (bounded, virtual time)."""
     with trio.fail_after(timeout):
         async with trio.open_nursery() as nursery:
             for p in peers:
@@ -40,8 +48,8 @@ async def running(peers: list[Peer], timeout: float = 60) -> AsyncIterator[None]
             nursery.cancel_scope.cancel()
 
 
-async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
-    """Poll ``check`` until it returns something truthy (real peers: no mock clock)."""
+async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+    """Wait until ``check`` returns something truthy (virtual time: costs nothing real)."""
     with trio.fail_after(timeout):
         while not (result := await check()):
             await trio.sleep(0.05)
@@ -55,10 +63,17 @@ def pending(peer: Peer, kind: str) -> Callable[[], Awaitable[list[dict[str, Any]
     return check
 
 
-def make_peers(tmp_path: Path, *, participation: list[str], **kwargs: Any) -> list[Peer]:
+def make_peers(
+    tmp_path: Path, *, participation: list[str], net: MemoryNetwork | None = None, **kwargs: Any
+) -> list[Peer]:
     ids, cfgs = configs(tmp_path, 2, **kwargs)
     cfgs = [dataclasses.replace(c, participation=p) for c, p in zip(cfgs, participation, strict=True)]
-    return [Peer(c, identity=i, serve_control_api=False) for i, c in zip(ids, cfgs, strict=True)]
+    net = net or MemoryNetwork()
+    start = StartTogether(net, len(cfgs))
+    return [
+        Peer(c, identity=i, serve_control_api=False, transport=net.open, compute=InlineCompute(), faults=start)
+        for i, c in zip(ids, cfgs, strict=True)
+    ]
 
 
 # -- approvals ------------------------------------------------------------------------
@@ -119,26 +134,6 @@ async def test_manual_peer_asks_before_training_a_neighbours_model_and_decline_s
     assert [s["peer"] for s in rounds[0]["skipped"]] == [trainer.peer_id]
     assert ("received", "error") in {(e["direction"], e["kind"]) for e in audit}
     assert not any(e["kind"] == "train-result" for e in audit)
-
-
-async def test_unanswered_train_request_approval_expires_after_the_round_deadline(tmp_path: Path) -> None:
-    requester, trainer = peers = make_peers(
-        tmp_path, participation=["auto", "manual"], rounds=1, deadline=4.0, strategy="fedefm"
-    )
-    async with running(peers):
-        ask = (await eventually(pending(trainer, "train-request")))[0]
-        await requester.done.wait()  # the requester gave up on the trainer at its deadline
-
-        async def expired() -> bool:
-            rows = {a["id"]: a for a in await trainer.operator.approvals()}
-            return rows[ask["id"]]["status"] == "expired"
-
-        assert await eventually(expired, timeout=10)
-        with pytest.raises(OperatorError) as late:
-            await trainer.operator.decide(ask["id"], True)
-        assert late.value.status == 409
-        rounds = await requester.operator.rounds()
-    assert [s["peer"] for s in rounds[0]["skipped"]] == [trainer.peer_id]
 
 
 async def test_requests_left_pending_by_a_stopped_or_killed_peer_expire_at_restart(tmp_path: Path) -> None:

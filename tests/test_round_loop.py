@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
-from memnet import MemoryNetwork
+from memnet import MemoryNetwork, StartTogether
 from peerkit import configs
 
 from silomesh.peer import rounds
 from silomesh.peer.context import InlineCompute, RoundContext
 from silomesh.peer.daemon import Peer
 from silomesh.peer.dialer import Expert
-from silomesh.peer.faults import FaultHooks
 from silomesh.peer.operator import OperatorError
 from silomesh.strategies import (
     AggregationResult,
@@ -37,22 +36,17 @@ from silomesh.strategies.fedefm import FedEFMStrategy
 from silomesh.strategies.registry import STRATEGIES
 
 
-class Timeline(FaultHooks):
-    """Records the virtual time each peer's rounds start; optional per-peer send delays.
+class Timeline(StartTogether):
+    """Records the virtual time each peer's rounds start; optional per-peer send delays."""
 
-    Round 0 waits until :attr:`go` is set (by :func:`running`, once every peer's
-    transport is open), so no peer dials a neighbour that has not started yet. No
-    virtual time passes meanwhile: the round's deadline still counts from its start.
-    """
-
-    def __init__(self, delays: dict[str, float] | None = None) -> None:
+    def __init__(self, network: MemoryNetwork, count: int, delays: dict[str, float] | None = None) -> None:
+        super().__init__(network, count)
         self.started: dict[tuple[str, int], float] = {}
         self.delays = delays or {}
-        self.go = trio.Event()
 
     async def round_start(self, peer_id: str, round: int) -> None:
         self.started[(peer_id, round)] = trio.current_time()
-        await self.go.wait()
+        await super().round_start(peer_id, round)
 
     async def before_send(self, peer_id: str, neighbour: str, kind: str, round: int) -> bool:
         if peer_id in self.delays:
@@ -84,11 +78,10 @@ def make(
 
 
 @asynccontextmanager
-async def running(peers: Sequence[Peer], timeline: Timeline) -> AsyncIterator[trio.Nursery]:
+async def running(peers: Sequence[Peer]) -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as nursery:
         for p in peers:
             await nursery.start(p.run)
-        timeline.go.set()
         yield nursery
         nursery.cancel_scope.cancel()
 
@@ -96,9 +89,10 @@ async def running(peers: Sequence[Peer], timeline: Timeline) -> AsyncIterator[tr
 async def test_two_peers_average_each_other_over_the_in_memory_transport(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    net, timeline = MemoryNetwork(), Timeline()
+    net = MemoryNetwork()
+    timeline = Timeline(net, 2)
     a, b = peers = make(tmp_path, 2, net, timeline, rounds=2)
-    async with running(peers, timeline):
+    async with running(peers):
         await a.done.wait()
         await b.done.wait()
         seen = {p.peer_id: await p.operator.rounds() for p in peers}
@@ -113,9 +107,9 @@ async def test_straggler_is_skipped_exactly_at_the_round_deadline(
     net = MemoryNetwork()
     ids, _ = configs(tmp_path, 2)
     slow = ids[1].peer_id_text
-    timeline = Timeline(delays={slow: 100.0})  # its updates leave 100 s after it tries
+    timeline = Timeline(net, 2, delays={slow: 100.0})  # its updates leave 100 s after it tries
     a, b = peers = make(tmp_path, 2, net, timeline, rounds=1, deadline=30.0)
-    async with running(peers, timeline):
+    async with running(peers):
         await a.done.wait()
         finished = trio.current_time()
         await b.done.wait()
@@ -133,7 +127,7 @@ async def test_unreachable_neighbour_is_redialled_with_exponential_backoff_until
 ) -> None:
     net = MemoryNetwork()
     # manual participation: no round dials, only the connect loop's
-    a, b = make(tmp_path, 2, net, Timeline(), participation=["manual", "manual"], rounds=1)
+    a, b = make(tmp_path, 2, net, Timeline(net, 2), participation=["manual", "manual"], rounds=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
         await trio.sleep(40.0)
@@ -169,9 +163,9 @@ async def test_partitioned_neighbour_is_skipped_then_used_again_after_the_link_h
         await trio.sleep(20.0)
         net.heal(*net.hosts)
 
-    timeline = Partition()
+    timeline = Partition(net, 2)
     a, b = peers = make(tmp_path, 2, net, timeline, rounds=3, deadline=60.0)
-    async with running(peers, timeline) as nursery:
+    async with running(peers) as nursery:
         nursery.start_soon(heal_after_20_seconds)
         await a.done.wait()
         await b.done.wait()
@@ -188,7 +182,7 @@ async def test_unanswered_train_request_approval_expires_exactly_at_the_deadline
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     net = MemoryNetwork()
-    timeline = Timeline()
+    timeline = Timeline(net, 2)
     requester, trainer = peers = make(
         tmp_path, 2, net, timeline, participation=["auto", "manual"], rounds=1, deadline=30.0, strategy="fedefm"
     )
@@ -197,7 +191,7 @@ async def test_unanswered_train_request_approval_expires_exactly_at_the_deadline
         (row,) = [r for r in await trainer.operator.approvals() if r["kind"] == "train-request"]
         return row
 
-    async with running(peers, timeline):
+    async with running(peers):
         await trio.sleep(1.0)
         asked = timeline.started[(requester.peer_id, 0)]
         assert (await train_request())["status"] == "pending"
@@ -253,9 +247,10 @@ async def test_a_strategy_registered_only_here_runs_its_own_round_through_its_ho
 ) -> None:
     monkeypatch.setitem(STRATEGIES, RecordingStrategy.name, RecordingStrategy)  # the one registry line
     monkeypatch.setattr(RecordingStrategy, "calls", [])
-    net, timeline = MemoryNetwork(), Timeline()
+    net = MemoryNetwork()
+    timeline = Timeline(net, 2)
     a, b = peers = make(tmp_path, 2, net, timeline, rounds=1, strategy="recording", local_steps=2)
-    async with running(peers, timeline):
+    async with running(peers):
         await a.done.wait()
         await b.done.wait()
         committed = {p.peer_id: p.store.load_model(p.store.latest_model().digest) for p in peers}  # type: ignore[union-attr]
@@ -304,9 +299,9 @@ async def test_fedefm_experts_that_are_non_finite_or_misshaped_never_reach_disti
 
     monkeypatch.setattr(rounds, "request_training", corrupted)
     monkeypatch.setattr(FedEFMStrategy, "learn_from_experts", spy)
-    timeline = Timeline()
+    timeline = Timeline(net, 4)
     peers = make(tmp_path, 4, net, timeline, rounds=1, strategy="fedefm", neighbours=[[1, 2, 3], [0], [0], [0]])
-    async with running(peers, timeline):
+    async with running(peers):
         for p in peers:
             await p.done.wait()
         seen = await peers[0].operator.rounds()
