@@ -75,7 +75,7 @@ def _parse_key(text: str | None) -> bytes | None:
     return key
 
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: Path, what: str) -> Any:  # noqa: ANN401 - json.loads; each caller checks its fields
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -91,7 +91,7 @@ def _read_head(path: Path) -> TreeHead:
         raise AuditInputError(f"{path}: {exc}") from None
 
 
-def _echo_json(value: Any) -> None:
+def _echo_json(value: object) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
@@ -101,7 +101,7 @@ def _short(peer_id: str | None) -> str:
     return peer_id if len(peer_id) <= 10 else f"…{peer_id[-8:]}"
 
 
-def _when(at_ms: Any) -> str:
+def _when(at_ms: object) -> str:
     if not isinstance(at_ms, int):
         return "-"
     return datetime.fromtimestamp(at_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]

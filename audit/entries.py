@@ -100,7 +100,7 @@ def prefix_roots(entries: Sequence[Mapping[str, Any]], sizes: Iterable[int]) -> 
     return roots
 
 
-def hex_bytes(value: Any) -> bytes:
+def hex_bytes(value: object) -> bytes:
     """The bytes of a hex string; ``b""`` when ``value`` is not hex."""
     try:
         return bytes.fromhex(str(value))
@@ -187,7 +187,7 @@ class TreeHead:
         }
 
     @classmethod
-    def from_json(cls, obj: Any) -> TreeHead:
+    def from_json(cls, obj: Mapping[str, Any]) -> TreeHead:
         """Parse a head written by :meth:`to_json` (or a ``checkpoints`` row).
 
         Raises:

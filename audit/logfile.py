@@ -77,8 +77,10 @@ def _load_sqlite(path: Path) -> LoadedLog:
         if "audit" not in tables:
             raise AuditError(f"{path} is an SQLite file without an audit table; not a silomesh store")
         entries = []
-        for row in conn.execute("SELECT * FROM audit ORDER BY seq"):
-            entry = {c: row[c] if c in row.keys() else None for c in COLUMNS}
+        rows = conn.execute("SELECT * FROM audit ORDER BY seq")
+        present = {column[0] for column in rows.description}  # `c in row` would test the values
+        for row in rows:
+            entry = {c: row[c] if c in present else None for c in COLUMNS}
             entries.append(entry)
         heads = []
         if "checkpoints" in tables:
@@ -96,7 +98,7 @@ def _load_sqlite(path: Path) -> LoadedLog:
     return log
 
 
-def _set_writer(log: LoadedLog, writer: Any) -> None:
+def _set_writer(log: LoadedLog, writer: object) -> None:
     if not isinstance(writer, dict):
         return
     log.writer_peer_id = str(writer.get("peer_id") or "") or None

@@ -55,10 +55,14 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
+
+if TYPE_CHECKING:  # for annotations only; the benchmarks import silomesh where they use it
+    from silomesh.peer.identity import PeerIdentity
+    from silomesh.peer.mesh import Mesh
 
 RAW_PROTOCOL = "/silomesh-bench/raw/1.0.0"
 READ = 256 * 1024
@@ -68,7 +72,7 @@ TINY_CATHETER = {"image_size": 32, "n_train": 16, "n_test": 8, "n_test_source": 
 # --------------------------------------------------------------------------- helpers
 
 
-def _identity(name: str) -> Any:
+def _identity(name: str) -> PeerIdentity:
     from silomesh.peer.identity import PeerIdentity
 
     return PeerIdentity.from_seed(hashlib.sha256(f"silomesh-bench-{name}".encode()).digest())
@@ -145,10 +149,10 @@ async def _raw_pair(nursery: trio.Nursery) -> Callable[[memoryview, int], Awaita
     a, b = _identity("raw-a"), _identity("raw-b")
     pa, pb = _free_port(), _free_port()
     addr = {a.peer_id_text: f"/ip4/127.0.0.1/tcp/{pa}", b.peer_id_text: f"/ip4/127.0.0.1/tcp/{pb}"}
-    meshes: dict[str, Any] = {}
+    meshes: dict[str, Mesh] = {}
     ready = trio.Event()
 
-    async def serve(ident: Any, port: int, other: Any) -> None:
+    async def serve(ident: PeerIdentity, port: int, other: PeerIdentity) -> None:
         async with open_mesh(
             ident, f"/ip4/127.0.0.1/tcp/{port}", {other.peer_id_text: addr[other.peer_id_text]}
         ) as mesh:
@@ -373,7 +377,7 @@ async def _idle_peers(k: int, settle: float) -> dict[str, Any]:
             async with trio.open_nursery() as nursery:
                 for p in peers:
                     await nursery.start(p.run)
-                while not all(set(p.context.trust) <= p.transport.connected for p in peers):
+                while not all(set(p.context.trust) <= p.transport.connected for p in peers):  # noqa: ASYNC110 - no such event
                     await trio.sleep(0.1)
                 await trio.sleep(settle)  # a few gossipsub heartbeats
                 gc.collect()

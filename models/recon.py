@@ -24,7 +24,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from torch import nn
 
 from silomesh.models.spect_recon import Geometry, get_projector, ramp_filter
 from silomesh.models.task import SplitModel
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +76,19 @@ def recon_config(size: str, geometry: Geometry) -> ReconConfig:
 class _BackProjectFn(torch.autograd.Function):
     """``out = A^T q`` with a fixed sparse ``A``; its gradient is ``A g``."""
 
+    # ``ctx`` is Any as in torch's own Function signatures: FunctionCtx has no field for the
+    # matrix kept on it between forward and backward.
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, a_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, a_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # noqa: ANN401 - torch's Function signature
         ctx.a = a
         return torch.sparse.mm(a_t, q)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN401 - torch's Function signature
         return torch.sparse.mm(ctx.a, grad.contiguous()), None, None
 
 
-def _csr(m: Any) -> torch.Tensor:
+def _csr(m: sp.csr_matrix) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         return torch.sparse_csr_tensor(

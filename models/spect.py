@@ -95,7 +95,7 @@ def make_dataset(
     s_layout, s_phantoms, s_noise = ss.spawn(3)
     rng = np.random.default_rng(s_layout)
     infarct = np.zeros(n, dtype=np.int64)
-    infarct[: int(round(infarct_rate * n))] = 1
+    infarct[: round(infarct_rate * n)] = 1
     infarct = rng.permutation(infarct)
     count = np.broadcast_to(np.asarray(counts, dtype=np.float64), (n,)).copy()
     k = max(1, cfg.oversample)

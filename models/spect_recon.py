@@ -314,7 +314,7 @@ def fbp(
     proj = get_projector(g)
     sino = np.asarray(sinograms, dtype=np.float64).reshape(-1, g.n_angles, g.n_det)
     response = ramp_filter(g.n_det, window, cutoff)
-    padded = np.zeros(sino.shape[:2] + (len(response),))
+    padded = np.zeros((*sino.shape[:2], len(response)))
     padded[..., : g.n_det] = sino
     filtered = np.real(np.fft.ifft(np.fft.fft(padded, axis=-1) * response, axis=-1))
     # (pi / A) * sum_theta q_theta(s_p): A^T sums weights w per pixel-angle, q has 1/w

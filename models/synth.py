@@ -58,7 +58,7 @@ def random_curve(
     Returns:
         ``(n, 2)`` array of (y, x) points spaced ``step`` apart.
     """
-    n = max(2, int(round(length / step)))
+    n = max(2, round(length / step))
     turn = ndimage.gaussian_filter1d(rng.standard_normal(n), max(1.0, correlation / step))
     turn /= float(turn.std()) or 1.0
     angles = heading + np.cumsum(turn * curvature * step)

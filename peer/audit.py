@@ -104,9 +104,13 @@ class AuditLog:
     def _catch_up(self) -> Frontier:
         """The Merkle frontier over every entry, extended with entries appended since last time."""
         frontier = self._frontier
-        if frontier is not None and frontier.size:
-            if self.store.audit_entry_hash(frontier.size) != self._frontier_last:  # a rolled-back transaction: rebuild
-                frontier = None
+        # an entry hash that moved under the frontier means a rolled-back transaction: rebuild
+        if (
+            frontier is not None
+            and frontier.size
+            and self.store.audit_entry_hash(frontier.size) != self._frontier_last
+        ):
+            frontier = None
         if frontier is None:
             frontier, self._frontier_last = Frontier(), GENESIS
         for seq, h in self.store.audit_hashes_after(frontier.size):

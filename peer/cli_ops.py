@@ -68,11 +68,11 @@ def _client(config_path: Path) -> Iterator[ControlClient]:
         raise click.ClickException(str(exc)) from None
 
 
-def _echo_json(value: Any) -> None:
+def _echo_json(value: object) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
-def _cell(key: str, value: Any) -> str:
+def _cell(key: str, value: object) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -120,7 +120,7 @@ def _print_record(title: str, record: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _output(as_json: bool, value: Any, show: Callable[[], None]) -> None:
+def _output(as_json: bool, value: object, show: Callable[[], None]) -> None:
     if as_json:
         _echo_json(value)
     else:

@@ -34,11 +34,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from silomesh.protocol.peerid import PeerIdError, public_key_from_peer_id
 
 PARTICIPATION_POLICIES = ("auto", "manual")
+
+T = TypeVar("T")
+D = TypeVar("D")
 
 
 class ConfigError(ValueError):
@@ -102,7 +105,16 @@ class PeerConfig:
     trusted: tuple[TrustedPeer, ...]
 
 
-def _get(table: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+@overload
+def _get(table: Mapping[str, Any], key: str, where: str, kind: type[T]) -> T: ...
+@overload
+def _get(table: Mapping[str, Any], key: str, where: str, kind: type[T], default: D) -> T | D: ...
+def _get(table: Mapping[str, Any], key: str, where: str, kind: type[T], default: object = ...) -> object:
+    """``table[key]`` checked to be a ``kind`` (an int is taken as a float); ``default`` when absent.
+
+    Raises:
+        ConfigError: naming the field, if it is required and missing or of the wrong type.
+    """
     name = f"{where}{key}"
     if key not in table:
         if default is ...:

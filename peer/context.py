@@ -21,7 +21,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -79,7 +79,7 @@ class Trust:
     def __contains__(self, peer_id: object) -> bool:
         return peer_id in self.peers
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str]:
         return iter(self.peers)
 
     def __len__(self) -> int:

@@ -45,10 +45,10 @@ import math
 import os
 import secrets
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import trio
 from hypercorn.config import Config
@@ -83,6 +83,9 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _MIN_TOKEN_CHARS = 32
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+#: what a response body is made of
+JSONValue: TypeAlias = "Mapping[str, JSONValue] | Sequence[JSONValue] | str | int | float | bool | None"
+T = TypeVar("T")
 
 
 class TokenFileError(Exception):
@@ -162,14 +165,14 @@ def read_token_file(path: Path, *, check_mode: bool = True) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: object) -> JSONValue:
     """Turn an Operator result into plain JSON (non-finite floats become null)."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, set | frozenset):
-        return sorted(_jsonable(v) for v in value)
+        return sorted(cast("list[str | float]", [_jsonable(v) for v in value]))  # a set holds hashable scalars
     if isinstance(value, bool) or value is None or isinstance(value, int | str):
         return value
     if isinstance(value, float):
@@ -186,7 +189,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _json(content: Any, status_code: int = 200) -> JSONResponse:
+def _json(content: object, status_code: int = 200) -> JSONResponse:
     return JSONResponse(_jsonable(content), status_code=status_code)
 
 
@@ -246,7 +249,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return data
 
 
-def _field(data: dict[str, Any], key: str, kind: type, what: str) -> Any:
+def _field(data: dict[str, Any], key: str, kind: type[T], what: str) -> T:
     value = data.get(key)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise OperatorError(f"'{key}' must be {what}", 400)
@@ -393,7 +396,7 @@ def make_app(
             raise OperatorError(f"format must be one of {', '.join(EXPORT_FORMATS)}", 400)
         path = Path(await operator.export_model(ref, fmt))
         try:
-            info = path.stat()
+            info = await trio.Path(path).stat()
         except OSError:
             logger.error("export of %s: the peer returned %s, which cannot be read", ref, path)
             raise

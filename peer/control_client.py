@@ -149,7 +149,7 @@ class ControlClient:
         except httpx.HTTPError as exc:
             raise ControlError(f"control API at {self.address}: {exc}") from None
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> Any:
+    def _request(self, method: str, url: str, **kwargs: Any) -> Any:  # noqa: ANN401 - response.json(), shaped by each caller
         with self._errors():
             response = self._http.request(method, url, **kwargs)
         self._check(response)

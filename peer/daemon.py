@@ -136,10 +136,9 @@ class Peer:
             raise OperatorError(str(exc)) from None
         try:
             await self._serve(task_status)
-        finally:
-            with trio.CancelScope(shield=True):
-                self.progress.phase = "stopped"
-                self.store.close()
+        finally:  # synchronous, so no cancellation can cut it short
+            self.progress.phase = "stopped"
+            self.store.close()
 
     async def _serve(self, task_status: TaskStatus[Peer]) -> None:
         config, store = self.config, self.store

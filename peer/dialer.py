@@ -53,8 +53,8 @@ DELTA_THREAD_THRESHOLD = 1 << 20
 async def connect_loop(ctx: RoundContext) -> None:
     """Keep trying to connect to every trusted neighbour, backing off per neighbour."""
     transport = ctx.transport
-    backoff = {p: FIRST_BACKOFF for p in ctx.trust}
-    next_try = {p: 0.0 for p in ctx.trust}
+    backoff = dict.fromkeys(ctx.trust, FIRST_BACKOFF)
+    next_try = dict.fromkeys(ctx.trust, 0.0)
     while True:
         for p in ctx.trust:
             if p in transport.connected or trio.current_time() < next_try[p]:

@@ -82,7 +82,7 @@ class FramedStream:
             scope.shield = True
             try:
                 await self.stream.close()
-            except Exception:  # noqa: BLE001 - closing a dead stream is not an error
+            except Exception:  # closing a dead stream is not an error
                 log.debug("close of stream with %s failed", self.remote, exc_info=True)
 
     async def reset(self) -> None:
@@ -90,7 +90,7 @@ class FramedStream:
             scope.shield = True
             try:
                 await self.stream.reset()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("reset of stream with %s failed", self.remote, exc_info=True)
 
 
@@ -121,7 +121,7 @@ class _TrustGate(INotifee):
         with trio.move_on_after(5):
             try:
                 await conn.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("closing refused connection failed", exc_info=True)
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
@@ -173,7 +173,7 @@ class Mesh:
         if self.on_refused is not None:
             try:
                 self.on_refused(peer, reason)
-            except Exception:  # noqa: BLE001 - a logging hook must not break the gate
+            except Exception:  # a logging hook must not break the gate
                 log.exception("on_refused hook failed")
 
     def set_handler(self, handler: StreamHandler, protocol: TProtocol = EXCHANGE_PROTOCOL) -> None:
@@ -193,14 +193,14 @@ class Mesh:
             except StreamClosed as exc:
                 log.info("%s", exc)
                 await framed.reset()
-            except Exception:  # noqa: BLE001 - an escaping error would kill the host
+            except Exception:  # an escaping error would kill the host
                 self.stats.handler_errors += 1
                 log.exception("handler for %s failed on a stream from %s", protocol, remote)
                 await framed.reset()
 
         self.host.set_stream_handler(protocol, guarded)
 
-    async def connect(self, peer_id: str, timeout: float = 10.0) -> bool:
+    async def connect(self, peer_id: str, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 - Transport.connect: a bounded dial, False on timeout
         """Dial a trusted peer at its configured address; False if it cannot be reached."""
         addr = self.trusted.get(peer_id)
         if addr is None:

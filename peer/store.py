@@ -254,11 +254,13 @@ class Store:
 
     # -- key/value state -----------------------------------------------------------
 
-    def get_state(self, key: str, default: Any = None) -> Any:
+    def get_state(self, key: str, default: object = None) -> object:
+        """The JSON value stored under ``key`` (``default`` if none)."""
         row = self.db.execute("SELECT value FROM state WHERE key = ?", [key]).fetchone()
         return default if row is None else json.loads(row[0])
 
-    def set_state(self, key: str, value: Any) -> None:
+    def set_state(self, key: str, value: object) -> None:
+        """Store ``value`` (anything ``json.dumps`` takes) under ``key``."""
         self.db.table("state").upsert({"key": key, "value": json.dumps(value)}, pk="key")
 
     # -- models --------------------------------------------------------------------

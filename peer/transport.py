@@ -85,8 +85,13 @@ class Transport(Protocol):
     def connected(self) -> set[str]:
         """PeerIDs of trusted neighbours with a live connection."""
 
-    async def connect(self, peer_id: str, timeout: float = 10.0) -> bool:
-        """Dial a trusted neighbour (no-op if connected); False if it cannot be reached."""
+    async def connect(self, peer_id: str, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 - answers False, not Cancelled
+        """Dial a trusted neighbour (no-op if connected); False if it cannot be reached.
+
+        ``timeout`` bounds the one dial, which py-libp2p may leave hanging on a dead address;
+        running out is one way of "cannot be reached", so the answer is False, not an exception
+        from a caller's cancel scope.
+        """
 
     def forget(self, peer_id: str) -> None:
         """Treat the connection to ``peer_id`` as gone (it broke, or the neighbour left)."""

@@ -31,9 +31,9 @@ from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
+    "WIRE_DTYPES",
     "Codec",
     "EncodedTensors",
-    "WIRE_DTYPES",
     "decode_tensors",
     "encode_tensors",
     "is_finite_array",

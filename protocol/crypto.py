@@ -14,10 +14,13 @@ No cryptography is implemented here; only buffers are arranged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import nacl.bindings
 from nacl._sodium import ffi, lib
+
+if TYPE_CHECKING:
+    from cffi import FFI
 
 from .limits import DIGEST_SIZE, KEY_SIZE, NONCE_SIZE
 
@@ -39,7 +42,8 @@ class DecryptError(Exception):
     """The ciphertext did not authenticate under the given key and nonce."""
 
 
-def _ptr(buf: Any, *, writable: bool) -> Any:
+def _ptr(buf: bytes | bytearray | memoryview, *, writable: bool) -> FFI.CData:
+    """A cffi ``unsigned char[]`` over ``buf``, without copying it."""
     return ffi.from_buffer("unsigned char[]", buf, require_writable=writable)
 
 

@@ -57,11 +57,11 @@ from .wire import (
 
 __all__ = [
     "ENVELOPE_SIGNING_DOMAIN",
-    "EnvelopeHeader",
     "HEADER_KEYS",
+    "TENSOR_KINDS",
+    "EnvelopeHeader",
     "OpenedEnvelope",
     "SealedEnvelope",
-    "TENSOR_KINDS",
     "open_envelope",
     "read_header",
     "seal_envelope",

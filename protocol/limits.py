@@ -18,13 +18,13 @@ __all__ = [
     "EXCHANGE_PROTOCOL_ID",
     "FRAME_PREFIX_SIZE",
     "KEY_SIZE",
-    "Limits",
     "MAX_ANNOUNCE_SIZE",
     "MAX_FRAME_SIZE_CEILING",
     "MAX_HEADER_SIZE",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "SIGNATURE_SIZE",
+    "Limits",
 ]
 
 PROTOCOL_VERSION = 1

@@ -40,11 +40,11 @@ from .wire import (
 )
 
 __all__ = [
+    "MESSAGE_TYPES",
     "Ack",
     "ErrorMessage",
     "Hello",
     "Kind",
-    "MESSAGE_TYPES",
     "Message",
     "NeedBase",
     "TensorMessage",

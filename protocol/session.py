@@ -39,7 +39,7 @@ from .limits import DEFAULT_LIMITS, MAX_ANNOUNCE_SIZE, Limits
 from .messages import Hello, Kind, Message
 from .replay import ReplayGuard
 
-__all__ = ["EOF_STATES", "HANDSHAKE_MAX_FRAME_SIZE", "Role", "Session", "State", "TRANSITIONS"]
+__all__ = ["EOF_STATES", "HANDSHAKE_MAX_FRAME_SIZE", "TRANSITIONS", "Role", "Session", "State"]
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -22,9 +22,9 @@ from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 __all__ = [
     "U64_MAX",
     "check_bytes",
+    "check_federation",
     "check_float",
     "check_keys",
-    "check_federation",
     "check_optional_bytes",
     "check_str",
     "check_uint",
@@ -47,11 +47,11 @@ def _pairs_no_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return out
 
 
-def _refuse_ext(code: int, data: bytes) -> Any:
+def _refuse_ext(code: int, data: bytes) -> NoReturn:
     raise ValueError(f"extension type {code} not allowed")
 
 
-def packb(obj: Any) -> bytes:
+def packb(obj: object) -> bytes:
     """Pack ``obj`` with the wire conventions (bin for bytes, str for str)."""
     data: bytes = msgpack.packb(obj, use_bin_type=True, strict_types=True)
     return data

@@ -37,12 +37,17 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from silomesh.simnet.runtime import limit_torch_threads
 from silomesh.simnet.scenario import Scenario
+
+if TYPE_CHECKING:  # torch and the tasks load lazily, when an evaluation runs
+    from torch import nn
+
+    from silomesh.models.task import ArrayDataset, SplitModel
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +65,13 @@ class RunModels:
         self.task = get_task(scenario.task, **self.options)
         self.federation = synthetic_federation(scenario.task, scenario.peers, scenario.seed, **self.options)
         self.init_seed = federation_seed(scenario.federation)
-        self._models: list[Any] | None = None
+        self._models: list[nn.Module | None] | None = None
 
     @property
     def peer_names(self) -> list[str]:
         return [d["name"] for d in sorted(self.report["peers_detail"], key=lambda d: d["index"])]
 
-    def final_models(self) -> list[Any]:
+    def final_models(self) -> list[nn.Module | None]:
         """Each peer's newest stored model (``None`` for a peer that stored none)."""
         if self._models is None:
             from silomesh.peer.learner import load_numpy
@@ -74,7 +79,7 @@ class RunModels:
             from silomesh.strategies.fedmix import TWIN_PREFIX
 
             out = Path(self.report["out"])
-            models: list[Any] = []
+            models: list[nn.Module | None] = []
             for name in self.peer_names:
                 store = Store(out / "peers" / name / "store.sqlite")
                 try:
@@ -92,7 +97,7 @@ class RunModels:
             self._models = models
         return self._models
 
-    def train_alone(self, index: int) -> Any:
+    def train_alone(self, index: int) -> nn.Module:
         """Silo ``index`` trained alone on the run's budget (as ``--compare-local``)."""
         from silomesh.models.train import train_local
 
@@ -104,7 +109,7 @@ class RunModels:
         model.eval()
         return model
 
-    def metric(self, model: Any, data: Any, name: str | None = None) -> float:
+    def metric(self, model: nn.Module, data: ArrayDataset, name: str | None = None) -> float:
         return float(self.task.evaluate(model, data)[name or self.task.metric])
 
 
@@ -113,7 +118,7 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _common_test(run: RunModels) -> Any:
+def _common_test(run: RunModels) -> ArrayDataset:
     tests = run.federation.tests
     return tests["all"] if "all" in tests else next(iter(tests.values()))
 
@@ -194,6 +199,8 @@ def eval_downstream_finetune(run: RunModels, options: dict[str, Any]) -> dict[st
 
 
 def eval_per_organ(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    from silomesh.models.task import SplitModel
+
     common = _common_test(run)
     organs = list(run.task.config.organs)
     fed: dict[str, list[float]] = {o: [] for o in organs}
@@ -209,6 +216,8 @@ def eval_per_organ(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
         fed[organ].append(float(metrics[f"dice_{organ}"]))
         fed_all.append(float(metrics["dice"]))
         if head_steps > 0:
+            if not isinstance(model, SplitModel):
+                raise ValueError(f"head_finetune_steps needs a model with a head; task {run.scenario.task}'s has none")
             tuned = _head_finetuned(run, i, model, head_steps)
             ft[organ].append(float(run.task.evaluate(tuned, common)[f"dice_{organ}"]))
         alone = run.task.evaluate(run.train_alone(i), common)
@@ -230,7 +239,7 @@ def eval_per_organ(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _head_finetuned(run: RunModels, index: int, model: Any, steps: int) -> Any:
+def _head_finetuned(run: RunModels, index: int, model: SplitModel, steps: int) -> SplitModel:
     """A copy of ``model`` whose head (only) is trained ``steps`` steps on silo ``index``'s data.
 
     Uses SegViz's own helper (:func:`silomesh.strategies.segviz.finetune_head`, body frozen);

@@ -34,6 +34,7 @@ import math
 import shlex
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ def has_experiment(path: Path) -> bool:
     return isinstance(data.get("experiment"), dict)
 
 
-def _int_list(value: Any, where: str) -> tuple[int, ...]:
+def _int_list(value: object, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
@@ -97,7 +98,7 @@ def _int_list(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _str_list(value: Any, where: str) -> tuple[str, ...]:
+def _str_list(value: object, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ExperimentError(f"{where}: expected a list of strings, got {value!r}")
     return tuple(value)
@@ -313,7 +314,7 @@ def command_line(path: Path, scale: int, seeds: tuple[int, ...] | None, out: Pat
 
 def run_experiment(exp: Experiment, out: Path, *, scale: int = 1, seeds: tuple[int, ...] | None = None,
                    overrides: dict[str, Any] | None = None, command: str | None = None,
-                   echo: Any = None) -> dict[str, Any]:
+                   echo: Callable[[str], object] | None = None) -> dict[str, Any]:
     """Run every arm x seed, evaluate, write ``results.json`` and ``results.md`` under ``out``.
 
     Raises:

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 KNOWN = ("crash", "restart", "drop", "delay", "partition", "byzantine", "intruder")
 BYZANTINE_MODES = ("noise", "scale", "nan")
@@ -49,7 +51,7 @@ class FaultSpecError(ValueError):
     """A ``--faults`` spec does not follow the grammar; the message names the item."""
 
 
-def _pair(value: Any) -> tuple[Any, Any] | None:
+def _pair(value: Sequence[T] | None) -> tuple[T, T] | None:
     return None if value is None else (value[0], value[1])
 
 
@@ -403,7 +405,7 @@ def plan_faults(spec: FaultSpec, n: int, rounds: int, seed: int) -> FaultPlan:
     return FaultPlan(
         spec=spec,
         crashes=tuple(crashes),
-        byzantine={i: spec.byzantine_mode for i in byz},
+        byzantine=dict.fromkeys(byz, spec.byzantine_mode),
         partition_side=tuple(range(n // 2)) if spec.partition is not None else (),
         intruders=intruders,
     )

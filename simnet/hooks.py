@@ -108,4 +108,4 @@ class SimFaults(FaultHooks):
 
 
 def round_ms(seconds: float) -> int:
-    return int(round(seconds * 1000))
+    return round(seconds * 1000)

@@ -78,7 +78,7 @@ async def _attempt(mesh: Mesh, victim: str, crypto: Identity, federation: str, r
     with trio.move_on_after(5):
         try:
             await mesh.host.disconnect(ID.from_base58(victim))
-        except Exception:  # noqa: BLE001 - not connected is fine
+        except Exception:  # not connected is fine
             log.debug("intruder disconnect failed", exc_info=True)
     if not await mesh.connect(victim, timeout=5.0):
         return
@@ -106,7 +106,7 @@ async def _attempt(mesh: Mesh, victim: str, crypto: Identity, federation: str, r
                 report.answers += 1
     except StreamClosed:
         pass
-    except Exception:  # noqa: BLE001 - the intruder only counts; it must not crash the run
+    except Exception:  # the intruder only counts; it must not crash the run
         report.errors += 1
         log.debug("intruder attempt failed", exc_info=True)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def _f(x: Any, digits: int = 4) -> str:
+def _f(x: object, digits: int = 4) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):

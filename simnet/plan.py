@@ -24,7 +24,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from silomesh.simnet.faultspec import FaultPlan, FaultSpecError, plan_faults
 from silomesh.simnet.scenario import Scenario, ScenarioError
@@ -152,7 +152,7 @@ def free_ports(count: int) -> list[int]:
 def toml_dumps(data: dict[str, Any]) -> str:
     """A small TOML writer for config dicts (scalars, lists of scalars, tables, arrays of tables)."""
 
-    def value(v: Any) -> str:
+    def value(v: object) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, int | float):
@@ -184,7 +184,7 @@ def toml_dumps(data: dict[str, Any]) -> str:
     return text
 
 
-def _is_table_list(v: Any) -> bool:
+def _is_table_list(v: object) -> TypeGuard[list[dict[str, Any]]]:
     return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from silomesh.simnet.plan import Plan
@@ -26,7 +27,7 @@ def write_plots(plan: Plan, report: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def _metric_plot(plt: Any, report: dict[str, Any], path: Path) -> Path:
+def _metric_plot(plt: ModuleType, report: dict[str, Any], path: Path) -> Path:
     metric = report["metric"]
     history = report["history"]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
@@ -57,7 +58,7 @@ def _metric_plot(plt: Any, report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def _bytes_plot(plt: Any, report: dict[str, Any], path: Path) -> Path:
+def _bytes_plot(plt: ModuleType, report: dict[str, Any], path: Path) -> Path:
     history = report["history"]
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
     ax.bar([h["round"] for h in history], [h["bytes"] / 1e6 for h in history], color="C2")
@@ -77,7 +78,7 @@ def circle_layout(n: int) -> list[tuple[float, float]]:
     return [(math.sin(2 * math.pi * i / n), math.cos(2 * math.pi * i / n)) for i in range(n)]
 
 
-def _topology_plot(plt: Any, plan: Plan, report: dict[str, Any], path: Path) -> Path:
+def _topology_plot(plt: ModuleType, plan: Plan, report: dict[str, Any], path: Path) -> Path:
     n = plan.n
     pos = circle_layout(n)
     detail = report["peers_detail"]

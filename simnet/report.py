@@ -43,7 +43,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _type_ok(value: Any, name: str) -> bool:
+def _type_ok(value: object, name: str) -> bool:
     if name in ("integer", "number") and isinstance(value, bool):
         return False
     if name == "integer" and isinstance(value, float):
@@ -51,7 +51,7 @@ def _type_ok(value: Any, name: str) -> bool:
     return isinstance(value, _JSON_TYPES[name])
 
 
-def validate(instance: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
+def validate(instance: object, schema: dict[str, Any], path: str = "$") -> list[str]:
     """Check ``instance`` against a JSON Schema subset; returns problems (empty: valid).
 
     Supported keywords: ``type`` (a name or a list), ``enum``, ``required``,
@@ -105,7 +105,7 @@ def _category(reason: str) -> str:
     return (reason or "unknown").split(":", 1)[0].strip() or "unknown"
 
 
-def _finite(x: Any) -> float | None:
+def _finite(x: object) -> float | None:
     return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
 
 

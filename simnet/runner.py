@@ -36,6 +36,8 @@ from silomesh.simnet.stores import committed_counts, committed_rounds
 if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own TaskStatus
     from trio_typing import TaskStatus
 
+    from silomesh.peer.daemon import Peer
+
 log = logging.getLogger(__name__)
 
 POLL = 0.25
@@ -140,7 +142,7 @@ class ShareRunner:
             try:
                 report = await run_intruder(ip, targets, self.plan.federation, seed)
                 self.intruders.append({**asdict(report), "targets": [peers[i].name for i in ip.targets]})
-            except Exception as exc:  # noqa: BLE001 - a broken intruder must not stop the run
+            except Exception as exc:  # a broken intruder must not stop the run
                 log.exception("intruder %d failed", ip.index)
                 self.intruders.append({"index": ip.index, "error": repr(exc)})
 
@@ -207,7 +209,7 @@ class ShareRunner:
         slot.done = slot.returned = True
         log.error("%s failed: %s", slot.plan.name, slot.error, exc_info=exc)
 
-    async def _run_peer(self, peer: Any, slot: SlotState, done_scope: trio.CancelScope, *,
+    async def _run_peer(self, peer: Peer, slot: SlotState, done_scope: trio.CancelScope, *,
                         task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run one incarnation; errors are recorded, never propagated to the other peers."""
         started = False
@@ -225,7 +227,7 @@ class ShareRunner:
         done_scope.cancel()  # peer.run returned (after lingering): stop the crash timer
 
     async def _crash_timer(self, due: trio.Event, crash: CrashPlan, scope: trio.CancelScope,
-                           peer: Any, slot: SlotState) -> None:
+                           peer: Peer, slot: SlotState) -> None:
         await due.wait()
         await trio.sleep(crash.delay)
         if peer.done.is_set():  # it finished its rounds before the crash was due: nothing to crash
@@ -247,11 +249,12 @@ class ShareRunner:
         if not others:
             return
         with trio.move_on_after(self.plan.scenario.deadline * (restart.after + 1) + 30):
-            while max(await trio.to_thread.run_sync(committed_counts, others)) < target:
+            # the other peers' stores are files of other processes, with no event to wait on
+            while max(await trio.to_thread.run_sync(committed_counts, others)) < target:  # noqa: ASYNC110 - other processes' files
                 await trio.sleep(POLL)
 
     @staticmethod
-    def _add_mesh_stats(slot: SlotState, peer: Any) -> None:
+    def _add_mesh_stats(slot: SlotState, peer: Peer) -> None:
         context = getattr(peer, "context", None)  # absent if the peer never got as far as its transport
         if context is None:
             return

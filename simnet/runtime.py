@@ -7,6 +7,7 @@ without importing each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 #: written into ``DIR/run/`` by the coordinator when worker processes should stop
@@ -32,7 +33,5 @@ def limit_torch_threads() -> None:
     import torch
 
     torch.set_num_threads(1)
-    try:
+    with contextlib.suppress(RuntimeError):  # already set, or parallel work already started
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work already started
-        pass

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from .base import Contribution, StateDict, check_choice
 
@@ -23,16 +24,16 @@ logger = logging.getLogger(__name__)
 WEIGHTINGS = ("samples", "metropolis", "uniform")
 
 
-def _normalise(raw: np.ndarray, what: str) -> np.ndarray:
-    raw = np.asarray(raw, dtype=np.float64)
-    if raw.ndim != 1 or raw.size == 0:
+def _normalise(raw: npt.ArrayLike, what: str) -> npt.NDArray[np.float64]:
+    w = np.asarray(raw, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0:
         raise ValueError(f"{what}: need a non-empty 1-D list of weights")
-    if not np.all(np.isfinite(raw)) or np.any(raw < 0):
-        raise ValueError(f"{what}: weights must be finite and non-negative, got {raw}")
-    total = raw.sum()
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"{what}: weights must be finite and non-negative, got {w}")
+    total = float(w.sum())
     if total <= 0:
         raise ValueError(f"{what}: weights sum to zero")
-    return raw / total
+    return w / total
 
 
 def uniform_weights(n: int) -> np.ndarray:
@@ -181,7 +182,8 @@ def cast_like(values: np.ndarray, ref: np.ndarray) -> np.ndarray:
     if is_float_array(ref):
         return values.astype(ref.dtype)
     info = np.iinfo(ref.dtype)
-    return np.clip(np.rint(values), info.min, info.max).astype(ref.dtype)
+    rounded: np.ndarray = np.clip(np.rint(values), info.min, info.max).astype(ref.dtype)
+    return rounded
 
 
 def average_states(states: Sequence[Mapping[str, np.ndarray]]) -> StateDict:

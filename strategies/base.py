@@ -82,7 +82,7 @@ class AggregationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _coerce(name: str, hint: Any, value: Any) -> Any:
+def _coerce(name: str, hint: object, value: object) -> object:
     """Convert a TOML/JSON value to a config field's declared type or raise ValueError."""
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -201,7 +201,8 @@ class StrategyConfig:
                 f"unknown parameter {unknown[0]!r} for strategy {cls.strategy_name!r}; "
                 f"known parameters: {sorted(known)}"
             )
-        values = {k: _coerce(k, hints[k], v) for k, v in params.items()}
+        # each value now has its field's declared type, which _coerce checked at run time
+        values: dict[str, Any] = {k: _coerce(k, hints[k], v) for k, v in params.items()}
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

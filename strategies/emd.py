@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import ot
 import torch
 import torch.nn.functional as F
@@ -28,15 +29,15 @@ EMD_METHODS = ("exact", "sinkhorn")
 WEIGHTINGS = ("softmax", "linear")
 
 
-def cosine_cost(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+def cosine_cost(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> npt.NDArray[np.float64]:
     """``1 - cos(a_i, b_j)`` for node sets ``a (n, C)`` and ``b (m, C)``: shape ``(n, m)``.
 
     A zero vector has cosine 0 with everything (cost 1).
     """
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), eps)
-    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), eps)
+    an: npt.NDArray[np.float64] = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), eps)
+    bn: npt.NDArray[np.float64] = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), eps)
     return np.clip(1.0 - an @ bn.T, 0.0, 2.0)
 
 
@@ -52,8 +53,8 @@ def node_weights(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _to_distribution(wa), _to_distribution(wb)
 
 
-def _to_distribution(w: np.ndarray) -> np.ndarray:
-    total = w.sum()
+def _to_distribution(w: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    total = float(w.sum())
     if not np.isfinite(total) or total <= 0:
         return np.full(len(w), 1.0 / len(w))
     return w / total
@@ -144,8 +145,8 @@ def similarity_weights(
             raise ValueError("parameter 'weight_temperature' must be > 0")
         z = -d / temperature
         z -= z.max()
-        e = np.exp(z)
-        return e / e.sum()
+        e: npt.NDArray[np.float64] = np.exp(z)
+        return e / float(e.sum())
     if weighting == "linear":
         return _to_distribution(np.maximum(1.0 - d, 0.0))
     raise ValueError(f"parameter 'weighting' must be one of {list(WEIGHTINGS)}, "

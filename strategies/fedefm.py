@@ -37,7 +37,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 import numpy as np
 import torch
@@ -74,6 +74,13 @@ logger = logging.getLogger(__name__)
 
 #: ``forward(model, batch) -> (output, feature map (B, C, h, w))``
 ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _SplitForward(Protocol):
+    """The part of :class:`silomesh.models.task.SplitModel` FedEFM relies on by default."""
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 DISTILL_LOSSES = ("kl", "mse")
 
@@ -163,7 +170,7 @@ class DistillResult:
 
 def default_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``model.forward_features(batch["image"])`` (the :class:`SplitModel` contract)."""
-    return model.forward_features(batch["image"])  # type: ignore[operator]
+    return cast(_SplitForward, model).forward_features(batch["image"])
 
 
 def distillation_term(

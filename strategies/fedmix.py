@@ -33,9 +33,10 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -103,11 +104,11 @@ def fedmix_weights(
         raise ValueError(f"fedmix_weights: losses must be finite and >= 0, got {loss}")
     if lam < 0 or beta < 0:
         raise ValueError("fedmix_weights: lam and beta must be >= 0")
-    w = n / n.sum()
-    score = loss**beta
+    w = n / float(n.sum())
+    score: npt.NDArray[np.float64] = loss**beta
     if score.sum() > 0:
-        w = w + lam * score / score.sum()
-    return w / w.sum()
+        w = w + lam * score / float(score.sum())
+    return w / float(w.sum())
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -204,7 +205,7 @@ def pseudo_labels(
             keep &= ~(box_mask.reshape(n, -1).any(1) & ~la.reshape(n, -1).any(1))
         if present is not None:
             p = np.asarray(present, bool)
-            found = la.reshape(p.shape + (-1,)).any(-1)
+            found = la.reshape((*p.shape, -1)).any(-1)
             keep &= ~(p & ~found).reshape(n, -1).any(1)
     return PseudoLabels(la, lb, keep, agreement)
 
@@ -434,7 +435,7 @@ TWIN_PREFIX = "twin."
 TWIN_SEED_OFFSET = 7919
 
 
-def supports_pseudo_labels(task: Any) -> bool:
+def supports_pseudo_labels(task: object) -> bool:
     """True if the task offers what FedMix's local step needs.
 
     That is ``loss_terms(model, batch)`` understanding a ``"pseudo"`` key and
@@ -456,7 +457,9 @@ class FedMixStrategy(Strategy):
     config_class = FedMixConfig
     config: FedMixConfig
 
-    def extra_networks(self, task: Any, make_model: Callable[[int], nn.Module], init_seed: int) -> dict[str, nn.Module]:
+    def extra_networks(
+        self, task: object, make_model: Callable[[int], nn.Module], init_seed: int
+    ) -> dict[str, nn.Module]:
         """FedMix's second network, under :data:`TWIN_PREFIX`, if the task supports pseudo-labels.
 
         It is initialised from ``init_seed + TWIN_SEED_OFFSET``: alike on every peer of a

@@ -104,7 +104,9 @@ class Strategy(ABC):
 
     # -- building the peer's model ------------------------------------------------------
 
-    def extra_networks(self, task: Any, make_model: Callable[[int], nn.Module], init_seed: int) -> dict[str, nn.Module]:
+    def extra_networks(
+        self, task: object, make_model: Callable[[int], nn.Module], init_seed: int
+    ) -> dict[str, nn.Module]:
         """Networks the peer holds besides its model, by state-dict prefix (default: none).
 
         Their weights travel, aggregate, commit and restore with the model's, under

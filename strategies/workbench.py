@@ -43,7 +43,7 @@ class Workbench(Protocol):
     """A peer's model, data and seeds, as a strategy's hooks see them."""
 
     @property
-    def task(self) -> Any:
+    def task(self) -> Any:  # noqa: ANN401 - duck-typed: loss, plus FedMix's optional loss_terms/predict_proba
         """The task (``loss(model, batch)`` and optional capabilities such as ``loss_terms``)."""
 
     @property

@@ -12,7 +12,7 @@ import shutil
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import trio
@@ -20,6 +20,9 @@ from peerkit import configs
 
 from silomesh.peer.control import TOKEN_FILE_NAME, read_token_file
 from silomesh.peer.daemon import Peer
+
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
 
 T = TypeVar("T")
 
@@ -48,7 +51,7 @@ def missing_browser() -> str | None:
     return None
 
 
-def make_driver(width: int = 1280, height: int = 900) -> Any:
+def make_driver(width: int = 1280, height: int = 900) -> WebDriver:
     """A headless Chromium session (selenium WebDriver); the caller quits it."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

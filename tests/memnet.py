@@ -82,7 +82,7 @@ class MemoryTransport:
     def addrs(self) -> list[str]:
         return [f"/memory/{self.peer_id}"]
 
-    async def connect(self, peer_id: str, timeout: float = 10.0) -> bool:
+    async def connect(self, peer_id: str, timeout: float = 10.0) -> bool:  # noqa: ASYNC109 - Transport.connect: a bounded dial, False on timeout
         if peer_id not in self.trusted:
             raise ValueError(f"{peer_id} is not a trusted peer")
         if peer_id in self.connected:
@@ -128,7 +128,7 @@ class MemoryTransport:
         except StreamClosed as exc:
             log.info("%s", exc)
             await stream.reset()
-        except Exception:  # noqa: BLE001 - as the libp2p mesh: an escaping error must not kill the host
+        except Exception:  # as the libp2p mesh: an escaping error must not kill the host
             self.handler_errors += 1
             log.exception("handler failed on a stream from %s", stream.remote)
             await stream.reset()

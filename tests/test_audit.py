@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from silomesh.peer.audit import AuditLog
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.store import Store
 from silomesh.protocol import Ack, Identity, seal_envelope
-from silomesh.protocol.envelope import ENVELOPE_SIGNING_DOMAIN
+from silomesh.protocol.envelope import ENVELOPE_SIGNING_DOMAIN, SealedEnvelope
 from silomesh.protocol.merkle import leaf_hash, tree_root
 
 A, B = identity("audit-a"), identity("audit-b")
@@ -38,7 +39,7 @@ ROUNDS = 4  # 4 entries per round in each log: sent, received, sent, received
 OTHER_KEY = nacl.signing.SigningKey(b"\x07" * 32)
 
 
-def _seal(sender: PeerIdentity, recipient: PeerIdentity, round: int, seq: int) -> Any:
+def _seal(sender: PeerIdentity, recipient: PeerIdentity, round: int, seq: int) -> SealedEnvelope:
     msg = Ack(
         federation="audit-fed",
         sender=sender.public_key,
@@ -50,7 +51,7 @@ def _seal(sender: PeerIdentity, recipient: PeerIdentity, round: int, seq: int) -
     return seal_envelope(msg, Identity.from_seed(sender.seed), timestamp_ms=1_700_000_000_000 + seq)
 
 
-def _record(log: AuditLog, direction: str, other: PeerIdentity, sealed: Any) -> None:
+def _record(log: AuditLog, direction: str, other: PeerIdentity, sealed: SealedEnvelope) -> None:
     log.append(
         direction,
         other.peer_id_text,
@@ -295,9 +296,9 @@ def test_jsonl_swapped_deleted_and_duplicated_lines(log_a: Path, tmp_path: Path)
     lines = _cli("export", log_a).output.splitlines()
     assert json.loads(lines[5])["seq"] == 5
     cases = {
-        "swapped": (lines[:5] + [lines[6], lines[5]] + lines[7:], {(5, "reordered")}),
+        "swapped": ([*lines[:5], lines[6], lines[5], *lines[7:]], {(5, "reordered")}),
         "deleted": (lines[:5] + lines[6:], {(5, "deleted")}),
-        "duplicated": (lines[:6] + [lines[5]] + lines[6:], {(5, "inserted")}),
+        "duplicated": ([*lines[:6], lines[5], *lines[6:]], {(5, "inserted")}),
     }
     for name, (content, expected) in cases.items():
         path = tmp_path / f"{name}.jsonl"
@@ -388,13 +389,13 @@ def test_worked_example_of_docs_audit_md_hashes_as_documented() -> None:
     assert AUDIT_MD.is_file() and entry_hash(entry) in AUDIT_MD.read_text()
 
 
-def _reference_verifier() -> Any:
+def _reference_verifier() -> Callable[[Path], list[tuple[int | None, str]]]:
     """The 'Reference verifier' code block of docs/AUDIT.md, executed as written."""
     text = AUDIT_MD.read_text()
     block = text[text.index("## Reference verifier") :]
     code = block[block.index("```python") + len("```python") : block.index("```", block.index("```python") + 3)]
     namespace: dict[str, Any] = {}
-    exec(compile(code, "docs/AUDIT.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    exec(compile(code, "docs/AUDIT.md", "exec"), namespace)  # the example in our own docs, not untrusted input
     return namespace["verify"]
 
 

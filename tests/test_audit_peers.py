@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import trio
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from peerkit import configs
 
 from silomesh.audit.cli import audit
@@ -54,7 +54,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     yield {"root": root, "ids": ids, "stores": [c.data_dir / "store.sqlite" for c in cfgs]}
 
 
-def _cli(*args: Any) -> Any:
+def _cli(*args: object) -> Result:
     return CliRunner().invoke(audit, [str(a) for a in args], catch_exceptions=False)
 
 

@@ -84,7 +84,7 @@ def test_peer_listed_twice_is_refused(tmp_path: Path) -> None:
 
 
 def test_control_api_off_loopback_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="control.host"):
+    with pytest.raises(ConfigError, match=r"control\.host"):
         load_config(_write(tmp_path, GOOD + '\n[control]\nhost = "0.0.0.0"\n'))
 
 

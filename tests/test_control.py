@@ -8,10 +8,11 @@ import logging
 import os
 import socket
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import pytest
 import trio
@@ -327,7 +328,7 @@ async def test_post_approval_decides_it(
     ],
 )
 async def test_json_body_of_the_wrong_shape_is_refused_with_400(
-    client: httpx.AsyncClient, operator: FakeOperator, url: str, body: Any
+    client: httpx.AsyncClient, operator: FakeOperator, url: str, body: object
 ) -> None:
     method = "PUT" if url.endswith("selection") else "POST"
     response = await client.request(method, url, json=body)
@@ -491,7 +492,7 @@ async def test_serve_control_reports_a_port_in_use_as_a_plain_os_error(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with trio.fail_after(5), pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
+        with trio.fail_after(5), pytest.raises(OSError, match=r"cannot listen on 127\.0\.0\.1"):
             await serve_control(operator, "127.0.0.1", port, tmp_path / TOKEN_FILE_NAME)
     # hypercorn's Config.create_sockets does not close a socket whose bind failed; reclaim it
     # here so its ResourceWarning does not surface in a later test
@@ -503,13 +504,13 @@ async def test_serve_control_reports_a_port_in_use_as_a_plain_os_error(
 # --------------------------------------------------------------------------- client and CLI
 
 
-def _client_with(handler: Any) -> ControlClient:
+def _client_with(handler: Callable[[httpx.Request], httpx.Response]) -> ControlClient:
     return ControlClient("127.0.0.1", 8787, TOKEN, transport=httpx.MockTransport(handler))
 
 
 def test_client_turns_the_servers_error_into_a_control_error() -> None:
     client = _client_with(lambda r: httpx.Response(409, json={"error": "name already used"}))
-    with pytest.raises(ControlError, match="^name already used$"):
+    with pytest.raises(ControlError, match=r"^name already used$"):
         client.rename_model("aa", "baseline")
 
 
@@ -591,7 +592,7 @@ async def test_real_server_on_port_0_serves_the_cli_and_closes_on_cancel(
     token_file = tmp_path / "state" / TOKEN_FILE_NAME
     runner = CliRunner()
 
-    def cli(group: Any, *args: str) -> Result:
+    def cli(group: click.Command, *args: str) -> Result:
         return runner.invoke(group, [*args, "--config", str(config)], catch_exceptions=False)
 
     with trio.fail_after(15):

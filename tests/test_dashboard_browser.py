@@ -9,9 +9,9 @@ so CI really runs them (``make test`` installs both).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import httpx
 import pytest
@@ -21,6 +21,12 @@ from safetensors.numpy import save_file
 
 from silomesh.peer.control import TOKEN_FILE_NAME, read_token_file
 from silomesh.peer.dashboard.pages import PAGES
+
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.remote.webelement import WebElement
+
+T = TypeVar("T")
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -47,7 +53,7 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PeerThread]:
 
 
 @pytest.fixture(scope="module")
-def browser(peers: PeerThread) -> Iterator[Any]:
+def browser(peers: PeerThread) -> Iterator[WebDriver]:
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = make_driver()
@@ -59,7 +65,9 @@ def browser(peers: PeerThread) -> Iterator[Any]:
         driver.quit()
 
 
-def wait(driver: Any, condition: Any, timeout: float = WAIT, message: str = "") -> Any:
+def wait(
+    driver: WebDriver, condition: Callable[[WebDriver], T | Literal[False]], timeout: float = WAIT, message: str = ""
+) -> T:
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -69,24 +77,24 @@ def wait(driver: Any, condition: Any, timeout: float = WAIT, message: str = "") 
     return WebDriverWait(driver, timeout, ignored_exceptions=(WebDriverException,)).until(condition, message)
 
 
-def css(driver: Any, selector: str) -> list[Any]:
+def css(driver: WebDriver, selector: str) -> list[WebElement]:
     from selenium.webdriver.common.by import By
 
     return list(driver.find_elements(By.CSS_SELECTOR, selector))
 
 
-def texts(driver: Any, selector: str) -> list[str]:
+def texts(driver: WebDriver, selector: str) -> list[str]:
     """The text of every element matching ``selector`` (empty while a page reloads)."""
     return [e.text for e in css(driver, selector)]
 
 
-def open_page(driver: Any, peers: PeerThread, sub: str) -> None:
+def open_page(driver: WebDriver, peers: PeerThread, sub: str) -> None:
     driver.get(base_url(peers.peers[0]) + "/dashboard" + sub)
     title = next(t for s, _, t in PAGES if s == sub)
     wait(driver, lambda d: texts(d, "main h1") == [title], message=f"page {sub}")
 
 
-def server_wait(peers: PeerThread, check: Any, timeout: float = 60.0) -> Any:
+def server_wait(peers: PeerThread, check: Callable[[], T], timeout: float = 60.0) -> T:
     """Poll ``check()`` (on this thread) until it returns something truthy."""
     import time
 
@@ -118,7 +126,7 @@ def test_request_without_token_or_session_is_refused_and_cross_site_post_too(pee
     assert cross.status_code == 403
 
 
-def test_each_page_loads_in_chromium(browser: Any, peers: PeerThread) -> None:
+def test_each_page_loads_in_chromium(browser: WebDriver, peers: PeerThread) -> None:
     for sub, _template, _title in PAGES:
         open_page(browser, peers, sub)
         assert not css(browser, "#flash:not([hidden])")
@@ -126,7 +134,7 @@ def test_each_page_loads_in_chromium(browser: Any, peers: PeerThread) -> None:
     assert peers.peers[0].peer_id in browser.page_source
 
 
-def test_approving_a_pending_round_in_the_browser_lets_it_run(browser: Any, peers: PeerThread) -> None:
+def test_approving_a_pending_round_in_the_browser_lets_it_run(browser: WebDriver, peers: PeerThread) -> None:
     a = peers.peers[0]
 
     def pending() -> list[dict[str, Any]]:
@@ -144,7 +152,7 @@ def test_approving_a_pending_round_in_the_browser_lets_it_run(browser: Any, peer
     assert decided[ask["id"]] == "approved"
 
 
-def test_import_rename_and_delete_a_model(browser: Any, peers: PeerThread, tmp_path: Path) -> None:
+def test_import_rename_and_delete_a_model(browser: WebDriver, peers: PeerThread, tmp_path: Path) -> None:
     from selenium.webdriver.support import expected_conditions
 
     a = peers.peers[0]
@@ -179,7 +187,7 @@ def test_import_rename_and_delete_a_model(browser: Any, peers: PeerThread, tmp_p
     assert digest not in {m["digest"] for m in peers.call(a.models)}
 
 
-def test_export_link_downloads_the_weights(browser: Any, peers: PeerThread) -> None:
+def test_export_link_downloads_the_weights(browser: WebDriver, peers: PeerThread) -> None:
     server_wait(peers, lambda: peers.call(peers.peers[0].models), timeout=60)  # round 0 makes one
     open_page(browser, peers, "/models")
     links = css(browser, 'a[href*="/export?format=safetensors"]')
@@ -190,7 +198,9 @@ def test_export_link_downloads_the_weights(browser: Any, peers: PeerThread) -> N
     assert len(reply.content) > 1000
 
 
-def test_register_a_dataset_and_see_errors_in_plain_words(browser: Any, peers: PeerThread, tmp_path: Path) -> None:
+def test_register_a_dataset_and_see_errors_in_plain_words(
+    browser: WebDriver, peers: PeerThread, tmp_path: Path
+) -> None:
     size = TINY_CATHETER["image_size"]
     broken = write_png_folder(tmp_path / "broken", 3, size)
     (broken / "images" / "s1.png").write_bytes(b"not a png at all")
@@ -212,7 +222,7 @@ def test_register_a_dataset_and_see_errors_in_plain_words(browser: Any, peers: P
     assert "mask" in row.text
 
 
-def test_live_update_arrives_without_reloading(browser: Any, peers: PeerThread) -> None:
+def test_live_update_arrives_without_reloading(browser: WebDriver, peers: PeerThread) -> None:
     a, b = peers.peers
     open_page(browser, peers, "/")
     wait(
@@ -230,7 +240,7 @@ def test_live_update_arrives_without_reloading(browser: Any, peers: PeerThread) 
     assert browser.execute_script("return window.__sameDocument") == 42
 
 
-def test_rounds_page_charts_the_local_metric(browser: Any, peers: PeerThread) -> None:
+def test_rounds_page_charts_the_local_metric(browser: WebDriver, peers: PeerThread) -> None:
     a = peers.peers[0]
     server_wait(peers, lambda: [r for r in peers.call(a.rounds) if r["status"] == "done" and r["metrics"]], 60)
     open_page(browser, peers, "/rounds")
@@ -246,7 +256,7 @@ def test_rounds_page_charts_the_local_metric(browser: Any, peers: PeerThread) ->
     assert "done" in css(browser, "#rounds tbody")[0].text
 
 
-def test_verify_log_shows_the_result(browser: Any, peers: PeerThread) -> None:
+def test_verify_log_shows_the_result(browser: WebDriver, peers: PeerThread) -> None:
     open_page(browser, peers, "/audit")
     assert css(browser, "#audit tbody tr")
     css(browser, "#verify-log")[0].click()
@@ -254,7 +264,7 @@ def test_verify_log_shows_the_result(browser: Any, peers: PeerThread) -> None:
     assert css(browser, "#verify-summary")[0].text.startswith("OK")
 
 
-def test_choosing_neighbours_for_the_next_round(browser: Any, peers: PeerThread) -> None:
+def test_choosing_neighbours_for_the_next_round(browser: WebDriver, peers: PeerThread) -> None:
     a, b = peers.peers
 
     def selected() -> bool:

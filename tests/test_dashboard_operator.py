@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 async def test_audit_lists_newest_first_verifies_and_rounds_count_bytes_received(tmp_path: Path) -> None:
     peers = make_peers(tmp_path, participation=["auto", "auto"], rounds=1, deadline=30.0)
-    a, b = peers
+    a, _b = peers
     async with running(peers):
         await a.done.wait()
         entries = await a.operator.audit(5)

@@ -109,7 +109,7 @@ def test_nifti_volumes_round_trip_as_depth_first_and_as_slices(tmp_path: Path) -
     sliced = read_folder(tmp_path, as_slices=True, window=(-100.0, 100.0))
     assert sliced.data["image"].shape == (4, 1, 5, 6)
     assert sliced.names[:2] == ["ct#0", "ct#1"]
-    assert 0.0 <= sliced.data["image"].min() and sliced.data["image"].max() <= 1.0
+    assert sliced.data["image"].min() >= 0.0 and sliced.data["image"].max() <= 1.0
 
 
 def test_dicom_series_is_sorted_by_position_and_rescaled(tmp_path: Path) -> None:

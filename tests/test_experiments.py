@@ -12,8 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from silomesh.models.task import ArrayDataset, Federation, Task
 from silomesh.simnet.cli import simnet
 from silomesh.simnet.experiment import (
+    Experiment,
     ExperimentError,
     command_line,
     load_experiment,
@@ -42,7 +44,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def _exp(tmp_path: Path, table: str, base: str = BASE) -> Any:
+def _exp(tmp_path: Path, table: str, base: str = BASE) -> Experiment:
     return load_experiment(_write(tmp_path, base + "\n" + table))
 
 
@@ -141,7 +143,7 @@ def test_scale_flag_on_a_plain_scenario_is_refused(tmp_path: Path) -> None:
 class _Perfect(torch.nn.Module):
     """Predicts the catheter mask of the image it is given (by lookup)."""
 
-    def __init__(self, data: Any) -> None:
+    def __init__(self, data: ArrayDataset) -> None:
         super().__init__()
         self.images = torch.from_numpy(data["image"])
         self.masks = torch.from_numpy(data["mask"])
@@ -152,14 +154,14 @@ class _Perfect(torch.nn.Module):
 
 
 class _FakeRun:
-    def __init__(self, models: list[Any], fed: Any, task: Any) -> None:
+    def __init__(self, models: list[torch.nn.Module | None], fed: Federation, task: Task) -> None:
         self._m, self.federation, self.task = models, fed, task
         self.options: dict[str, Any] = {}
 
-    def final_models(self) -> list[Any]:
+    def final_models(self) -> list[torch.nn.Module | None]:
         return self._m
 
-    def metric(self, model: Any, data: Any, name: str | None = None) -> float:
+    def metric(self, model: torch.nn.Module, data: ArrayDataset, name: str | None = None) -> float:
         return float(self.task.evaluate(model, data)[name or self.task.metric])
 
 

@@ -56,6 +56,11 @@ async def test_trusted_peers_exchange_bytes_over_the_exchange_protocol() -> None
 async def test_untrusted_peer_is_disconnected_and_never_reaches_the_handler() -> None:
     refused: list[tuple[str, str]] = []
     served: list[str] = []
+    first_refusal = trio.Event()
+
+    def on_refused(peer: str, reason: str) -> None:
+        refused.append((peer, reason))
+        first_refusal.set()
 
     async def handler(stream: FramedStream) -> None:
         served.append(stream.remote)
@@ -63,7 +68,7 @@ async def test_untrusted_peer_is_disconnected_and_never_reaches_the_handler() ->
 
     with trio.fail_after(30):
         async with open_mesh(
-            B, LOOPBACK, {A.peer_id_text: "/ip4/127.0.0.1/tcp/1"}, on_refused=lambda p, r: refused.append((p, r))
+            B, LOOPBACK, {A.peer_id_text: "/ip4/127.0.0.1/tcp/1"}, on_refused=on_refused
         ) as b:
             b.set_handler(handler)
             # Eve trusts B, but B does not trust Eve.
@@ -74,8 +79,7 @@ async def test_untrusted_peer_is_disconnected_and_never_reaches_the_handler() ->
                     await stream.write(b"hello")
                     await _read_exactly(stream, 1)
                 with trio.move_on_after(5):
-                    while not refused:
-                        await trio.sleep(0.05)
+                    await first_refusal.wait()
     assert served == []
     assert refused and refused[0][0] == EVE.peer_id_text
     assert b.stats.refused_connections >= 1

@@ -18,6 +18,7 @@ from silomesh.protocol import (
     Leaving,
     LocalProtocolError,
     NewData,
+    ReceivedAnnounce,
     RemoteProtocolError,
     ReplayGuard,
     UpdateAvailable,
@@ -47,7 +48,7 @@ ANNOUNCES: list[Announce] = [
 ]
 
 
-def decode(data: bytes, **kw: Any) -> Any:
+def decode(data: bytes, **kw: Any) -> ReceivedAnnounce:
     args: dict[str, Any] = {"federation": "fed", "trusted": {ALICE.public_key}}
     args.update(kw)
     return decode_announce(data, **args)
@@ -59,7 +60,7 @@ def refusal(data: bytes, **kw: Any) -> str:
     return info.value.code.value
 
 
-def resign(body: Any, signer: Identity = ALICE) -> bytes:
+def resign(body: object, signer: Identity = ALICE) -> bytes:
     raw = msgpack.packb(body, use_bin_type=True)
     return signer.sign(ANNOUNCE_SIGNING_DOMAIN + raw) + raw
 

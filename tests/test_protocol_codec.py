@@ -33,11 +33,11 @@ def _encode(state: dict[str, np.ndarray], codec: str = "float32") -> tuple[list[
     return enc.table, enc.to_bytes()
 
 
-def _decode(table: Any, blob: bytes | bytearray, codec: str = "float32", **kw: Any) -> dict:
+def _decode(table: object, blob: bytes | bytearray, codec: str = "float32", **kw: Any) -> dict[str, np.ndarray]:
     return decode_tensors(table, blob, codec=codec, **kw)
 
 
-def _remote_code(table: Any, blob: bytes | bytearray, codec: str = "float32", **kw: Any) -> str:
+def _remote_code(table: object, blob: bytes | bytearray, codec: str = "float32", **kw: Any) -> str:
     with pytest.raises(RemoteProtocolError) as info:
         _decode(table, blob, codec, **kw)
     return info.value.code.value
@@ -152,7 +152,7 @@ def test_float32_codec_round_trips_any_finite_state(arrays: dict[str, np.ndarray
 
 
 @pytest.mark.parametrize("dtype", [np.complex64, np.uint64, object])
-def test_encode_refuses_dtypes_outside_the_allowlist(dtype: Any) -> None:
+def test_encode_refuses_dtypes_outside_the_allowlist(dtype: type) -> None:
     with pytest.raises(LocalProtocolError) as info:
         encode_tensors({"x": np.zeros(2, dtype=dtype)})
     assert info.value.code is ErrorCode.BAD_DTYPE
@@ -234,7 +234,7 @@ def test_inconsistent_tables_are_refused(table: list[Any], blob_len: int, code: 
         ({"name": "a"}, "float32", "BAD_TABLE"),
     ],
 )
-def test_bad_table_entries_are_refused(entry: Any, codec: str, code: str) -> None:
+def test_bad_table_entries_are_refused(entry: object, codec: str, code: str) -> None:
     assert _remote_code([entry], bytes(8), codec) == code
 
 

@@ -27,6 +27,7 @@ from silomesh.protocol import (
     LocalProtocolError,
     Message,
     NeedBase,
+    OpenedEnvelope,
     RemoteProtocolError,
     ReplayGuard,
     TrainRequest,
@@ -65,7 +66,7 @@ def routing(sender: Identity = ALICE, recipient: Identity = BOB, **kw: Any) -> d
     return base
 
 
-def open_(data: bytes | bytearray, **kw: Any) -> Any:
+def open_(data: bytes | bytearray, **kw: Any) -> OpenedEnvelope:
     args: dict[str, Any] = {"identity": BOB, "federation": FED, "trusted": {ALICE.public_key}}
     args.update(kw)
     return open_envelope(data, **args)
@@ -83,7 +84,7 @@ def split(env: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     return header, env[2 + n : 2 + n + 64], env[2 + n + 64 :]
 
 
-def forge(header: Any, ciphertext: bytes, signer: Identity | None = ALICE) -> bytes:
+def forge(header: bytes | dict[str, Any], ciphertext: bytes, signer: Identity | None = ALICE) -> bytes:
     """Assemble an envelope from parts, signing the header with ``signer``."""
     hb = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
     sig = signer.sign(ENVELOPE_SIGNING_DOMAIN + hb) if signer else bytes(64)
@@ -91,7 +92,7 @@ def forge(header: Any, ciphertext: bytes, signer: Identity | None = ALICE) -> by
 
 
 def raw_envelope(
-    body: Any,
+    body: object,
     blob: bytes = b"",
     *,
     kind: str = "ack",
@@ -316,7 +317,7 @@ def test_header_that_is_not_a_map_is_bad_type() -> None:
         ("timestamp", -5, "BAD_TYPE"),
     ],
 )
-def test_bad_header_fields_are_refused(field: str, value: Any, code: str) -> None:
+def test_bad_header_fields_are_refused(field: str, value: object, code: str) -> None:
     header, _, ct = split(ack_bytes())
     header[field] = value
     assert refusal(forge(header, ct)) == code
@@ -449,7 +450,7 @@ def test_trailing_bytes_after_a_small_message_body_are_a_bad_frame() -> None:
     ],
     ids=["missing", "extra", "wrong-type", "too-long", "not-a-map"],
 )
-def test_malformed_bodies_are_refused(body: Any) -> None:
+def test_malformed_bodies_are_refused(body: object) -> None:
     assert refusal(raw_envelope(body)) in ("BAD_TYPE", "TOO_LARGE")
 
 
@@ -465,7 +466,7 @@ def test_update_without_a_tensor_table_is_bad_type() -> None:
 
 
 def _update_raw(
-    table: list[Any], blob: bytes, metrics: Any = None, *, drop: str | None = None, **kw: Any
+    table: list[Any], blob: bytes, metrics: object = None, *, drop: str | None = None, **kw: Any
 ) -> bytes:
     body = {"n_samples": 1, "state_digest": None, "metrics": metrics or {}, "tensors": table}
     if drop is not None:
@@ -526,7 +527,7 @@ def test_received_update_with_exactly_64_metrics_is_accepted() -> None:
     ],
     ids=["int", "bool", "str", "nil", "array", "bin-key", "array-not-map", "str-not-map"],
 )
-def test_received_update_with_wrongly_typed_metrics_is_bad_type(metrics: Any) -> None:
+def test_received_update_with_wrongly_typed_metrics_is_bad_type(metrics: object) -> None:
     assert refusal(_update_raw(*_W, metrics)) == "BAD_TYPE"
 
 

@@ -164,7 +164,7 @@ def test_frames_survive_any_chunking_of_the_stream(bodies: list[bytes], cuts: li
     decoder = FrameDecoder(max_frame_size=4096)
     got: list[bytes] = []
     start = 0
-    for cut in sorted({c for c in cuts if 0 < c < len(stream)}) + [len(stream)]:
+    for cut in [*sorted({c for c in cuts if 0 < c < len(stream)}), len(stream)]:
         if cut > start:
             decoder.receive_data(stream[start:cut])
         start = cut

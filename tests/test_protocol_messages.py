@@ -109,7 +109,7 @@ def test_x25519_conversion_refuses_an_invalid_point() -> None:
         ("sequence", 1.0, ErrorCode.BAD_TYPE),
     ],
 )
-def test_common_fields_are_validated(field: str, value: Any, code: ErrorCode) -> None:
+def test_common_fields_are_validated(field: str, value: object, code: ErrorCode) -> None:
     assert code_of(Ack, **routing(**{field: value}), reply_to=0) is code
 
 
@@ -185,7 +185,7 @@ def test_update_metrics_cannot_be_changed_after_construction() -> None:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("-inf"), "0.5", True, None])
-def test_update_refuses_bad_metric_values(value: Any) -> None:
+def test_update_refuses_bad_metric_values(value: object) -> None:
     assert code_of(Update, **routing(), tensors={}, metrics={"m": value}) is ErrorCode.BAD_TYPE
 
 
@@ -220,7 +220,7 @@ def test_train_result_requires_the_request_sequence() -> None:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.5", True])
-def test_train_result_refuses_bad_metric_values(value: Any) -> None:
+def test_train_result_refuses_bad_metric_values(value: object) -> None:
     code = code_of(TrainResult, **routing(), tensors={}, request_sequence=1, metrics={"m": value})
     assert code is ErrorCode.BAD_TYPE
 

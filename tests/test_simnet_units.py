@@ -181,7 +181,7 @@ def test_fault_plan_is_seeded_and_resolves_amounts() -> None:
 
 
 def test_fault_plan_refuses_rounds_that_do_not_exist() -> None:
-    with pytest.raises(FaultSpecError, match="rounds are 0..2"):
+    with pytest.raises(FaultSpecError, match=r"rounds are 0\.\.2"):
         plan_faults(parse_faults("partition=3-5"), 4, 3, seed=0)
 
 

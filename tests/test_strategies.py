@@ -7,6 +7,7 @@ graph, per-coordinate sorting).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -36,7 +37,12 @@ def make_state(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.nda
     }
 
 
-def contributions(states, ns=None, degrees=None, losses=None):
+def contributions(
+    states: Sequence[Mapping[str, np.ndarray]],
+    ns: Sequence[int] | None = None,
+    degrees: Sequence[int] | None = None,
+    losses: Sequence[float] | None = None,
+) -> list[Contribution]:
     out = []
     for i, s in enumerate(states):
         out.append(Contribution(
@@ -191,7 +197,9 @@ def test_nonfinite_contribution_is_dropped_and_reported() -> None:
         (lambda s: s.__setitem__("conv.bias", np.full(4, np.inf, np.float32)), "non-finite"),
     ],
 )
-def test_malformed_contribution_is_dropped_with_reason(mutate, reason) -> None:
+def test_malformed_contribution_is_dropped_with_reason(
+    mutate: Callable[[dict[str, np.ndarray]], object], reason: str
+) -> None:
     rng = np.random.default_rng(7)
     own, other = make_state(rng), make_state(rng)
     mutate(other)
@@ -211,7 +219,9 @@ def test_duplicate_peer_contribution_is_dropped() -> None:
 # --- robust aggregation --------------------------------------------------------------
 
 
-def honest_and_poisoned(n_honest: int = 4, seed: int = 9):
+def honest_and_poisoned(
+    n_honest: int = 4, seed: int = 9
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     own = {"w": rng.standard_normal(50).astype(np.float32)}
     honest = [{"w": own["w"] + 0.1 * rng.standard_normal(50).astype(np.float32)}
@@ -293,7 +303,7 @@ finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
     values=st.lists(st.lists(finite, min_size=3, max_size=3), min_size=2, max_size=6),
     raw_w=st.lists(st.floats(0.01, 10.0), min_size=6, max_size=6),
 )
-def test_weighted_average_is_a_convex_combination(values, raw_w) -> None:
+def test_weighted_average_is_a_convex_combination(values: list[list[float]], raw_w: list[float]) -> None:
     states = [{"w": np.array(v, np.float64)} for v in values]
     w = np.array(raw_w[: len(states)])
     out = weighted_average(states, w)["w"]
@@ -309,7 +319,7 @@ def test_weighted_average_is_a_convex_combination(values, raw_w) -> None:
     perm_seed=st.integers(0, 2**16),
     rule=st.sampled_from(["none", "median", "trimmed_mean", "clip"]),
 )
-def test_aggregation_is_invariant_to_neighbour_order(seed, perm_seed, rule) -> None:
+def test_aggregation_is_invariant_to_neighbour_order(seed: int, perm_seed: int, rule: str) -> None:
     rng = np.random.default_rng(seed)
     own = {"w": rng.standard_normal(8)}
     others = [{"w": rng.standard_normal(8) * rng.uniform(0.1, 5)} for _ in range(4)]
@@ -353,7 +363,7 @@ def test_unknown_parameter_is_named_in_the_error() -> None:
         ("fedavg", {"robust": "clip", "clip_multiplier": 0}, "clip_"),
     ],
 )
-def test_bad_parameter_value_is_named_in_the_error(name, params, bad) -> None:
+def test_bad_parameter_value_is_named_in_the_error(name: str, params: dict[str, object], bad: str) -> None:
     with pytest.raises(ValueError, match=bad):
         get_strategy(name, params)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import ot
@@ -29,6 +30,7 @@ from silomesh.strategies import (
 )
 from silomesh.strategies.emd import cosine_cost, node_weights
 from silomesh.strategies.fedefm import expert_weights
+from silomesh.strategies.training import Batch
 
 
 class TinySeg(SplitModel):
@@ -49,7 +51,7 @@ class TinySeg(SplitModel):
         return self.head(f), f
 
 
-def seg_loss(model: nn.Module, batch) -> torch.Tensor:
+def seg_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(model(batch["image"]), batch["mask"])
 
 
@@ -62,7 +64,7 @@ def make_batches(seed: int, n: int = 4, size: int = 8) -> list[dict[str, torch.T
     return out
 
 
-def mean_kl(student: nn.Module, expert: nn.Module, batches) -> float:
+def mean_kl(student: nn.Module, expert: nn.Module, batches: Iterable[Batch]) -> float:
     student.eval()
     expert.eval()
     with torch.no_grad():
@@ -203,7 +205,7 @@ def test_distillation_accepts_a_batch_factory_and_cycles_it() -> None:
     torch.manual_seed(3)
     calls = []
 
-    def factory():
+    def factory() -> Iterator[dict[str, torch.Tensor]]:
         calls.append(1)
         return iter(make_batches(7, n=2))
 

@@ -42,7 +42,7 @@ def test_fedmix_weights_fall_back_to_size_shares_when_losses_are_zero() -> None:
 
 @pytest.mark.parametrize(("sizes", "losses"), [([1, 2], [0.1]), ([1, 2], [0.1, -1.0]),
                                                ([0, 0], [0.1, 0.2]), ([1, 2], [np.nan, 1.0])])
-def test_fedmix_weights_reject_bad_input(sizes, losses) -> None:
+def test_fedmix_weights_reject_bad_input(sizes: list[int], losses: list[float]) -> None:
     with pytest.raises(ValueError):
         fedmix_weights(sizes, losses)
 

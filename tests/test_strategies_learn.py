@@ -9,6 +9,7 @@ doing what ``peer/rounds.py`` does each round (train, shared states as
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ def catheter() -> tuple[Task, Federation]:
     return task, task.make_federation(3, SEED, image_size=32, n_train=24, n_test=16, n_test_source=16)
 
 
-def test_fedavg_lowers_loss_and_raises_dice_on_catheter(catheter) -> None:
+def test_fedavg_lowers_loss_and_raises_dice_on_catheter(catheter: tuple[Task, Federation]) -> None:
     task, fed = catheter
     ls = learners(task, fed, "fedavg")
     start = mean_dice(ls)
@@ -68,7 +69,7 @@ def test_fedavg_lowers_loss_and_raises_dice_on_catheter(catheter) -> None:
     assert mean_dice(ls) > start + 0.2
 
 
-def test_fedefm_distils_and_mixes_experts_into_a_better_model(catheter) -> None:
+def test_fedefm_distils_and_mixes_experts_into_a_better_model(catheter: tuple[Task, Federation]) -> None:
     task, fed = catheter
     ls = learners(task, fed, "fedefm", {"distill_steps": 10, "lr": 1e-2, "mix": 0.5})
     ls[0].train(40)  # a shared warm start, as after a first round: FedEFM refines a model
@@ -105,7 +106,7 @@ def organs() -> tuple[Task, Federation]:
     return task, task.make_federation(4, SEED, image_size=32, n_train=24, n_test=12)
 
 
-def test_segviz_keeps_trained_heads_averages_bodies_and_learns_each_organ(organs) -> None:
+def test_segviz_keeps_trained_heads_averages_bodies_and_learns_each_organ(organs: tuple[Task, Federation]) -> None:
     task, fed = organs
     ls = learners(task, fed, "segviz")
     test = fed.tests["all"]
@@ -177,7 +178,9 @@ def lesion() -> tuple[Task, Federation]:
     return task, task.make_federation(3, SEED, image_size=32, n_train=32, n_test=24)
 
 
-def test_fedmix_learner_keeps_a_second_network_that_round_trips_through_its_state(lesion) -> None:
+def test_fedmix_learner_keeps_a_second_network_that_round_trips_through_its_state(
+    lesion: tuple[Task, Federation],
+) -> None:
     task, fed = lesion
     a, b = learners(task, fed, "fedmix")[:2]
     state = a.state()
@@ -191,7 +194,7 @@ def test_fedmix_learner_keeps_a_second_network_that_round_trips_through_its_stat
     assert learners(task, fed, "fedavg")[0].state().keys().isdisjoint(twin)
 
 
-def test_fedmix_pseudo_labels_weak_silos_and_raises_the_image_level_silos_dice(lesion) -> None:
+def test_fedmix_pseudo_labels_weak_silos_and_raises_the_image_level_silos_dice(lesion: tuple[Task, Federation]) -> None:
     task, fed = lesion
     ls = learners(task, fed, "fedmix")
     kinds = [x.silo.train.label_kind for x in ls]
@@ -216,7 +219,7 @@ def test_fedmix_pseudo_labels_weak_silos_and_raises_the_image_level_silos_dice(l
 
 
 @pytest.mark.slow
-async def test_fedmix_peers_exchange_store_and_restore_both_networks(tmp_path) -> None:
+async def test_fedmix_peers_exchange_store_and_restore_both_networks(tmp_path: Path) -> None:
     """The second network crosses the real exchange (shape checks), the store and a restart."""
     import dataclasses
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,6 +14,10 @@ from torch import nn
 from silomesh.models.task import SplitModel
 from silomesh.strategies import Contribution, get_strategy, partition_keys
 from silomesh.strategies.segviz import SegVizStrategy, is_local
+from silomesh.strategies.training import Batch
+
+if TYPE_CHECKING:
+    from silomesh.peer.learner import Learner
 
 
 class TwoHeadNet(SplitModel):
@@ -33,7 +39,9 @@ def numpy_state(model: nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def silo_states(classes=(2, 2, 2), seed: int = 0):
+def silo_states(
+    classes: Sequence[int] = (2, 2, 2), seed: int = 0
+) -> tuple[list[TwoHeadNet], list[dict[str, np.ndarray]]]:
     torch.manual_seed(seed)
     models = [TwoHeadNet(c) for c in classes]
     with torch.no_grad():  # make the BN buffers differ between silos
@@ -44,7 +52,7 @@ def silo_states(classes=(2, 2, 2), seed: int = 0):
 
 
 def test_segviz_keeps_head_bit_identical_and_averages_body() -> None:
-    models, (own, a, b) = silo_states()
+    _, (own, a, b) = silo_states()
     strategy = get_strategy("segviz", {"head_prefixes": ["head."]})
     result = strategy.aggregate(own, 10, [Contribution("a", a, 30), Contribution("b", b, 60)])
     for k in ("head.weight", "head.bias"):
@@ -79,7 +87,7 @@ def test_fedbn_variant_keeps_normalisation_layers_local() -> None:
 def test_default_norm_patterns_match_batchnorm_buffers_by_name() -> None:
     names = ["enc.bn1.weight", "enc.bn1.running_var", "dec.norm.bias", "enc.conv.weight",
              "blocks.0.num_batches_tracked", "head.weight"]
-    shared, local = partition_keys(names, ["head."], SegVizStrategy.config_class().norm_patterns)
+    shared, _local = partition_keys(names, ["head."], SegVizStrategy.config_class().norm_patterns)
     assert shared == ["enc.conv.weight"]
     assert not is_local("enc.conv.weight", ["head."])
 
@@ -89,7 +97,7 @@ def test_shared_keys_tell_the_peer_not_to_send_heads() -> None:
     strategy = get_strategy("segviz")
     assert isinstance(strategy, SegVizStrategy)
     strategy = strategy.with_head_prefixes(model.head_prefixes)
-    body, head = model.split_names()
+    body, _head = model.split_names()
     assert strategy.shared_keys(model.state_dict()) == body
 
 
@@ -101,7 +109,7 @@ def test_finetune_head_changes_head_and_leaves_body_bit_identical() -> None:
     batches = [{"image": torch.rand(4, 1, 6, 6, generator=g),
                 "mask": torch.randint(0, 2, (4, 6, 6), generator=g)} for _ in range(2)]
 
-    def loss(m: nn.Module, batch) -> torch.Tensor:
+    def loss(m: nn.Module, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(m(batch["image"]), batch["mask"])
 
     strategy = get_strategy("segviz", {"head_prefixes": ["head."], "finetune_steps": 5,
@@ -120,7 +128,7 @@ def test_finetune_head_changes_head_and_leaves_body_bit_identical() -> None:
 # -- the peer applies finetune_steps (peer/learner.py Learner.adopt) -----------------------
 
 
-def _organ_learner(finetune_steps: int):
+def _organ_learner(finetune_steps: int) -> Learner:
     from silomesh.models.registry import get_task
     from silomesh.peer.learner import Learner
 
@@ -130,7 +138,7 @@ def _organ_learner(finetune_steps: int):
     return Learner(task, silo, size="tiny", init_seed=0, batch_size=4, lr=1e-2, strategy=strategy)
 
 
-def _aggregated_state(learner) -> dict[str, np.ndarray]:
+def _aggregated_state(learner: Learner) -> dict[str, np.ndarray]:
     """A stand-in for an aggregated state: the learner's state, perturbed everywhere."""
     rng = np.random.default_rng(1)
     return {k: (v + rng.normal(0, 0.01, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v

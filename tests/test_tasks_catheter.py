@@ -28,7 +28,7 @@ def test_frames_have_declared_shapes_range_and_classes(fed: Federation) -> None:
     train = fed.silos[0].train
     assert train["image"].shape == (16, 1, 32, 32) and train["image"].dtype == np.float32
     assert train["mask"].shape == (16, 32, 32) and train["mask"].dtype == np.int64
-    assert 0.0 <= train["image"].min() and train["image"].max() <= 1.0
+    assert train["image"].min() >= 0.0 and train["image"].max() <= 1.0
     assert set(np.unique(train["mask"])) == {0, 1, 2}
 
 

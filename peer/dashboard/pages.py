@@ -70,18 +70,18 @@ def cookie_name(request: Request) -> str:
     return f"silomesh_session_{port}" if port else "silomesh_session"
 
 
-def _when(value: Any) -> str:
+def _when(value: object) -> str:
     if not isinstance(value, int | float) or value <= 0:
         return "—"
     return time.strftime("%m-%d %H:%M:%S", time.localtime(value))
 
 
-def _short(value: Any, n: int = 12) -> str:
+def _short(value: object, n: int = 12) -> str:
     text = "" if value is None else str(value)
     return text if len(text) <= n else text[:n] + "…"
 
 
-def _bytes(value: Any) -> str:
+def _bytes(value: object) -> str:
     if not isinstance(value, int | float):
         return "—"
     size = float(value)
