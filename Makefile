@@ -1,7 +1,8 @@
 # silomesh: one command to set up and run the demo, one to set up and run the tests.
 #   make demo   # creates .venv, installs silomesh, runs a small simnet (4 real peers)
 #   make test   # creates .venv, installs silomesh with dev tools and the browser-test deps
-#               # (Debian's chromium + chromium-driver via apt), runs the whole suite
+#               # (Debian's chromium + chromium-driver via apt), runs `make lint` (ruff, mypy),
+#               # then the whole suite: a lint failure fails the tests, and so CI
 # Prerequisites (Debian/Ubuntu): see README.md.
 
 PYTHON ?= python3
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/silomesh simnet run
 
-test: $(STAMP) browser-deps
+test: $(STAMP) lint browser-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The dashboard's browser tests drive Debian's headless Chromium through chromedriver.
@@ -38,9 +39,10 @@ browser-deps:
 	if ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: install chromium and its chromedriver, and point SILOMESH_CHROMIUM / SILOMESH_CHROMEDRIVER at them" >&2; exit 1; fi; \
 	$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver
 
+# mypy checks protocol/ and strategies/ as --strict would (pyproject.toml's [[tool.mypy.overrides]]).
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy peer protocol strategies models simnet
+	$(BIN)/mypy peer protocol strategies models simnet cli audit
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_codec.py
