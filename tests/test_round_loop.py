@@ -7,10 +7,10 @@ time stands still while a peer trains; everything else is the production peer.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ import trio
 import trio.testing
 from memnet import MemoryNetwork, StartTogether
 from peerkit import configs
+from torch import nn
 
 from silomesh.peer import rounds
 from silomesh.peer.context import InlineCompute, RoundContext
@@ -215,9 +216,9 @@ class RecordingStrategy(Strategy):
     """A strategy that exists only in this test: plain averaging, recording its hooks."""
 
     name = "recording"
-    calls: list[tuple[str, Any]] = []
+    calls: ClassVar[list[tuple[str, object]]] = []
 
-    def prepared_for(self, model: Any) -> Strategy:
+    def prepared_for(self, model: nn.Module) -> Strategy:
         self.calls.append(("prepared_for", type(model).__name__))
         return self
 
@@ -227,7 +228,7 @@ class RecordingStrategy(Strategy):
 
     def aggregate(
         self,
-        own: Any,
+        own: Mapping[str, np.ndarray],
         own_weight: float,
         neighbours: Sequence[Contribution],
         *,
