@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from silomesh.peer.context import Endpoint, RoundContext
 from silomesh.protocol import (
@@ -25,13 +24,6 @@ from silomesh.protocol import (
 log = logging.getLogger(__name__)
 
 
-def announce_fields(endpoint: Endpoint, round: int | None = None) -> dict[str, Any]:
-    """Routing fields of an announce (it has no recipient)."""
-    fields = endpoint.routing(b"", round)
-    del fields["recipient"]
-    return fields
-
-
 async def publish(endpoint: Endpoint, announce: UpdateAvailable | NewData | Leaving) -> None:
     """Publish an announce (best effort: a failure is logged, never raised)."""
     try:
@@ -42,7 +34,8 @@ async def publish(endpoint: Endpoint, announce: UpdateAvailable | NewData | Leav
 
 
 async def announce_new_data(endpoint: Endpoint, n_samples: int, manifest_digest: bytes) -> None:
-    await publish(endpoint, NewData(**announce_fields(endpoint), n_samples=n_samples, manifest_digest=manifest_digest))
+    announce = NewData(**endpoint.announce_routing(), n_samples=n_samples, manifest_digest=manifest_digest)
+    await publish(endpoint, announce)
 
 
 async def listen_announces(ctx: RoundContext) -> None:

@@ -151,15 +151,18 @@ class Endpoint:
     transport: Transport
     progress: Progress
 
-    def routing(self, recipient: bytes, round: int | None = None) -> dict[str, Any]:
-        """Routing fields of a new message to ``recipient`` (default: the current round)."""
+    def announce_routing(self, round: int | None = None) -> dict[str, Any]:
+        """Routing fields of a new announce (no recipient; default: the current round)."""
         return {
             "federation": self.federation,
             "sender": self.crypto.public_key,
-            "recipient": recipient,
             "round": self.progress.wire_round if round is None else round,
             "sequence": self.sequence.next(),
         }
+
+    def routing(self, recipient: bytes, round: int | None = None) -> dict[str, Any]:
+        """Routing fields of a new message to ``recipient`` (default: the current round)."""
+        return {**self.announce_routing(round), "recipient": recipient}
 
     def reply_routing(self, msg: Message, round: int | None = None) -> dict[str, Any]:
         """Routing fields of our reply to ``msg`` (same federation, back to its sender)."""

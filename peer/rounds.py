@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from silomesh.peer.announces import announce_fields, publish
+from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext, StateDict
 from silomesh.peer.dialer import Expert, UpdateMaker, push_update, request_training
 from silomesh.peer.exchange import ConversationError
@@ -251,7 +251,7 @@ async def commit_round(
     await publish(
         ctx.endpoint,
         UpdateAvailable(
-            **announce_fields(ctx.endpoint, round),
+            **ctx.endpoint.announce_routing(round),
             digest=bytes.fromhex(digest),
             size=sum(a.nbytes for a in state.values()),
         ),
