@@ -303,8 +303,9 @@ class ThreadCompute:
     """Production: worker threads; torch work one job at a time, so a peer never trains
     two things at once and the trio loop keeps serving neighbours meanwhile."""
 
-    def __init__(self) -> None:
-        self._limiter = trio.CapacityLimiter(1)
+    def __init__(self, limiter: trio.CapacityLimiter | None = None) -> None:
+        """``limiter``: share one with other peers of the process (simnet); default: one slot of our own."""
+        self._limiter = limiter or trio.CapacityLimiter(1)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         async with self._limiter:

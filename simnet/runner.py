@@ -154,6 +154,7 @@ class ShareRunner:
 
     async def _slot(self, index: int, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from silomesh.peer.config import load_config
+        from silomesh.peer.context import ThreadCompute
         from silomesh.peer.daemon import Peer
 
         slot = self.slots[index]
@@ -167,9 +168,8 @@ class ShareRunner:
                                on_crash_due=lambda _r, ev=crash_due: ev.set())
             slot.faults = faults
             try:
-                peer = Peer(load_config(pp.config_path), faults=faults, serve_control_api=False)
-                if self.compute is not None:
-                    peer.compute = self.compute
+                compute = ThreadCompute(self.compute) if self.compute is not None else None
+                peer = Peer(load_config(pp.config_path), faults=faults, serve_control_api=False, compute=compute)
             except Exception as exc:  # noqa: BLE001 - a peer that cannot start is reported
                 self._failed(slot, exc)
                 if not started:

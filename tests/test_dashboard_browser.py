@@ -138,7 +138,7 @@ def test_approving_a_pending_round_in_the_browser_lets_it_run(browser: WebDriver
     a = peers.peers[0]
 
     def pending() -> list[dict[str, Any]]:
-        return [x for x in peers.call(a.approvals) if x["status"] == "pending" and x["kind"] == "round"]
+        return [x for x in peers.call(a.operator.approvals) if x["status"] == "pending" and x["kind"] == "round"]
 
     ask = server_wait(peers, pending, timeout=30)[0]
     open_page(browser, peers, "/approvals")
@@ -148,7 +148,7 @@ def test_approving_a_pending_round_in_the_browser_lets_it_run(browser: WebDriver
         lambda d: any(r.text.startswith(f"{ask['id']} ") and "approved" in r.text for r in css(d, "#decided tbody tr")),
         message="approved row",
     )
-    decided = {x["id"]: x["status"] for x in peers.call(a.approvals)}
+    decided = {x["id"]: x["status"] for x in peers.call(a.operator.approvals)}
     assert decided[ask["id"]] == "approved"
 
 
@@ -171,24 +171,24 @@ def test_import_rename_and_delete_a_model(browser: WebDriver, peers: PeerThread,
     css(browser, "#import-form button[type=submit]")[0].click()
     row = "tr[data-digest] td:nth-child(4)"
     wait(browser, lambda d: any(td.text == "import:initial.safetensors" for td in css(d, row)), message="imported row")
-    digest = next(m["digest"] for m in peers.call(a.models) if m["origin"] == "import:initial.safetensors")
+    digest = next(m["digest"] for m in peers.call(a.operator.models) if m["origin"] == "import:initial.safetensors")
 
     here = f'tr[data-digest="{digest}"]'
     css(browser, f"{here} .rename-input")[0].send_keys("baseline-v1")
     css(browser, f"{here} button.rename")[0].click()
     wait(browser, lambda d: texts(d, f"{here} .model-name") == ["baseline-v1"], message="renamed")
-    assert {m["digest"]: m["name"] for m in peers.call(a.models)}[digest] == "baseline-v1"
+    assert {m["digest"]: m["name"] for m in peers.call(a.operator.models)}[digest] == "baseline-v1"
 
     css(browser, f"{here} button.delete")[0].click()
     alert = wait(browser, expected_conditions.alert_is_present(), message="confirm dialog")
     assert "baseline-v1" in alert.text
     alert.accept()
     wait(browser, lambda d: not css(d, here), message="row gone")
-    assert digest not in {m["digest"] for m in peers.call(a.models)}
+    assert digest not in {m["digest"] for m in peers.call(a.operator.models)}
 
 
 def test_export_link_downloads_the_weights(browser: WebDriver, peers: PeerThread) -> None:
-    server_wait(peers, lambda: peers.call(peers.peers[0].models), timeout=60)  # round 0 makes one
+    server_wait(peers, lambda: peers.call(peers.peers[0].operator.models), timeout=60)  # round 0 makes one
     open_page(browser, peers, "/models")
     links = css(browser, 'a[href*="/export?format=safetensors"]')
     href = links[0].get_attribute("href")
@@ -232,17 +232,17 @@ def test_live_update_arrives_without_reloading(browser: WebDriver, peers: PeerTh
     )
     browser.execute_script("window.__sameDocument = 42;")
     try:
-        peers.call(a.select_neighbours, [])
+        peers.call(a.operator.select_neighbours, [])
         wait(browser, lambda d: texts(d, "#ov-neighbours tr td:nth-child(4)") == ["no"], message="live change")
     finally:
-        peers.call(a.select_neighbours, [b.peer_id])
+        peers.call(a.operator.select_neighbours, [b.peer_id])
     wait(browser, lambda d: texts(d, "#ov-neighbours tr td:nth-child(4)") == ["yes"], message="live change back")
     assert browser.execute_script("return window.__sameDocument") == 42
 
 
 def test_rounds_page_charts_the_local_metric(browser: WebDriver, peers: PeerThread) -> None:
     a = peers.peers[0]
-    server_wait(peers, lambda: [r for r in peers.call(a.rounds) if r["status"] == "done" and r["metrics"]], 60)
+    server_wait(peers, lambda: [r for r in peers.call(a.operator.rounds) if r["status"] == "done" and r["metrics"]], 60)
     open_page(browser, peers, "/rounds")
     points = wait(
         browser,
@@ -268,7 +268,7 @@ def test_choosing_neighbours_for_the_next_round(browser: WebDriver, peers: PeerT
     a, b = peers.peers
 
     def selected() -> bool:
-        return bool({n["peer_id"]: n["selected"] for n in peers.call(a.neighbours)}[b.peer_id])
+        return bool({n["peer_id"]: n["selected"] for n in peers.call(a.operator.neighbours)}[b.peer_id])
 
     for want in (False, True):
         open_page(browser, peers, "/neighbours")
