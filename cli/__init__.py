@@ -16,7 +16,7 @@ import click
 
 from silomesh.audit.cli import audit
 from silomesh.cli.bench import bench
-from silomesh.peer.cli import CONTEXT, configure_logging
+from silomesh.peer.cli import CONTEXT, configure_logging, run_group
 from silomesh.peer.cli import cli as peer_commands
 from silomesh.simnet.cli import simnet
 
@@ -46,8 +46,4 @@ for _command in (*peer_commands.commands.values(), bench, simnet, audit):
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the process exit code."""
-    try:
-        cli.main(args=argv, prog_name="silomesh", standalone_mode=True)
-    except SystemExit as exc:  # click exits; turn it into a return code for tests
-        return int(exc.code or 0)
-    return 0
+    return run_group(cli, argv)

@@ -123,13 +123,18 @@ assert isinstance(_peer_group, click.Group)
 _peer_group.add_command(peer_run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the peer layer's commands (``python -m silomesh.peer.cli``); returns the exit code."""
+def run_group(group: click.Group, argv: list[str] | None = None) -> int:
+    """Run a ``silomesh`` command group; returns the process exit code (click's exit turned into it)."""
     try:
-        cli.main(args=argv, prog_name="silomesh", standalone_mode=True)
+        group.main(args=argv, prog_name="silomesh", standalone_mode=True)
     except SystemExit as exc:  # click exits; turn it into a return code for tests
         return int(exc.code or 0)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the peer layer's commands (``python -m silomesh.peer.cli``); returns the exit code."""
+    return run_group(cli, argv)
 
 
 if __name__ == "__main__":
