@@ -119,8 +119,11 @@ def test_strategy_runs_end_to_end(tmp_path: Path, strategy: str, task: str, para
 
 @pytest.mark.timeout(240)
 def test_faults_crash_restart_drop_and_intruder(tmp_path: Path) -> None:
+    # every message waits 2 s, so round 1 is still running when the planned crash fires
+    # (0.2-1.0 s into it); without the delay a fast machine could finish rounds 1 and 2
+    # first and the crash would be skipped as due after the peer was done
     r = _run(tmp_path / "run", peers=5, rounds=3, deadline=6.0,
-             faults="crash=1@1,restart=after:1,drop=0.05,intruder=1")
+             faults="crash=1@1,restart=after:1,drop=0.05,delay=2s,intruder=1")
     faults = r["faults"]
     inj, obs = faults["injected"], faults["observed"]
     # the run completes, and the peers that did not crash completed (almost) every round
