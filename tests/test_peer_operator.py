@@ -148,7 +148,12 @@ async def test_requests_left_pending_by_a_stopped_or_killed_peer_expire_at_resta
     from silomesh.peer.store import Store
 
     ids, cfgs = configs(tmp_path, 2, participation="manual", rounds=1)
-    first = Peer(cfgs[0], identity=ids[0], serve_control_api=False)  # its neighbour never starts
+    net = MemoryNetwork()
+
+    def alone() -> Peer:  # its neighbour never starts
+        return Peer(cfgs[0], identity=ids[0], serve_control_api=False, transport=net.open, compute=InlineCompute())
+
+    first = alone()
     async with running([first]):
         stopped = (await eventually(pending(first, "round")))[0]
     store = Store(cfgs[0].store)  # what a peer killed while waiting leaves behind
@@ -157,7 +162,7 @@ async def test_requests_left_pending_by_a_stopped_or_killed_peer_expire_at_resta
     )
     store.close()
 
-    again = Peer(cfgs[0], identity=ids[0], serve_control_api=False)
+    again = alone()
     async with running([again]):
         fresh = (await eventually(pending(again, "round")))[0]
         rows = await again.operator.approvals()
