@@ -25,13 +25,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import numpy as np
 import trio
 
 from silomesh.peer.exchange import AuditRecord, Wire
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
 from silomesh.protocol.peerid import public_key_from_peer_id
+from silomesh.strategies import StateDict
 
 if TYPE_CHECKING:
     from silomesh.peer.audit import AuditLog
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-StateDict = dict[str, np.ndarray]
 T = TypeVar("T")
 
 AGENT = "silomesh/0.1"

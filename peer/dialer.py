@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from silomesh.peer.context import Base, RoundContext, StateDict
+from silomesh.peer.context import Base, RoundContext
 from silomesh.peer.exchange import ConversationError, Wire
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import (
@@ -37,6 +37,7 @@ from silomesh.protocol import (
     make_delta,
     state_digest,
 )
+from silomesh.strategies import StateDict
 
 log = logging.getLogger(__name__)
 

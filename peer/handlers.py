@@ -15,7 +15,7 @@ import time
 import numpy as np
 import trio
 
-from silomesh.peer.context import Base, Received, RoundContext, StateDict
+from silomesh.peer.context import Base, Received, RoundContext
 from silomesh.peer.exchange import ConversationError, Wire
 from silomesh.peer.transport import Stream
 from silomesh.protocol import (
@@ -33,6 +33,7 @@ from silomesh.protocol import (
     apply_delta,
     state_digest,
 )
+from silomesh.strategies import StateDict
 
 log = logging.getLogger(__name__)
 

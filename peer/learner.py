@@ -24,12 +24,10 @@ from silomesh.models.registry import get_task
 from silomesh.models.task import ArrayDataset, Federation, Silo, Task
 from silomesh.models.train import train_local
 from silomesh.peer.config import TaskConfig
-from silomesh.strategies import Contribution, LocalStep, Strategy
+from silomesh.strategies import Contribution, LocalStep, StateDict, Strategy
 from silomesh.strategies.training import BatchSource
 
 log = logging.getLogger(__name__)
-
-StateDict = dict[str, np.ndarray]
 
 
 def federation_seed(federation: str) -> int:
@@ -146,7 +144,7 @@ class Learner:
             RuntimeError: from torch, if keys or shapes do not match the model.
         """
         prefixes = tuple(self.extra)
-        load_numpy(self.model, {k: v for k, v in state.items() if not prefixes or not k.startswith(prefixes)})
+        load_numpy(self.model, {k: v for k, v in state.items() if not k.startswith(prefixes)})
         for prefix, net in self.extra.items():
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if own:

@@ -47,10 +47,6 @@ READ_CHUNK = 256 * 1024
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
 
-def announce_topic(federation: str) -> str:
-    return f"silomesh/{federation}/announce"
-
-
 class FramedStream:
     """A libp2p stream with bounded reads.
 
@@ -322,4 +318,4 @@ async def open_mesh(
         nursery.cancel_scope.cancel()
 
 
-__all__ = ["EXCHANGE_PROTOCOL", "FramedStream", "Mesh", "PeerInfo", "StreamClosed", "announce_topic", "open_mesh"]
+__all__ = ["EXCHANGE_PROTOCOL", "FramedStream", "Mesh", "PeerInfo", "StreamClosed", "open_mesh"]

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 import trio
 
 from silomesh.peer.announces import publish
-from silomesh.peer.context import RoundContext, StateDict
+from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import Expert, UpdateMaker, push_update, request_training
 from silomesh.peer.exchange import ConversationError
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
-from silomesh.strategies import Contribution, RoundShape
+from silomesh.strategies import Contribution, RoundShape, StateDict
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,7 @@ def screen(
 ) -> list[Contribution]:
     """The contributions the strategy accepts; each dropped one is reported and audited."""
     screened = ctx.learner.strategy.screen(own, contributions)
-    for n, reason in screened.dropped.items():
-        report.skipped[n] = f"dropped: {reason}"
-        ctx.endpoint.journal.refused(n, "train-result", f"screening: {reason}", round=report.round)
+    _refuse_dropped(ctx, report, screened.dropped, "train-result", "screening")
     return list(screened.accepted)
 
 
@@ -202,11 +200,16 @@ def aggregate(
         own_degree=len(ctx.trust),
         own_loss=own_loss if own_loss is not None and math.isfinite(own_loss) else None,
     )
-    for n, reason in result.dropped.items():
-        report.skipped[n] = f"dropped: {reason}"
-        ctx.endpoint.journal.refused(n, "update", f"aggregation: {reason}", round=report.round)
+    _refuse_dropped(ctx, report, result.dropped, "update", "aggregation")
     report.contributors = sorted({c.peer_id for c in contributions} - set(result.dropped))
     return {**own, **result.state}
+
+
+def _refuse_dropped(ctx: RoundContext, report: RoundReport, dropped: dict[str, str], kind: str, stage: str) -> None:
+    """Report each contribution the strategy dropped as skipped, and audit it as refused."""
+    for n, reason in dropped.items():
+        report.skipped[n] = f"dropped: {reason}"
+        ctx.endpoint.journal.refused(n, kind, f"{stage}: {reason}", round=report.round)
 
 
 async def commit_round(
