@@ -134,8 +134,17 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Replay marks that survive a restart (PROTOCOL.md section 11), and why a neighbour and
+    we last refused each other (shown to both operators)."""
+    db.table("replay_marks").create({"sender": str, "round": int, "sequence": int}, pk="sender")
+    db.table("neighbours").add_column("last_refused", str)  # what we last refused of theirs, and why
+    db.table("neighbours").add_column("refused_by", int, not_null_default=0)  # times it refused ours
+    db.table("neighbours").add_column("last_refused_by", str)  # its last error code and message
+
+
 #: migrations in order; index i upgrades from user_version i to i + 1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 
 
 @dataclass(frozen=True)
@@ -400,12 +409,45 @@ class Store:
     def upsert_neighbour(self, peer_id: str, **fields: Any) -> None:
         self.db.table("neighbours").upsert({"peer_id": peer_id, **fields}, pk="peer_id")
 
-    def count_refused(self, peer_id: str) -> None:
+    def count_refused(self, peer_id: str, reason: str = "") -> None:
+        """Count one refusal of ``peer_id``'s messages (and remember the latest reason)."""
         self.db.execute(
-            "INSERT INTO neighbours (peer_id, refused) VALUES (?, 1) "
-            "ON CONFLICT(peer_id) DO UPDATE SET refused = refused + 1",
-            [peer_id],
+            "INSERT INTO neighbours (peer_id, refused, last_refused) VALUES (?, 1, ?) "
+            "ON CONFLICT(peer_id) DO UPDATE SET refused = refused + 1, last_refused = excluded.last_refused",
+            [peer_id, reason[:300]],
         )
+
+    def count_refused_by(self, peer_id: str, reason: str) -> None:
+        """Count one refusal of our message by ``peer_id`` (its error code and message)."""
+        self.db.execute(
+            "INSERT INTO neighbours (peer_id, refused_by, last_refused_by) VALUES (?, 1, ?) "
+            "ON CONFLICT(peer_id) DO UPDATE SET refused_by = refused_by + 1, "
+            "last_refused_by = excluded.last_refused_by",
+            [peer_id, reason[:300]],
+        )
+
+    def save_replay_marks(self, marks: Mapping[bytes, tuple[int, int]]) -> None:
+        """Persist per-sender replay low-water marks (one past the newest accepted pair)."""
+        rows = [{"sender": s.hex(), "round": r, "sequence": q} for s, (r, q) in marks.items()]
+        if rows:
+            with self.atomic():
+                self.db.table("replay_marks").upsert_all(rows, pk="sender")
+
+    def note_replay_mark(self, sender: bytes, round: int, sequence: int) -> None:
+        """Raise ``sender``'s persisted mark to one past (round, sequence), never lower it."""
+        self.db.execute(
+            "INSERT INTO replay_marks (sender, round, sequence) VALUES (?, ?, ?) "
+            "ON CONFLICT(sender) DO UPDATE SET round = excluded.round, sequence = excluded.sequence "
+            "WHERE (excluded.round, excluded.sequence) > (replay_marks.round, replay_marks.sequence)",
+            [sender.hex(), round, sequence + 1],
+        )
+
+    def replay_marks(self) -> dict[bytes, tuple[int, int]]:
+        """The persisted replay low-water marks, to seed the replay guard on start."""
+        return {
+            bytes.fromhex(r["sender"]): (int(r["round"]), int(r["sequence"]))
+            for r in self.db.query("SELECT sender, round, sequence FROM replay_marks")
+        }
 
     def neighbours(self) -> list[dict[str, Any]]:
         return list(self.db.query("SELECT * FROM neighbours ORDER BY name, peer_id"))
