@@ -82,6 +82,24 @@ class RoundConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    """How long a neighbour may stay silent, and which rounds and clocks we accept (PROTOCOL.md 9-12)."""
+
+    #: tensor messages of rounds outside ``current +- round_window`` are refused (BAD_ROUND)
+    round_window: int = 2
+    #: envelopes whose timestamp is further than this from our clock are refused (STALE); 0: no check
+    max_clock_skew_seconds: float = 900.0
+    #: a dialer's hello must arrive this soon after it opens a stream
+    hello_timeout_seconds: float = 30.0
+    #: a frame in progress must deliver bytes at least this often
+    stall_timeout_seconds: float = 60.0
+    #: an open stream with no message in progress is closed after this long
+    idle_timeout_seconds: float = 300.0
+    #: we wait this long for the answer to an update (the listener acknowledges without training)
+    reply_timeout_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     host: str = "127.0.0.1"
     port: int = 8787
@@ -103,6 +121,7 @@ class PeerConfig:
     rounds: RoundConfig
     control: ControlConfig
     trusted: tuple[TrustedPeer, ...]
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 @overload
@@ -178,6 +197,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         "strategy",
         "rounds",
         "control",
+        "network",
         "trusted",
     }
     _check_unknown(data, top, "")
@@ -229,6 +249,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     if not rounds.lr > 0:
         raise ConfigError(f"rounds.lr: must be > 0, got {rounds.lr}")
 
+    network = _network(_get(data, "network", "", dict, {}))
+
     c = _get(data, "control", "", dict, {})
     _check_unknown(c, {"host", "port"}, "control.")
     control = ControlConfig(_get(c, "host", "control.", str, "127.0.0.1"), _get(c, "port", "control.", int, 8787))
@@ -269,7 +291,26 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         rounds=rounds,
         control=control,
         trusted=tuple(trusted),
+        network=network,
     )
+
+
+def _network(table: Mapping[str, Any]) -> NetworkConfig:
+    defaults = NetworkConfig()
+    _check_unknown(table, set(defaults.__dataclass_fields__), "network.")
+    window = _get(table, "round_window", "network.", int, defaults.round_window)
+    if window < 0:
+        raise ConfigError(f"network.round_window: must be >= 0, got {window}")
+    seconds: dict[str, float] = {}
+    for name in defaults.__dataclass_fields__:
+        if name == "round_window":
+            continue
+        value = _get(table, name, "network.", float, getattr(defaults, name))
+        positive = name != "max_clock_skew_seconds"
+        if not (value > 0 if positive else value >= 0) or value != value:
+            raise ConfigError(f"network.{name}: must be {'> 0' if positive else '>= 0'}, got {value}")
+        seconds[name] = float(value)
+    return NetworkConfig(round_window=window, **seconds)
 
 
 def load_config(path: Path) -> PeerConfig:

@@ -21,13 +21,13 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from silomesh.peer.exchange import AuditRecord, Wire
+from silomesh.peer.exchange import AuditRecord, BufferBudget, Timeouts, Wire
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
 from silomesh.protocol.peerid import public_key_from_peer_id
@@ -93,11 +93,18 @@ class Trust:
 
 
 class Journal:
-    """Where the exchange's audit records go: the signed audit log, plus refusal counts."""
+    """Where the exchange's audit records go: the signed audit log, refusal counts, replay marks.
 
-    def __init__(self, audit_log: AuditLog, store: Store) -> None:
+    Every refusal of a trusted neighbour's message is counted against it in the store
+    (with the latest reason, shown to the operator); every envelope accepted from a
+    neighbour moves its persisted replay mark (PROTOCOL.md section 11), so a restarted
+    peer still refuses what it accepted before.
+    """
+
+    def __init__(self, audit_log: AuditLog, store: Store, trusted: Container[str] = frozenset()) -> None:
         self.audit_log = audit_log
         self.store = store
+        self.trusted = trusted
 
     def record(self, rec: AuditRecord) -> None:
         """Audit sink of :class:`~silomesh.peer.exchange.Wire`; refusals count toward distrust."""
@@ -113,11 +120,20 @@ class Journal:
             envelope_header=rec.envelope_header,
         )
         if rec.direction == "refused":
-            self.store.count_refused(rec.peer)
+            self.store.count_refused(rec.peer, rec.reason)
+        if rec.direction != "sent" and rec.sequence >= 0 and rec.envelope_header is not None:
+            # the envelope authenticated and took its replay slot: remember it across restarts
+            self.store.note_replay_mark(public_key_from_peer_id(rec.peer), max(rec.round, 0), rec.sequence)
 
     def refused(self, peer: str, kind: str, reason: str, *, round: int = -1) -> None:
-        """Audit a refusal that is not one envelope (a connection, an announce, a drop)."""
+        """Audit a refusal that is not one envelope (an announce, a drop, a timeout).
+
+        It counts against ``peer`` when ``peer`` is a trusted neighbour (strangers are
+        aggregated by the transport, not given a row each).
+        """
         self.audit_log.append("refused", peer, kind, round=round, reason=reason)
+        if peer in self.trusted:
+            self.store.count_refused(peer, reason)
         self.store.count_refused(peer)
 
 
@@ -149,6 +165,12 @@ class Endpoint:
     journal: Journal
     transport: Transport
     progress: Progress
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    budget: BufferBudget | None = None
+    #: envelopes further than this from our clock are refused (STALE); None: no check
+    max_skew_ms: int | None = None
+    #: tensor messages of rounds outside ``current +- round_window`` are refused (BAD_ROUND)
+    round_window: int = 2
 
     def announce_routing(self, round: int | None = None) -> dict[str, Any]:
         """Routing fields of a new announce (no recipient; default: the current round)."""
@@ -167,12 +189,13 @@ class Endpoint:
         """Routing fields of our reply to ``msg`` (same federation, back to its sender)."""
         return {**self.routing(msg.sender, round), "federation": msg.federation}
 
-    def hello(self, recipient: bytes) -> Hello:
+    def hello(self, recipient: bytes, base_digest: bytes | None = None) -> Hello:
+        """Our hello; ``base_digest`` names the last state we accepted from ``recipient`` (PROTOCOL.md 7)."""
         return Hello(
             **self.routing(recipient),
             agent=AGENT,
             model=self.model_id,
-            state_digest=None,
+            state_digest=base_digest,
             codecs=CODECS,
             max_frame_size=self.limits.max_frame_size,
         )
@@ -188,8 +211,9 @@ class Endpoint:
             limits=self.limits,
             expected_shapes=dict(expected_shapes),
             complete=False,
+            max_skew_ms=self.max_skew_ms,
         )
-        return Wire(session, stream, self.journal.record)
+        return Wire(session, stream, self.journal.record, timeouts=self.timeouts, budget=self.budget)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ What a round does is in :mod:`silomesh.peer.rounds`; what the operator can ask i
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import trio
@@ -38,6 +40,7 @@ from silomesh.peer.context import (
     model_id,
 )
 from silomesh.peer.control import TOKEN_FILE_NAME, serve_control
+from silomesh.peer.exchange import BufferBudget, Timeouts
 from silomesh.peer.faults import FaultHooks, NoFaults
 from silomesh.peer.identity import PeerIdentity, load_key_file
 from silomesh.peer.learner import SILO_OPTIONS, Learner, federation_seed, load_silo
@@ -162,7 +165,8 @@ class Peer:
             log.info("%s resumes from model %s of round %d", self.peer_id, latest.digest[:12], latest.round)
         for t in config.trusted:
             store.upsert_neighbour(t.peer_id, name=t.name, address=t.address)
-        journal = Journal(self.audit_log, store)
+        journal = Journal(self.audit_log, store, trusted=frozenset(t.peer_id for t in config.trusted))
+        net = config.network
         async with self._open_transport(
             self.identity,
             config.listen,
@@ -175,12 +179,19 @@ class Peer:
                 federation=config.federation,
                 model_id=model_id(config),
                 trust=Trust({t.peer_id: t for t in config.trusted}),
-                replay=ReplayGuard(),
+                replay=ReplayGuard(low_water_marks=store.replay_marks()),
                 limits=DEFAULT_LIMITS,
                 sequence=SequenceCounter(),
                 journal=journal,
                 transport=transport,
                 progress=self.progress,
+                timeouts=Timeouts(
+                    net.hello_timeout_seconds, net.stall_timeout_seconds, net.idle_timeout_seconds,
+                    net.reply_timeout_seconds,
+                ),
+                budget=BufferBudget.for_model(_model_bytes(self.learner.shapes)),
+                max_skew_ms=int(net.max_clock_skew_seconds * 1000) or None,
+                round_window=net.round_window,
             )
             ctx = self.context = RoundContext(
                 endpoint=endpoint,
@@ -219,3 +230,8 @@ class Peer:
             )
         except OSError as exc:
             log.error("control API not started: %s", exc)
+
+
+def _model_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The model's size as float32 on the wire (what a neighbour's full snapshot holds)."""
+    return sum(4 * math.prod(shape) for shape in shapes.values())

@@ -6,6 +6,12 @@
   neighbour's data, comes back as a train-result);
 * :func:`connect_loop`: keep every trusted neighbour dialled, backing off per neighbour.
 
+A neighbour that does not answer in time (its hello, or the ack of an update) is
+treated as a dead connection: the transport forgets it, so the connect loop dials it
+afresh instead of waiting on a link that stays open but never answers. A neighbour
+that refuses our message with a signed ``error`` raises :class:`Refused`, counted in
+the store so that both operators see it.
+
 Every function raises :class:`~silomesh.peer.exchange.ConversationError`,
 :class:`~silomesh.peer.transport.StreamClosed` or a
 :class:`~silomesh.protocol.ProtocolError` when the neighbour could not be served; the
@@ -27,8 +33,10 @@ from silomesh.peer.exchange import ConversationError, Wire
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import (
     Ack,
+    ErrorCode,
     ErrorMessage,
     NeedBase,
+    OpenedEnvelope,
     Role,
     TrainRequest,
     TrainResult,
@@ -88,10 +96,39 @@ async def open_wire(ctx: RoundContext, neighbour: str) -> Wire:
             raise ConversationError(f"{neighbour} unreachable") from None
         stream = await transport.open_stream(neighbour)
     wire = ctx.endpoint.wire(Role.DIALER, stream, ctx.learner.shapes)
-    await wire.send(ctx.endpoint.hello(ctx.trust.public_key_of(neighbour)))
-    if await wire.receive() is None:
-        raise ConversationError(f"{neighbour} closed the stream during hello")
+    try:
+        base = ctx.bases.received.get(neighbour)
+        await wire.send(ctx.endpoint.hello(ctx.trust.public_key_of(neighbour), base.digest if base else None))
+        if await answer(ctx, wire, neighbour, ctx.endpoint.timeouts.hello) is None:
+            raise ConversationError(f"{neighbour} closed the stream during hello")
+    except BaseException:
+        await wire.reset()
+        raise
     return wire
+
+
+class Refused(ConversationError):
+    """The neighbour answered our message with a signed ``error``."""
+
+
+def skip_reason(exc: Exception) -> str:
+    """Why a neighbour is skipped for the round, for the round record."""
+    return str(exc) if isinstance(exc, Refused) else f"unreachable: {exc}"
+
+
+async def answer(ctx: RoundContext, wire: Wire, neighbour: str, timeout: float | None) -> OpenedEnvelope | None:  # noqa: ASYNC109 - see Wire.receive
+    """The neighbour's next message; a silent neighbour is forgotten, an ``error`` raises :class:`Refused`."""
+    try:
+        reply = await wire.receive(timeout=timeout)
+    except ConversationError:
+        ctx.transport.forget(neighbour)  # a connection that stays open but never answers: dial afresh
+        raise
+    if reply is not None and isinstance(reply.message, ErrorMessage):
+        why = f"{reply.message.code}: {reply.message.message}"
+        ctx.store.count_refused_by(neighbour, why)
+        log.warning("%s refused our message: %s", neighbour, why)
+        raise Refused(f"refused by the neighbour: {why}")
+    return reply
 
 
 @dataclass(frozen=True)
@@ -156,24 +193,32 @@ async def push_update(ctx: RoundContext, neighbour: str, maker: UpdateMaker) -> 
     if not await ctx.faults.before_send(ctx.peer_id, neighbour, "update", maker.round):
         raise ConversationError("dropped by fault injection")
     wire = await open_wire(ctx, neighbour)
+    timeout = ctx.endpoint.timeouts.reply
     try:
         recipient = ctx.trust.public_key_of(neighbour)
-        out = await maker.make(recipient, ctx.bases.acked.get(neighbour))
+        out = await maker.make(recipient, _agreed_base(ctx, wire, neighbour))
         await wire.send(out.message)
-        reply = await wire.receive()
+        reply = await answer(ctx, wire, neighbour, timeout)
         if reply is not None and isinstance(reply.message, NeedBase):
             out = await maker.make(recipient, None)
             await wire.send(out.message)
-            reply = await wire.receive()
+            reply = await answer(ctx, wire, neighbour, timeout)
         if reply is None:
             raise ConversationError(f"{neighbour} closed the stream without answering")
         if isinstance(reply.message, Ack):
             ctx.bases.acked[neighbour] = out.result
-        elif isinstance(reply.message, ErrorMessage):
-            raise ConversationError(f"{neighbour} refused: {reply.message.code}: {reply.message.message}")
         return wire.bytes_sent
     finally:
-        await wire.stream.close()
+        await wire.close()
+
+
+def _agreed_base(ctx: RoundContext, wire: Wire, neighbour: str) -> Base | None:
+    """The base of our delta: what the neighbour acknowledged, if its hello says it still holds it."""
+    acked = ctx.bases.acked.get(neighbour)
+    hello = wire.session.peer_hello
+    if acked is None or hello is None or hello.state_digest != acked.digest:
+        return None  # it restarted or lost our base: a full snapshot spares a need-base round trip
+    return acked
 
 
 @dataclass(frozen=True)
@@ -202,12 +247,15 @@ async def request_training(ctx: RoundContext, neighbour: str, round: int, state:
             epochs=1,
             deadline_ms=deadline_ms,
         )
-        await wire.send(msg)
-        reply = await wire.receive()
+        sent = await wire.send(msg)
+        reply = await answer(ctx, wire, neighbour, None)  # training takes time: the round's deadline bounds it
         if reply is None or not isinstance(reply.message, TrainResult):
             what = "nothing" if reply is None else reply.message.kind
             raise ConversationError(f"{neighbour} answered {what} to a train-request")
         result = reply.message
+        if result.request_sequence != sent.header.sequence:
+            wire.decline(f"{ErrorCode.BAD_TYPE.value}: train-result answers another request")
+            raise ConversationError(f"{neighbour} answered another train-request")
         return Expert(
             {k: np.array(v) for k, v in result.tensors.items()},
             result.n_samples,
@@ -215,4 +263,4 @@ async def request_training(ctx: RoundContext, neighbour: str, round: int, state:
             wire.bytes_sent + wire.bytes_received,
         )
     finally:
-        await wire.stream.close()
+        await wire.close()

@@ -1,10 +1,21 @@
 """What a peer does when a neighbour talks to it: one exchange stream, start to end.
 
 :func:`serve_stream` answers one neighbour's conversation: hello, then updates (deltas
-or full snapshots), train-requests, or requests for our current model. Everything
-refused is audited and counted against the sender (the :class:`~silomesh.peer.exchange.Wire`
-does that); the transport already guarantees the stream comes from a trusted,
-authenticated PeerID and that an exception here cannot take the host down.
+or full snapshots), train-requests, or requests for our current model. The transport
+already guarantees the stream comes from a trusted, authenticated PeerID and that an
+exception here cannot take the host down.
+
+Everything refused is audited (as ``refused``, with the envelope's header when it
+authenticated) and counted against the sender, and the sender is told why with a signed
+``error`` (PROTOCOL.md sections 9 and 10):
+
+* envelope-level refusals (the :class:`~silomesh.protocol.Session` raises) end the stream;
+* peer-level refusals answer the message and keep the stream: a round outside our window
+  (``BAD_ROUND``), a state whose digest is not the announced one (``STATE_MISMATCH``), a
+  delta that does not apply (``NON_FINITE``, ``BAD_SHAPE``...), a train-result we never
+  asked for, a train-request the operator declined (``REFUSED``);
+* a stream that never says hello, stalls mid-frame, or idles is closed (timeouts in
+  :class:`~silomesh.peer.exchange.Timeouts`).
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from silomesh.protocol import (
     ErrorCode,
     ErrorMessage,
     Hello,
+    Message,
     NeedBase,
     ProtocolError,
     RemoteProtocolError,
@@ -37,8 +49,13 @@ from silomesh.strategies import StateDict
 
 log = logging.getLogger(__name__)
 
-#: updates more than this many rounds behind ours are acknowledged but not used
-MAX_ROUND_LAG = 2
+class Declined(Exception):
+    """A peer-level refusal of one message: answered with a signed ``error``, the stream goes on."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
 
 
 async def serve_stream(ctx: RoundContext, stream: Stream) -> None:
@@ -46,77 +63,120 @@ async def serve_stream(ctx: RoundContext, stream: Stream) -> None:
     wire = ctx.endpoint.wire(Role.LISTENER, stream, ctx.learner.shapes)
     remote = stream.remote
     ctx.store.upsert_neighbour(remote, last_seen=time.time())
+    timeouts = ctx.endpoint.timeouts
     try:
+        wait = timeouts.hello
         while True:
-            opened = await wire.receive()
+            opened = await wire.receive(timeout=wait)
+            wait = timeouts.idle
             if opened is None:
+                await wire.close()
                 return
             msg = opened.message
-            if isinstance(msg, Hello):
-                if msg.model and msg.model != ctx.endpoint.model_id:
-                    log.warning("%s runs model %s, we run %s", remote, msg.model, ctx.endpoint.model_id)
-                await wire.send(ctx.endpoint.hello(msg.sender))
-            elif isinstance(msg, Update):
-                await _on_update(ctx, wire, msg)
-            elif isinstance(msg, TrainRequest):
-                await _on_train_request(ctx, wire, msg)
-            elif isinstance(msg, NeedBase):
-                await wire.send(current_update(ctx, msg.sender))
-            else:  # the session's transition table makes this unreachable
-                raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{msg.kind} not expected")
+            try:
+                await _answer(ctx, wire, msg)
+            except Declined as exc:
+                await _decline(ctx, wire, msg, exc)
     except RemoteProtocolError as exc:
         await wire.refuse(exc)
     except (ConversationError, ProtocolError) as exc:
         log.info("conversation with %s ended: %s", remote, exc)
-        await stream.reset()
-    else:
-        await stream.close()
+        await wire.reset()
+    finally:
+        wire.release()
+
+
+async def _answer(ctx: RoundContext, wire: Wire, msg: Message) -> None:
+    remote = wire.stream.remote
+    if isinstance(msg, Hello):
+        if msg.model and msg.model != ctx.endpoint.model_id:
+            log.warning("%s runs model %s, we run %s", remote, msg.model, ctx.endpoint.model_id)
+        base = ctx.bases.received.get(remote)
+        await wire.send(ctx.endpoint.hello(msg.sender, base.digest if base else None))
+    elif isinstance(msg, Update):
+        await _on_update(ctx, wire, msg)
+    elif isinstance(msg, TrainRequest):
+        await _on_train_request(ctx, wire, msg)
+    elif isinstance(msg, NeedBase):
+        await wire.send(current_update(ctx, msg.sender))
+    elif isinstance(msg, TrainResult):
+        # we answer train-requests on their own stream, so a train-result dialled in is never ours
+        raise Declined(ErrorCode.REFUSED, "no train-request of ours is waiting for a result")
+    else:  # the session's transition table makes this unreachable
+        raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"{msg.kind} not expected")
+
+
+async def _decline(ctx: RoundContext, wire: Wire, msg: Message, exc: Declined) -> None:
+    """Audit ``msg`` as refused (counted against its sender) and tell the sender why."""
+    log.warning("refused %s from %s: %s", msg.kind, wire.stream.remote, exc)
+    wire.decline(f"{exc.code.value}: {exc.message}")
+    await wire.send(
+        ErrorMessage(**ctx.endpoint.reply_routing(msg, round=msg.round), code=exc.code, message=exc.message[:1024],
+                     reply_to=msg.sequence)
+    )
+
+
+def check_round(ctx: RoundContext, msg: Message) -> None:
+    """Refuse a tensor message whose round is outside ``current +- round_window`` (BAD_ROUND)."""
+    current, window = ctx.progress.wire_round, ctx.endpoint.round_window
+    low, high = current - window, current + window
+    if not low <= msg.round <= high:
+        raise Declined(ErrorCode.BAD_ROUND, f"round {msg.round} is outside {low}..{high} (ours is {current})")
 
 
 def reconstruct(ctx: RoundContext, sender: str, message: Update | TrainRequest) -> StateDict | None:
     """The full state a tensor message describes, or None if its base is unknown.
 
+    A full snapshot is kept in the dtypes it arrived in (a float16 snapshot stays float16);
+    a delta applies in its base's dtypes (PROTOCOL.md section 7).
+
     Raises:
-        RemoteProtocolError: if the delta does not apply or the result's digest differs.
+        Declined: the delta does not apply (``NON_FINITE``, ``BAD_SHAPE``...), or the
+            state's digest is not the ``state_digest`` the update announced (``STATE_MISMATCH``).
     """
     tensors = {k: np.array(v) for k, v in message.tensors.items()}  # own copies, writable
     if message.base_digest is None:
-        # A full snapshot is covered by the signed payload digest already; its announced
-        # state digest only names it as the base of the sender's next delta, and that
-        # delta's result is checked below.
-        return tensors
-    known = ctx.bases.received.get(sender)
-    if known is None or known.digest != message.base_digest:
-        return None
-    state = apply_delta(known.state, tensors)
+        state = tensors
+    else:
+        known = ctx.bases.received.get(sender)
+        if known is None or known.digest != message.base_digest:
+            return None
+        try:
+            state = apply_delta(known.state, tensors)
+        except ProtocolError as exc:
+            raise Declined(exc.code, f"the delta does not apply to its base: {exc.message}") from None
     expected = message.state_digest if isinstance(message, Update) else None
     if expected is not None and state_digest(state) != expected:
-        raise RemoteProtocolError(ErrorCode.DIGEST_MISMATCH, "delta does not produce the announced state")
+        raise Declined(ErrorCode.STATE_MISMATCH, "the update does not produce the state_digest it announced")
     return state
 
 
 async def _need_base(ctx: RoundContext, wire: Wire, msg: Update | TrainRequest) -> None:
-    await wire.send(NeedBase(**ctx.endpoint.reply_routing(msg), unknown_base=msg.base_digest, reply_to=msg.sequence))
+    await wire.send(
+        NeedBase(**ctx.endpoint.reply_routing(msg, round=msg.round), unknown_base=msg.base_digest,
+                 reply_to=msg.sequence)
+    )
 
 
 async def _on_update(ctx: RoundContext, wire: Wire, msg: Update) -> None:
+    """Acknowledge a verified update in our round window: it becomes the sender's latest
+    model of its round and the base of its next delta (an ack does not promise use)."""
     remote = wire.stream.remote
+    check_round(ctx, msg)
     state = reconstruct(ctx, remote, msg)
     if state is None:
         await _need_base(ctx, wire, msg)
         return
     ctx.bases.received[remote] = Base(msg.state_digest or state_digest(state), state)
-    note = ""
-    if msg.round + MAX_ROUND_LAG >= ctx.progress.round:
-        ctx.inbox.put(Received.from_metrics(remote, msg.round, state, msg.n_samples, msg.metrics))
-    else:
-        note = f"late: round {msg.round} while we are at {ctx.progress.round}"
+    ctx.inbox.put(Received.from_metrics(remote, msg.round, state, msg.n_samples, msg.metrics))
+    note = f"late: round {msg.round} while we are at {ctx.progress.round}" if msg.round < ctx.progress.round else ""
     ctx.store.upsert_neighbour(remote, last_seen=time.time())
-    await wire.send(Ack(**ctx.endpoint.reply_routing(msg), reply_to=msg.sequence, note=note))
+    await wire.send(Ack(**ctx.endpoint.reply_routing(msg, round=msg.round), reply_to=msg.sequence, note=note))
 
 
 async def _on_train_request(ctx: RoundContext, wire: Wire, msg: TrainRequest) -> None:
     remote = wire.stream.remote
+    check_round(ctx, msg)
     state = reconstruct(ctx, remote, msg)
     if state is None:
         await _need_base(ctx, wire, msg)
@@ -129,8 +189,9 @@ async def _on_train_request(ctx: RoundContext, wire: Wire, msg: TrainRequest) ->
             )
         if not approved:
             why = "declined by the operator" if approved is False else "not approved before the round deadline"
+            # the operator's decision, not the neighbour's fault: answered, not counted against it
             await wire.send(
-                ErrorMessage(**ctx.endpoint.reply_routing(msg), code=ErrorCode.REFUSED, message=why,
+                ErrorMessage(**ctx.endpoint.reply_routing(msg, round=msg.round), code=ErrorCode.REFUSED, message=why,
                              reply_to=msg.sequence)
             )
             return

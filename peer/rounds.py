@@ -34,7 +34,7 @@ import trio
 
 from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext
-from silomesh.peer.dialer import Expert, UpdateMaker, push_update, request_training
+from silomesh.peer.dialer import Expert, UpdateMaker, push_update, request_training, skip_reason
 from silomesh.peer.exchange import ConversationError
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
@@ -113,7 +113,7 @@ async def exchange_round(
         except UNDELIVERED as exc:
             log.info("%s: no update delivered to %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, exc)
             ctx.inbox.unreachable(n)
-            report.skipped[n] = f"unreachable: {exc}"
+            report.skipped[n] = skip_reason(exc)
 
     with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:
@@ -147,7 +147,7 @@ async def train_request_round(
             report.bytes_sent += expert.bytes
         except UNDELIVERED as exc:
             log.info("%s: no expert from %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, exc)
-            report.skipped[n] = f"unreachable: {exc}"
+            report.skipped[n] = skip_reason(exc)
 
     with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:

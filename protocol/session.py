@@ -167,6 +167,15 @@ class Session:
         """
         return self._decoder.complete_bytes
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and held (a partial frame plus complete frames not yet opened).
+
+        An I/O layer can charge them to a memory budget, and tell a frame in progress
+        (``> 0``) from an idle stream.
+        """
+        return self._decoder.buffered
+
     def _advance(self, sender: Role, kind: Kind, error: type[ProtocolError]) -> None:
         nxt = TRANSITIONS.get((self._state, sender, kind))
         if nxt is None:
