@@ -50,11 +50,14 @@ async def listen_announces(ctx: RoundContext) -> None:
                 me=endpoint.crypto.public_key,
                 expected_sender=endpoint.trust.public_key_of(sender),
                 replay=endpoint.replay,
+                now_ms=time.time_ns() // 1_000_000 if endpoint.max_skew_ms is not None else None,
+                max_skew_ms=endpoint.max_skew_ms,
             )
         except RemoteProtocolError as exc:
             endpoint.journal.refused(sender, "announce", f"{exc.code.value}: {exc.message}")
             continue
         announce = received.announce
+        ctx.store.note_replay_mark(endpoint.trust.public_key_of(sender), announce.round, announce.sequence)
         fields: dict[str, object] = {"last_seen": time.time()}
         if isinstance(announce, NewData):
             fields.update(

@@ -142,7 +142,9 @@ NEIGHBOUR_COLUMNS: Columns = [
     ("selected", "selected"),
     ("last_seen", "last seen"),
     ("samples", "samples"),
-    ("refused", "refused"),
+    ("refused", "we refused"),
+    ("refused_by", "refused ours"),
+    ("last_refused_by", "last refusal of ours"),
 ]
 ROUND_COLUMNS: Columns = [
     ("round", "round"),

@@ -364,6 +364,18 @@ class RoundContext:
     compute: Compute
     inbox: Inbox = field(default_factory=Inbox)
     bases: Bases = field(default_factory=Bases)
+    #: the round each neighbour's latest hello carried (its round clock, for catching up)
+    neighbour_rounds: dict[str, int] = field(default_factory=dict)
+
+    def catch_up_round(self, round: int) -> int:
+        """The round to run next: ``round``, or, when we fell behind by more than the
+        round window (a long stop), the median of our neighbours' rounds, so that they
+        accept our updates again. One neighbour alone cannot move a median of several."""
+        known = sorted(self.neighbour_rounds.values())
+        if not known:
+            return round
+        median = known[(len(known) - 1) // 2]
+        return median if median > round + self.endpoint.round_window else round
 
     @property
     def progress(self) -> Progress:

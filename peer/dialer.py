@@ -99,8 +99,10 @@ async def open_wire(ctx: RoundContext, neighbour: str) -> Wire:
     try:
         base = ctx.bases.received.get(neighbour)
         await wire.send(ctx.endpoint.hello(ctx.trust.public_key_of(neighbour), base.digest if base else None))
-        if await answer(ctx, wire, neighbour, ctx.endpoint.timeouts.hello) is None:
+        hello = await answer(ctx, wire, neighbour, ctx.endpoint.timeouts.hello)
+        if hello is None:
             raise ConversationError(f"{neighbour} closed the stream during hello")
+        ctx.neighbour_rounds[neighbour] = hello.message.round
     except BaseException:
         await wire.reset()
         raise

@@ -89,6 +89,7 @@ async def serve_stream(ctx: RoundContext, stream: Stream) -> None:
 async def _answer(ctx: RoundContext, wire: Wire, msg: Message) -> None:
     remote = wire.stream.remote
     if isinstance(msg, Hello):
+        ctx.neighbour_rounds[remote] = msg.round
         if msg.model and msg.model != ctx.endpoint.model_id:
             log.warning("%s runs model %s, we run %s", remote, msg.model, ctx.endpoint.model_id)
         base = ctx.bases.received.get(remote)
