@@ -68,6 +68,13 @@ async def round_loop(ctx: RoundContext) -> None:
     cfg = ctx.rounds
     round = ctx.store.last_committed_round() + 1
     while cfg.count == 0 or round < cfg.count:
+        ahead = ctx.catch_up_round(round)
+        if ahead != round:
+            log.warning("%s is %d rounds behind its neighbours: continuing at round %d", ctx.peer_id[-8:],
+                        ahead - round, ahead)
+            round = ahead
+            if cfg.count and round >= cfg.count:
+                break
         ctx.progress.round = round
         if ctx.participation == "manual":
             ctx.progress.phase = "waiting-approval"

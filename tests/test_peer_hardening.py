@@ -305,3 +305,31 @@ def test_buffer_budget_refuses_over_the_share_and_the_total_and_releases() -> No
     sized = BufferBudget.for_model(100 << 20)
     assert (sized.per_peer, sized.total) == (300 << 20, 800 << 20)
     assert BufferBudget.for_model(1).per_peer == 64 << 20
+
+
+async def test_a_peer_far_behind_its_neighbours_catches_up_instead_of_being_refused_forever(
+    tmp_path: Path, autojump_clock: Clock
+) -> None:
+    net = MemoryNetwork()
+    ids, cfgs = configs(tmp_path, 2, rounds=9, deadline=30.0)
+    cfgs[1].data_dir.mkdir(parents=True)
+    store = Store(cfgs[1].store)
+    store.record_round(4, status="done", started_at=0.0, finished_at=0.0)  # it resumes at round 5
+    store.close()
+    peers = [
+        Peer(c, identity=i, serve_control_api=False, transport=net.open, compute=InlineCompute(),
+             faults=StartTogether(net, 2))
+        for i, c in zip(ids, cfgs, strict=True)
+    ]
+    behind = peers[0]
+    async with trio.open_nursery() as nursery:
+        for p in peers:
+            await nursery.start(p.run)
+        for p in peers:
+            await p.done.wait()
+        rows = {p.peer_id: await p.operator.rounds() for p in peers}
+        nursery.cancel_scope.cancel()
+    mine = {r["round"]: r for r in rows[behind.peer_id]}
+    assert 0 in mine and max(mine) == 8
+    assert not set(mine) & {2, 3, 4}, "it jumped ahead instead of running every round alone"
+    assert mine[8]["contributors"] == [peers[1].peer_id], "and learns from its neighbour again"
