@@ -333,3 +333,17 @@ async def test_a_peer_far_behind_its_neighbours_catches_up_instead_of_being_refu
     assert 0 in mine and max(mine) == 8
     assert not set(mine) & {2, 3, 4}, "it jumped ahead instead of running every round alone"
     assert mine[8]["contributors"] == [peers[1].peer_id], "and learns from its neighbour again"
+
+
+async def test_a_delta_whose_sum_overflows_is_refused_and_audited(tmp_path: Path, autojump_clock: Clock) -> None:
+    async with bench(tmp_path) as b:
+        state = b.state()
+        name = next(k for k, v in state.items() if v.dtype == np.float32 and v.size)
+        state[name].flat[0] = 3.0e38
+        assert isinstance(await _reply(b, b.hand.update(state)), Ack)
+        delta = {name: np.zeros_like(state[name])}
+        delta[name].flat[0] = 3.0e38  # finite, but base + delta is not
+        reply = await _reply(b, b.hand.update(delta, base_digest=state_digest(state), state_digest=b"\x03" * 32))
+        refused = b.refusals()
+    assert isinstance(reply, ErrorMessage) and reply.code == ErrorCode.NON_FINITE
+    assert [str(e["reason"]).split(":")[0] for e in refused] == ["NON_FINITE"]
