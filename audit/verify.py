@@ -1,12 +1,13 @@
 """What an auditor does with one audit log: verify it.
 
 :func:`verify_log` checks the whole hash chain, every entry's signature by the writer,
-every recorded envelope signature by its sender, and every signed tree head; it says
-which entry was modified, deleted, inserted, reordered or cut off rather than only that
-the chain breaks somewhere. :func:`verify_chain` is the strict row-by-row check of the
-chain and entry signatures alone. (:mod:`silomesh.audit.proofs` makes and checks RFC 6962
-proofs; :mod:`silomesh.audit.reconcile` matches peers' logs against each other.) The
-procedures are specified in docs/AUDIT.md.
+every recorded envelope signature by its sender (an entry that records an envelope must
+carry its signed header), and every signed tree head; it says which entry was modified,
+deleted, inserted, reordered or cut off rather than only that the chain breaks somewhere.
+:func:`verify_chain` is the strict row-by-row check of the chain and entry signatures
+alone. (:mod:`silomesh.audit.proofs` makes and checks RFC 6962 proofs;
+:mod:`silomesh.audit.reconcile` matches peers' logs against each other.) The procedures
+are specified in docs/AUDIT.md.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Finding:
     Attributes:
         entry: The entry number (``seq``) concerned, or None for the log as a whole.
         code: modified | reordered | deleted | inserted | truncated | signature | link |
-            envelope | checkpoint | key | malformed.
+            envelope | header | checkpoint | key | malformed.
         message: What is wrong, in words.
     """
 
@@ -106,7 +107,6 @@ class VerifyReport:
     checkpoints: int
     latest_checkpoint: int | None
     envelope_signatures_checked: int = 0
-    envelope_signatures_unverifiable: int = 0
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -116,8 +116,6 @@ class VerifyReport:
     def summary(self) -> str:
         head = f", signed head covers {self.latest_checkpoint}" if self.latest_checkpoint is not None else ""
         envelopes = f"{self.envelope_signatures_checked} envelope signatures verified"
-        if self.envelope_signatures_unverifiable:
-            envelopes += f" ({self.envelope_signatures_unverifiable} recorded without header, not checkable)"
         if self.ok:
             return f"OK {self.source}: {self.entries} entries by {self.peer_id}, chain intact{head}; {envelopes}"
         return f"FAILED {self.source}: {len(self.findings)} problem(s) in {self.entries} entries by {self.peer_id}"
@@ -206,13 +204,32 @@ def _check_entries(entries: list[dict[str, Any]], key: bytes, findings: list[Fin
     original = _original_seqs(entries, content_ok)
     relocated: dict[int, int] = {}  # row index -> the entry number its content belongs to
     for i, e in enumerate(entries):
+        j = original[i]
+        if (
+            well_formed[i]
+            and not content_ok[i]
+            and j is not None
+            and j != e["seq"]
+            and _hash_as(e, j) == e["entry_hash"]
+        ):
+            relocated[i] = j
+    copies = _copies(entries, content_ok, relocated)
+    for i, e in enumerate(entries):
         if not well_formed[i]:
             continue
         seq = e["seq"]
         if not content_ok[i]:
-            j = original[i]
-            if j is not None and j != seq and _hash_as(e, j) == e["entry_hash"]:
-                relocated[i] = j
+            if i in copies:
+                j = relocated[i]
+                findings.append(
+                    Finding(
+                        seq,
+                        "inserted",
+                        f"entry {seq} repeats the entry signed as number {j} (a genuine entry replayed: inserted)",
+                    )
+                )
+            elif i in relocated:
+                j = relocated[i]
                 findings.append(
                     Finding(
                         seq, "reordered", f"entry {seq} holds the content signed as entry {j} (moved or renumbered)"
@@ -272,17 +289,59 @@ def _check_entries(entries: list[dict[str, Any]], key: bytes, findings: list[Fin
     return max(signed_as, default=0)
 
 
+def _copies(entries: Sequence[Mapping[str, Any]], content_ok: Sequence[bool], relocated: Mapping[int, int]) -> set[int]:
+    """Rows whose content was signed under a number another row already holds: replayed copies.
+
+    The row stored under its own number keeps it; among rows moved away from their
+    number, the first in stored order is the moved original, later ones are copies.
+    """
+    held = {int(e["seq"]) for i, e in enumerate(entries) if content_ok[i]}
+    copies: set[int] = set()
+    for i in sorted(relocated):
+        if relocated[i] in held:
+            copies.add(i)
+        held.add(relocated[i])
+    return copies
+
+
 def _hash_as(entry: Mapping[str, Any], seq: int) -> str:
     return entry_hash({**entry, "seq": seq})
 
 
+def _missing_envelope(e: Mapping[str, Any]) -> Finding | None:
+    """The rule of what carries an envelope: sent and received entries always record one
+    (its signature and signed header); a refused entry records both or neither."""
+    seq, direction = e["seq"], e.get("direction")
+    missing = [
+        name
+        for name, value in (
+            ("envelope signature", e.get("envelope_sig")),
+            ("envelope header", e.get("envelope_header")),
+        )
+        if not value
+    ]
+    if direction in ("sent", "received") and missing:
+        return Finding(
+            seq,
+            "header",
+            f"entry {seq}: a {direction} entry must record its envelope's signature and signed header; "
+            f"it has no {' and no '.join(missing)} (forged or stripped)",
+        )
+    if direction == "refused" and len(missing) == 1:
+        return Finding(
+            seq,
+            "header",
+            f"entry {seq}: a refused entry records its envelope's signature and signed header together or "
+            f"neither; it has no {missing[0]}",
+        )
+    return None
+
+
 def _check_envelope(e: Mapping[str, Any], writer: bytes, report: VerifyReport) -> Finding | None:
     seq = e["seq"]
-    if not e.get("envelope_sig"):
-        return None
-    if not e.get("envelope_header"):
-        report.envelope_signatures_unverifiable += 1
-        return None
+    missing = _missing_envelope(e)
+    if missing is not None or not e.get("envelope_sig"):
+        return missing
     header = parse_envelope_header(str(e["envelope_header"]))
     if header is None:
         return Finding(seq, "envelope", f"entry {seq}: the recorded envelope header is malformed")
