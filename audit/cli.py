@@ -19,10 +19,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from silomesh.audit.entries import DIRECTIONS, AuditError, TreeHead
+from silomesh.audit.entries import CHECKPOINT_SECONDS, DIRECTIONS, AuditError, TreeHead
 from silomesh.audit.logfile import LoadedLog, export_csv, export_jsonl, load_log
 from silomesh.audit.proofs import check_consistency, check_inclusion, consistency, head_of, inclusion
-from silomesh.audit.reconcile import reconcile
+from silomesh.audit.reconcile import Discrepancy, ReconcileReport, reconcile
 from silomesh.audit.verify import verify_log
 from silomesh.protocol.peerid import PeerIdError, public_key_from_peer_id
 
@@ -274,22 +274,43 @@ def export(log: Path, fmt: str, out: Path | None) -> None:
 
 @audit.command(context_settings=CONTEXT)
 @_LOG_ARG
-@click.option("--size", type=int, help="The signed head's size to print (default: the latest).")
-def head(log: Path, size: int | None) -> None:
-    """Print a signed tree head of the log as JSON, for an auditor to keep.
+@click.option("--size", type=int, help="Print the signed head of this size instead of the latest one.")
+@click.option("--list", "list_heads", is_flag=True, help="List every signed head (size, time, root) instead.")
+def head(log: Path, size: int | None, list_heads: bool) -> None:
+    """Print the log's most recent signed tree head as JSON, for an auditor to keep.
 
-    A kept head later shows that the log was not truncated or rewritten
-    ('silomesh audit verify LOG --head FILE') and anchors inclusion proofs.
+    A running peer signs a head at each round end, within 64 entries and within 60 s
+    of any entry, and when it stops: the latest head covers all but the last moments
+    of a running peer's log, and all of a cleanly stopped one's. Entries after it, if
+    any, are counted on stderr. A kept head later shows that the log was not truncated
+    or rewritten ('silomesh audit verify LOG --head FILE', 'silomesh audit
+    verify-consistency --first FILE') and anchors inclusion proofs.
 
     \b
     Example:
-      silomesh audit head peers/p0 > p0-head.json
+      silomesh audit head peers/p0 > p0-head.json        # the latest: keep this
+      silomesh audit head peers/p0 --size 128 > p0-head-128.json
+      silomesh audit head peers/p0 --list
     """
     loaded = _load(log)
+    if list_heads:
+        for h in loaded.checkpoints:
+            click.echo(f"{h.size:>8}  {_when(h.at_ms)}  {h.root_hash}")
+        if not loaded.checkpoints:
+            click.echo(f"{loaded.source} has no signed head yet", err=True)
+        return
     try:
-        _echo_json(head_of(loaded, size).to_json())
+        chosen = head_of(loaded, size)
     except AuditError as exc:
         raise AuditInputError(str(exc)) from None
+    _echo_json(chosen.to_json())
+    last = max((e["seq"] for e in loaded.entries if type(e.get("seq")) is int), default=0)
+    if size is None and last > chosen.size:
+        click.echo(
+            f"note: entries {chosen.size + 1}-{last} are not covered by a signed head yet (a running peer "
+            f"signs them within {CHECKPOINT_SECONDS:.0f} s; a stopped one stopped without signing its tail)",
+            err=True,
+        )
 
 
 @audit.command(context_settings=CONTEXT)
@@ -412,12 +433,13 @@ def verify_consistency_cmd(proof: Path, first_file: Path | None, key_text: str |
 @click.argument("logs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_json_option
 def reconcile_cmd(logs: tuple[Path, ...], as_json: bool) -> None:
-    """Match every send between these peers against the receiver's receive.
+    """Match every send between these peers against the receiver's record of it.
 
     A send matches the receive of the same envelope signature between the same two
-    peers; reported are sends never recorded as received, receives never recorded as
-    sent, and pairs whose payload digest, signature or record differ. Sends to peers
-    whose log is not given are counted as unchecked.
+    peers, or the recipient's refusal of that envelope (listed apart, with the reason:
+    not a discrepancy); reported are sends never recorded as received, receives never
+    recorded as sent, and pairs whose payload digest, signature or record differ. Sends
+    to peers whose log is not given are counted as unchecked.
 
     \b
     Example:
@@ -433,20 +455,39 @@ def reconcile_cmd(logs: tuple[Path, ...], as_json: bool) -> None:
     if as_json:
         _echo_json(report.to_json())
     else:
-        _print_reconcile(report.logs, report.matched, report.unchecked_sends, report.discrepancies)
+        _print_reconcile(report)
     if not report.ok:
         sys.exit(1)
 
 
-def _print_reconcile(logs: list[dict[str, Any]], matched: int, unchecked: int, found: Iterable[Any]) -> None:
-    rows = list(found)
+def _print_reconcile(report: ReconcileReport) -> None:
+    rows, refused = report.discrepancies, report.refused
     verdict = "OK" if not rows else "FAILED"
     click.echo(
-        f"{verdict}: {len(logs)} logs, {matched} sends matched to receives, {len(rows)} discrepancies"
-        + (f", {unchecked} sends to peers whose log was not given" if unchecked else "")
+        f"{verdict}: {len(report.logs)} logs, {report.matched} sends matched to receives, {len(rows)} discrepancies"
+        + (f", {report.unchecked_sends} sends to peers whose log was not given" if report.unchecked_sends else "")
+        + (f"; {len(refused)} sends refused by their recipient (listed below, not discrepancies)" if refused else "")
     )
-    if not rows:
-        return
+    if rows:
+        _print_discrepancies(rows)
+    if refused:
+        table = Table(title="refused by the recipient", title_justify="left")
+        for column in ("from", "to", "round", "kind", "sender #", "receiver #", "reason"):
+            table.add_column(column, overflow="fold", max_width=100 if column == "reason" else None)
+        for x in refused:
+            table.add_row(
+                _short(x.sender),
+                _short(x.recipient),
+                str(x.round),
+                x.kind,
+                "-" if x.sender_entry is None else str(x.sender_entry),
+                str(x.recipient_entry) + (" (also received)" if x.also_received else ""),
+                x.reason,
+            )
+        _console().print(table)
+
+
+def _print_discrepancies(rows: Iterable[Discrepancy]) -> None:
     table = Table(title_justify="left")
     for column in ("problem", "from", "to", "round", "kind", "sender #", "receiver #", "detail"):
         table.add_column(column, overflow="fold", max_width=100 if column == "detail" else None)

@@ -9,9 +9,10 @@ entry 32 zero bytes (hex); an entry that kept its envelope header appends the he
 hex as a 12th array element. Each ``entry_hash`` is signed with the writer's Ed25519 key.
 Changing, deleting, inserting or reordering any entry breaks the chain or a signature.
 
-At each round end the writer signs a tree head (:class:`TreeHead`, an RFC 6962 Merkle
-tree over the entry hashes), so a truncated tail is detectable and an entry's inclusion,
-or two heads' consistency, can be proved to a third party. docs/AUDIT.md specifies all of
+The writer signs tree heads (:class:`TreeHead`, an RFC 6962 Merkle tree over the entry
+hashes) at each round end, every :data:`CHECKPOINT_EVERY` entries, every
+:data:`CHECKPOINT_SECONDS` and when it stops, so a truncated tail is detectable and an
+entry's inclusion, or two heads' consistency, can be proved to a third party. docs/AUDIT.md specifies all of
 it for an independent verifier. The writer itself is ``silomesh.peer.audit.AuditLog``;
 nothing here writes.
 """
@@ -56,6 +57,12 @@ COLUMNS = (*FIELDS, "envelope_header", "entry_hash", "signature")
 #: the ``state`` row naming the log's writer: {"peer_id": ..., "public_key": hex}
 WRITER_STATE_KEY = "audit_writer"
 HEAD_FORMAT = "silomesh-tree-head/1"
+#: the writer signs a head as soon as this many entries are not covered by one ...
+CHECKPOINT_EVERY = 64
+#: ... and at least this often (seconds) while any entry is not covered; and when it stops.
+#: A crash therefore leaves at most CHECKPOINT_EVERY - 1 entries, all of the last
+#: CHECKPOINT_SECONDS seconds, unsigned (docs/AUDIT.md).
+CHECKPOINT_SECONDS = 60.0
 
 
 class AuditError(Exception):

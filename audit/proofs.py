@@ -32,7 +32,10 @@ def head_of(log: LoadedLog, size: int | None = None) -> TreeHead:
         AuditError: if the log has no such checkpoint.
     """
     if not log.checkpoints:
-        raise AuditError(f"{log.source} has no signed checkpoint yet (one is signed at each round end)")
+        raise AuditError(
+            f"{log.source} has no signed checkpoint yet "
+            "(a peer signs one at each round end, every 64 entries, every 60 s and when it stops)"
+        )
     if size is None:
         return log.checkpoints[-1]
     for head in log.checkpoints:

@@ -1,8 +1,9 @@
 """Reconciliation: every send in one peer's audit log should be a receive in the recipient's.
 
 After an incident an auditor collects the logs of the peers involved; :func:`reconcile`
-pairs each recorded send with the recipient's recorded receive of the same envelope and
-reports what does not pair up. The matching rules are specified in docs/AUDIT.md.
+pairs each recorded send with the recipient's record of the same envelope — received, or
+refused after it authenticated — and reports what does not pair up. The matching rules
+are specified in docs/AUDIT.md.
 """
 
 from __future__ import annotations
@@ -36,12 +37,33 @@ class Discrepancy:
     detail: str
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A send whose envelope the recipient recorded as refused (not a discrepancy: the reason says why).
+
+    ``also_received`` when the recipient's log records the same envelope as received too
+    (a refusal after accepting it, as logs written before the refused-once rule do).
+    """
+
+    sender: str
+    recipient: str
+    kind: str
+    round: int
+    sender_entry: int | None
+    recipient_entry: int
+    reason: str
+    also_received: bool = False
+
+
 @dataclass
 class ReconcileReport:
+    """Every pair's sends matched against the recipients' records; ``ok`` when nothing disagrees."""
+
     logs: list[dict[str, Any]]
     matched: int = 0
     unchecked_sends: int = 0
     discrepancies: list[Discrepancy] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -70,13 +92,29 @@ def _compare(s: Mapping[str, Any], r: Mapping[str, Any]) -> tuple[str, str] | No
     return None
 
 
+def _refusal(
+    sender: str, recipient: str, send: Mapping[str, Any], refused: Mapping[str, Any], *, also_received: bool
+) -> Refusal:
+    return Refusal(
+        sender,
+        recipient,
+        str(refused["kind"]),
+        int(refused["round"]),
+        send["seq"],
+        refused["seq"],
+        str(refused["reason"] or ""),
+        also_received=also_received,
+    )
+
+
 def reconcile(logs: Sequence[LoadedLog]) -> ReconcileReport:
-    """Match every send between the given logs' writers against the receiver's receive.
+    """Match every send between the given logs' writers against the receiver's record of it.
 
     A send and a receive match when they are between the same two peers and carry the
-    same envelope signature; a pair that shares kind, round and payload digest but not
-    the signature is a signature mismatch. Sends to peers whose log is not given are
-    counted as unchecked.
+    same envelope signature; a send the recipient refused after it authenticated matches
+    that ``refused`` entry instead (listed in ``refused``, not a discrepancy). A pair that
+    shares kind, round and payload digest but not the signature is a signature mismatch.
+    Sends to peers whose log is not given are counted as unchecked.
 
     Raises:
         AuditError: if a log does not say who wrote it, or two logs have the same writer.
@@ -98,6 +136,7 @@ def reconcile(logs: Sequence[LoadedLog]) -> ReconcileReport:
     )
     sends: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     receives: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    refusals: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for peer_id, log in writers.items():
         for e in log.entries:
             if e.get("direction") == "sent" and e.get("envelope_sig"):
@@ -107,28 +146,39 @@ def reconcile(logs: Sequence[LoadedLog]) -> ReconcileReport:
                     report.unchecked_sends += 1
             elif e.get("direction") == "received" and e.get("peer") in writers and e.get("envelope_sig"):
                 receives[(str(e["peer"]), peer_id)].append(e)
+            elif e.get("direction") == "refused" and e.get("peer") in writers and e.get("envelope_sig"):
+                refusals[(str(e["peer"]), peer_id)].append(e)
     out = report.discrepancies
-    for pair in sorted(set(sends) | set(receives)):
+    for pair in sorted(set(sends) | set(receives) | set(refusals)):
         sender, recipient = pair
         by_sig: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in receives.get(pair, []):
             by_sig[str(r["envelope_sig"])].append(r)
-        pending = []
+        refused_by_sig: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in refusals.get(pair, []):
+            refused_by_sig[str(r["envelope_sig"])].append(r)
+        pending: list[dict[str, Any]] = []
         for s in sends.get(pair, []):
-            candidates = by_sig.get(str(s["envelope_sig"]))
-            if not candidates:
+            sig = str(s["envelope_sig"])
+            received = by_sig.get(sig)
+            record = received.pop(0) if received else None
+            refused = refused_by_sig.pop(sig, [])
+            report.refused += [_refusal(sender, recipient, s, x, also_received=record is not None) for x in refused]
+            record = record if record is not None else next(iter(refused), None)
+            if record is None:
                 pending.append(s)
                 continue
-            r = candidates.pop(0)
             report.matched += 1
-            diff = _compare(s, r)
+            diff = _compare(s, record)
             if diff is not None:
                 out.append(
                     Discrepancy(
-                        diff[0], sender, recipient, str(s["kind"]), int(s["round"]), s["seq"], r["seq"], diff[1]
+                        diff[0], sender, recipient, str(s["kind"]), int(s["round"]), s["seq"], record["seq"], diff[1]
                     )
                 )
         left = [r for rs in by_sig.values() for r in rs]
+        # a refused envelope no send accounts for: the sender did not record sending what it signed
+        left += [r for rs in refused_by_sig.values() for r in rs]
         for s in pending:
             same = [
                 r
@@ -164,6 +214,7 @@ def reconcile(logs: Sequence[LoadedLog]) -> ReconcileReport:
                     )
                 )
         for r in sorted(left, key=lambda x: x["seq"]):
+            what = "received" if r["direction"] == "received" else f"refused ({r['reason']})"
             out.append(
                 Discrepancy(
                     "unmatched-receive",
@@ -173,7 +224,7 @@ def reconcile(logs: Sequence[LoadedLog]) -> ReconcileReport:
                     int(r["round"]),
                     None,
                     r["seq"],
-                    f"received (digest {r['payload_digest']}) but not recorded as sent",
+                    f"{what} (digest {r['payload_digest']}) but not recorded as sent",
                 )
             )
     return report

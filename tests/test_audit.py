@@ -584,6 +584,28 @@ def test_tree_head_signature_covers_every_field() -> None:
         assert not TreeHead(**{**signed.__dict__, field: value}).verify()
 
 
+def test_head_prints_the_latest_signed_head_and_counts_what_follows_it(log_a: Path) -> None:
+    result = _cli("head", log_a)
+    assert result.exit_code == 0 and result.stderr == ""
+    assert TreeHead.from_json(json.loads(result.stdout)) == load_log(log_a).checkpoints[-1]
+    assert json.loads(result.stdout)["size"] == 16
+    store = Store(log_a)
+    log = AuditLog(store, A.signing_key)
+    log.append("refused", B.peer_id_text, "connection", reason="untrusted-connection")
+    log.append("refused", B.peer_id_text, "connection", reason="untrusted-connection")
+    result = _cli("head", log_a)
+    assert json.loads(result.stdout)["size"] == 16  # stdout stays the head alone: safe to redirect and keep
+    assert "entries 17-18 are not covered by a signed head yet" in result.stderr
+    log.checkpoint()  # what the peer does within 60 s, or at once when it stops
+    store.close()
+    result = _cli("head", log_a)
+    assert json.loads(result.stdout)["size"] == 18 and result.stderr == ""
+    assert json.loads(_cli("head", log_a, "--size", "8").stdout)["size"] == 8
+    listed = _cli("head", log_a, "--list")
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["4", "8", "12", "16", "18"]
+    assert _cli("head", log_a, "--size", "5").exit_code == 2
+
+
 # -- proofs ---------------------------------------------------------------------------
 
 
@@ -712,6 +734,49 @@ def test_reconcile_reports_signature_mismatch_and_receive_without_send(
     }
     code, out = _cli_json("reconcile", a, b)
     assert code == 1 and len(out["discrepancies"]) == 2
+
+
+def _refuse(log: AuditLog, other: PeerIdentity, sealed: SealedEnvelope, reason: str) -> None:
+    """What the peer writes for a message it declined after it authenticated (one entry, header kept)."""
+    log.append(
+        "refused",
+        other.peer_id_text,
+        "ack",
+        round=sealed.header.round,
+        payload_digest=sealed.header.payload_digest.hex(),
+        size=sealed.size,
+        envelope_sig=sealed.signature.hex(),
+        reason=reason,
+        envelope_header=sealed.header_bytes,
+    )
+
+
+def test_reconcile_matches_a_send_to_its_refusal_and_lists_it_apart(tmp_path: Path) -> None:
+    stores = {p.peer_id_text: Store(tmp_path / name / "store.sqlite") for p, name in ((A, "a"), (B, "b"))}
+    a, b = (AuditLog(stores[p.peer_id_text], p.signing_key) for p in (A, B))
+    kept, declined, doubled, unsent = (_seal(A, B, 0, n) for n in (1, 2, 3, 4))
+    for sealed in (kept, declined, doubled):
+        _record(a, "sent", B, sealed)
+    _record(b, "received", A, kept)
+    _refuse(b, A, declined, "STATE_MISMATCH: the update does not produce the state_digest it announced")
+    _record(b, "received", A, doubled)  # received, then refused: the same envelope, twice recorded
+    _refuse(b, A, doubled, "BAD_SHAPE: x")
+    _refuse(b, A, unsent, "BAD_ROUND: x")  # A signed it but never recorded sending it
+    for store in stores.values():
+        store.close()
+    report = reconcile([load_log(tmp_path / "a"), load_log(tmp_path / "b")])
+    assert report.matched == 3
+    assert [(x.sender_entry, x.recipient_entry, x.reason.split(":")[0], x.also_received) for x in report.refused] == [
+        (2, 2, "STATE_MISMATCH", False),
+        (3, 4, "BAD_SHAPE", True),
+    ]
+    assert [(d.code, d.recipient_entry) for d in report.discrepancies] == [("unmatched-receive", 5)]
+    assert "refused (BAD_ROUND: x)" in report.discrepancies[0].detail
+    result = _cli("reconcile", tmp_path / "a", tmp_path / "b")
+    assert result.exit_code == 1
+    assert "2 sends refused by their recipient" in result.output and "STATE_MISMATCH" in result.output
+    code, out = _cli_json("reconcile", tmp_path / "a", tmp_path / "b")
+    assert code == 1 and [x["recipient_entry"] for x in out["refused"]] == [2, 4]
 
 
 def test_reconcile_refuses_two_logs_of_one_writer(pristine: tuple[Path, Path]) -> None:
