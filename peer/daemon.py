@@ -4,7 +4,8 @@
 context (:mod:`silomesh.peer.context`), opens the transport (libp2p by default), and
 runs the stream handler, the announce listener, the connect loop, the control API and
 the round loop in one nursery. ``await nursery.start(peer.run)`` starts it; cancelling
-the scope stops it after a clean shutdown (leave topics, disconnect, close the store).
+the scope stops it after a clean shutdown (leave topics, disconnect, sign the audit
+log's tail, close the store).
 What a round does is in :mod:`silomesh.peer.rounds`; what the operator can ask is in
 :mod:`silomesh.peer.operations`.
 """
@@ -25,7 +26,7 @@ from silomesh.models.data_io import DatasetError
 from silomesh.models.registry import get_task
 from silomesh.models.task import Silo
 from silomesh.peer import announces, dialer, handlers, rounds
-from silomesh.peer.audit import AuditLog
+from silomesh.peer.audit import AuditLog, serve_checkpoints
 from silomesh.peer.config import PeerConfig
 from silomesh.peer.consent import Consent
 from silomesh.peer.context import (
@@ -137,15 +138,18 @@ class Peer:
             self.store = Store(config.store)
         except StoreError as exc:
             raise OperatorError(str(exc)) from None
+        self.audit_log = AuditLog(self.store, self.identity.signing_key)
         try:
             await self._serve(task_status)
         finally:  # synchronous, so no cancellation can cut it short
             self.progress.phase = "stopped"
-            self.store.close()
+            try:
+                self.audit_log.checkpoint()  # sign the tail: a clean stop leaves no audit entry unsigned
+            finally:
+                self.store.close()
 
     async def _serve(self, task_status: TaskStatus[Peer]) -> None:
         config, store = self.config, self.store
-        self.audit_log = AuditLog(store, self.identity.signing_key)
         silo = self._silo or await self._compute.run_blocking(_silo, config)
         seed = federation_seed(config.federation)
         self.learner = await self._compute.run_blocking(
@@ -207,6 +211,7 @@ class Peer:
             transport.set_handler(lambda stream: handlers.serve_stream(ctx, stream))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(announces.listen_announces, ctx)
+                nursery.start_soon(serve_checkpoints, self.audit_log)  # no entry unsigned for long
                 if self.serve_control_api:
                     await self._start_control(nursery)
                 nursery.start_soon(dialer.connect_loop, ctx)
