@@ -1,5 +1,6 @@
-"""Audit logs written by real peers: they verify, carry a signed head per round, hold no
-weights, and reconcile across peers — finding a dropped and an altered receive."""
+"""Audit logs written by real peers: they verify, carry a signed head per round, end
+covered by a head after a clean stop, hold no weights, and reconcile across peers —
+finding a dropped and an altered receive."""
 
 from __future__ import annotations
 
@@ -76,6 +77,15 @@ def test_each_round_end_signed_a_tree_head(run: dict[str, Any]) -> None:
         assert check_consistency(consistency(log, first.size, last.size)) == []
         received = next(e for e in log.entries if e["direction"] == "received" and e["kind"] == "update")
         assert check_inclusion(inclusion(log, received["seq"]), last) == []
+
+
+def test_after_a_clean_stop_the_latest_head_covers_the_whole_log(run: dict[str, Any]) -> None:
+    # here the last round end already covers everything; test_audit_checkpoints.py stops peers with a tail
+    for store in run["stores"]:
+        log = load_log(store)
+        assert log.checkpoints[-1].size == len(log.entries) > 0
+        result = _cli("head", store)
+        assert json.loads(result.stdout)["size"] == len(log.entries) and result.stderr == ""
 
 
 def test_the_log_holds_digests_and_headers_never_weights(run: dict[str, Any]) -> None:
