@@ -8,8 +8,10 @@ C-ordered. The codec chooses how *floating* tensors travel:
 * ``float32``: as ``float32``;
 * ``float16``: as ``float16`` (values beyond +-65504 are refused, not turned into inf);
 * ``int8``: as ``int8`` with a per-tensor symmetric ``scale``:
-  ``q = clip(rint(x / scale), -127, 127)``, ``scale = max|x| / 127`` (0 for all-zero
-  tensors) and ``x' = float32(q) * float32(scale)``.
+  ``scale = float32(max|x|) / 127`` in float32, replaced by 0 when below the smallest
+  normal float32 (all-zero and vanishingly small tensors: every ``q`` is then 0),
+  ``q = clip(rint(x * float32(1 / scale)), -127, 127)`` and the decoder's
+  ``x' = float32(q) * float32(scale)``. Scalars (shape ``[]``) follow the same rules.
 
 Integer and bool tensors travel unchanged. Decoding is zero-copy (``np.frombuffer`` on
 the caller's buffer; arrays come back read-only and possibly unaligned) except for
@@ -34,8 +36,10 @@ __all__ = [
     "WIRE_DTYPES",
     "Codec",
     "EncodedTensors",
+    "check_model_dtypes",
     "decode_tensors",
     "encode_tensors",
+    "int8_scale",
     "is_finite_array",
 ]
 
@@ -66,6 +70,7 @@ WIRE_DTYPES: dict[str, np.dtype[Any]] = {
 _FLOAT16_MAX = 65504.0
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_SCALE = _FLOAT32_MAX / 128.0  # so that -128 * scale stays finite
+_MIN_SCALE = float(np.finfo(np.float32).tiny)  # 2**-126: below it 1 / scale overflows float32
 
 
 def is_finite_array(arr: np.ndarray) -> bool:
@@ -80,6 +85,17 @@ def is_finite_array(arr: np.ndarray) -> bool:
         )
         return not bool(((bits & 0x7C00) == 0x7C00).any())
     return bool(np.isfinite(arr.min()) and np.isfinite(arr.max()))
+
+
+def int8_scale(amax: float) -> float:
+    """The int8 codec's scale for a tensor whose largest magnitude is ``amax``.
+
+    ``float32(amax) / float32(127)`` in float32 arithmetic, widened to float64 (exactly);
+    0.0 when that is below the smallest normal float32 (``2**-126``), so that
+    ``float32(1 / scale)`` never overflows. With scale 0 every quantized value is 0.
+    """
+    scale = float(np.float32(amax) / np.float32(127.0))
+    return 0.0 if scale < _MIN_SCALE else scale
 
 
 def _wire_name(dtype: np.dtype[Any]) -> str | None:
@@ -128,7 +144,9 @@ class EncodedTensors:
             elif src.scale == 0.0:
                 dst[...] = 0
             else:
-                q = np.multiply(src.array, np.float32(1.0 / src.scale), dtype=np.float32)
+                # an explicit output array: for a 0-d tensor numpy would return a scalar
+                q = np.empty(src.array.shape, dtype=np.float32)
+                np.multiply(src.array, np.float32(1.0 / src.scale), out=q, dtype=np.float32)
                 np.rint(q, out=q)
                 np.clip(q, -127, 127, out=q)
                 np.copyto(dst, q, casting="unsafe")
@@ -212,7 +230,7 @@ def encode_tensors(
             if codec is Codec.FLOAT32 and amax > _FLOAT32_MAX:
                 raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
             if codec is Codec.INT8:
-                scale = float(np.float32(amax) / np.float32(127.0))
+                scale = int8_scale(amax)
                 if not math.isfinite(scale) or scale > _MAX_SCALE:
                     raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
             dtype_name = "int8" if codec is Codec.INT8 else codec.value
@@ -234,6 +252,41 @@ def _remote(code: ErrorCode, message: str) -> RemoteProtocolError:
     return RemoteProtocolError(code, message)
 
 
+def check_model_dtypes(expected_dtypes: Mapping[str, str]) -> dict[str, np.dtype[Any]]:
+    """Validate a model's ``name -> numpy dtype name`` map (local configuration).
+
+    Raises:
+        LocalProtocolError: BAD_DTYPE if a name is not a numpy dtype.
+    """
+    out: dict[str, np.dtype[Any]] = {}
+    for name, dtype_name in expected_dtypes.items():
+        try:
+            out[name] = np.dtype(dtype_name)
+        except TypeError:
+            raise LocalProtocolError(
+                ErrorCode.BAD_DTYPE, f"{name}: {dtype_name!r} is not a numpy dtype"
+            ) from None
+    return out
+
+
+def _fits_model(model: np.dtype[Any], dtype_name: str, scale: object) -> bool:
+    """True if a table entry ``(dtype_name, scale)`` may carry a model tensor of ``model``.
+
+    A floating model tensor travels as a float codec (``float32``, ``float16``, or
+    ``int8`` with a scale); an integer or bool model tensor travels in exactly its dtype
+    (an ``int8`` entry with a scale is a float and never fits an integer tensor).
+    """
+    if model.kind == "f":
+        return dtype_name in ("float32", "float16") or (dtype_name == "int8" and scale is not None)
+    wire = WIRE_DTYPES.get(dtype_name)
+    return (
+        scale is None
+        and wire is not None
+        and wire.kind == model.kind
+        and wire.itemsize == model.itemsize
+    )
+
+
 def decode_tensors(
     table: object,
     blob: bytes | bytearray | memoryview,
@@ -241,9 +294,16 @@ def decode_tensors(
     codec: Codec | str,
     limits: Limits = DEFAULT_LIMITS,
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    expected_dtypes: Mapping[str, str] | None = None,
     complete: bool = False,
 ) -> dict[str, np.ndarray]:
     """Decode a table and blob received from a peer.
+
+    The checks run in the order PROTOCOL.md section 6 lists (the first failure names the
+    error code): the table is an array of at most ``max_tensors`` entries, then per
+    entry in order: shape of the entry, name, name order, dtype allowlist, dtype vs
+    codec, scale, shape, element counts, offset, extent, model name, model shape, model
+    dtype, bool bytes, finiteness; then trailing bytes, then missing model tensors.
 
     Args:
         table: The unpacked msgpack table.
@@ -251,15 +311,20 @@ def decode_tensors(
         codec: The codec named in the envelope header.
         limits: Size limits.
         expected_shapes: If given, every tensor must be named here with this shape.
+        expected_dtypes: If given, tensors named here must fit the model's numpy dtype
+            (by name, e.g. ``"float32"``, ``"int64"``, ``"bool"``): a floating model
+            tensor must arrive under a float codec, an integer or bool one in exactly
+            its dtype (``BAD_DTYPE`` otherwise).
         complete: With ``expected_shapes``, also require every expected tensor.
 
     Returns:
         name -> read-only array (float32/float16/int/bool; int8-quantized tensors are
-        dequantized to float32).
+        dequantized to float32, scalars included).
 
     Raises:
         RemoteProtocolError: BAD_TABLE, BAD_DTYPE, BAD_SHAPE, TOO_LARGE, NON_FINITE,
             BAD_TYPE for anything malformed.
+        LocalProtocolError: BAD_DTYPE if ``expected_dtypes`` names no numpy dtype.
     """
     try:
         codec = Codec(codec)
@@ -267,6 +332,7 @@ def decode_tensors(
         raise _remote(ErrorCode.BAD_TYPE, f"unknown codec {codec!r}") from None
     if codec is Codec.NONE:
         raise _remote(ErrorCode.BAD_TYPE, "codec 'none' carries no tensors")
+    model_dtypes = check_model_dtypes(expected_dtypes) if expected_dtypes is not None else None
     view = memoryview(blob).cast("B")
     if type(table) is not list:
         raise _remote(ErrorCode.BAD_TABLE, "tensor table must be an array")
@@ -326,6 +392,11 @@ def decode_tensors(
                 raise _remote(ErrorCode.BAD_TABLE, f"{name}: not a tensor of this model")
             if tuple(want) != shape:
                 raise _remote(ErrorCode.BAD_SHAPE, f"{name}: shape {shape} != model {tuple(want)}")
+        if model_dtypes is not None:
+            model = model_dtypes.get(name)
+            if model is not None and not _fits_model(model, dtype_name, scale):
+                what = f"{dtype_name} with a scale" if scale is not None else dtype_name
+                raise _remote(ErrorCode.BAD_DTYPE, f"{name}: {what} for a {model} model tensor")
         if count == 0:
             arr = np.empty(shape, dtype=wire)
         else:
@@ -334,8 +405,11 @@ def decode_tensors(
         if wire.kind == "b" and count and int(arr.view(np.uint8).max()) > 1:
             raise _remote(ErrorCode.BAD_DTYPE, f"{name}: bool bytes must be 0 or 1")
         if scale is not None:
-            arr = np.multiply(arr, np.float32(scale), dtype=np.float32)
-            arr.flags.writeable = False
+            # an explicit output array: for a 0-d tensor numpy would return a scalar
+            dequantized = np.empty(shape, dtype=np.float32)
+            np.multiply(arr, np.float32(scale), out=dequantized, dtype=np.float32)
+            dequantized.flags.writeable = False
+            arr = dequantized
         elif not is_finite_array(arr):
             raise _remote(ErrorCode.NON_FINITE, f"{name}: NaN or infinity")
         out[name] = arr

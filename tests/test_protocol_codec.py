@@ -24,6 +24,7 @@ from silomesh.protocol import (
     make_delta,
     state_digest,
 )
+from silomesh.protocol.codec import int8_scale
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 
@@ -105,6 +106,35 @@ def test_int8_codec_encodes_an_all_zero_tensor_with_scale_zero() -> None:
     assert np.array_equal(_decode(table, blob, "int8")["z"], np.zeros(5, np.float32))
 
 
+def test_int8_codec_encodes_scalars_and_decodes_them_to_float32_scalars() -> None:
+    state = {"s": np.array(-2.5, np.float32), "t": np.array(0.0, np.float64)}
+    table, blob = _encode(state, "int8")
+    assert table == [["s", "int8", [], 0, float(np.float32(2.5) / np.float32(127))], ["t", "int8", [], 1, 0.0]]
+    assert blob == b"\x81\x00"  # -127, 0
+    out = _decode(table, blob, "int8")
+    assert out["s"].shape == () and out["s"].dtype == np.float32 and not out["s"].flags.writeable
+    assert float(out["s"]) == float(np.float32(-127) * np.float32(table[0][4]))
+    assert out["t"].shape == () and float(out["t"]) == 0.0
+
+
+def test_int8_scalar_received_from_a_peer_decodes_instead_of_crashing() -> None:
+    out = _decode([["s", "int8", [], 0, 0.5]], b"\x05", "int8")
+    assert out["s"].shape == () and float(out["s"]) == 2.5
+
+
+def test_int8_scale_of_an_all_zero_tensor_is_zero_and_every_byte_is_zero() -> None:
+    table, blob = _encode({"z": np.zeros((2, 2), np.float32), "s": np.array(-0.0, np.float32)}, "int8")
+    assert [entry[4] for entry in table] == [0.0, 0.0] and blob == bytes(5)
+
+
+def test_int8_scale_below_the_smallest_normal_float32_becomes_zero() -> None:
+    # float32(1 / scale) would overflow to inf, and 0 * inf is NaN: such tensors travel as zeros
+    tiny = np.array([1e-39, 0.0, -5e-40], np.float32)
+    table, blob = _encode({"x": tiny}, "int8")
+    assert table[0][4] == 0.0 and blob == bytes(3)
+    assert int8_scale(float(np.finfo(np.float32).tiny) * 127) > 0.0
+
+
 def test_int8_codec_sends_raw_int8_tensors_without_scale() -> None:
     table, blob = _encode({"q": np.array([-128, 5, 127], np.int8)}, "int8")
     assert table[0][4] is None
@@ -117,6 +147,38 @@ def test_decode_is_zero_copy_and_read_only() -> None:
     out = _decode(table, buf)["w"]
     assert np.shares_memory(out, np.frombuffer(buf, np.uint8))
     assert not out.flags.writeable
+
+
+@PROPERTY
+@given(
+    arrays=st.dictionaries(
+        st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=12),
+        hnp.arrays(
+            dtype=st.sampled_from([np.float32, np.float64]),
+            shape=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=5),
+            elements=st.floats(-(2.0**100), 2.0**100, width=32) | st.floats(-(2.0**-122), 2.0**-122, width=32),
+        )
+        | hnp.arrays(
+            dtype=np.float16,
+            shape=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=5),
+            elements=st.floats(-60000, 60000, width=16),
+        ),
+        max_size=4,
+    )
+)
+def test_int8_codec_round_trips_any_finite_state_within_half_a_step(arrays: dict[str, np.ndarray]) -> None:
+    table, blob = _encode(arrays, "int8")
+    out = _decode(table, blob, "int8")
+    for (name, dtype, shape, _, scale), arr in zip(table, (arrays[n] for n in sorted(arrays)), strict=True):
+        assert (name, dtype, shape) == (name, "int8", list(arr.shape))
+        assert out[name].shape == arr.shape and out[name].dtype == np.float32
+        q = np.frombuffer(blob, np.int8, count=arr.size, offset=table[sorted(arrays).index(name)][3])
+        assert np.all(np.abs(q.astype(np.int16)) <= 127)
+        if arr.size:
+            x = arr.astype(np.float32).astype(np.float64)
+            error = np.max(np.abs(out[name].astype(np.float64) - x))
+            assert scale == int8_scale(float(np.max(np.abs(x))))
+            assert error <= (scale * (0.5 + 1e-4) if scale else np.max(np.abs(x)))
 
 
 def test_zero_size_and_scalar_tensors_round_trip() -> None:
@@ -279,6 +341,47 @@ def test_shape_that_differs_from_the_model_is_refused() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("model", "state", "codec", "ok"),
+    [
+        ("float32", np.ones(2, np.float32), "float32", True),
+        ("float32", np.ones(2, np.float32), "float16", True),
+        ("float32", np.ones(2, np.float32), "int8", True),
+        ("float16", np.ones(2, np.float32), "float32", True),
+        ("float64", np.ones(2, np.float32), "int8", True),
+        ("float32", np.ones(2, np.int8), "int8", False),  # a genuine int8 for a float tensor
+        ("float32", np.ones(2, np.int64), "float32", False),
+        ("int64", np.ones(2, np.int64), "int8", True),
+        ("int64", np.ones(2, np.int32), "float32", False),
+        ("int64", np.ones(2, np.float32), "float32", False),
+        ("int8", np.ones(2, np.int8), "int8", True),
+        ("int8", np.ones(2, np.float32), "int8", False),  # int8 with a scale is a float
+        ("bool", np.ones(2, np.bool_), "float16", True),
+        ("bool", np.ones(2, np.uint8), "float32", False),
+        ("uint16", np.ones(2, np.int16), "float32", False),  # no wire dtype fits it
+    ],
+)
+def test_received_dtype_must_fit_the_model_dtype(model: str, state: np.ndarray, codec: str, ok: bool) -> None:
+    table, blob = _encode({"w": state}, codec)
+    if ok:
+        assert _decode(table, blob, codec, expected_dtypes={"w": model})["w"].shape == (2,)
+    else:
+        assert _remote_code(table, blob, codec, expected_dtypes={"w": model}) == "BAD_DTYPE"
+
+
+def test_model_dtype_is_checked_after_the_model_shape() -> None:
+    table, blob = _encode({"w": np.ones(2, np.float32)})
+    kw = {"expected_shapes": {"w": (3,)}, "expected_dtypes": {"w": "int64"}}
+    assert _remote_code(table, blob, **kw) == "BAD_SHAPE"
+
+
+def test_an_expected_dtype_that_is_no_numpy_dtype_is_a_local_error() -> None:
+    table, blob = _encode({"w": np.ones(2, np.float32)})
+    with pytest.raises(LocalProtocolError) as info:
+        _decode(table, blob, expected_dtypes={"w": "f1oat"})
+    assert info.value.code is ErrorCode.BAD_DTYPE
+
+
 def test_tensor_unknown_to_the_model_is_refused() -> None:
     assert _remote_code(GOOD_TABLE, GOOD_BLOB, expected_shapes={"a": (2,)}) == "BAD_TABLE"
 
@@ -317,6 +420,24 @@ def test_random_tables_decode_or_raise_remote_errors_only(
         assert isinstance(exc.code, ErrorCode)
     else:
         assert sum(a.nbytes for a in out.values()) <= len(blob) * 4
+
+
+@PROPERTY
+@given(
+    dtype=st.sampled_from(["int8", "float32", "float16", "bool", "int64"]),
+    scale=st.none() | st.floats() | st.integers(-1, 3),
+    blob=st.binary(max_size=9),
+    codec=st.sampled_from(["float32", "float16", "int8"]),
+)
+def test_random_scalar_entries_decode_or_raise_remote_errors_only(
+    dtype: str, scale: object, blob: bytes, codec: str
+) -> None:
+    try:
+        out = _decode([["s", dtype, [], 0, scale]], blob, codec)
+    except RemoteProtocolError as exc:
+        assert isinstance(exc.code, ErrorCode)
+    else:
+        assert out["s"].shape == () and not out["s"].flags.writeable
 
 
 # ---------------------------------------------------------------- digests
