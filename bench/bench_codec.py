@@ -34,6 +34,7 @@ from silomesh.protocol import (
     Update,
     open_envelope,
     seal_envelope,
+    state_digest,
 )
 from silomesh.protocol.crypto import MAC_SIZE, blake2b256, encrypt_in_place
 
@@ -91,6 +92,7 @@ def main() -> None:
         sequence=1,
         tensors=state,
         n_samples=100,
+        state_digest=state_digest(state),
     )
     trusted = {alice.public_key}
 
@@ -137,6 +139,7 @@ def main() -> None:
             sequence=1,
             tensors=state,
             codec=codec,
+            state_digest=bytes(32),  # the receiver is not checked here
         )
         s = seal_envelope(m, alice)
         env = s.to_bytes()

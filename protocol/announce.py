@@ -116,7 +116,16 @@ class Announce:
 
 @dataclass(frozen=True, kw_only=True)
 class UpdateAvailable(Announce):
-    """ "I have an update for ``round`` with this digest and size; dial me for it"."""
+    """ "I have a new state for ``round``; dial me for it".
+
+    Attributes:
+        digest: The state digest of the announced state.
+        size: Total bytes of that state's tensors as the sender holds them
+            (informational: what a full snapshot costs before the codec).
+
+    A peer that wants the state dials the sender and sends ``need-base`` with
+    ``unknown_base = digest``; the sender answers with its current full snapshot.
+    """
 
     event: ClassVar[AnnounceEvent] = AnnounceEvent.UPDATE_AVAILABLE
     EVENT_KEYS: ClassVar[tuple[str, ...]] = ("digest", "size")
@@ -247,17 +256,24 @@ def decode_announce(
     obj = unpack_map(body, what="announce", max_size=MAX_ANNOUNCE_SIZE)
     version = obj.get("version")
     if type(version) is not int:
-        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "announce.version must be an int")
+        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "announce.version must be an integer")
     if version != PROTOCOL_VERSION:
         raise RemoteProtocolError(ErrorCode.UNKNOWN_VERSION, f"version {version}")
-    if obj.get("kind") != Kind.ANNOUNCE.value:
-        raise RemoteProtocolError(ErrorCode.UNKNOWN_KIND, "not an announce")
+    kind = obj.get("kind")
+    if type(kind) is not str:
+        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "announce.kind must be a str")
+    if kind != Kind.ANNOUNCE.value:
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_KIND, f"kind {kind[:32]!r} is not an announce")
     event = obj.get("event")
-    cls = ANNOUNCE_TYPES.get(event) if type(event) is str else None  # type: ignore[call-overload]
+    if type(event) is not str:
+        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "announce.event must be a str")
+    cls = ANNOUNCE_TYPES.get(event)  # type: ignore[call-overload]
     if cls is None:
-        raise RemoteProtocolError(ErrorCode.UNKNOWN_KIND, f"announce event {str(event)[:32]!r}")
+        raise RemoteProtocolError(ErrorCode.UNKNOWN_KIND, f"announce event {event[:32]!r}")
     with as_remote():
         check_keys("announce", obj, COMMON_KEYS + cls.EVENT_KEYS)
+        # every common field's failure is BAD_TYPE, so checking timestamp first gives the
+        # same code as the table order; only an event field can be TOO_LARGE (``reason``)
         timestamp = check_uint("timestamp", obj["timestamp"])
         fields: Mapping[str, Any] = {
             k: v for k, v in obj.items() if k not in ("kind", "event", "timestamp")
@@ -271,10 +287,10 @@ def decode_announce(
         raise RemoteProtocolError(ErrorCode.SENDER_MISMATCH, "announce sender is not the source")
     if not verify_signature(announce.sender, ANNOUNCE_SIGNING_DOMAIN + body, signature):
         raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "announce signature does not verify")
-    if announce.federation != federation:
-        raise RemoteProtocolError(ErrorCode.WRONG_FEDERATION, f"federation {announce.federation!r}")
     if announce.recipient is not None and me is not None and announce.recipient != me:
         raise RemoteProtocolError(ErrorCode.WRONG_RECIPIENT, "announce addressed to another peer")
+    if announce.federation != federation:
+        raise RemoteProtocolError(ErrorCode.WRONG_FEDERATION, f"federation {announce.federation!r}")
     if now_ms is not None and max_skew_ms is not None and abs(timestamp - now_ms) > max_skew_ms:
         raise RemoteProtocolError(ErrorCode.STALE, f"timestamp {timestamp} vs now {now_ms}")
     if replay is not None:

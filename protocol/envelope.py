@@ -59,9 +59,12 @@ __all__ = [
     "ENVELOPE_SIGNING_DOMAIN",
     "HEADER_KEYS",
     "TENSOR_KINDS",
+    "AuthenticatedEnvelope",
     "EnvelopeHeader",
     "OpenedEnvelope",
     "SealedEnvelope",
+    "authenticate_envelope",
+    "open_authenticated",
     "open_envelope",
     "read_header",
     "seal_envelope",
@@ -114,22 +117,21 @@ class EnvelopeHeader:
     nonce: bytes
 
     def __post_init__(self) -> None:
-        if type(self.version) is not int or self.version != PROTOCOL_VERSION:
+        # the order of PROTOCOL.md section 10 step 2: version, kind, then each field in
+        # table order, then the rules that tie codec and base_digest to the kind
+        if type(self.version) is not int:
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, "version must be an integer")
+        if self.version != PROTOCOL_VERSION:
             raise LocalProtocolError(ErrorCode.UNKNOWN_VERSION, f"version {self.version!r}")
+        if type(self.kind) is not str and not isinstance(self.kind, Kind):
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, "kind must be a str")
         try:
             kind = Kind(self.kind)
         except ValueError:
-            raise LocalProtocolError(ErrorCode.UNKNOWN_KIND, f"kind {self.kind!r}") from None
+            raise LocalProtocolError(ErrorCode.UNKNOWN_KIND, f"kind {self.kind[:32]!r}") from None
         if kind is Kind.ANNOUNCE:
             raise LocalProtocolError(ErrorCode.UNKNOWN_KIND, "announces do not travel in envelopes")
-        try:
-            codec = Codec(self.codec) if isinstance(self.codec, str) else None
-        except ValueError:
-            codec = None
-        if codec is None:
-            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"unknown codec {self.codec!r}")
         object.__setattr__(self, "kind", kind)
-        object.__setattr__(self, "codec", codec)
         check_federation(self.federation)
         check_bytes("sender", self.sender, KEY_SIZE)
         check_bytes("recipient", self.recipient, KEY_SIZE)
@@ -138,6 +140,13 @@ class EnvelopeHeader:
         check_uint("timestamp", self.timestamp)
         check_optional_bytes("base_digest", self.base_digest, DIGEST_SIZE)
         check_bytes("payload_digest", self.payload_digest, DIGEST_SIZE)
+        try:
+            codec = Codec(self.codec) if isinstance(self.codec, str) else None
+        except ValueError:
+            codec = None
+        if codec is None:
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"unknown codec {self.codec!r}")
+        object.__setattr__(self, "codec", codec)
         check_bytes("nonce", self.nonce, NONCE_SIZE)
         if (kind in TENSOR_KINDS) != (codec is not Codec.NONE):
             raise LocalProtocolError(
@@ -324,6 +333,7 @@ def seal_envelope(
 
 
 def _split(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[memoryview, int]:
+    """Step 1 of PROTOCOL.md section 10: the envelope's lengths, in order."""
     view = memoryview(data).cast("B")
     if len(view) > limits.max_frame_size:
         raise RemoteProtocolError(ErrorCode.TOO_LARGE, f"envelope of {len(view)} bytes")
@@ -340,10 +350,11 @@ def _split(data: bytes | bytearray | memoryview, limits: Limits) -> tuple[memory
 
 
 def _parse_header(raw: bytes) -> EnvelopeHeader:
+    """Step 2 of PROTOCOL.md section 10: strict msgpack, version, kind, key set, fields."""
     obj = unpack_map(raw, what="header", max_size=MAX_HEADER_SIZE)
     version = obj.get("version")
     if type(version) is not int:
-        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "header.version must be an int")
+        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "header.version must be an integer")
     if version != PROTOCOL_VERSION:
         raise RemoteProtocolError(ErrorCode.UNKNOWN_VERSION, f"version {version}")
     kind = obj.get("kind")
@@ -368,59 +379,96 @@ def read_header(
     return _parse_header(bytes(view[_LEN : _LEN + header_len]))
 
 
-def open_envelope(
+@dataclass(frozen=True, eq=False)
+class AuthenticatedEnvelope:
+    """An envelope whose header parsed and whose signature verified (steps 1-4).
+
+    Nothing after the signature is checked yet: the recipient, federation, timestamp,
+    payload digest, replay guard, decryption and payload come in
+    :func:`open_authenticated`. A refusal from there on can be answered with a signed
+    ``error`` (the sender is known); a refusal before cannot.
+
+    Attributes:
+        header: The signed header.
+        header_bytes: Its exact bytes.
+        signature: The sender's signature.
+        ciphertext: ``tag || encrypted payload`` (a view of the received buffer).
+        size: Envelope size in bytes.
+    """
+
+    header: EnvelopeHeader
+    header_bytes: bytes
+    signature: bytes
+    ciphertext: memoryview
+    size: int
+
+
+def authenticate_envelope(
     data: bytes | bytearray | memoryview,
     *,
-    identity: Identity,
-    federation: str,
     trusted: Container[bytes] | None,
     expected_sender: bytes | None = None,
-    replay: ReplayGuard | None = None,
     limits: Limits = DEFAULT_LIMITS,
-    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
-    complete: bool = False,
-    now_ms: int | None = None,
-    max_skew_ms: int | None = None,
-    in_place: bool = False,
-) -> OpenedEnvelope:
-    """Verify, decrypt and decode one envelope (a frame body).
-
-    Checks run in this order: framing, header, trust (``trusted``,
-    ``expected_sender``), signature, recipient, federation, timestamp skew, payload
-    digest, replay (the triple is recorded once the envelope is authentic), decryption,
-    then payload decoding.
+) -> AuthenticatedEnvelope:
+    """Steps 1-4 of PROTOCOL.md section 10: lengths, header, trust, signature.
 
     Args:
-        data: The envelope bytes.
-        identity: Our keys (we must be the recipient).
-        federation: Our federation id.
+        data: The envelope bytes (a frame body); not copied.
         trusted: Public keys we accept messages from; ``None`` accepts any signer.
         expected_sender: The authenticated remote peer of this stream, if known.
-        replay: Replay guard shared by the peer's sessions, if any.
         limits: Size limits.
-        expected_shapes: Model tensor shapes to enforce on tensor messages.
-        complete: With ``expected_shapes``, require every model tensor.
-        now_ms: Current Unix time in ms, for the skew check.
-        max_skew_ms: Largest accepted ``|timestamp - now_ms|`` (needs ``now_ms``).
-        in_place: Decrypt inside ``data`` if it is writable (it is then overwritten
-            and decoded tensors alias it); otherwise the ciphertext is copied first.
 
     Raises:
-        RemoteProtocolError: With the reason code of the first failed check.
+        RemoteProtocolError: TOO_LARGE, BAD_FRAME, BAD_MSGPACK, BAD_TYPE,
+            UNKNOWN_VERSION, UNKNOWN_KIND, UNTRUSTED_SENDER, SENDER_MISMATCH,
+            BAD_SIGNATURE: the first failed check.
     """
     view, header_len = _split(data, limits)
     header_bytes = bytes(view[_LEN : _LEN + header_len])
     sig_end = _LEN + header_len + SIGNATURE_SIZE
     signature = bytes(view[_LEN + header_len : sig_end])
-    ciphertext = view[sig_end:]
     header = _parse_header(header_bytes)
-
     if trusted is not None and header.sender not in trusted:
         raise RemoteProtocolError(ErrorCode.UNTRUSTED_SENDER, f"sender {header.sender.hex()[:16]}")
     if expected_sender is not None and header.sender != expected_sender:
         raise RemoteProtocolError(ErrorCode.SENDER_MISMATCH, "sender is not the stream's peer")
     if not verify_signature(header.sender, ENVELOPE_SIGNING_DOMAIN + header_bytes, signature):
         raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "envelope signature does not verify")
+    return AuthenticatedEnvelope(
+        header=header,
+        header_bytes=header_bytes,
+        signature=signature,
+        ciphertext=view[sig_end:],
+        size=len(view),
+    )
+
+
+def open_authenticated(
+    envelope: AuthenticatedEnvelope,
+    *,
+    identity: Identity,
+    federation: str,
+    replay: ReplayGuard | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    expected_dtypes: Mapping[str, str] | None = None,
+    complete: bool = False,
+    now_ms: int | None = None,
+    max_skew_ms: int | None = None,
+    in_place: bool = False,
+) -> OpenedEnvelope:
+    """Steps 6-11 of PROTOCOL.md section 10 on an authenticated envelope.
+
+    Recipient, federation, timestamp skew, payload digest, replay (the triple is
+    recorded here, so it stays spent even if a later step fails), decryption, then the
+    payload. Step 5, the session state, is the session's (see :class:`~.session.Session`).
+
+    Args: as for :func:`open_envelope`.
+
+    Raises:
+        RemoteProtocolError: With the reason code of the first failed check.
+    """
+    header = envelope.header
     if header.recipient != identity.public_key:
         raise RemoteProtocolError(ErrorCode.WRONG_RECIPIENT, f"to {header.recipient.hex()[:16]}")
     if header.federation != federation:
@@ -431,6 +479,7 @@ def open_envelope(
         and abs(header.timestamp - now_ms) > max_skew_ms
     ):
         raise RemoteProtocolError(ErrorCode.STALE, f"timestamp {header.timestamp} vs now {now_ms}")
+    ciphertext = envelope.ciphertext
     if blake2b256(ciphertext) != header.payload_digest:
         raise RemoteProtocolError(ErrorCode.DIGEST_MISMATCH, "payload digest does not match")
     if replay is not None:
@@ -445,21 +494,81 @@ def open_envelope(
         payload = decrypt_in_place(target, key, header.nonce)
     except DecryptError:
         raise RemoteProtocolError(ErrorCode.DECRYPT_FAILED, "payload does not decrypt") from None
-    message = _decode_payload(payload, header, limits, expected_shapes, complete)
+    message = _decode_payload(payload, header, limits, expected_shapes, expected_dtypes, complete)
     logger.debug(
         "opened %s seq=%d round=%d from %s: %d bytes",
         header.kind.value,
         header.sequence,
         header.round,
         header.sender.hex()[:16],
-        len(view),
+        envelope.size,
     )
     return OpenedEnvelope(
         header=header,
-        header_bytes=header_bytes,
-        signature=signature,
+        header_bytes=envelope.header_bytes,
+        signature=envelope.signature,
         message=message,
-        size=len(view),
+        size=envelope.size,
+    )
+
+
+def open_envelope(
+    data: bytes | bytearray | memoryview,
+    *,
+    identity: Identity,
+    federation: str,
+    trusted: Container[bytes] | None,
+    expected_sender: bytes | None = None,
+    replay: ReplayGuard | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    expected_dtypes: Mapping[str, str] | None = None,
+    complete: bool = False,
+    now_ms: int | None = None,
+    max_skew_ms: int | None = None,
+    in_place: bool = False,
+) -> OpenedEnvelope:
+    """Verify, decrypt and decode one envelope (a frame body) outside a session.
+
+    The checks of PROTOCOL.md section 10 in its order, but for step 5 (the session
+    state): lengths, header, trust (``trusted``, ``expected_sender``), signature,
+    recipient, federation, timestamp skew, payload digest, replay (the triple is
+    recorded once the envelope is authentic), decryption, then the payload.
+
+    Args:
+        data: The envelope bytes.
+        identity: Our keys (we must be the recipient).
+        federation: Our federation id.
+        trusted: Public keys we accept messages from; ``None`` accepts any signer.
+        expected_sender: The authenticated remote peer of this stream, if known.
+        replay: Replay guard shared by the peer's sessions, if any.
+        limits: Size limits.
+        expected_shapes: Model tensor shapes to enforce on tensor messages.
+        expected_dtypes: Model tensor dtypes (numpy names) to enforce on tensor messages.
+        complete: With ``expected_shapes``, require every model tensor.
+        now_ms: Current Unix time in ms, for the skew check.
+        max_skew_ms: Largest accepted ``|timestamp - now_ms|`` (needs ``now_ms``).
+        in_place: Decrypt inside ``data`` if it is writable (it is then overwritten
+            and decoded tensors alias it); otherwise the ciphertext is copied first.
+
+    Raises:
+        RemoteProtocolError: With the reason code of the first failed check.
+    """
+    envelope = authenticate_envelope(
+        data, trusted=trusted, expected_sender=expected_sender, limits=limits
+    )
+    return open_authenticated(
+        envelope,
+        identity=identity,
+        federation=federation,
+        replay=replay,
+        limits=limits,
+        expected_shapes=expected_shapes,
+        expected_dtypes=expected_dtypes,
+        complete=complete,
+        now_ms=now_ms,
+        max_skew_ms=max_skew_ms,
+        in_place=in_place,
     )
 
 
@@ -468,9 +577,11 @@ def _decode_payload(
     header: EnvelopeHeader,
     limits: Limits,
     expected_shapes: Mapping[str, tuple[int, ...]] | None,
+    expected_dtypes: Mapping[str, str] | None,
     complete: bool,
 ) -> Message:
-    if len(payload) < _PAYLOAD_LEN:
+    """Step 11 of PROTOCOL.md section 10: lengths, body msgpack, key set, tensors, fields."""
+    if len(payload) < _PAYLOAD_LEN:  # pragma: no cover - _MIN_ENVELOPE leaves room for it
         raise RemoteProtocolError(ErrorCode.BAD_FRAME, "payload shorter than its length prefix")
     body_len = int.from_bytes(payload[:_PAYLOAD_LEN], "big")
     if body_len > limits.max_body_size:
@@ -480,6 +591,10 @@ def _decode_payload(
     body = unpack_map(
         payload[_PAYLOAD_LEN : _PAYLOAD_LEN + body_len], what="body", max_size=limits.max_body_size
     )
+    cls = MESSAGE_TYPES[header.kind]
+    tensor_kind = header.kind in TENSOR_KINDS
+    with as_remote():
+        check_keys(header.kind.value, body, (*cls.BODY_KEYS, "tensors") if tensor_kind else cls.BODY_KEYS)
     blob = payload[_PAYLOAD_LEN + body_len :]
     routing: dict[str, Any] = {
         "version": header.version,
@@ -489,19 +604,18 @@ def _decode_payload(
         "round": header.round,
         "sequence": header.sequence,
     }
-    if header.kind in TENSOR_KINDS:
-        if "tensors" not in body:
-            raise RemoteProtocolError(ErrorCode.BAD_TYPE, f"{header.kind.value}: missing tensors")
+    if tensor_kind:
         tensors: dict[str, np.ndarray] = decode_tensors(
             body.pop("tensors"),
             blob,
             codec=header.codec,
             limits=limits,
             expected_shapes=expected_shapes,
+            expected_dtypes=expected_dtypes,
             complete=complete,
         )
         routing.update(tensors=tensors, base_digest=header.base_digest, codec=header.codec)
     elif len(blob):
         raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"{len(blob)} trailing payload bytes")
     with as_remote():
-        return MESSAGE_TYPES[header.kind].from_body(routing, body)
+        return cls.from_body(routing, body)

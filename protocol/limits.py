@@ -14,6 +14,7 @@ __all__ = [
     "ANNOUNCE_TOPIC_PREFIX",
     "DEFAULT_LIMITS",
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_MAX_SKEW_MS",
     "DIGEST_SIZE",
     "EXCHANGE_PROTOCOL_ID",
     "FRAME_PREFIX_SIZE",
@@ -21,14 +22,15 @@ __all__ = [
     "MAX_ANNOUNCE_SIZE",
     "MAX_FRAME_SIZE_CEILING",
     "MAX_HEADER_SIZE",
+    "MAX_MSGPACK_DEPTH",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "SIGNATURE_SIZE",
     "Limits",
 ]
 
-PROTOCOL_VERSION = 1
-"""The only wire version this package speaks."""
+PROTOCOL_VERSION = 2
+"""The only wire version this package speaks (envelope headers and announces carry it)."""
 
 EXCHANGE_PROTOCOL_ID = "/silomesh/exchange/1.0.0"
 """libp2p protocol id of the direct exchange stream."""
@@ -50,6 +52,13 @@ MAX_HEADER_SIZE = 4096
 
 MAX_ANNOUNCE_SIZE = 64 * 1024
 """Upper bound on a whole announce message (GossipSub drops ~1 MiB)."""
+
+MAX_MSGPACK_DEPTH = 8
+"""Deepest nesting of msgpack maps and arrays accepted (the top-level map is depth 1;
+the deepest the protocol uses is 4: body -> tensors -> entry -> shape)."""
+
+DEFAULT_MAX_SKEW_MS = 15 * 60 * 1000
+"""The reference peer's default largest ``|timestamp - now|`` (15 minutes) before ``STALE``."""
 
 KEY_SIZE = 32
 """Ed25519 public keys, X25519 keys and seeds are 32 bytes."""

@@ -81,24 +81,30 @@ def _check_reply_to(value: object) -> int | None:
 def _check_metrics(value: object, *, decoded: bool = False) -> Mapping[str, float]:
     """Validate a metrics map (name -> finite float); return a read-only ``float`` copy.
 
-    Shared by every message with a ``metrics`` field (update, train-result).
+    Shared by every message with a ``metrics`` field (update, train-result). Checks, in
+    this order: a map of at most 64 entries (``BAD_TYPE``), then each entry in order:
+    the name is a str of at most 128 UTF-8 bytes (``BAD_TYPE`` / ``TOO_LARGE``), the
+    value is a float (``BAD_TYPE``) and finite (``BAD_TYPE``).
 
     Args:
         value: The map to check.
-        decoded: True for a map decoded from the wire, which must be exactly a ``dict``
-            of msgpack floats (no integers, no bools). Local callers may also pass any
-            mapping with ``int`` or numpy floating values, normalised to ``float``.
+        decoded: True for a map decoded from the wire, whose values must be msgpack
+            floats exactly (an integer, even 3, is ``BAD_TYPE``). Local callers may also
+            pass any mapping with ``int`` or numpy floating values, normalised to
+            ``float`` (so the encoder always writes ``float 64``).
 
     Raises:
         LocalProtocolError: ``BAD_TYPE`` (or ``TOO_LARGE`` for an overlong name).
     """
-    if decoded and (type(value) is not dict or any(type(v) is not float for v in value.values())):
-        raise LocalProtocolError(ErrorCode.BAD_TYPE, "metrics must map str -> float")
+    if decoded and type(value) is not dict:
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, "metrics must be a map")
     if not isinstance(value, Mapping) or len(value) > MAX_METRICS:
         raise LocalProtocolError(ErrorCode.BAD_TYPE, f"metrics: a map of <= {MAX_METRICS}")
     clean: dict[str, float] = {}
     for key, item in value.items():
         check_str("metric name", key, MAX_LABEL)
+        if decoded and type(item) is not float:
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"metric {key!r} must be a float")
         if isinstance(item, bool) or not isinstance(item, int | float | np.floating):
             raise LocalProtocolError(ErrorCode.BAD_TYPE, f"metric {key!r} must be a float")
         clean[key] = check_float(f"metric {key!r}", float(item))
@@ -115,7 +121,7 @@ class Message:
         recipient: Recipient's raw 32-byte Ed25519 public key.
         round: The sender's round number.
         sequence: The sender's message counter; (sender, round, sequence) is unique.
-        version: Protocol version (only 1 exists).
+        version: Protocol version (only 2 is spoken).
     """
 
     kind: ClassVar[Kind]
@@ -163,7 +169,8 @@ class Hello(Message):
     Attributes:
         agent: Software name/version.
         model: Model/task identifier both sides must share ("" if unknown).
-        state_digest: Digest of the sender's current model, if any.
+        state_digest: The state digest of the base the sender holds *from the
+            recipient* (the last state it accepted from it), None if none.
         codecs: Codecs the sender can decode.
         max_frame_size: Largest frame the sender accepts.
     """
@@ -274,7 +281,9 @@ class Update(TensorMessage):
 
     Attributes:
         n_samples: Training samples behind this model (weight for averaging).
-        state_digest: Digest of the full state this update produces, if known.
+        state_digest: Digest of the full state this update produces at the receiver
+            (the snapshot as decoded, or base + decoded delta); required, the receiver
+            checks it (``STATE_MISMATCH``).
         metrics: name -> finite float (at most 64 entries), e.g. ``loss`` (FedMix
             weighting) or ``degree`` (Metropolis averaging).
     """
@@ -282,14 +291,14 @@ class Update(TensorMessage):
     kind: ClassVar[Kind] = Kind.UPDATE
     BODY_KEYS: ClassVar[tuple[str, ...]] = ("n_samples", "state_digest", "metrics")
 
+    state_digest: bytes
     n_samples: int = 0
-    state_digest: bytes | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_uint("n_samples", self.n_samples)
-        check_optional_bytes("state_digest", self.state_digest, DIGEST_SIZE)
+        check_bytes("state_digest", self.state_digest, DIGEST_SIZE)
         object.__setattr__(self, "metrics", _check_metrics(self.metrics))
 
     def body(self) -> dict[str, Any]:

@@ -7,6 +7,10 @@ are dropped and the mark moves up past them. Senders should therefore number
 messages so that ``(round, sequence)`` increases over time (a per-peer counter that
 survives restarts, or a fresh round after a restart); within a window of ``window``
 messages, out-of-order delivery is fine.
+
+Across restarts (PROTOCOL.md section 11, a MUST): persist :meth:`ReplayGuard.low_water_marks`
+(one past each sender's newest accepted pair) and seed the next guard with them, through
+the constructor or :meth:`ReplayGuard.restore`.
 """
 
 from __future__ import annotations
@@ -137,6 +141,32 @@ class ReplayGuard:
             compact_senders=len(self._compact),
             remembered=sum(len(s.seen) for s in self._senders.values()),
         )
+
+    def restore(self, low_water_marks: Mapping[bytes, Key]) -> None:
+        """Raise each sender's low-water mark to at least the given one (never lower it).
+
+        For marks loaded after construction (e.g. from a store that a peer opens later);
+        accepted pairs below a raised mark are forgotten, as they are now refused anyway.
+
+        Raises:
+            LocalProtocolError: BAD_TYPE for a mark that is not a pair of uints.
+        """
+        for sender, mark in low_water_marks.items():
+            if (
+                type(mark) is not tuple
+                or len(mark) != 2
+                or not all(type(v) is int and v >= 0 for v in mark)
+            ):
+                raise LocalProtocolError(ErrorCode.BAD_TYPE, f"bad low-water mark {mark!r}")
+            state = self._senders.get(sender)
+            if state is None:
+                current = self._compact.get(sender)
+                if current is None or mark > current:
+                    self._compact[sender] = mark
+            elif mark > state.low:
+                state.low = mark
+                state.seen = {key for key in state.seen if key >= mark}
+                state.heap = sorted(state.seen)
 
     def low_water_marks(self) -> dict[bytes, Key]:
         """Per-sender marks for persistence: one past each sender's newest accepted pair.

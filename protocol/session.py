@@ -9,12 +9,18 @@ track one shared state::
     READY --dialer need-base-----> AWAIT_BASE_REPLY   --update|error---------------> READY
     READY --dialer train-result--> AWAIT_RESULT_REPLY --ack|error-------------------> READY
     HELLO_SENT --listener error--> CLOSED
+    READY --dialer error--> CLOSED
 
 End of stream is clean in IDLE, READY and CLOSED. Any violation, by either side, moves
 the session to ERROR for good: a message we may not send raises
 :class:`LocalProtocolError`, one the peer may not send raises
 :class:`RemoteProtocolError`. Until READY the frame limit is the small handshake limit,
 so an unauthenticated dialer cannot make us buffer a large frame.
+
+A received envelope is checked in the order of PROTOCOL.md section 10; the session's own
+check (the table above, ``UNEXPECTED_MESSAGE``) is step 5, right after the signature. When
+an envelope is refused after its signature verified, :meth:`Session.refusal` gives the
+signed ``error`` that tells the sender why (section 9); before, the stream is just reset.
 
 Usage (I/O left to the caller)::
 
@@ -30,13 +36,22 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
 
-from .envelope import OpenedEnvelope, SealedEnvelope, open_envelope, read_header, seal_envelope
+from .codec import check_model_dtypes
+from .envelope import (
+    EnvelopeHeader,
+    OpenedEnvelope,
+    SealedEnvelope,
+    authenticate_envelope,
+    open_authenticated,
+    seal_envelope,
+)
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import CLOSED, NEED_DATA, FrameDecoder, Signal
 from .identity import Identity
 from .limits import DEFAULT_LIMITS, MAX_ANNOUNCE_SIZE, Limits
-from .messages import Hello, Kind, Message
+from .messages import MAX_TEXT, ErrorMessage, Hello, Kind, Message
 from .replay import ReplayGuard
 
 __all__ = ["EOF_STATES", "HANDSHAKE_MAX_FRAME_SIZE", "TRANSITIONS", "Role", "Session", "State"]
@@ -95,11 +110,24 @@ TRANSITIONS: Mapping[tuple[State, Role, Kind], State] = {
     (_S.AWAIT_BASE_REPLY, _L, Kind.ERROR): _S.READY,
     (_S.AWAIT_RESULT_REPLY, _L, Kind.ACK): _S.READY,
     (_S.AWAIT_RESULT_REPLY, _L, Kind.ERROR): _S.READY,
+    (_S.READY, _D, Kind.ERROR): _S.CLOSED,
 }
 """(state, role of the sender, kind) -> next state. Anything absent is a violation."""
 
 EOF_STATES = frozenset({State.IDLE, State.READY, State.CLOSED})
 """States in which the stream may end cleanly."""
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """An envelope refused after its signature verified: it may be answered."""
+
+    header: EnvelopeHeader
+    error: RemoteProtocolError
+
+
+def _clip_utf8(text: str, max_bytes: int) -> str:
+    return text.encode("utf-8", "replace")[:max_bytes].decode("utf-8", "ignore")
 
 
 class Session:
@@ -116,9 +144,11 @@ class Session:
         replay: ReplayGuard | None = None,
         limits: Limits = DEFAULT_LIMITS,
         expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        expected_dtypes: Mapping[str, str] | None = None,
         complete: bool = False,
         max_skew_ms: int | None = None,
         clock_ms: Callable[[], int] | None = None,
+        next_sequence: Callable[[], int] | None = None,
     ) -> None:
         """Create a session.
 
@@ -133,10 +163,21 @@ class Session:
                 one is created if omitted.
             limits: Size limits once READY.
             expected_shapes: Model tensor shapes enforced on received tensors.
+            expected_dtypes: Model tensor dtypes (numpy names such as ``"float32"``,
+                ``"int64"``, ``"bool"``) enforced on received tensors: a floating
+                tensor must arrive under a float codec, an integer or bool one in
+                exactly its dtype (``BAD_DTYPE``).
             complete: With ``expected_shapes``, require every model tensor.
             max_skew_ms: If set, refuse envelopes whose timestamp is further from
-                ``clock_ms()`` than this.
-            clock_ms: Current Unix time in ms (default: the system clock).
+                ``clock_ms()`` than this (the reference peer's default is
+                :data:`~.limits.DEFAULT_MAX_SKEW_MS`).
+            clock_ms: Current Unix time in ms (default: the system clock); also the
+                timestamp of what this session seals.
+            next_sequence: The peer's message counter, for the ``error`` that
+                :meth:`refusal` seals (or pass ``sequence=`` there).
+
+        Raises:
+            LocalProtocolError: BAD_DTYPE if ``expected_dtypes`` names no numpy dtype.
         """
         self.role = role
         self.identity = identity
@@ -146,7 +187,12 @@ class Session:
         self._replay = replay if replay is not None else ReplayGuard()
         self._limits = limits
         self._expected_shapes = expected_shapes
+        if expected_dtypes is not None:
+            check_model_dtypes(expected_dtypes)
+        self._expected_dtypes = expected_dtypes
         self._complete = complete
+        self._next_sequence = next_sequence
+        self._refused: _Refused | None = None
         self._max_skew_ms = max_skew_ms
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._state = State.IDLE
@@ -222,7 +268,10 @@ class Session:
             if (self._state, self.role, message.kind) not in TRANSITIONS:
                 self._advance(self.role, message.kind, LocalProtocolError)
             sealed = seal_envelope(
-                message, self.identity, limits=self._limits, timestamp_ms=timestamp_ms
+                message,
+                self.identity,
+                limits=self._limits,
+                timestamp_ms=self._clock_ms() if timestamp_ms is None else timestamp_ms,
             )
             peer_max = self.peer_hello.max_frame_size if self.peer_hello else None
             if peer_max is not None and sealed.size > peer_max:
@@ -249,11 +298,13 @@ class Session:
         """Return the next verified envelope, :data:`NEED_DATA` or :data:`CLOSED`.
 
         Raises:
-            RemoteProtocolError: The peer violated the protocol (session -> ERROR).
+            RemoteProtocolError: The peer violated the protocol (session -> ERROR); if
+                the envelope's signature had verified, :meth:`refusal` gives the reply.
             LocalProtocolError: Called after an error.
         """
         if self._state is State.ERROR:
             raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "session is in ERROR")
+        authenticated = None
         try:
             frame = self._decoder.next_frame()
             if frame is NEED_DATA:
@@ -268,23 +319,33 @@ class Session:
             assert isinstance(frame, bytearray)
             if self._state is State.CLOSED:
                 raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "data after close")
-            kind = read_header(frame, self._limits).kind
+            # steps 1-4 of PROTOCOL.md section 10: lengths, header, trust, signature
+            authenticated = authenticate_envelope(
+                frame, trusted=self._trusted, expected_sender=self.peer, limits=self._limits
+            )
+            # step 5: the session state
+            kind = authenticated.header.kind
             if (self._state, self.role.other, kind) not in TRANSITIONS:
                 self._advance(self.role.other, kind, RemoteProtocolError)
-            opened = open_envelope(
-                frame,
+            # steps 6-11: recipient, federation, timestamp, digest, replay, decryption, payload
+            opened = open_authenticated(
+                authenticated,
                 identity=self.identity,
                 federation=self.federation,
-                trusted=self._trusted,
-                expected_sender=self.peer,
                 replay=self._replay,
                 limits=self._limits,
                 expected_shapes=self._expected_shapes,
+                expected_dtypes=self._expected_dtypes,
                 complete=self._complete,
                 now_ms=self._clock_ms() if self._max_skew_ms is not None else None,
                 max_skew_ms=self._max_skew_ms,
                 in_place=True,
             )
+        except RemoteProtocolError as exc:
+            self._fail()
+            if authenticated is not None:
+                self._refused = _Refused(authenticated.header, exc)
+            raise
         except ProtocolError:
             self._fail()
             raise
@@ -292,6 +353,77 @@ class Session:
             self.peer_hello = opened.message
         self._advance(self.role.other, kind, RemoteProtocolError)
         return opened
+
+    def refusal(
+        self,
+        error: ProtocolError,
+        *,
+        sequence: int | None = None,
+        timestamp_ms: int | None = None,
+    ) -> SealedEnvelope | None:
+        """The signed ``error`` answering the envelope that :meth:`next_event` refused.
+
+        PROTOCOL.md section 9: an envelope refused after its signature verified (section
+        10, steps 5-11) is answered with an ``error`` carrying the code, ``reply_to`` =
+        the refused envelope's sequence and its round; write it, then close the stream.
+        An envelope refused before (framing, msgpack, version, kind, types, trust,
+        signature) gets no answer: we cannot know whom we would be talking to. Neither
+        does a refused ``error`` (errors are never answered), nor an ``error`` this
+        session did not raise for a received envelope (e.g. the I/O layer's own limits).
+        Peer-level refusals (the envelope was fine; the peer declines it) are normal
+        replies: ``send(ErrorMessage(...))`` in the reply state, and the session stays
+        usable.
+
+        Args:
+            error: The exception :meth:`next_event` raised.
+            sequence: Our sequence number for the ``error``; by default the session's
+                ``next_sequence()``.
+            timestamp_ms: Its timestamp; by default ``clock_ms()``.
+
+        Returns:
+            The sealed ``error`` (the session is then CLOSED), or None: reset the stream
+            (the session is then ERROR).
+
+        Raises:
+            LocalProtocolError: BAD_TYPE if an error is due and no sequence is known.
+        """
+        refused, self._refused = self._refused, None
+        if refused is None or refused.error is not error or refused.header.kind is Kind.ERROR:
+            if self._state is not State.CLOSED:
+                self._state = State.ERROR
+            return None
+        if sequence is None:
+            if self._next_sequence is None:
+                raise LocalProtocolError(
+                    ErrorCode.BAD_TYPE, "refusal needs sequence= or the session's next_sequence"
+                )
+            sequence = self._next_sequence()
+        header = refused.header
+        reply = ErrorMessage(
+            federation=self.federation,
+            sender=self.identity.public_key,
+            recipient=self.peer,
+            round=header.round,
+            sequence=sequence,
+            code=error.code,
+            message=_clip_utf8(error.message, MAX_TEXT),
+            reply_to=header.sequence,
+        )
+        sealed = seal_envelope(
+            reply,
+            self.identity,
+            limits=self._limits,
+            timestamp_ms=self._clock_ms() if timestamp_ms is None else timestamp_ms,
+        )
+        self._state = State.CLOSED
+        logger.debug(
+            "%s session: refused %s seq=%d with %s; CLOSED",
+            self.role.value,
+            header.kind.value,
+            header.sequence,
+            error.code.value,
+        )
+        return sealed
 
     def close(self) -> None:
         """Mark our end closed (the caller closes the stream); later sends are refused."""

@@ -1,8 +1,10 @@
 """Strict msgpack helpers and field validators shared by all message types.
 
 Packing is deterministic (maps keep the key order they were built in, ``bytes`` become
-msgpack ``bin``, ``str`` become ``str``). Unpacking is strict: UTF-8 strings, string map
-keys, no duplicate keys, no extension types, bounded sizes. Every failure becomes a
+msgpack ``bin``, ``str`` become ``str``, Python ``float`` always becomes ``float 64``).
+Unpacking is strict: exactly one object, valid UTF-8 strings, ``str`` map keys, no duplicate
+keys, no extension types (the timestamp extension included), nesting at most
+:data:`~.limits.MAX_MSGPACK_DEPTH` deep, bounded sizes. Every failure becomes a
 :class:`RemoteProtocolError` with :attr:`ErrorCode.BAD_MSGPACK`.
 
 The ``check_*`` validators raise :class:`LocalProtocolError`; decoders wrap them with
@@ -18,6 +20,7 @@ from typing import Any, NoReturn
 import msgpack
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .limits import MAX_MSGPACK_DEPTH
 
 __all__ = [
     "U64_MAX",
@@ -36,15 +39,36 @@ U64_MAX = 2**64 - 1
 _FEDERATION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-class _DuplicateKey(Exception):
-    pass
+class _NotStrict(Exception):
+    """Valid msgpack that the wire conventions forbid."""
 
 
 def _pairs_no_duplicates(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    for key, _ in pairs:
+        if type(key) is not str:
+            raise _NotStrict(f"map key of type {type(key).__name__}, not str")
     out = dict(pairs)
     if len(out) != len(pairs):
-        raise _DuplicateKey("duplicate map key")
+        raise _NotStrict("duplicate map key")
     return out
+
+
+def _check_tree(obj: object) -> None:
+    """Refuse nesting deeper than :data:`MAX_MSGPACK_DEPTH` and timestamp extensions.
+
+    msgpack decodes the timestamp extension (type -1) itself, without calling
+    ``ext_hook``, so it is caught here. The top-level object has depth 1.
+    """
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, msgpack.Timestamp):
+            raise _NotStrict("extension type -1 (timestamp) not allowed")
+        if isinstance(item, list | dict):
+            if depth > MAX_MSGPACK_DEPTH:
+                raise _NotStrict(f"nested deeper than {MAX_MSGPACK_DEPTH} maps or arrays")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 def _refuse_ext(code: int, data: bytes) -> NoReturn:
@@ -52,13 +76,17 @@ def _refuse_ext(code: int, data: bytes) -> NoReturn:
 
 
 def packb(obj: object) -> bytes:
-    """Pack ``obj`` with the wire conventions (bin for bytes, str for str)."""
+    """Pack ``obj`` with the wire conventions (bin for bytes, str for str, float 64 for float)."""
     data: bytes = msgpack.packb(obj, use_bin_type=True, strict_types=True)
     return data
 
 
 def unpack_map(data: bytes | bytearray | memoryview, *, what: str, max_size: int) -> dict[str, Any]:
     """Unpack one msgpack map occupying all of ``data``.
+
+    Strict (PROTOCOL.md section 2): bytes after the map, invalid UTF-8, a non-``str`` or
+    repeated map key, an extension type or nesting deeper than
+    :data:`~.limits.MAX_MSGPACK_DEPTH` are ``BAD_MSGPACK``.
 
     Args:
         data: The encoded bytes.
@@ -79,7 +107,8 @@ def unpack_map(data: bytes | bytearray | memoryview, *, what: str, max_size: int
             object_pairs_hook=_pairs_no_duplicates,
             ext_hook=_refuse_ext,
         )
-    except (ValueError, msgpack.UnpackException, _DuplicateKey) as exc:
+        _check_tree(obj)
+    except (ValueError, msgpack.UnpackException, _NotStrict) as exc:
         raise RemoteProtocolError(
             ErrorCode.BAD_MSGPACK, f"{what}: {type(exc).__name__}: {exc}"
         ) from None

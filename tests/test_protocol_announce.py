@@ -133,7 +133,9 @@ def test_announce_signed_by_another_key_is_a_bad_signature() -> None:
         ({"version": None}, "BAD_TYPE"),
         ({"kind": "update"}, "UNKNOWN_KIND"),
         ({"event": "reboot"}, "UNKNOWN_KIND"),
-        ({"event": None}, "UNKNOWN_KIND"),
+        ({"event": None}, "BAD_TYPE"),
+        ({"kind": None}, "BAD_TYPE"),
+        ({"version": 1}, "UNKNOWN_VERSION"),
         ({"size": -1}, "BAD_TYPE"),
         ({"digest": b"short"}, "BAD_TYPE"),
         ({"timestamp": "now"}, "BAD_TYPE"),
@@ -144,6 +146,30 @@ def test_announce_signed_by_another_key_is_a_bad_signature() -> None:
 )
 def test_bad_announce_fields_are_refused(changes: dict[str, Any], code: str) -> None:
     assert refusal(resign(GOOD_BODY | changes), me=BOB.public_key) == code
+
+
+def test_recipient_is_checked_before_the_federation_as_in_envelopes() -> None:
+    changes = {"federation": "other", "recipient": CAROL.public_key}
+    assert refusal(resign(GOOD_BODY | changes), me=BOB.public_key) == "WRONG_RECIPIENT"
+
+
+def test_the_version_is_checked_before_the_kind_and_the_kind_before_the_event() -> None:
+    assert refusal(resign(GOOD_BODY | {"version": 1, "kind": "update"})) == "UNKNOWN_VERSION"
+    assert refusal(resign(GOOD_BODY | {"kind": "update", "event": "reboot"})) == "UNKNOWN_KIND"
+
+
+def test_trust_is_checked_before_the_signature() -> None:
+    assert refusal(resign(GOOD_BODY, signer=CAROL), trusted={BOB.public_key}) == "UNTRUSTED_SENDER"
+
+
+def test_the_signature_is_checked_before_the_federation() -> None:
+    assert refusal(resign(GOOD_BODY | {"federation": "other"}, signer=CAROL)) == "BAD_SIGNATURE"
+
+
+def test_announce_with_a_timestamp_extension_is_bad_msgpack() -> None:
+    raw = msgpack.packb(GOOD_BODY, use_bin_type=True)
+    raw = bytes([raw[0] + 1]) + raw[1:] + msgpack.packb("at") + b"\xd6\xff\x00\x00\x00\x01"
+    assert refusal(ALICE.sign(ANNOUNCE_SIGNING_DOMAIN + raw) + raw) == "BAD_MSGPACK"
 
 
 def test_announce_with_a_missing_field_is_bad_type() -> None:

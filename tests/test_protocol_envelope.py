@@ -17,7 +17,9 @@ from nacl.signing import VerifyKey
 
 from silomesh.protocol import (
     ENVELOPE_SIGNING_DOMAIN,
+    MAX_MSGPACK_DEPTH,
     MESSAGE_TYPES,
+    PROTOCOL_VERSION,
     Ack,
     ErrorCode,
     ErrorMessage,
@@ -33,6 +35,8 @@ from silomesh.protocol import (
     TrainRequest,
     TrainResult,
     Update,
+    authenticate_envelope,
+    open_authenticated,
     open_envelope,
     read_header,
     seal_envelope,
@@ -109,7 +113,7 @@ def raw_envelope(
     box = Box(ALICE.box_private_key, PublicKey(x25519_public_key(encrypt_to.public_key)))
     ct = box.encrypt(payload, nonce).ciphertext
     header = {
-        "version": 1,
+        "version": PROTOCOL_VERSION,
         "kind": kind,
         "federation": FED,
         "sender": ALICE.public_key,
@@ -131,6 +135,7 @@ def ack_bytes(**kw: Any) -> bytes:
 
 
 def update_bytes(**kw: Any) -> bytes:
+    kw.setdefault("state_digest", DIGEST)
     return seal_envelope(Update(**routing(), tensors=STATE, **kw), ALICE).to_bytes()
 
 
@@ -138,8 +143,8 @@ ALL_MESSAGES: list[Message] = [
     Hello(**routing()),
     Hello(**routing(), model="unet-2d", state_digest=DIGEST, codecs=("int8",), max_frame_size=4096),
     Update(**routing(), tensors=STATE, n_samples=5, state_digest=DIGEST),
-    Update(**routing(), tensors=STATE, base_digest=DIGEST),
-    Update(**routing(), tensors=STATE, n_samples=7, metrics={"loss": 0.25, "degree": 3.0}),
+    Update(**routing(), tensors=STATE, base_digest=DIGEST, state_digest=DIGEST),
+    Update(**routing(), tensors=STATE, n_samples=7, state_digest=DIGEST, metrics={"loss": 0.25, "degree": 3.0}),
     TrainRequest(**routing(), tensors=STATE, epochs=2, deadline_ms=1_700_000_000_000),
     TrainResult(
         **routing(),
@@ -167,7 +172,7 @@ def test_every_message_kind_round_trips(message: Message) -> None:
 
 @pytest.mark.parametrize("codec", ["float16", "int8"])
 def test_lossy_codecs_round_trip_within_tolerance(codec: str) -> None:
-    message = Update(**routing(), tensors=STATE, codec=codec)
+    message = Update(**routing(), tensors=STATE, codec=codec, state_digest=DIGEST)
     got = open_(seal_envelope(message, ALICE).to_bytes()).message
     assert got.codec == codec
     for name, arr in STATE.items():
@@ -244,14 +249,16 @@ def test_seal_refuses_a_message_from_another_identity() -> None:
 def test_seal_refuses_non_finite_tensors() -> None:
     bad = {"w": np.array([1.0, np.nan], np.float32)}
     with pytest.raises(LocalProtocolError) as info:
-        seal_envelope(Update(**routing(), tensors=bad), ALICE)
+        seal_envelope(Update(**routing(), tensors=bad, state_digest=DIGEST), ALICE)
     assert info.value.code is ErrorCode.NON_FINITE
 
 
 def test_seal_refuses_an_envelope_above_the_frame_limit() -> None:
     big = {"w": np.zeros(1000, np.float32)}
     with pytest.raises(LocalProtocolError) as info:
-        seal_envelope(Update(**routing(), tensors=big), ALICE, limits=Limits(max_frame_size=1024))
+        seal_envelope(
+            Update(**routing(), tensors=big, state_digest=DIGEST), ALICE, limits=Limits(max_frame_size=1024)
+        )
     assert info.value.code is ErrorCode.TOO_LARGE
 
 
@@ -296,7 +303,10 @@ def test_header_that_is_not_a_map_is_bad_type() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "code"),
     [
-        ("version", 2, "UNKNOWN_VERSION"),
+        ("version", 1, "UNKNOWN_VERSION"),
+        ("version", 3, "UNKNOWN_VERSION"),
+        ("version", -1, "UNKNOWN_VERSION"),
+        ("version", None, "BAD_TYPE"),
         ("version", "1", "BAD_TYPE"),
         ("kind", "gossip", "UNKNOWN_KIND"),
         ("kind", "announce", "UNKNOWN_KIND"),
@@ -460,7 +470,7 @@ def test_error_message_with_an_unknown_code_is_bad_type() -> None:
 
 
 def test_update_without_a_tensor_table_is_bad_type() -> None:
-    body: dict[str, Any] = {"n_samples": 1, "state_digest": None, "metrics": {}}
+    body: dict[str, Any] = {"n_samples": 1, "state_digest": DIGEST, "metrics": {}}
     env = raw_envelope(body, kind="update", codec="float32")
     assert refusal(env) == "BAD_TYPE"
 
@@ -468,7 +478,7 @@ def test_update_without_a_tensor_table_is_bad_type() -> None:
 def _update_raw(
     table: list[Any], blob: bytes, metrics: object = None, *, drop: str | None = None, **kw: Any
 ) -> bytes:
-    body = {"n_samples": 1, "state_digest": None, "metrics": metrics or {}, "tensors": table}
+    body = {"n_samples": 1, "state_digest": DIGEST, "metrics": metrics or {}, "tensors": table}
     if drop is not None:
         del body[drop]
     return raw_envelope(body, blob, kind="update", codec="float32", **kw)
@@ -486,7 +496,7 @@ def test_received_update_metrics_decode_to_a_read_only_float_map() -> None:
 
 def test_received_update_with_float32_metrics_is_accepted() -> None:
     body = msgpack.packb(
-        {"n_samples": 1, "state_digest": None, "metrics": {"loss": 0.5}, "tensors": _W[0]},
+        {"n_samples": 1, "state_digest": DIGEST, "metrics": {"loss": 0.5}, "tensors": _W[0]},
         use_bin_type=True,
         use_single_float=True,
     )
@@ -521,11 +531,10 @@ def test_received_update_with_exactly_64_metrics_is_accepted() -> None:
         {"loss": "0.5"},
         {"loss": None},
         {"loss": [0.5]},
-        {b"loss": 0.5},
         [["loss", 0.5]],
         "loss",
     ],
-    ids=["int", "bool", "str", "nil", "array", "bin-key", "array-not-map", "str-not-map"],
+    ids=["int", "bool", "str", "nil", "array", "array-not-map", "str-not-map"],
 )
 def test_received_update_with_wrongly_typed_metrics_is_bad_type(metrics: object) -> None:
     assert refusal(_update_raw(*_W, metrics)) == "BAD_TYPE"
@@ -562,6 +571,148 @@ def test_update_matching_the_model_shapes_is_accepted() -> None:
     shapes = {name: arr.shape for name, arr in STATE.items()}
     opened = open_(update_bytes(), expected_shapes=shapes, complete=True)
     assert set(opened.message.tensors) == set(STATE)
+
+
+def test_update_without_a_state_digest_is_bad_type() -> None:
+    body = {"n_samples": 1, "state_digest": None, "metrics": {}, "tensors": _W[0]}
+    assert refusal(raw_envelope(body, _W[1], kind="update", codec="float32")) == "BAD_TYPE"
+
+
+def test_update_tensors_may_be_required_to_fit_the_model_dtypes() -> None:
+    dtypes = {name: str(arr.dtype) for name, arr in STATE.items()}
+    assert set(open_(update_bytes(), expected_dtypes=dtypes).message.tensors) == set(STATE)
+    assert refusal(update_bytes(), expected_dtypes=dtypes | {"bn.num_batches_tracked": "int32"}) == "BAD_DTYPE"
+    assert refusal(update_bytes(), expected_dtypes=dtypes | {"conv.bias": "int64"}) == "BAD_DTYPE"
+
+
+# ---------------------------------------------------------------- strict msgpack
+
+
+def _ack_header_with(extra_bytes: bytes, key: str = "zz") -> bytes:
+    """The ack's header map with one more entry whose value is ``extra_bytes`` (raw msgpack)."""
+    header, _, _ = split(ack_bytes())
+    packed = msgpack.packb(header, use_bin_type=True)
+    return bytes([packed[0] + 1]) + packed[1:] + msgpack.packb(key) + extra_bytes
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"\xd6\xff\x00\x00\x00\x01", b"\xd4\x05\x00", b"\xc7\x00\x07"],
+    ids=["timestamp-extension", "fixext-5", "ext8-empty"],
+)
+def test_extension_types_in_the_header_are_bad_msgpack(value: bytes) -> None:
+    _, _, ct = split(ack_bytes())
+    assert refusal(forge(_ack_header_with(value), ct)) == "BAD_MSGPACK"
+
+
+def test_extension_type_in_a_body_is_bad_msgpack() -> None:
+    body = msgpack.packb({"reply_to": 1}, use_bin_type=True)
+    body = bytes([body[0] + 1]) + body[1:] + msgpack.packb("note") + b"\xd6\xff\x00\x00\x00\x01"
+    assert refusal(raw_envelope(None, body_bytes=body)) == "BAD_MSGPACK"
+
+
+def test_bytes_after_the_header_map_inside_header_len_are_bad_msgpack() -> None:
+    header, _, ct = split(ack_bytes())
+    assert refusal(forge(msgpack.packb(header, use_bin_type=True) + b"\xc0", ct)) == "BAD_MSGPACK"
+
+
+def test_bytes_after_the_body_map_inside_body_len_are_bad_msgpack() -> None:
+    body = msgpack.packb({"reply_to": 1, "note": ""}, use_bin_type=True) + b"\x00"
+    assert refusal(raw_envelope(None, body_bytes=body)) == "BAD_MSGPACK"
+
+
+def test_a_binary_map_key_is_bad_msgpack() -> None:
+    assert refusal(_update_raw(*_W, {b"loss": 0.5})) == "BAD_MSGPACK"
+
+
+def test_nesting_deeper_than_the_limit_is_bad_msgpack_and_at_the_limit_a_field_error() -> None:
+    _, _, ct = split(ack_bytes())
+    too_deep = b"\x91" * MAX_MSGPACK_DEPTH + b"\x00"  # header map + 8 arrays = depth 9
+    at_limit = b"\x91" * (MAX_MSGPACK_DEPTH - 1) + b"\x00"
+    assert refusal(forge(_ack_header_with(too_deep), ct)) == "BAD_MSGPACK"
+    assert refusal(forge(_ack_header_with(at_limit), ct)) == "BAD_TYPE"  # an extra key
+
+
+def test_extreme_nesting_is_bad_msgpack_not_a_crash() -> None:
+    _, _, ct = split(ack_bytes())
+    deep = _ack_header_with(b"\x91" * 3000 + b"\x00")
+    assert len(deep) <= 4096
+    assert refusal(forge(deep, ct)) == "BAD_MSGPACK"
+
+
+def test_encoder_writes_metrics_as_float64_even_when_integral() -> None:
+    message = Update(**routing(), tensors={}, state_digest=DIGEST, metrics={"degree": 3, "loss": np.float32(0.5)})
+    sealed = seal_envelope(message, ALICE)
+    payload = Box(BOB.box_private_key, ALICE.box_public_key).decrypt(bytes(sealed.ciphertext), sealed.header.nonce)
+    body = payload[4 : 4 + int.from_bytes(payload[:4], "big")]
+    assert b"\xa6degree\xcb" + struct.pack(">d", 3.0) in body
+    assert b"\xa4loss\xcb" + struct.pack(">d", 0.5) in body
+
+
+# ---------------------------------------------------------------- the order of the checks (section 10)
+
+
+def test_version_is_checked_before_the_key_set() -> None:
+    header, _, ct = split(ack_bytes())
+    header["version"] = 1
+    header["priority"] = 1
+    assert refusal(forge(header, ct)) == "UNKNOWN_VERSION"
+
+
+def test_kind_is_checked_before_the_key_set() -> None:
+    header, _, ct = split(ack_bytes())
+    header["kind"] = "gossip"
+    del header["nonce"]
+    assert refusal(forge(header, ct)) == "UNKNOWN_KIND"
+
+
+def test_trust_is_checked_before_the_signature() -> None:
+    header, _, ct = split(ack_bytes())
+    assert refusal(forge(header, ct, signer=CAROL), trusted={CAROL.public_key}) == "UNTRUSTED_SENDER"
+
+
+def test_recipient_is_checked_before_the_timestamp() -> None:
+    env = seal_envelope(Ack(**routing(recipient=CAROL), reply_to=1), ALICE, timestamp_ms=1).to_bytes()
+    assert refusal(env, now_ms=10**12, max_skew_ms=1000) == "WRONG_RECIPIENT"
+
+
+def test_the_digest_is_checked_before_the_replay_guard() -> None:
+    guard = ReplayGuard()
+    env = bytearray(update_bytes())
+    open_(bytes(env), replay=guard)
+    env[-1] ^= 0x80
+    assert refusal(env, replay=guard) == "DIGEST_MISMATCH"
+
+
+def test_body_key_set_is_checked_before_the_tensor_table() -> None:
+    body = {"n_samples": 1, "state_digest": DIGEST, "tensors": [["a", "float64", [1], 0, None]]}
+    assert refusal(raw_envelope(body, bytes(8), kind="update", codec="float32")) == "BAD_TYPE"
+
+
+def test_body_key_set_is_checked_before_trailing_blob_bytes() -> None:
+    assert refusal(raw_envelope({"reply_to": 1}, b"extra")) == "BAD_TYPE"
+
+
+def test_the_tensor_table_is_checked_before_the_other_body_fields() -> None:
+    body = {"n_samples": -1, "state_digest": DIGEST, "metrics": {}, "tensors": [["a", "float64", [1], 0, None]]}
+    assert refusal(raw_envelope(body, bytes(8), kind="update", codec="float32")) == "BAD_DTYPE"
+
+
+def test_authenticate_then_open_is_open_envelope() -> None:
+    env = update_bytes()
+    authenticated = authenticate_envelope(env, trusted={ALICE.public_key}, expected_sender=ALICE.public_key)
+    assert authenticated.header.kind == "update" and authenticated.size == len(env)
+    opened = open_authenticated(authenticated, identity=BOB, federation=FED)
+    assert opened.message == open_(env).message
+
+
+def test_authenticate_stops_at_the_signature_and_leaves_the_rest_unchecked() -> None:
+    env = bytearray(seal_envelope(Ack(**routing(federation="other-fed"), reply_to=1), ALICE).to_bytes())
+    env[-1] ^= 0x80  # digest mismatch too, but that is a later step
+    authenticated = authenticate_envelope(env, trusted=None)
+    with pytest.raises(RemoteProtocolError) as info:
+        open_authenticated(authenticated, identity=BOB, federation=FED)
+    assert info.value.code is ErrorCode.WRONG_FEDERATION
 
 
 # ---------------------------------------------------------------- properties
@@ -608,6 +759,7 @@ def messages(draw: st.DrawFn) -> Message:
     return Update(
         **r,
         tensors=tensors,
+        state_digest=draw(st.binary(min_size=32, max_size=32)),
         n_samples=draw(st.integers(0, 10**6)),
         base_digest=draw(st.none() | st.just(DIGEST)),
         metrics=draw(

@@ -27,6 +27,7 @@ from silomesh.protocol import (
 
 ALICE = Identity.from_seed(b"\x01" * 32)
 BOB = Identity.from_seed(b"\x02" * 32)
+SD = bytes(range(32))  # a state digest
 
 
 def routing(**kw: Any) -> dict[str, Any]:
@@ -97,7 +98,8 @@ def test_x25519_conversion_refuses_an_invalid_point() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "code"),
     [
-        ("version", 2, ErrorCode.UNKNOWN_VERSION),
+        ("version", 1, ErrorCode.UNKNOWN_VERSION),
+        ("version", 3, ErrorCode.UNKNOWN_VERSION),
         ("federation", "", ErrorCode.BAD_TYPE),
         ("federation", "fed/announce", ErrorCode.BAD_TYPE),
         ("federation", "x" * 65, ErrorCode.BAD_TYPE),
@@ -135,49 +137,67 @@ def test_hello_refuses_an_overlong_agent() -> None:
 
 
 def test_update_refuses_non_array_tensors() -> None:
-    assert code_of(Update, **routing(), tensors={"w": [1.0]}) is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), state_digest=SD, tensors={"w": [1.0]}) is ErrorCode.BAD_TYPE
 
 
 def test_update_refuses_a_short_base_digest() -> None:
-    assert code_of(Update, **routing(), tensors={}, base_digest=b"\x00") is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), state_digest=SD, tensors={}, base_digest=b"\x00") is ErrorCode.BAD_TYPE
 
 
 def test_update_refuses_codec_none() -> None:
-    assert code_of(Update, **routing(), tensors={}, codec="none") is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), state_digest=SD, tensors={}, codec="none") is ErrorCode.BAD_TYPE
+
+
+def test_update_requires_a_state_digest() -> None:
+    with pytest.raises(TypeError):
+        Update(**routing(), tensors={})  # type: ignore[call-arg]
+    assert code_of(Update, **routing(), tensors={}, state_digest=None) is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), tensors={}, state_digest=b"\x00" * 31) is ErrorCode.BAD_TYPE
+
+
+def test_sequence_and_round_are_uint64() -> None:
+    assert Ack(**routing(round=2**64 - 1, sequence=2**64 - 1), reply_to=2**64 - 1).sequence == 2**64 - 1
+    assert code_of(Ack, **routing(sequence=2**64), reply_to=0) is ErrorCode.BAD_TYPE
+    assert code_of(Ack, **routing(round=2**64), reply_to=0) is ErrorCode.BAD_TYPE
+
+
+def test_need_base_may_leave_the_base_unnamed_to_ask_for_the_current_model() -> None:
+    ask = NeedBase(**routing(), unknown_base=None, reply_to=None)
+    assert ask.body() == {"unknown_base": None, "reply_to": None}
 
 
 def test_update_is_a_delta_exactly_when_it_names_a_base() -> None:
-    assert Update(**routing(), tensors={}, base_digest=b"\x00" * 32).is_delta
-    assert not Update(**routing(), tensors={}).is_delta
+    assert Update(**routing(), state_digest=SD, tensors={}, base_digest=b"\x00" * 32).is_delta
+    assert not Update(**routing(), state_digest=SD, tensors={}).is_delta
 
 
 def test_update_tensors_cannot_be_replaced_after_construction() -> None:
-    update = Update(**routing(), tensors={"w": np.ones(2, np.float32)})
+    update = Update(**routing(), state_digest=SD, tensors={"w": np.ones(2, np.float32)})
     with pytest.raises(TypeError):
         update.tensors["w"] = np.zeros(2, np.float32)
 
 
 def test_tensor_messages_compare_equal_only_with_identical_tensors() -> None:
-    first = Update(**routing(), tensors={"w": np.ones(2, np.float32)})
-    same = Update(**routing(), tensors={"w": np.ones(2, np.float32)})
-    other = Update(**routing(), tensors={"w": np.zeros(2, np.float32)})
-    wider = Update(**routing(), tensors={"w": np.ones(2, np.float64)})
+    first = Update(**routing(), state_digest=SD, tensors={"w": np.ones(2, np.float32)})
+    same = Update(**routing(), state_digest=SD, tensors={"w": np.ones(2, np.float32)})
+    other = Update(**routing(), state_digest=SD, tensors={"w": np.zeros(2, np.float32)})
+    wider = Update(**routing(), state_digest=SD, tensors={"w": np.ones(2, np.float64)})
     assert first == same and first != other and first != wider
 
 
 def test_update_metrics_default_to_an_empty_map() -> None:
-    assert dict(Update(**routing(), tensors={}).metrics) == {}
+    assert dict(Update(**routing(), state_digest=SD, tensors={}).metrics) == {}
 
 
 def test_update_keeps_loss_and_degree_metrics_as_floats() -> None:
-    update = Update(**routing(), tensors={}, metrics={"loss": np.float32(0.5), "degree": 3})
+    update = Update(**routing(), state_digest=SD, tensors={}, metrics={"loss": np.float32(0.5), "degree": 3})
     assert update.metrics == {"loss": 0.5, "degree": 3.0}
     assert all(type(v) is float for v in update.metrics.values())
 
 
 def test_update_metrics_cannot_be_changed_after_construction() -> None:
     metrics = {"loss": 0.5}
-    update = Update(**routing(), tensors={}, metrics=metrics)
+    update = Update(**routing(), state_digest=SD, tensors={}, metrics=metrics)
     metrics["loss"] = 9.0
     assert update.metrics["loss"] == 0.5
     with pytest.raises(TypeError):
@@ -186,28 +206,28 @@ def test_update_metrics_cannot_be_changed_after_construction() -> None:
 
 @pytest.mark.parametrize("value", [float("nan"), float("-inf"), "0.5", True, None])
 def test_update_refuses_bad_metric_values(value: object) -> None:
-    assert code_of(Update, **routing(), tensors={}, metrics={"m": value}) is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), state_digest=SD, tensors={}, metrics={"m": value}) is ErrorCode.BAD_TYPE
 
 
 def test_update_refuses_more_than_64_metrics() -> None:
     metrics = {f"m{i}": 0.0 for i in range(65)}
-    assert code_of(Update, **routing(), tensors={}, metrics=metrics) is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), state_digest=SD, tensors={}, metrics=metrics) is ErrorCode.BAD_TYPE
 
 
 def test_update_refuses_a_non_string_or_overlong_metric_name() -> None:
-    assert code_of(Update, **routing(), tensors={}, metrics={1: 0.5}) is ErrorCode.BAD_TYPE
-    assert code_of(Update, **routing(), tensors={}, metrics={"m" * 129: 0.5}) is ErrorCode.TOO_LARGE
+    assert code_of(Update, **routing(), state_digest=SD, tensors={}, metrics={1: 0.5}) is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), state_digest=SD, tensors={}, metrics={"m" * 129: 0.5}) is ErrorCode.TOO_LARGE
 
 
 def test_update_refuses_metrics_that_are_not_a_map() -> None:
-    assert code_of(Update, **routing(), tensors={}, metrics=[("m", 0.5)]) is ErrorCode.BAD_TYPE
+    assert code_of(Update, **routing(), state_digest=SD, tensors={}, metrics=[("m", 0.5)]) is ErrorCode.BAD_TYPE
 
 
 def test_update_metrics_take_part_in_equality() -> None:
-    first = Update(**routing(), tensors={}, metrics={"loss": 0.5})
-    assert first == Update(**routing(), tensors={}, metrics={"loss": 0.5})
-    assert first != Update(**routing(), tensors={}, metrics={"loss": 0.25})
-    assert first != Update(**routing(), tensors={})
+    first = Update(**routing(), state_digest=SD, tensors={}, metrics={"loss": 0.5})
+    assert first == Update(**routing(), state_digest=SD, tensors={}, metrics={"loss": 0.5})
+    assert first != Update(**routing(), state_digest=SD, tensors={}, metrics={"loss": 0.25})
+    assert first != Update(**routing(), state_digest=SD, tensors={})
 
 
 def test_train_request_refuses_zero_epochs() -> None:

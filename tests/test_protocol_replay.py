@@ -90,6 +90,36 @@ def test_low_water_marks_restore_refuses_everything_accepted_before() -> None:
     assert not _refused(restored, A, 3, 10)
 
 
+def test_low_water_marks_are_one_past_the_newest_accepted_pair() -> None:
+    guard = ReplayGuard()
+    guard.accept(A, 3, 9)
+    guard.accept(A, 2, 50)
+    guard.accept(A, 3, 2**64 - 1)
+    assert guard.low_water_marks() == {A: (3, 2**64)}
+
+
+def test_restore_raises_marks_and_forgets_pairs_below_them() -> None:
+    guard = ReplayGuard()
+    guard.accept(A, 1, 5)
+    guard.restore({A: (2, 0), B: (7, 3)})
+    assert guard.statistics().remembered == 0
+    assert (A, 1, 6) in guard and not _refused(guard, A, 2, 0)
+    assert (B, 7, 2) in guard and not _refused(guard, B, 7, 3)
+
+
+def test_restore_never_lowers_a_mark() -> None:
+    guard = ReplayGuard(low_water_marks={A: (5, 0)})
+    guard.restore({A: (1, 0)})
+    guard.accept(B, 4, 4)
+    guard.restore({B: (0, 1)})
+    assert (A, 4, 9) in guard and (B, 4, 4) in guard
+
+
+def test_restore_refuses_a_malformed_mark() -> None:
+    with pytest.raises(LocalProtocolError):
+        ReplayGuard().restore({A: (1, -1)})
+
+
 def test_guard_refuses_a_zero_window() -> None:
     with pytest.raises(LocalProtocolError):
         ReplayGuard(window=0)

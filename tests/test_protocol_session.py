@@ -35,6 +35,7 @@ from silomesh.protocol import (
     Update,
     frame_prefix,
     seal_envelope,
+    state_digest,
 )
 from silomesh.protocol.session import TRANSITIONS
 
@@ -53,28 +54,31 @@ class Peer:
     def __init__(self, role: Role, guard: ReplayGuard | None = None, **kw: Any) -> None:
         me, other = KEYS[role], KEYS[role.other]
         self.me, self.other = me, other
+        self.seq = itertools.count(1)
         self.session = Session(
             role,
             identity=me,
             peer=other.public_key,
             federation=FED,
             replay=guard or ReplayGuard(),
+            next_sequence=lambda: next(self.seq),
             **kw,
         )
-        self.seq = itertools.count(1)
 
     def make(self, kind: Kind, **kw: Any) -> Message:
         r = {
             "federation": FED,
             "sender": self.me.public_key,
             "recipient": self.other.public_key,
-            "round": 1,
+            "round": kw.pop("round", 1),
             "sequence": next(self.seq),
         }
         if kind is Kind.HELLO:
             return Hello(**r, **kw)
         if kind is Kind.UPDATE:
-            return Update(**r, **({"tensors": WEIGHTS} | kw))
+            kw.setdefault("tensors", WEIGHTS)
+            kw.setdefault("state_digest", state_digest(kw["tensors"]))
+            return Update(**r, **kw)
         if kind is Kind.TRAIN_REQUEST:
             return TrainRequest(**r, **({"tensors": WEIGHTS} | kw))
         if kind is Kind.TRAIN_RESULT:
@@ -397,3 +401,174 @@ def test_every_role_and_kind_in_each_state_matches_the_table(state: State) -> No
         else:
             deliver(peers[role].send(kind), peers[role.other].session)
             assert peers[role.other].session.state is expected
+
+
+# ---------------------------------------------------------------- refusals (PROTOCOL.md 9 and 10)
+
+
+def refuse(peer: Peer, frame: SealedEnvelope | bytes) -> RemoteProtocolError:
+    """Feed ``frame`` to ``peer`` and return the error its session refuses it with."""
+    data = frame if isinstance(frame, bytes) else frame.to_frame()
+    peer.session.receive_data(data)
+    with pytest.raises(RemoteProtocolError) as info:
+        peer.session.next_event()
+    return info.value
+
+
+def test_refusal_after_the_signature_is_a_signed_error_with_the_refused_round_and_sequence() -> None:
+    d = Peer(Role.DIALER)
+    listener = Peer(Role.LISTENER, expected_shapes={"w": (3, 2)})
+    handshake(d, listener)
+    update = d.send(Kind.UPDATE, round=7)
+    error = refuse(listener, update)
+    assert error.code is ErrorCode.BAD_SHAPE
+    sealed = listener.session.refusal(error, sequence=99)
+    assert sealed is not None and listener.session.state is State.CLOSED
+    reply = deliver(sealed, d.session).message
+    assert isinstance(reply, ErrorMessage) and reply.code is ErrorCode.BAD_SHAPE
+    assert (reply.reply_to, reply.round, reply.sequence) == (update.header.sequence, 7, 99)
+    assert d.session.state is State.READY  # the listener closes the stream next: a clean end
+    d.session.receive_data(b"")
+    assert d.session.next_event() is CLOSED
+
+
+def test_refusal_uses_the_sessions_sequence_counter_and_clock() -> None:
+    _, listener = pair(max_skew_ms=1000, clock_ms=lambda: 10**13)
+    stale = Peer(Role.DIALER).send(Kind.HELLO, round=4)  # sealed with the real clock
+    error = refuse(listener, stale)
+    assert error.code is ErrorCode.STALE
+    sealed = listener.session.refusal(error)
+    assert sealed is not None
+    assert (sealed.header.sequence, sealed.header.timestamp, sealed.header.round) == (1, 10**13, 4)
+
+
+def test_a_refused_hello_is_answered_and_closes_both_ends() -> None:
+    d = Peer(Role.DIALER)
+    listener = Peer(Role.LISTENER, expected_shapes={"w": (2, 3)})
+    hello = d.send(Kind.HELLO)
+    forged = seal_envelope(
+        Hello(federation="other-fed", sender=ALICE.public_key, recipient=BOB.public_key, round=0, sequence=5),
+        ALICE,
+    )
+    error = refuse(listener, forged)
+    assert error.code is ErrorCode.WRONG_FEDERATION
+    sealed = listener.session.refusal(error)
+    assert sealed is not None and listener.session.state is State.CLOSED
+    assert d.session.state is State.HELLO_SENT and hello.header.kind is Kind.HELLO
+    deliver(sealed, d.session)
+    assert d.session.state is State.CLOSED
+
+
+def test_the_dialer_answers_a_refused_reply_with_an_error_that_closes_the_listener() -> None:
+    d = Peer(Role.DIALER, expected_shapes={"w": (3, 2)})
+    listener = Peer(Role.LISTENER)
+    handshake(d, listener)
+    deliver(d.send(Kind.NEED_BASE), listener.session)
+    error = refuse(d, listener.send(Kind.UPDATE))
+    assert error.code is ErrorCode.BAD_SHAPE
+    sealed = d.session.refusal(error)
+    assert sealed is not None and d.session.state is State.CLOSED
+    assert listener.session.state is State.READY
+    deliver(sealed, listener.session)
+    assert listener.session.state is State.CLOSED
+
+
+def test_an_unexpected_message_with_a_good_signature_is_answered() -> None:
+    d, listener = pair()
+    handshake(d, listener)
+    error = refuse(listener, seal_envelope(d.make(Kind.ACK), ALICE))
+    assert error.code is ErrorCode.UNEXPECTED_MESSAGE
+    sealed = listener.session.refusal(error)
+    assert sealed is not None and sealed.header.kind is Kind.ERROR
+
+
+def test_the_signature_is_checked_before_the_session_state() -> None:
+    d, listener = pair()
+    handshake(d, listener)
+    head, body = seal_envelope(d.make(Kind.ACK), ALICE).frame_parts()  # unexpected from a dialer
+    bad_sig = bytearray(head)
+    bad_sig[-1] ^= 0x01  # the last signature byte
+    assert refuse(listener, bytes(bad_sig) + bytes(body)).code is ErrorCode.BAD_SIGNATURE
+
+
+def test_refusals_before_the_signature_get_no_answer() -> None:
+    d, listener = pair()
+    sealed = d.send(Kind.HELLO)
+    head, body = sealed.frame_parts()
+    bad_sig = bytearray(head)
+    bad_sig[-1] ^= 0x01
+    error = refuse(listener, bytes(bad_sig) + bytes(body))
+    assert error.code is ErrorCode.BAD_SIGNATURE
+    assert listener.session.refusal(error) is None
+    assert listener.session.state is State.ERROR
+
+
+def test_a_refused_error_message_is_never_answered() -> None:
+    d = Peer(Role.DIALER, max_skew_ms=1000, clock_ms=lambda: 10**13)
+    listener = Peer(Role.LISTENER)
+    d.send(Kind.HELLO)
+    stale_error = seal_envelope(listener.make(Kind.ERROR, code=ErrorCode.REFUSED), BOB, timestamp_ms=1)
+    error = refuse(d, stale_error)
+    assert error.code is ErrorCode.STALE
+    assert d.session.refusal(error) is None
+    assert d.session.state is State.ERROR
+
+
+def test_an_error_the_session_did_not_raise_gets_no_answer() -> None:
+    d, listener = pair()
+    handshake(d, listener)
+    own = RemoteProtocolError(ErrorCode.TOO_LARGE, "buffer budget")
+    assert listener.session.refusal(own) is None
+    assert listener.session.state is State.ERROR
+
+
+def test_a_refusal_needs_a_sequence() -> None:
+    listener = Session(
+        Role.LISTENER, identity=BOB, peer=ALICE.public_key, federation=FED, max_skew_ms=0, clock_ms=lambda: 10**13
+    )
+    listener.receive_data(Peer(Role.DIALER).send(Kind.HELLO).to_frame())
+    with pytest.raises(RemoteProtocolError) as info:
+        listener.next_event()
+    with pytest.raises(LocalProtocolError):
+        listener.refusal(info.value)
+
+
+def test_an_unexpected_message_does_not_consume_the_replay_slot() -> None:
+    guard = ReplayGuard()
+    d = Peer(Role.DIALER, guard)
+    listener = Peer(Role.LISTENER, guard)
+    handshake(d, listener)
+    rogue = seal_envelope(d.make(Kind.ACK), ALICE)
+    refuse(listener, rogue)
+    assert (ALICE.public_key, rogue.header.round, rogue.header.sequence) not in guard
+
+
+def test_need_base_without_a_base_asks_for_the_current_model() -> None:
+    d, listener = pair()
+    handshake(d, listener)
+    ask = deliver(d.send(Kind.NEED_BASE, unknown_base=None), listener.session).message
+    assert isinstance(ask, NeedBase) and ask.unknown_base is None
+    snapshot = deliver(listener.send(Kind.UPDATE), d.session).message
+    assert isinstance(snapshot, Update) and not snapshot.is_delta and snapshot.state_digest == state_digest(WEIGHTS)
+
+
+def test_received_tensors_are_checked_against_the_model_dtypes() -> None:
+    d = Peer(Role.DIALER)
+    listener = Peer(Role.LISTENER, expected_dtypes={"w": "int64"})
+    handshake(d, listener)
+    assert refuse(listener, d.send(Kind.UPDATE)).code is ErrorCode.BAD_DTYPE
+
+
+def test_a_float_model_tensor_may_arrive_under_every_float_codec() -> None:
+    for codec in ("float32", "float16", "int8"):
+        d = Peer(Role.DIALER)
+        listener = Peer(Role.LISTENER, expected_dtypes={"w": "float32"})
+        handshake(d, listener)
+        opened = deliver(d.send(Kind.UPDATE, codec=codec), listener.session)
+        assert opened.message.tensors["w"].dtype.kind == "f"
+
+
+def test_session_refuses_an_expected_dtype_that_is_not_a_numpy_dtype() -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        Session(Role.LISTENER, identity=BOB, peer=ALICE.public_key, federation=FED, expected_dtypes={"w": "f1oat"})
+    assert info.value.code is ErrorCode.BAD_DTYPE
