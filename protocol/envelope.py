@@ -58,6 +58,7 @@ from .wire import (
 __all__ = [
     "ENVELOPE_SIGNING_DOMAIN",
     "HEADER_KEYS",
+    "HEADER_LAYOUT_VERSIONS",
     "TENSOR_KINDS",
     "AuthenticatedEnvelope",
     "EnvelopeHeader",
@@ -91,6 +92,14 @@ HEADER_KEYS = (
 )
 """Header map keys, in the order the encoder writes them."""
 
+HEADER_LAYOUT_VERSIONS = frozenset({1, PROTOCOL_VERSION})
+"""Versions whose header has the layout of :class:`EnvelopeHeader` (1 and 2 share it).
+
+An :class:`EnvelopeHeader` may hold either, so that headers recorded before an upgrade
+(audit logs) still parse; the wire decoder accepts only :data:`PROTOCOL_VERSION`, and
+messages are only ever sealed with it.
+"""
+
 TENSOR_KINDS = frozenset({Kind.UPDATE, Kind.TRAIN_REQUEST, Kind.TRAIN_RESULT})
 """Kinds whose payload carries a tensor table and blob."""
 
@@ -101,7 +110,11 @@ _MIN_ENVELOPE = _LEN + 1 + SIGNATURE_SIZE + MAC_SIZE + _PAYLOAD_LEN
 
 @dataclass(frozen=True, kw_only=True)
 class EnvelopeHeader:
-    """The signed routing header (all fields travel in clear)."""
+    """The signed routing header (all fields travel in clear).
+
+    ``version`` may be any of :data:`HEADER_LAYOUT_VERSIONS`; receiving an envelope
+    requires :data:`~.limits.PROTOCOL_VERSION` (``UNKNOWN_VERSION`` otherwise).
+    """
 
     version: int
     kind: Kind
@@ -121,7 +134,7 @@ class EnvelopeHeader:
         # table order, then the rules that tie codec and base_digest to the kind
         if type(self.version) is not int:
             raise LocalProtocolError(ErrorCode.BAD_TYPE, "version must be an integer")
-        if self.version != PROTOCOL_VERSION:
+        if self.version not in HEADER_LAYOUT_VERSIONS:
             raise LocalProtocolError(ErrorCode.UNKNOWN_VERSION, f"version {self.version!r}")
         if type(self.kind) is not str and not isinstance(self.kind, Kind):
             raise LocalProtocolError(ErrorCode.BAD_TYPE, "kind must be a str")

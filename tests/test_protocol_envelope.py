@@ -21,10 +21,12 @@ from silomesh.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     Ack,
+    EnvelopeHeader,
     ErrorCode,
     ErrorMessage,
     Hello,
     Identity,
+    Kind,
     Limits,
     LocalProtocolError,
     Message,
@@ -331,6 +333,17 @@ def test_bad_header_fields_are_refused(field: str, value: object, code: str) -> 
     header, _, ct = split(ack_bytes())
     header[field] = value
     assert refusal(forge(header, ct)) == code
+
+
+def test_a_version_1_header_is_refused_on_the_wire_but_parses_as_a_recorded_header() -> None:
+    header, _, ct = split(ack_bytes())
+    header["version"] = 1
+    assert refusal(forge(header, ct)) == "UNKNOWN_VERSION"
+    recorded = EnvelopeHeader(**header)  # e.g. an audit log written before the upgrade
+    assert recorded.version == 1 and recorded.kind is Kind.ACK
+    with pytest.raises(LocalProtocolError) as info:
+        EnvelopeHeader(**(header | {"version": 3}))
+    assert info.value.code is ErrorCode.UNKNOWN_VERSION
 
 
 def test_header_with_a_missing_key_is_bad_type() -> None:
