@@ -171,6 +171,8 @@ class Endpoint:
     max_skew_ms: int | None = None
     #: tensor messages of rounds outside ``current +- round_window`` are refused (BAD_ROUND)
     round_window: int = 2
+    #: the model's tensor dtypes: a float weight arriving as int32 or bool is refused (BAD_DTYPE)
+    expected_dtypes: Mapping[str, str] | None = None
 
     def announce_routing(self, round: int | None = None) -> dict[str, Any]:
         """Routing fields of a new announce (no recipient; default: the current round)."""
@@ -210,8 +212,10 @@ class Endpoint:
             replay=self.replay,
             limits=self.limits,
             expected_shapes=dict(expected_shapes),
+            expected_dtypes=self.expected_dtypes,
             complete=False,
             max_skew_ms=self.max_skew_ms,
+            next_sequence=self.sequence.next,
         )
         return Wire(session, stream, self.journal.record, timeouts=self.timeouts, budget=self.budget)
 

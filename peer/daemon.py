@@ -49,6 +49,7 @@ from silomesh.peer.mesh import open_mesh
 from silomesh.peer.operations import PeerOperations
 from silomesh.peer.operator import OperatorError
 from silomesh.peer.store import Store, StoreError
+from silomesh.peer.strangers import Strangers, serve_strangers
 from silomesh.peer.transport import Transport, TransportFactory
 from silomesh.protocol import DEFAULT_LIMITS, Identity, ReplayGuard
 from silomesh.strategies import Strategy, get_strategy
@@ -171,11 +172,12 @@ class Peer:
             store.upsert_neighbour(t.peer_id, name=t.name, address=t.address)
         journal = Journal(self.audit_log, store, trusted=frozenset(t.peer_id for t in config.trusted))
         net = config.network
+        strangers = Strangers(store, self.audit_log)  # the transport refuses only untrusted PeerIDs
         async with self._open_transport(
             self.identity,
             config.listen,
             {t.peer_id: t.address for t in config.trusted},
-            on_refused=lambda peer, reason: journal.refused(peer, "connection", reason),
+            on_refused=strangers.refused,
         ) as transport:
             endpoint = Endpoint(
                 crypto=Identity.from_seed(self.identity.seed),
@@ -196,6 +198,7 @@ class Peer:
                 budget=BufferBudget.for_model(_model_bytes(self.learner.shapes)),
                 max_skew_ms=int(net.max_clock_skew_seconds * 1000) or None,
                 round_window=net.round_window,
+                expected_dtypes={k: v.dtype.name for k, v in self.learner.state().items()},
             )
             ctx = self.context = RoundContext(
                 endpoint=endpoint,
@@ -212,6 +215,7 @@ class Peer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(announces.listen_announces, ctx)
                 nursery.start_soon(serve_checkpoints, self.audit_log)  # no entry unsigned for long
+                nursery.start_soon(serve_strangers, strangers)  # bounded counts of refused strangers
                 if self.serve_control_api:
                     await self._start_control(nursery)
                 nursery.start_soon(dialer.connect_loop, ctx)

@@ -309,7 +309,11 @@ class Wire:
         """
         log.warning("refused envelope from %s: %s %s", self.stream.remote, error.code.value, error.message)
         self._settle()
-        sealed = self.session.refusal(error)
+        try:
+            sealed = self.session.refusal(error)
+        except ProtocolError:  # sealing our error failed: nothing more to say
+            log.exception("cannot seal the error answering %s", self.stream.remote)
+            sealed = None
         if sealed is None:
             await self.reset()
             return

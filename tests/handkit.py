@@ -59,7 +59,8 @@ class Neighbour:
         assert isinstance(reply, OpenedEnvelope) and isinstance(reply.message, Hello)
         return session, reply.message
 
-    async def next(self, session: Session, stream: Stream) -> object:
+    @staticmethod
+    async def next(session: Session, stream: Stream) -> object:
         """The victim's next event (an OpenedEnvelope, or CLOSED)."""
         while (event := session.next_event()) is NEED_DATA:
             try:

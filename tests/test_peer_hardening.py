@@ -211,8 +211,10 @@ async def test_an_update_accepted_before_a_restart_is_refused_as_a_replay_after_
         reply = await b.hand.next(session, stream)
         assert isinstance(reply, OpenedEnvelope) and isinstance(reply.message, Ack)
     async with bench(tmp_path, net) as b:  # the same store, a new process
+        b.hand.sequence = 100  # the neighbour's counter goes on (a new hello with seq 1 is a replay too)
         stream = await b.transport.open_stream(b.victim_id)
         session, _ = await b.hand.hello(stream)
+        session.send(b.hand.update(b.state()))  # our session now awaits a reply; the wire gets the old frame
         await stream.write(frame)
         reply = await _answer_or_end(b, session, stream)
         reasons = [str(e["reason"]) for e in b.refusals()]
@@ -347,3 +349,20 @@ async def test_a_delta_whose_sum_overflows_is_refused_and_audited(tmp_path: Path
         refused = b.refusals()
     assert isinstance(reply, ErrorMessage) and reply.code == ErrorCode.NON_FINITE
     assert [str(e["reason"]).split(":")[0] for e in refused] == ["NON_FINITE"]
+
+
+async def test_a_float_weight_sent_as_integers_or_bools_is_refused(tmp_path: Path, autojump_clock: Clock) -> None:
+    async with bench(tmp_path) as b:
+        codes = []
+        for dtype in (np.int32, np.bool_):
+            state = b.state()
+            name = next(k for k, v in state.items() if v.dtype == np.float32 and v.size)
+            state[name] = np.zeros(state[name].shape, dtype=dtype)
+            stream = await b.transport.open_stream(b.victim_id)
+            session, _ = await b.hand.hello(stream)
+            await stream.write(session.send(b.hand.update(state)).to_frame())
+            reply = await _answer_or_end(b, session, stream)
+            codes.append(reply.code if isinstance(reply, ErrorMessage) else reply)
+        reasons = [str(e["reason"]).split(":")[0] for e in b.refusals()]
+    assert codes == [ErrorCode.BAD_DTYPE, ErrorCode.BAD_DTYPE]
+    assert reasons == ["BAD_DTYPE", "BAD_DTYPE"]

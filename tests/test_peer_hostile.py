@@ -4,78 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import trio
+from handkit import Neighbour
 from peerkit import configs
 
 from silomesh.peer.daemon import Peer
-from silomesh.peer.mesh import FramedStream, StreamClosed, open_mesh
-from silomesh.protocol import NEED_DATA, Ack, Hello, Identity, OpenedEnvelope, Role, Session, Update, state_digest
+from silomesh.peer.mesh import StreamClosed, open_mesh
+from silomesh.peer.transport import Stream
+from silomesh.protocol import Ack, ErrorMessage, OpenedEnvelope, ProtocolError, Session
 
 pytestmark = pytest.mark.slow
 
 
-class Neighbour:
-    """A trusted neighbour speaking the protocol by hand, to send what a peer never would."""
-
-    def __init__(self, seed: bytes, victim_key: bytes, federation: str) -> None:
-        self.crypto = Identity.from_seed(seed)
-        self.victim_key = victim_key
-        self.federation = federation
-        self.sequence = 0
-
-    def seq(self) -> int:
-        self.sequence += 1
-        return self.sequence
-
-    async def hello(self, stream: FramedStream) -> Session:
-        session = Session(Role.DIALER, identity=self.crypto, peer=self.victim_key, federation=self.federation)
-        sealed = session.send(
-            Hello(
-                federation=self.federation,
-                sender=self.crypto.public_key,
-                recipient=self.victim_key,
-                round=0,
-                sequence=self.seq(),
-                agent="test",
-                model="",
-                state_digest=None,
-                codecs=("float32",),
-                max_frame_size=1 << 30,
-            )
-        )
-        await stream.write(sealed.to_frame())
-        assert isinstance(await self.next(session, stream), OpenedEnvelope)
-        return session
-
-    async def next(self, session: Session, stream: FramedStream) -> object:
-        while (event := session.next_event()) is NEED_DATA:
-            session.receive_data(await stream.read_some())
-        return event
-
-    def update(self, state: dict[str, np.ndarray]) -> Update:
-        return Update(
-            federation=self.federation,
-            sender=self.crypto.public_key,
-            recipient=self.victim_key,
-            round=0,
-            sequence=self.seq(),
-            tensors=state,
-            n_samples=4,
-            state_digest=state_digest(state),
-        )
-
-
-async def _refused(stream: FramedStream) -> bool:
-    """True if the victim reset or closed the stream instead of answering."""
+async def _refused(session: Session, stream: Stream) -> str:
+    """The code of the victim's signed ``error``, or "reset" if it ended the stream without one."""
     try:
         with trio.fail_after(10):
-            await stream.read_some()
-    except StreamClosed:
-        return True
-    return False
+            event = await Neighbour.next(session, stream)
+    except (ProtocolError, StreamClosed):
+        return "reset"
+    if isinstance(event, OpenedEnvelope) and isinstance(event.message, ErrorMessage):
+        return str(event.message.code)
+    return "answered"
 
 
 async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps_serving(tmp_path: Path) -> None:
@@ -93,35 +45,39 @@ async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps
 
                 # 1. a valid update is acknowledged; keep its frame to replay it
                 stream = await mesh.open_stream(ids[0].peer_id_text)
-                session = await neighbour.hello(stream)
+                session, _ = await neighbour.hello(stream)
                 valid_frame = session.send(neighbour.update(state)).to_frame()
                 await stream.write(valid_frame)
                 reply = await neighbour.next(session, stream)
                 assert isinstance(reply, OpenedEnvelope) and isinstance(reply.message, Ack)
 
-                # 2. the same frame replayed on a new stream is refused
+                # 2. the same frame replayed on a new stream is refused, and the (authentic)
+                #    sender is told why
                 stream = await mesh.open_stream(ids[0].peer_id_text)
-                await neighbour.hello(stream)
+                session, _ = await neighbour.hello(stream)
+                session.send(neighbour.update(state))  # our side awaits a reply; the wire gets the old frame
                 await stream.write(valid_frame)
-                assert await _refused(stream)
+                assert await _refused(session, stream) == "REPLAY"
 
-                # 3. one flipped ciphertext byte is refused
+                # 3. one flipped ciphertext byte is refused (the signed header is intact: told why)
                 stream = await mesh.open_stream(ids[0].peer_id_text)
-                session = await neighbour.hello(stream)
+                session, _ = await neighbour.hello(stream)
                 tampered = bytearray(session.send(neighbour.update(state)).to_frame())
                 tampered[-10] ^= 0xFF
                 await stream.write(bytes(tampered))
-                assert await _refused(stream)
+                assert await _refused(session, stream) == "DIGEST_MISMATCH"
 
-                # 4. a length prefix far above the limit is refused before any body arrives
+                # 4. a length prefix far above the limit is refused before any body arrives,
+                #    without a word (nothing authenticated)
                 stream = await mesh.open_stream(ids[0].peer_id_text)
-                await neighbour.hello(stream)
+                session, _ = await neighbour.hello(stream)
+                session.send(neighbour.update(state))
                 await stream.write((0xFFFFFFFF).to_bytes(4, "big"))
-                assert await _refused(stream)
+                assert await _refused(session, stream) == "reset"
 
                 # 5. the peer still serves: a fresh, valid update is acknowledged
                 stream = await mesh.open_stream(ids[0].peer_id_text)
-                session = await neighbour.hello(stream)
+                session, _ = await neighbour.hello(stream)
                 await stream.write(session.send(neighbour.update(state)).to_frame())
                 reply = await neighbour.next(session, stream)
                 assert isinstance(reply, OpenedEnvelope) and isinstance(reply.message, Ack)
