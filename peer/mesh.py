@@ -359,7 +359,18 @@ class Mesh:
         )
 
     def forget(self, peer_id: str) -> None:
+        """Drop our connection to ``peer_id`` (broken, silent, or the neighbour left); the
+        connect loop dials afresh. Closing it keeps dead connections from piling up
+        against libp2p's per-peer connection limit."""
         self.connected.discard(peer_id)
+        self.nursery.start_soon(self._disconnect, peer_id)
+
+    async def _disconnect(self, peer_id: str) -> None:
+        with trio.move_on_after(5):
+            try:
+                await self.host.disconnect(ID.from_base58(peer_id))
+            except Exception:  # already gone is fine
+                log.debug("disconnect from %s failed", peer_id, exc_info=True)
 
     def notify_refused(self, peer: str, reason: str) -> None:
         if self.on_refused is not None:

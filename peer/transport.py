@@ -94,7 +94,8 @@ class Transport(Protocol):
         """
 
     def forget(self, peer_id: str) -> None:
-        """Treat the connection to ``peer_id`` as gone (it broke, or the neighbour left)."""
+        """Treat the connection to ``peer_id`` as gone (it broke, stayed silent, or the neighbour
+        left): close it if it is still open, so the next dial starts afresh."""
 
     async def open_stream(self, peer_id: str) -> Stream:
         """A new exchange stream to a trusted neighbour.

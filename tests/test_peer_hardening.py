@@ -366,3 +366,31 @@ async def test_a_float_weight_sent_as_integers_or_bools_is_refused(tmp_path: Pat
         reasons = [str(e["reason"]).split(":")[0] for e in b.refusals()]
     assert codes == [ErrorCode.BAD_DTYPE, ErrorCode.BAD_DTYPE]
     assert reasons == ["BAD_DTYPE", "BAD_DTYPE"]
+
+
+async def test_a_neighbour_that_never_answers_costs_the_hello_timeout_not_the_round_deadline(
+    tmp_path: Path, autojump_clock: Clock
+) -> None:
+    """A connection that stays open but never answers is detected, dropped and redialled."""
+    net = MemoryNetwork()
+    ids, cfgs = configs(tmp_path, 2, rounds=1, deadline=300.0)
+    peer = Peer(cfgs[0], identity=ids[0], serve_control_api=False, transport=net.open, compute=InlineCompute(),
+                faults=StartTogether(net, 2))
+    async with trio.open_nursery() as nursery, net.open(ids[1], "", {ids[0].peer_id_text: ""}) as silent:
+
+        async def never_answer(stream: Stream) -> None:
+            await trio.sleep_forever()
+
+        silent.set_handler(never_answer)
+        start = trio.current_time()
+        await nursery.start(peer.run)
+        await peer.done.wait()
+        took = trio.current_time() - start
+        (row,) = await peer.operator.rounds()
+        dials = [t for t, src, dst, ok in net.dials if src == peer.peer_id and dst == ids[1].peer_id_text and ok]
+        nursery.cancel_scope.cancel()
+    hello = cfgs[0].network.hello_timeout_seconds
+    assert took == pytest.approx(hello, abs=1.0), "the round did not wait its 300 s deadline"
+    why = f"unreachable: {ids[1].peer_id_text} sent nothing for {hello:.0f} s"
+    assert row["skipped"] == [{"peer": ids[1].peer_id_text, "reason": why}]
+    assert len(dials) >= 2, "the silent connection was dropped and dialled afresh"
