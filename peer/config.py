@@ -30,6 +30,7 @@ Example (relative paths are resolved against the folder holding the file)::
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,10 @@ class RoundConfig:
     local_steps: int = 50
     batch_size: int = 8
     lr: float = 1e-3
+    #: a neighbour's model further from ours than this many times our norm is dropped (0: no check)
+    max_update_ratio: float = 10.0
+    #: a neighbour's weight beyond this many times our largest weight is dropped (0: no check)
+    max_weight_factor: float = 1e4
 
 
 @dataclass(frozen=True)
@@ -229,13 +234,19 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     )
 
     r = _get(data, "rounds", "", dict, {})
-    _check_unknown(r, {"count", "deadline_seconds", "local_steps", "batch_size", "lr"}, "rounds.")
+    _check_unknown(
+        r,
+        {"count", "deadline_seconds", "local_steps", "batch_size", "lr", "max_update_ratio", "max_weight_factor"},
+        "rounds.",
+    )
     rounds = RoundConfig(
         count=_get(r, "count", "rounds.", int, 0),
         deadline_seconds=_get(r, "deadline_seconds", "rounds.", float, 600.0),
         local_steps=_get(r, "local_steps", "rounds.", int, 50),
         batch_size=_get(r, "batch_size", "rounds.", int, 8),
         lr=_get(r, "lr", "rounds.", float, 1e-3),
+        max_update_ratio=_get(r, "max_update_ratio", "rounds.", float, 10.0),
+        max_weight_factor=_get(r, "max_weight_factor", "rounds.", float, 1e4),
     )
     for name, value in (
         ("count", rounds.count),
@@ -248,6 +259,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         raise ConfigError(f"rounds.deadline_seconds: must be > 0, got {rounds.deadline_seconds}")
     if not rounds.lr > 0:
         raise ConfigError(f"rounds.lr: must be > 0, got {rounds.lr}")
+    for bound_name, bound in (
+        ("max_update_ratio", rounds.max_update_ratio),
+        ("max_weight_factor", rounds.max_weight_factor),
+    ):
+        if not bound >= 0 or math.isinf(bound):
+            raise ConfigError(f"rounds.{bound_name}: must be a number >= 0 (0: no check), got {bound}")
 
     network = _network(_get(data, "network", "", dict, {}))
 

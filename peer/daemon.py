@@ -48,11 +48,12 @@ from silomesh.peer.learner import SILO_OPTIONS, Learner, federation_seed, load_s
 from silomesh.peer.mesh import open_mesh
 from silomesh.peer.operations import PeerOperations
 from silomesh.peer.operator import OperatorError
-from silomesh.peer.store import Store, StoreError
+from silomesh.peer.safety import state_violation
+from silomesh.peer.store import ModelRecord, Store, StoreError
 from silomesh.peer.strangers import Strangers, serve_strangers
 from silomesh.peer.transport import Transport, TransportFactory
 from silomesh.protocol import DEFAULT_LIMITS, Identity, ReplayGuard
-from silomesh.strategies import Strategy, get_strategy
+from silomesh.strategies import StateDict, Strategy, get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,11 @@ class Peer:
                 strategy=self.strategy,
             )
         )
-        latest = store.latest_model()
-        if latest is not None:
-            self.learner.load(store.load_model(latest.digest))
-            log.info("%s resumes from model %s of round %d", self.peer_id, latest.digest[:12], latest.round)
+        resumed = await self._compute.run_blocking(_last_good_model, store)
+        if resumed is not None:
+            record, state = resumed
+            self.learner.load(state)
+            log.info("%s resumes from model %s of round %d", self.peer_id, record.digest[:12], record.round)
         for t in config.trusted:
             store.upsert_neighbour(t.peer_id, name=t.name, address=t.address)
         journal = Journal(self.audit_log, store, trusted=frozenset(t.peer_id for t in config.trusted))
@@ -244,3 +246,20 @@ class Peer:
 def _model_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
     """The model's size as float32 on the wire (what a neighbour's full snapshot holds)."""
     return sum(4 * math.prod(shape) for shape in shapes.values())
+
+
+def _last_good_model(store: Store) -> tuple[ModelRecord, StateDict] | None:
+    """The newest stored model whose weights are all finite (a store from before the
+    update bound may end with a poisoned one: resuming it would fail every round)."""
+    for record in reversed(store.models()):
+        try:
+            state = store.load_model(record.digest)
+        except Exception as exc:  # noqa: BLE001 - deleted or damaged weights: try the one before
+            log.info("model %s of round %d cannot be loaded: %s", record.digest[:12], record.round, exc)
+            continue
+        why = state_violation(state, {})
+        if why is None:
+            return record, state
+        log.warning("model %s of round %d is not used: %s", record.digest[:12], record.round, why)
+    return None
+

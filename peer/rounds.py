@@ -18,6 +18,13 @@ A round (:func:`round_loop`):
    test data, and commits model, metrics, round row and a signed audit checkpoint in
    one transaction (:func:`commit_round`); then announces the new model.
 
+A neighbour's contribution that moves our model further than the update bound allows
+(:mod:`silomesh.peer.safety`) is dropped before the strategy sees it. A round that fails
+(training diverges, a model or its evaluation is not finite, any error in the round's
+work) is rolled back to the model it started from and recorded as ``failed`` with why;
+the peer goes on with the next round, and after :data:`MAX_FAILED_ROUNDS` failures in a
+row reports itself ``degraded`` and pauses between tries.
+
 A neighbour that cannot be reached or misses the deadline is skipped for the round and
 never blocks the peer; a contribution the strategy drops is audited as refused.
 """
@@ -30,12 +37,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import trio
 
 from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import Expert, UpdateMaker, push_update, request_training, skip_reason
 from silomesh.peer.exchange import ConversationError
+from silomesh.peer.safety import UpdateBound, state_violation, update_violation
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
 from silomesh.strategies import Contribution, RoundShape, StateDict
@@ -44,6 +53,10 @@ log = logging.getLogger(__name__)
 
 #: what cannot be delivered to a neighbour ends that neighbour's part in the round
 UNDELIVERED = (ConversationError, StreamClosed, ProtocolError)
+#: after this many failed rounds in a row the peer reports itself degraded and pauses between tries
+MAX_FAILED_ROUNDS = 3
+#: the first pause (seconds), doubled after each further failure, never above the round deadline
+FAILED_ROUND_PAUSE = 30.0
 
 
 @dataclass
@@ -67,6 +80,7 @@ async def round_loop(ctx: RoundContext) -> None:
     """Run rounds until ``rounds.count`` is reached (forever when 0)."""
     cfg = ctx.rounds
     round = ctx.store.last_committed_round() + 1
+    failures = 0  # rounds in a row that failed
     while cfg.count == 0 or round < cfg.count:
         ahead = ctx.catch_up_round(round)
         if ahead != round:
@@ -90,11 +104,50 @@ async def round_loop(ctx: RoundContext) -> None:
         report = RoundReport(round)
         ctx.progress.phase = "exchanging"
         await ctx.faults.round_start(ctx.peer_id, round)
-        state = await SHAPES[ctx.learner.strategy.round_shape](ctx, round, selected, deadline, report)
-        ctx.progress.phase = "evaluating"
-        state, metrics = await ctx.compute.run(_adopt_and_evaluate, ctx, state)
-        await commit_round(ctx, state, metrics, report, started)
+        before = {k: np.array(v, copy=True) for k, v in ctx.learner.state().items()}  # the last good model
+        try:
+            state = await SHAPES[ctx.learner.strategy.round_shape](ctx, round, selected, deadline, report)
+            ctx.progress.phase = "evaluating"
+            state, metrics = await ctx.compute.run(_adopt_and_evaluate, ctx, state)
+            why = state_violation(state, metrics)
+            if why is not None:
+                raise RoundFailed(why)
+            await commit_round(ctx, state, metrics, report, started)
+            failures = 0
+        except Exception as exc:  # noqa: BLE001 - a failed round must never stop the peer (cancellation is not an Exception)
+            failures += 1
+            await _roll_back(ctx, before, report, started, exc)
+            if failures >= MAX_FAILED_ROUNDS:
+                ctx.progress.phase = "degraded"
+                pause = min(cfg.deadline_seconds, FAILED_ROUND_PAUSE * 2 ** (failures - MAX_FAILED_ROUNDS))
+                log.error("%s: %d rounds in a row failed; next try in %.0f s", ctx.peer_id[-8:], failures, pause)
+                await trio.sleep(pause)
         round += 1
+
+
+class RoundFailed(Exception):
+    """The round's result may not be committed (why: the message)."""
+
+
+async def _roll_back(ctx: RoundContext, before: StateDict, report: RoundReport, started: float, exc: Exception) -> None:
+    """Back to the model the round started from; the round is recorded as failed, with why."""
+    why = str(exc) if isinstance(exc, RoundFailed) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, RoundFailed):
+        log.warning("%s round %d failed and was rolled back: %s", ctx.peer_id[-8:], report.round, why)
+    else:
+        log.exception("%s round %d failed and was rolled back", ctx.peer_id[-8:], report.round)
+    with trio.CancelScope(shield=True):
+        await ctx.compute.run(ctx.learner.load, before)
+    ctx.store.record_round(
+        report.round,
+        status="failed",
+        started_at=started,
+        finished_at=time.time(),
+        contributors=[],
+        skipped=[{"peer": p, "reason": r} for p, r in report.skipped.items()],
+        bytes_sent=report.bytes_sent,
+        note=why[:1000],
+    )
 
 
 def _adopt_and_evaluate(ctx: RoundContext, state: StateDict) -> tuple[StateDict, dict[str, float]]:
@@ -129,10 +182,15 @@ async def exchange_round(
     with trio.move_on_at(deadline):
         await ctx.inbox.wait_for(set(selected), round)
     contributions = []
+    bound = update_bound(ctx)
     for n in selected:
         got = ctx.inbox.get(n, round)
         if got is None:
             report.skipped.setdefault(n, "missed the deadline")
+            continue
+        why = update_violation(trained.state, got.state, bound)
+        if why is not None:
+            _refuse_dropped(ctx, report, {n: f"update bound: {why}"}, "update", "safety")
             continue
         contributions.append(
             Contribution(peer_id=n, state=got.state, n_samples=max(got.n_samples, 1), loss=got.loss, degree=got.degree)
@@ -163,9 +221,14 @@ async def train_request_round(
     for n in selected:
         if n not in experts:
             report.skipped.setdefault(n, "missed the deadline")
-    returned = [
-        Contribution(peer_id=n, state=e.state, n_samples=max(e.n_samples, 1), loss=e.loss) for n, e in experts.items()
-    ]
+    bound = update_bound(ctx)
+    returned = []
+    for n, e in experts.items():
+        why = update_violation(own, e.state, bound)
+        if why is not None:
+            _refuse_dropped(ctx, report, {n: f"update bound: {why}"}, "train-result", "safety")
+            continue
+        returned.append(Contribution(peer_id=n, state=e.state, n_samples=max(e.n_samples, 1), loss=e.loss))
     accepted = screen(ctx, own, returned, report)
     if accepted:
         info = await ctx.compute.run(ctx.learner.learn_from_experts, accepted)
@@ -181,6 +244,10 @@ SHAPES: dict[RoundShape, RoundShapeFn] = {
     RoundShape.EXCHANGE: exchange_round,
     RoundShape.TRAIN_REQUEST: train_request_round,
 }
+
+
+def update_bound(ctx: RoundContext) -> UpdateBound:
+    return UpdateBound(ctx.rounds.max_update_ratio, ctx.rounds.max_weight_factor)
 
 
 def screen(
