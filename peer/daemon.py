@@ -165,7 +165,7 @@ class Peer:
                 strategy=self.strategy,
             )
         )
-        resumed = await self._compute.run_blocking(_last_good_model, store)
+        resumed = _last_good_model(store)  # once at start, before serving; SQLite stays on this thread
         if resumed is not None:
             record, state = resumed
             self.learner.load(state)

@@ -7,7 +7,7 @@
 * :func:`connect_loop`: keep every trusted neighbour dialled, backing off per neighbour.
 
 A neighbour that does not answer in time (its hello, or the ack of an update) is
-treated as a dead connection: the transport forgets it, so the connect loop dials it
+treated as a dead connection: the transport closes it, so the connect loop dials it
 afresh instead of waiting on a link that stays open but never answers. A neighbour
 that refuses our message with a signed ``error`` raises :class:`Refused`, counted in
 the store so that both operators see it.
@@ -29,7 +29,7 @@ import numpy as np
 import trio
 
 from silomesh.peer.context import Base, RoundContext
-from silomesh.peer.exchange import ConversationError, Wire
+from silomesh.peer.exchange import ConversationError, Silent, Wire
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import (
     Ack,
@@ -122,8 +122,8 @@ async def answer(ctx: RoundContext, wire: Wire, neighbour: str, timeout: float |
     """The neighbour's next message; a silent neighbour is forgotten, an ``error`` raises :class:`Refused`."""
     try:
         reply = await wire.receive(timeout=timeout)
-    except ConversationError:
-        ctx.transport.forget(neighbour)  # a connection that stays open but never answers: dial afresh
+    except Silent:
+        ctx.transport.drop_connection(neighbour)  # open but never answering: close it, dial afresh
         raise
     if reply is not None and isinstance(reply.message, ErrorMessage):
         why = f"{reply.message.code}: {reply.message.message}"

@@ -131,6 +131,10 @@ class ConversationError(Exception):
     """The conversation ended abnormally: the stream closed, or a side broke the protocol."""
 
 
+class Silent(ConversationError):
+    """The neighbour sent nothing (or stopped mid-message) for longer than its timeout."""
+
+
 class Wire:
     """A Session bound to a stream, with auditing, read deadlines and a buffer budget."""
 
@@ -290,7 +294,7 @@ class Wire:
             reason = f"{what} for {wait:.0f} s"
             if mid_frame:  # a started frame that stops is the neighbour's doing: audit it
                 self._refused_unopened(f"TIMEOUT: {reason}")
-            raise ConversationError(f"{self.stream.remote} {reason}")
+            raise Silent(f"{self.stream.remote} {reason}")
         self.bytes_received += len(data)
         try:
             self.session.receive_data(data)

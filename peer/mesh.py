@@ -359,9 +359,11 @@ class Mesh:
         )
 
     def forget(self, peer_id: str) -> None:
-        """Drop our connection to ``peer_id`` (broken, silent, or the neighbour left); the
-        connect loop dials afresh. Closing it keeps dead connections from piling up
-        against libp2p's per-peer connection limit."""
+        self.connected.discard(peer_id)
+
+    def drop_connection(self, peer_id: str) -> None:
+        """Close our connection to ``peer_id`` (open but silent); the connect loop dials afresh.
+        Closing it keeps dead connections from piling up against libp2p's per-peer limit."""
         self.connected.discard(peer_id)
         self.nursery.start_soon(self._disconnect, peer_id)
 

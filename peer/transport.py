@@ -94,8 +94,11 @@ class Transport(Protocol):
         """
 
     def forget(self, peer_id: str) -> None:
-        """Treat the connection to ``peer_id`` as gone (it broke, stayed silent, or the neighbour
-        left): close it if it is still open, so the next dial starts afresh."""
+        """Treat the connection to ``peer_id`` as gone (it broke, or the neighbour left)."""
+
+    def drop_connection(self, peer_id: str) -> None:
+        """Close the connection to ``peer_id``: it stays open but the neighbour never answers
+        on it. The next dial starts afresh."""
 
     async def open_stream(self, peer_id: str) -> Stream:
         """A new exchange stream to a trusted neighbour.

@@ -387,6 +387,7 @@ async def test_a_neighbour_that_never_answers_costs_the_hello_timeout_not_the_ro
         await peer.done.wait()
         took = trio.current_time() - start
         (row,) = await peer.operator.rounds()
+        await trio.sleep(2)  # the connect loop's next look (every 0.5 s) redials
         dials = [t for t, src, dst, ok in net.dials if src == peer.peer_id and dst == ids[1].peer_id_text and ok]
         nursery.cancel_scope.cancel()
     hello = cfgs[0].network.hello_timeout_seconds
