@@ -84,6 +84,8 @@ class RoundConfig:
     max_update_ratio: float = 10.0
     #: a neighbour's weight beyond this many times our largest weight is dropped (0: no check)
     max_weight_factor: float = 1e4
+    #: a neighbour's model further than this many times its usual distance is dropped (0: no check)
+    max_update_growth: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     r = _get(data, "rounds", "", dict, {})
     _check_unknown(
         r,
-        {"count", "deadline_seconds", "local_steps", "batch_size", "lr", "max_update_ratio", "max_weight_factor"},
+        {
+            "count", "deadline_seconds", "local_steps", "batch_size", "lr",
+            "max_update_ratio", "max_weight_factor", "max_update_growth",
+        },
         "rounds.",
     )
     rounds = RoundConfig(
@@ -247,6 +252,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         lr=_get(r, "lr", "rounds.", float, 1e-3),
         max_update_ratio=_get(r, "max_update_ratio", "rounds.", float, 10.0),
         max_weight_factor=_get(r, "max_weight_factor", "rounds.", float, 1e4),
+        max_update_growth=_get(r, "max_update_growth", "rounds.", float, 20.0),
     )
     for name, value in (
         ("count", rounds.count),
@@ -262,6 +268,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     for bound_name, bound in (
         ("max_update_ratio", rounds.max_update_ratio),
         ("max_weight_factor", rounds.max_weight_factor),
+        ("max_update_growth", rounds.max_update_growth),
     ):
         if not bound >= 0 or math.isinf(bound):
             raise ConfigError(f"rounds.{bound_name}: must be a number >= 0 (0: no check), got {bound}")

@@ -22,6 +22,7 @@ from silomesh.peer.config import PeerConfig
 from silomesh.peer.context import RoundContext
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.operator import OperatorError
+from silomesh.peer.rounds import MAX_FAILED_ROUNDS
 from silomesh.peer.store import ModelRecord, StoreError, write_atomic
 from silomesh.protocol import state_digest
 
@@ -55,6 +56,7 @@ class PeerOperations:
     async def status(self) -> dict[str, Any]:
         last = self.store.latest_model()
         progress = self.ctx.progress
+        failed = self.store.failed_rounds_in_a_row()
         return {
             "peer_id": self.ctx.peer_id,
             "federation": self.config.federation,
@@ -69,7 +71,9 @@ class PeerOperations:
             "samples": self.ctx.learner.n_samples,
             "neighbours_connected": len(self.ctx.transport.connected),
             "neighbours_trusted": len(self.ctx.trust),
-            "health": "ok" if progress.phase not in ("stopped",) else "stopped",
+            # rounds rolled back since the last commit (docs/PEER.md, "What a neighbour's update may do")
+            "failed_rounds_in_a_row": failed,
+            "health": "stopped" if progress.phase == "stopped" else "degraded" if failed >= MAX_FAILED_ROUNDS else "ok",
         }
 
     async def neighbours(self) -> list[dict[str, Any]]:

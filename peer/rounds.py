@@ -44,7 +44,7 @@ from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import Expert, UpdateMaker, push_update, request_training, skip_reason
 from silomesh.peer.exchange import ConversationError
-from silomesh.peer.safety import UpdateBound, state_violation, update_violation
+from silomesh.peer.safety import UpdateBound, UpdateGuard, state_violation
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
 from silomesh.strategies import Contribution, RoundShape, StateDict
@@ -73,14 +73,15 @@ class RoundReport:
     expert_weights: dict[str, float] = field(default_factory=dict)
 
 
-RoundShapeFn = Callable[[RoundContext, int, list[str], float, RoundReport], Awaitable[StateDict]]
+RoundShapeFn = Callable[[RoundContext, int, list[str], float, RoundReport, UpdateGuard], Awaitable[StateDict]]
 
 
 async def round_loop(ctx: RoundContext) -> None:
     """Run rounds until ``rounds.count`` is reached (forever when 0)."""
     cfg = ctx.rounds
     round = ctx.store.last_committed_round() + 1
-    failures = 0  # rounds in a row that failed
+    failures = ctx.store.failed_rounds_in_a_row()  # rounds in a row that failed (before a restart too)
+    guard = UpdateGuard(update_bound(ctx))
     while cfg.count == 0 or round < cfg.count:
         ahead = ctx.catch_up_round(round)
         if ahead != round:
@@ -106,7 +107,7 @@ async def round_loop(ctx: RoundContext) -> None:
         await ctx.faults.round_start(ctx.peer_id, round)
         before = {k: np.array(v, copy=True) for k, v in ctx.learner.state().items()}  # the last good model
         try:
-            state = await SHAPES[ctx.learner.strategy.round_shape](ctx, round, selected, deadline, report)
+            state = await SHAPES[ctx.learner.strategy.round_shape](ctx, round, selected, deadline, report, guard)
             ctx.progress.phase = "evaluating"
             state, metrics = await ctx.compute.run(_adopt_and_evaluate, ctx, state)
             why = state_violation(state, metrics)
@@ -114,7 +115,12 @@ async def round_loop(ctx: RoundContext) -> None:
                 raise RoundFailed(why)
             await commit_round(ctx, state, metrics, report, started)
             failures = 0
-        except Exception as exc:  # noqa: BLE001 - a failed round must never stop the peer (cancellation is not an Exception)
+        except Exception as exc:  # a failed round never stops the peer (cancellation is no Exception)
+            if ctx.store.last_committed_round() >= round:  # it failed after its commit: the round stands
+                log.exception("%s round %d: error after its commit", ctx.peer_id[-8:], round)
+                failures = 0
+                round += 1
+                continue
             failures += 1
             await _roll_back(ctx, before, report, started, exc)
             if failures >= MAX_FAILED_ROUNDS:
@@ -132,22 +138,29 @@ class RoundFailed(Exception):
 async def _roll_back(ctx: RoundContext, before: StateDict, report: RoundReport, started: float, exc: Exception) -> None:
     """Back to the model the round started from; the round is recorded as failed, with why."""
     why = str(exc) if isinstance(exc, RoundFailed) else f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, RoundFailed):
+    if isinstance(exc, RoundFailed | FloatingPointError):  # a result or a training that diverged
         log.warning("%s round %d failed and was rolled back: %s", ctx.peer_id[-8:], report.round, why)
-    else:
+    else:  # an error in the round's work: its traceback says where
         log.exception("%s round %d failed and was rolled back", ctx.peer_id[-8:], report.round)
     with trio.CancelScope(shield=True):
         await ctx.compute.run(ctx.learner.load, before)
-    ctx.store.record_round(
-        report.round,
-        status="failed",
-        started_at=started,
-        finished_at=time.time(),
-        contributors=[],
-        skipped=[{"peer": p, "reason": r} for p, r in report.skipped.items()],
-        bytes_sent=report.bytes_sent,
-        note=why[:1000],
-    )
+    try:
+        with ctx.store.atomic():
+            ctx.store.record_round(
+                report.round,
+                status="failed",
+                started_at=started,
+                finished_at=time.time(),
+                contributors=[],
+                skipped=[{"peer": p, "reason": r} for p, r in report.skipped.items()],
+                bytes_sent=report.bytes_sent,
+                note=why[:1000],
+            )
+            # no neighbour's message is refused: the peer declined its own round's result
+            ctx.endpoint.journal.audit_log.append("refused", "", "round", round=report.round,
+                                                  reason=f"rolled back: {why[:500]}")
+    except Exception:  # the rollback itself is done; the store's trouble is logged
+        log.exception("%s round %d: the failed round could not be recorded", ctx.peer_id[-8:], report.round)
 
 
 def _adopt_and_evaluate(ctx: RoundContext, state: StateDict) -> tuple[StateDict, dict[str, float]]:
@@ -156,7 +169,7 @@ def _adopt_and_evaluate(ctx: RoundContext, state: StateDict) -> tuple[StateDict,
 
 
 async def exchange_round(
-    ctx: RoundContext, round: int, selected: list[str], deadline: float, report: RoundReport
+    ctx: RoundContext, round: int, selected: list[str], deadline: float, report: RoundReport, guard: UpdateGuard
 ) -> StateDict:
     """Local step, push our update to every neighbour, gather theirs, aggregate."""
     trained = await ctx.compute.run(ctx.learner.train, ctx.rounds.local_steps)
@@ -182,13 +195,12 @@ async def exchange_round(
     with trio.move_on_at(deadline):
         await ctx.inbox.wait_for(set(selected), round)
     contributions = []
-    bound = update_bound(ctx)
     for n in selected:
         got = ctx.inbox.get(n, round)
         if got is None:
             report.skipped.setdefault(n, "missed the deadline")
             continue
-        why = update_violation(trained.state, got.state, bound)
+        why = guard.check(n, trained.state, got.state)
         if why is not None:
             _refuse_dropped(ctx, report, {n: f"update bound: {why}"}, "update", "safety")
             continue
@@ -199,7 +211,7 @@ async def exchange_round(
 
 
 async def train_request_round(
-    ctx: RoundContext, round: int, selected: list[str], deadline: float, report: RoundReport
+    ctx: RoundContext, round: int, selected: list[str], deadline: float, report: RoundReport, guard: UpdateGuard
 ) -> StateDict:
     """Train-requests to every neighbour, screen the trained copies, learn from them, aggregate."""
     own = ctx.learner.state()
@@ -221,10 +233,9 @@ async def train_request_round(
     for n in selected:
         if n not in experts:
             report.skipped.setdefault(n, "missed the deadline")
-    bound = update_bound(ctx)
     returned = []
     for n, e in experts.items():
-        why = update_violation(own, e.state, bound)
+        why = guard.check(n, own, e.state)
         if why is not None:
             _refuse_dropped(ctx, report, {n: f"update bound: {why}"}, "train-result", "safety")
             continue
@@ -247,7 +258,8 @@ SHAPES: dict[RoundShape, RoundShapeFn] = {
 
 
 def update_bound(ctx: RoundContext) -> UpdateBound:
-    return UpdateBound(ctx.rounds.max_update_ratio, ctx.rounds.max_weight_factor)
+    cfg = ctx.rounds
+    return UpdateBound(cfg.max_update_ratio, cfg.max_weight_factor, cfg.max_update_growth)
 
 
 def screen(

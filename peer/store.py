@@ -143,8 +143,13 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.table("neighbours").add_column("last_refused_by", str)  # its last error code and message
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Rounds: why a round failed (it was rolled back), or other notes on it."""
+    db.table("rounds").add_column("note", str)
+
+
 #: migrations in order; index i upgrades from user_version i to i + 1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 
 
 @dataclass(frozen=True)
@@ -396,6 +401,14 @@ class Store:
     def committed_round_count(self) -> int:
         """How many rounds this peer has committed (rounds with status ``done``)."""
         row = self.db.execute("SELECT count(*) FROM rounds WHERE status = 'done'").fetchone()
+        return int(row[0])
+
+    def failed_rounds_in_a_row(self) -> int:
+        """How many rounds failed (were rolled back) since the last committed one."""
+        row = self.db.execute(
+            "SELECT count(*) FROM rounds WHERE status = 'failed' AND round > "
+            "(SELECT coalesce(max(round), -1) FROM rounds WHERE status = 'done')"
+        ).fetchone()
         return int(row[0])
 
     def record_metric(self, round: int, name: str, value: float) -> None:
