@@ -71,6 +71,8 @@ class RoundReport:
     train_loss: float | None = None
     #: train-request rounds: each accepted expert's weight in the strategy's learning step
     expert_weights: dict[str, float] = field(default_factory=dict)
+    #: the round's model, metrics and row are in the store
+    committed: bool = False
 
 
 RoundShapeFn = Callable[[RoundContext, int, list[str], float, RoundReport, UpdateGuard], Awaitable[StateDict]]
@@ -116,7 +118,7 @@ async def round_loop(ctx: RoundContext) -> None:
             await commit_round(ctx, state, metrics, report, started)
             failures = 0
         except Exception as exc:  # a failed round never stops the peer (cancellation is no Exception)
-            if ctx.store.last_committed_round() >= round:  # it failed after its commit: the round stands
+            if report.committed:  # it failed after its commit: the round stands
                 log.exception("%s round %d: error after its commit", ctx.peer_id[-8:], round)
                 failures = 0
                 round += 1
@@ -325,6 +327,7 @@ async def commit_round(
                 bytes_sent=report.bytes_sent,
             )
             ctx.endpoint.journal.audit_log.checkpoint()  # signed tree head over the audit log, with the round
+        report.committed = True
     metric = ctx.learner.task.metric
     log.info(
         "%s round %d done: %s=%.4f, %d contributors, %d skipped",
