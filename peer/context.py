@@ -134,7 +134,6 @@ class Journal:
         self.audit_log.append("refused", peer, kind, round=round, reason=reason)
         if peer in self.trusted:
             self.store.count_refused(peer, reason)
-        self.store.count_refused(peer)
 
 
 @dataclass
