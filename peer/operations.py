@@ -56,6 +56,7 @@ class PeerOperations:
     async def status(self) -> dict[str, Any]:
         last = self.store.latest_model()
         progress = self.ctx.progress
+        strangers = self.store.stranger_totals()
         failed = self.store.failed_rounds_in_a_row()
         return {
             "peer_id": self.ctx.peer_id,
@@ -71,6 +72,12 @@ class PeerOperations:
             "samples": self.ctx.learner.n_samples,
             "neighbours_connected": len(self.ctx.transport.connected),
             "neighbours_trusted": len(self.ctx.trust),
+            # connections from PeerIDs outside the trust list: refused since start (live), and
+            # over the store's life (written every few seconds; docs/PEER.md, "Strangers")
+            "connections_refused": self.ctx.transport.statistics().refused_connections,
+            "strangers_refused": strangers.refused,
+            "stranger_peer_ids": strangers.peers,
+            "strangers_last_at": strangers.last_at,
             # rounds rolled back since the last commit (docs/PEER.md, "What a neighbour's update may do")
             "failed_rounds_in_a_row": failed,
             "health": "stopped" if progress.phase == "stopped" else "degraded" if failed >= MAX_FAILED_ROUNDS else "ok",

@@ -148,8 +148,50 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.table("rounds").add_column("note", str)
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """Strangers: PeerIDs outside the trust list whose connections we refused. Only the most
+    recently seen are kept (see :meth:`Store.record_strangers`); totals over all of them are
+    the ``state`` row :data:`STRANGER_TOTALS`."""
+    db.table("strangers").create(
+        {"peer_id": str, "first_seen": float, "last_seen": float, "refused": int, "last_reason": str},
+        pk="peer_id",
+        not_null={"first_seen", "last_seen", "refused"},
+    )
+    db.table("strangers").create_index(["last_seen"])
+
+
 #: migrations in order; index i upgrades from user_version i to i + 1
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
+]
+
+#: the ``state`` key of :class:`StrangerTotals`
+STRANGER_TOTALS = "stranger_totals"
+
+
+@dataclass(frozen=True)
+class StrangerRecord:
+    """Refusals of one stranger's connections since the last write (times: Unix seconds)."""
+
+    peer_id: str
+    first_seen: float
+    last_seen: float
+    refused: int
+    last_reason: str = ""
+
+
+@dataclass(frozen=True)
+class StrangerTotals:
+    """Refusals of strangers' connections over the life of the store.
+
+    ``peers`` counts PeerIDs not among the kept rows when they were written: a stranger that
+    dropped out of them (or that the caller could not keep apart) counts again.
+    """
+
+    refused: int = 0
+    peers: int = 0
+    since: float | None = None
+    last_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -464,6 +506,64 @@ class Store:
 
     def neighbours(self) -> list[dict[str, Any]]:
         return list(self.db.query("SELECT * FROM neighbours ORDER BY name, peer_id"))
+
+    def record_strangers(
+        self, records: list[StrangerRecord], *, keep: int, unnamed_refused: int = 0, unnamed_peers: int = 0
+    ) -> int:
+        """Add refusals of strangers' connections, keeping rows for the ``keep`` most recent only.
+
+        One transaction: each record adds to its stranger's row (created if absent), rows
+        beyond the ``keep`` most recently seen are deleted, and the totals grow by every
+        refusal, including ``unnamed_refused`` refusals of ``unnamed_peers`` strangers the
+        caller counted without a record. So however many strangers there are, the table
+        holds at most ``keep`` rows and the totals one.
+
+        Returns:
+            How many of ``records`` named a PeerID that had no row.
+        """
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        with self.atomic():
+            new = 0
+            for r in records:
+                known = self.db.execute("SELECT 1 FROM strangers WHERE peer_id = ?", [r.peer_id]).fetchone()
+                new += known is None
+                self.db.execute(
+                    "INSERT INTO strangers (peer_id, first_seen, last_seen, refused, last_reason) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(peer_id) DO UPDATE SET "
+                    "last_seen = max(last_seen, excluded.last_seen), refused = refused + excluded.refused, "
+                    "last_reason = excluded.last_reason",
+                    [r.peer_id, r.first_seen, r.last_seen, r.refused, r.last_reason[:300]],
+                )
+            self.db.execute(
+                "DELETE FROM strangers WHERE peer_id NOT IN "
+                "(SELECT peer_id FROM strangers ORDER BY last_seen DESC, peer_id LIMIT ?)",
+                [keep],
+            )
+            old = self.stranger_totals()
+            refused = sum(r.refused for r in records) + unnamed_refused
+            times = [r.first_seen for r in records] + ([old.since] if old.since is not None else [])
+            last = [r.last_seen for r in records] + ([old.last_at] if old.last_at is not None else [])
+            self.set_state(
+                STRANGER_TOTALS,
+                {
+                    "refused": old.refused + refused,
+                    "peers": old.peers + new + unnamed_peers,
+                    "since": min(times, default=None),
+                    "last_at": max(last, default=None),
+                },
+            )
+        return new
+
+    def stranger_totals(self) -> StrangerTotals:
+        value = self.get_state(STRANGER_TOTALS)
+        if not isinstance(value, dict):
+            return StrangerTotals()
+        return StrangerTotals(int(value["refused"]), int(value["peers"]), value.get("since"), value.get("last_at"))
+
+    def strangers(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recently seen strangers (newest first): peer_id, first_seen, last_seen, refused, last_reason."""
+        return list(self.db.query("SELECT * FROM strangers ORDER BY last_seen DESC, peer_id LIMIT ?", [limit]))
 
     def register_dataset(self, path: str, manifest: Mapping[str, Any]) -> int:
         with self.atomic():

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from importlib.metadata import version
+from pathlib import Path
 
 import multiaddr
 import pytest
@@ -35,9 +37,14 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.upgrader import TransportUpgrader
+from trio.testing import MockClock
 
+from silomesh.audit.verify import verify_chain
+from silomesh.peer.audit import AuditLog
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.mesh import PATCHED_LIBP2P, FramedStream, Mesh, open_mesh
+from silomesh.peer.store import Store
+from silomesh.peer.strangers import Strangers, serve_strangers
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 #: the measured lock-out point of an unpatched silomesh peer (docs/NETWORK-NOTES.md)
@@ -206,13 +213,18 @@ async def _echo_upper(stream: FramedStream) -> None:
 
 
 @pytest.mark.slow
-async def test_thousands_of_strangers_and_reconnects_leave_room_for_a_trusted_neighbour() -> None:
+async def test_thousands_of_strangers_and_reconnects_leave_room_for_a_trusted_neighbour(tmp_path: Path) -> None:
     strangers, reconnects = 8 * LOCKOUT_AT, 2 * LOCKOUT_AT
     refused: set[str] = set()
+    store = Store(tmp_path / "peer.sqlite")
+    counted = Strangers(store, AuditLog(store, B.signing_key))  # as the daemon counts them
+
+    def on_refused(peer: str, reason: str) -> None:
+        refused.add(peer)
+        counted.refused(peer, reason)
+
     with trio.fail_after(240):
-        async with open_mesh(
-            B, LOOPBACK, {A.peer_id_text: "/ip4/127.0.0.1/tcp/1"}, on_refused=lambda p, r: refused.add(p)
-        ) as b:
+        async with open_mesh(B, LOOPBACK, {A.peer_id_text: "/ip4/127.0.0.1/tcp/1"}, on_refused=on_refused) as b:
             assert b.inbound is not None
             b.set_handler(_echo_upper)
             for key_pair in _stranger_keys(strangers, seed=1):
@@ -234,3 +246,83 @@ async def test_thousands_of_strangers_and_reconnects_leave_room_for_a_trusted_ne
             swarm = b.host.get_network()
             assert isinstance(swarm, Swarm)
             assert swarm._inbound_limiter.borrowed_tokens == 0
+    counted.summarize()  # what the daemon's serve_strangers does when the peer stops
+    assert store.stranger_totals().refused == strangers
+    assert store.db.table("strangers").count == 256
+    assert store.neighbours() == []
+    assert len(store.audit_entries()) == 32 + 1
+    store.close()
+
+
+# --- what the store and the audit log keep of strangers -----------------------------------
+
+
+def _stranger_id(i: int) -> str:
+    return str(ID.from_pubkey(_stranger_keys(1, seed=i)[0].public_key))
+
+
+async def test_thousands_of_refused_strangers_leave_a_bounded_store_and_audit_log(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    store = Store(tmp_path / "peer.sqlite")
+    audit_log = AuditLog(store, B.signing_key)
+    strangers = Strangers(store, audit_log, keep=50, clock=lambda: 1_700_000_000 + trio.current_time())
+    rng = random.Random(16)
+    persistent = _stranger_id(-1)  # one stranger that keeps coming back
+    fresh = [f"12D3KooWfresh{i:06d}" for i in range(5000)]  # as many PeerIDs as refusals: a key per dial
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_strangers, strangers)  # every 10 s to the store, a summary every 600 s
+        for i, peer in enumerate(fresh):
+            strangers.refused(peer, "untrusted-connection")
+            if i % 10 == 0:
+                strangers.refused(persistent, "untrusted-stream")
+            await trio.sleep(rng.uniform(0.0, 0.72))  # about 30 simulated minutes in all
+        elapsed = trio.current_time()
+        nursery.cancel_scope.cancel()  # the peer stops: what is left is written and summed up
+    assert 1500 < elapsed < 2100
+    totals = store.stranger_totals()
+    assert totals.refused == 5000 + 500
+    assert totals.peers == 5001
+    assert totals.since == 1_700_000_000 and totals.last_at is not None
+    assert store.db.table("strangers").count == 50
+    assert store.neighbours() == []  # strangers get no neighbour row
+    rows = {r["peer_id"]: r for r in store.strangers(limit=100)}
+    assert persistent in rows and rows[persistent]["refused"] == 500
+    assert rows[persistent]["last_reason"] == "untrusted-stream"
+    assert fresh[-1] in rows and fresh[0] not in rows
+    entries = audit_log.entries()
+    named = [e for e in entries if e["kind"] == "connection"]
+    summaries = [e for e in entries if e["kind"] == "strangers"]
+    windows = int(elapsed // 600) + 1  # ten-minute audit windows, the last one cut by the stop
+    assert len(named) + len(summaries) == len(entries) <= windows * (32 + 1)
+    assert len(named) >= 32 * (windows - 1) and len(summaries) >= windows - 1
+    assert all(e["direction"] == "refused" and e["peer"] != "" for e in named)
+    assert all(e["direction"] == "refused" and e["peer"] == "" for e in summaries)
+    # every refusal is in the log: one by one, or in its window's "refused K more connections"
+    assert len(named) + sum(int(e["reason"].split()[1]) for e in summaries) == 5500
+    assert verify_chain(entries, bytes(B.signing_key.verify_key)) == []
+    store.close()
+
+
+def test_strangers_between_writes_are_held_in_bounded_memory(tmp_path: Path) -> None:
+    store = Store(tmp_path / "peer.sqlite")
+    strangers = Strangers(store, AuditLog(store, B.signing_key), keep=8, clock=lambda: 1_700_000_000.0)
+    for i in range(1000):
+        strangers.refused(f"12D3KooWflood{i:04d}", "untrusted-connection")
+    assert len(strangers._pending) == 8
+    assert strangers.pending == 1000
+    strangers.flush()
+    assert strangers.pending == 0
+    totals = store.stranger_totals()
+    assert (totals.refused, totals.peers) == (1000, 1000)
+    assert store.db.table("strangers").count == 8
+    assert len(store.audit_entries()) == 32  # named one by one; the summary waits for the window's end
+    strangers.summarize()
+    entries = store.audit_entries()
+    assert [e["peer"] for e in entries[:32]] == [f"12D3KooWflood{i:04d}" for i in range(32)]
+    assert entries[32]["reason"] == (
+        "refused 968 more connections from untrusted peers since 2023-11-14T22:13:20Z than the 32 audited "
+        "one by one (1000 PeerIDs new to this peer; latest 12D3KooWflood0999)"
+    )
+    assert len(entries) == 33
+    store.close()

@@ -15,7 +15,7 @@ import pytest
 
 from silomesh.audit.verify import verify_chain
 from silomesh.peer.audit import AuditLog
-from silomesh.peer.store import MIGRATIONS, Store, StoreError
+from silomesh.peer.store import MIGRATIONS, Store, StoreError, StrangerRecord, StrangerTotals
 
 KEY = nacl.signing.SigningKey(b"\x09" * 32)
 
@@ -162,3 +162,25 @@ def test_kill_9_mid_write_loses_no_committed_round_and_chain_verifies(tmp_path: 
         assert len(entries) == last + 1
         assert verify_chain(entries, bytes(KEY.verify_key)) == []
         store.close()
+
+
+def test_strangers_keep_only_the_most_recent_rows_and_totals_for_all(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.sqlite")
+    for batch in range(30):  # 3000 strangers, 100 per write, seen in order
+        records = [
+            StrangerRecord(f"stranger-{batch}-{i}", t := 1000.0 + batch * 100 + i, t, 1, "untrusted-connection")
+            for i in range(100)
+        ]
+        assert store.record_strangers(records, keep=20) == 100  # all new
+    store.record_strangers([StrangerRecord("stranger-29-99", 5000.0, 5001.0, 2, "untrusted-stream")], keep=20)
+    assert store.db.table("strangers").count == 20
+    newest = store.strangers(limit=3)
+    assert [r["peer_id"] for r in newest] == ["stranger-29-99", "stranger-29-98", "stranger-29-97"]
+    assert (newest[0]["refused"], newest[0]["last_reason"], newest[0]["last_seen"]) == (3, "untrusted-stream", 5001.0)
+    assert store.stranger_totals() == StrangerTotals(refused=3002, peers=3000, since=1000.0, last_at=5001.0)
+    store.record_strangers([], keep=20, unnamed_refused=5, unnamed_peers=4)
+    assert store.stranger_totals().refused == 3007 and store.stranger_totals().peers == 3004
+    assert store.neighbours() == []
+    with pytest.raises(ValueError, match="keep"):
+        store.record_strangers([], keep=0)
+    store.close()
