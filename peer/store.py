@@ -30,6 +30,11 @@ from safetensors.numpy import load_file, save_file
 log = logging.getLogger(__name__)
 
 
+#: the largest round or sequence number (uint64), and the offset that maps them onto SQLite's int64
+U64 = 2**64 - 1
+INT64_OFFSET = 2**63
+
+
 class StoreError(Exception):
     """The store cannot be opened, or an operation names a model or dataset that does not exist."""
 
@@ -160,9 +165,20 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db.table("strangers").create_index(["last_seen"])
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Replay marks are uint64 (PROTOCOL.md) but SQLite integers are int64: marks are stored
+    shifted down by :data:`INT64_OFFSET`, so the whole uint64 range keeps its order. Marks
+    written by migration 3's plain form (all below 2**63) are shifted the same way."""
+    db.execute(
+        "UPDATE replay_marks SET round = round + (-9223372036854775807 - 1), "
+        "sequence = sequence + (-9223372036854775807 - 1)"
+    )
+
+
 #: migrations in order; index i upgrades from user_version i to i + 1
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
+    _migration_6,
 ]
 
 #: the ``state`` key of :class:`StrangerTotals`
@@ -483,24 +499,29 @@ class Store:
 
     def save_replay_marks(self, marks: Mapping[bytes, tuple[int, int]]) -> None:
         """Persist per-sender replay low-water marks (one past the newest accepted pair)."""
-        rows = [{"sender": s.hex(), "round": r, "sequence": q} for s, (r, q) in marks.items()]
-        if rows:
-            with self.atomic():
-                self.db.table("replay_marks").upsert_all(rows, pk="sender")
+        for sender, (round, sequence) in marks.items():
+            self._raise_replay_mark(sender, round, sequence)
 
     def note_replay_mark(self, sender: bytes, round: int, sequence: int) -> None:
         """Raise ``sender``'s persisted mark to one past (round, sequence), never lower it."""
+        if sequence >= U64:  # one past the largest sequence of a round is the next round's first
+            self._raise_replay_mark(sender, min(round + 1, U64), 0)
+        else:
+            self._raise_replay_mark(sender, round, sequence + 1)
+
+    def _raise_replay_mark(self, sender: bytes, round: int, sequence: int) -> None:
+        # rounds and sequences are uint64 (PROTOCOL.md), SQLite integers int64: stored offset
         self.db.execute(
             "INSERT INTO replay_marks (sender, round, sequence) VALUES (?, ?, ?) "
             "ON CONFLICT(sender) DO UPDATE SET round = excluded.round, sequence = excluded.sequence "
             "WHERE (excluded.round, excluded.sequence) > (replay_marks.round, replay_marks.sequence)",
-            [sender.hex(), round, sequence + 1],
+            [sender.hex(), min(round, U64) - INT64_OFFSET, min(sequence, U64) - INT64_OFFSET],
         )
 
     def replay_marks(self) -> dict[bytes, tuple[int, int]]:
         """The persisted replay low-water marks, to seed the replay guard on start."""
         return {
-            bytes.fromhex(r["sender"]): (int(r["round"]), int(r["sequence"]))
+            bytes.fromhex(r["sender"]): (int(r["round"]) + INT64_OFFSET, int(r["sequence"]) + INT64_OFFSET)
             for r in self.db.query("SELECT sender, round, sequence FROM replay_marks")
         }
 

@@ -184,3 +184,35 @@ def test_strangers_keep_only_the_most_recent_rows_and_totals_for_all(tmp_path: P
     with pytest.raises(ValueError, match="keep"):
         store.record_strangers([], keep=0)
     store.close()
+
+
+def test_replay_marks_keep_uint64_order_and_only_rise(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.sqlite")
+    a, b = b"\x01" * 32, b"\x02" * 32
+    store.note_replay_mark(a, 3, 7)
+    store.note_replay_mark(a, 2, 99)  # older: the mark never goes down
+    store.note_replay_mark(b, 0, 2**64 - 1)  # the last sequence of round 0: the mark is round 1's first
+    store.note_replay_mark(b, 0, 5)
+    assert store.replay_marks() == {a: (3, 8), b: (1, 0)}
+    store.note_replay_mark(a, 2**63 + 5, 2**63)  # beyond int64: still ordered, nothing overflows
+    assert store.replay_marks()[a] == (2**63 + 5, 2**63 + 1)
+    store.close()
+
+
+def test_replay_marks_written_before_the_uint64_form_read_back_the_same(tmp_path: Path) -> None:
+    import sqlite3
+
+    import sqlite_utils
+
+    path = tmp_path / "store.sqlite"
+    db = sqlite_utils.Database(sqlite3.connect(path))
+    for migration in MIGRATIONS[:5]:  # a store as schema 5 left it: marks in plain form
+        migration(db)
+    db.execute("PRAGMA user_version=5")
+    db.execute("INSERT INTO replay_marks (sender, round, sequence) VALUES (?, 4, 9)", ["01" * 32])
+    db.conn.commit()
+    db.conn.close()
+    store = Store(path)
+    assert store.schema_version == len(MIGRATIONS)
+    assert store.replay_marks() == {b"\x01" * 32: (4, 9)}
+    store.close()
