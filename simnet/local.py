@@ -28,13 +28,14 @@ def compare_local(plan: Plan) -> dict[str, Any]:
 
     limit_torch_threads()
     sc = plan.scenario
-    task = get_task(sc.task)
+    options = sc.effective_task_options  # the federation's geometry (image size, sinogram size)
+    task = get_task(sc.task, **options)
     metric = task.metric
     init_seed = federation_seed(plan.federation)
     per_peer: dict[str, float] = {}
     history: list[dict[str, float]] = [{} for _ in range(plan.rounds)]
     for p in plan.peers:
-        silo = synthetic_silo(sc.task, plan.n, p.index, sc.seed, **sc.effective_task_options)
+        silo = synthetic_silo(sc.task, plan.n, p.index, sc.seed, **options)
         model = task.make_model(sc.size, seed=init_seed)
         for r in range(plan.rounds):
             train_local(task, model, silo.train, sc.local_steps, sc.batch_size, sc.lr, seed=init_seed + r + 1)

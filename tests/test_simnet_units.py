@@ -352,3 +352,18 @@ def test_schema_validator_reports_type_required_and_range_problems() -> None:
     assert any("below the minimum" in p for p in validate({**good, "round": -1}, item))
     assert any("expected integer" in p for p in validate({**good, "bytes": True}, item))
     assert any("expected number" in p for p in validate({**good, "metric_per_peer": {"p0": "x"}}, item))
+
+
+@pytest.mark.parametrize("task", ["catheter", "organs", "lesion", "spect"])
+def test_compare_local_trains_every_task_at_the_federations_geometry(task: str, tmp_path: Path) -> None:
+    from silomesh.simnet.local import compare_local
+
+    options = {"n_train": 4, "n_test": 4}
+    options.update({"n_silo_test": 4} if task == "spect" else {"n_test_source": 4} if task == "catheter" else {})
+    scenario = make_scenario({"task": task, "peers": 2, "rounds": 1, "local_steps": 1, "batch_size": 2,
+                              "seed": 3, "task_options": options})
+    plan = build_plan(scenario, tmp_path / "run")
+    result = compare_local(plan)
+    assert set(result["per_peer"]) == {p.name for p in plan.peers} and len(plan.peers) == 2
+    assert all(np.isfinite(v) for v in result["per_peer"].values())
+    assert result["steps"] == 1 and len(result["history"]) == 1
