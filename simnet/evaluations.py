@@ -14,6 +14,14 @@ AdamW steps in per-round chunks with the run's ``lr`` and ``batch_size``.
   model (mean over peers) and of every silo trained alone (mean and best silo);
   ``margin_common = fed_common - local_common_best``; the same on own test sets
   (``fed_own``, ``local_own_best``, ``margin_own``).
+- ``per_silo``: every silo paired with itself, federated vs alone. The shared test set is
+  split once (seeded) into a validation half and a test half; the "best single silo" is
+  the silo whose alone-model scores best on the **validation** half and is scored on the
+  **test** half (``fed_common_test``, ``best_silo_common_test``, ``margin_best_silo``).
+  Per silo ``i``: ``gain_own_<i>`` (its federated model minus its alone-model on its own
+  test set), ``gain_common_<i>`` (the same on the test half) and, for catheter,
+  ``gain_unseen_<i>`` (on the source test sets it never trained on); their means and
+  ``silos_gain_own`` / ``silos_gain_common`` (how many silos gain, ``>= 0``).
 - ``unseen_sources`` (catheter): Dice of each peer on the ``source:<s>`` test sets of the
   training sources it never saw (``unseen_dice``) and of those it saw (``seen_dice``).
 - ``downstream_finetune`` (catheter with ``holdout_source``): the plain average of the
@@ -156,6 +164,60 @@ def eval_vs_best_silo(run: RunModels, options: dict[str, Any]) -> dict[str, floa
     return out
 
 
+def split_validation(data: ArrayDataset, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """A seeded split of ``data`` into a validation half and a test half (disjoint)."""
+    order = np.random.default_rng([seed, 0x5A1D]).permutation(len(data))
+    half = len(data) // 2
+    if half == 0:
+        raise ValueError(f"the shared test set has {len(data)} item(s); per_silo needs at least 2")
+    return data.subset(np.sort(order[:half])), data.subset(np.sort(order[half:]))
+
+
+def _unseen_sets(run: RunModels, index: int) -> list[ArrayDataset]:
+    """The shared ``source:<s>`` test sets of sources silo ``index`` never trained on."""
+    seen = set(run.federation.silos[index].info.get("sources", ()))
+    holdout = run.options.get("holdout_source")
+    return [data for name, data in run.federation.tests.items()
+            if name.startswith("source:") and name.split(":", 1)[1] not in seen
+            and name.split(":", 1)[1] != holdout]
+
+
+def eval_per_silo(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    val, test = split_validation(_common_test(run), run.scenario.seed)
+    out: dict[str, float] = {}
+    alone_val: list[float] = []
+    alone_test: list[float] = []
+    fed_test: list[float] = []
+    gains: dict[str, list[float]] = {"own": [], "common": [], "unseen": []}
+    for i, (silo, model) in enumerate(zip(run.federation.silos, run.final_models(), strict=True)):
+        alone = run.train_alone(i)
+        alone_val.append(run.metric(alone, val))
+        alone_test.append(run.metric(alone, test))
+        if model is None:  # a crashed peer has no federated model: no pair for this silo
+            continue
+        fed_test.append(run.metric(model, test))
+        pairs = {"own": (run.metric(model, silo.test), run.metric(alone, silo.test)),
+                 "common": (fed_test[-1], alone_test[-1])}
+        unseen = _unseen_sets(run, i)
+        if unseen:
+            pairs["unseen"] = (_mean([run.metric(model, d) for d in unseen]),
+                               _mean([run.metric(alone, d) for d in unseen]))
+        for kind, (fed, solo) in pairs.items():
+            out[f"gain_{kind}_{i}"] = fed - solo
+            gains[kind].append(fed - solo)
+    best = int(np.argmax(alone_val))
+    out["best_silo"] = float(best)
+    out["best_silo_common_test"] = alone_test[best]
+    out["fed_common_test"] = _mean(fed_test)
+    out["margin_best_silo"] = out["fed_common_test"] - out["best_silo_common_test"]
+    for kind, values in gains.items():
+        if values:
+            out[f"gain_{kind}_mean"] = _mean(values)
+            out[f"silos_gain_{kind}"] = float(sum(v >= 0 for v in values))
+    out["silos_paired"] = float(len(gains["own"]))
+    return out
+
+
 def eval_unseen_sources(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
     seen_d: list[float] = []
     unseen_d: list[float] = []
@@ -290,6 +352,7 @@ Evaluation = Callable[[RunModels, dict[str, Any]], dict[str, float]]
 
 EVALUATIONS: dict[str, Evaluation] = {
     "vs_best_silo": eval_vs_best_silo,
+    "per_silo": eval_per_silo,
     "unseen_sources": eval_unseen_sources,
     "downstream_finetune": eval_downstream_finetune,
     "per_organ": eval_per_organ,

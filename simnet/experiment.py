@@ -292,9 +292,32 @@ def render_markdown(results: dict[str, Any]) -> str:
                 f"{s['task']}/{s['size']}, {s['rounds']} rounds x {s['local_steps']} steps, "
                 f"lr {s['lr']}, batch {s['batch_size']}, data {json.dumps(s['task_options'])}")
         lines.append(f"| {name} | {desc} |")
+    lines += _per_silo_section(results)
     lines += ["", f"Total wall time: {results['wall_seconds']:.0f} s "
               f"({len(results['arms'])} arms x {len(results['seeds'])} seeds).", ""]
     return "\n".join(lines)
+
+
+def _per_silo_section(results: dict[str, Any]) -> list[str]:
+    """The ``per_silo`` gains as a table (one row per arm and silo), if any arm has them."""
+    from silomesh.simnet.plots import per_silo_gains
+
+    gains = per_silo_gains(results)
+    if not gains:
+        return []
+    lines = ["", "## Each silo, federated minus alone", "",
+             "Paired per silo: its peer's final model minus the same silo trained alone on the same "
+             "budget, mean ± std over seeds (n). Plot: `per_silo_gains.png`.", "",
+             "| arm | silo | own test set | unseen sources | shared test half |", "|---|---|---|---|---|"]
+    for name, kinds in gains.items():
+        silos = sorted({r["silo"] for rows in kinds.values() for r in rows})
+        for i in silos:
+            cells = []
+            for kind in ("own", "unseen", "common"):
+                row = next((r for r in kinds.get(kind, []) if r["silo"] == i), None)
+                cells.append("–" if row is None else f"{row['mean']:+.3f} ± {row['std']:.3f} ({row['n']})")
+            lines.append(f"| {name} | {i} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # -- running -------------------------------------------------------------------------------
@@ -371,3 +394,6 @@ def _write(out: Path, results: dict[str, Any], t0: float) -> None:
     results["wall_seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float), encoding="utf-8")
     (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    from silomesh.simnet.plots import write_per_silo_plot
+
+    write_per_silo_plot(results, out / "per_silo_gains.png")

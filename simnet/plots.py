@@ -111,3 +111,67 @@ def _topology_plot(plt: ModuleType, plan: Plan, report: dict[str, Any], path: Pa
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def per_silo_gains(results: dict[str, Any]) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """Per arm, per kind (``own``, ``unseen``, ``common``): one ``{silo, mean, std, n}`` per silo.
+
+    Read from the ``gain_<kind>_<i>`` metrics that the ``per_silo`` evaluation writes;
+    mean and sample std over the seeds where that silo had a federated model.
+    """
+    import numpy as np
+
+    out: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for name, arm in results["arms"].items():
+        kinds: dict[str, list[dict[str, float]]] = {}
+        for kind in ("own", "unseen", "common"):
+            silos = sorted({int(k.rsplit("_", 1)[1]) for run in arm["runs"].values() for k in run
+                            if k.startswith(f"gain_{kind}_") and k.rsplit("_", 1)[1].isdigit()})
+            rows = []
+            for i in silos:
+                values = [float(run[f"gain_{kind}_{i}"]) for run in arm["runs"].values()
+                          if f"gain_{kind}_{i}" in run and math.isfinite(float(run[f"gain_{kind}_{i}"]))]
+                if values:
+                    a = np.array(values)
+                    rows.append({"silo": i, "mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+                                 "n": len(a)})
+            if rows:
+                kinds[kind] = rows
+        if kinds:
+            out[name] = kinds
+    return out
+
+
+def write_per_silo_plot(results: dict[str, Any], path: Path) -> Path | None:
+    """``per_silo_gains.png``: one panel per arm, one bar group per silo (federated minus
+    alone on its own test set, and on unseen sources or the shared test half), mean ± std
+    over seeds. ``None`` when no arm has ``per_silo`` metrics."""
+    gains = per_silo_gains(results)
+    if not gains:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(gains), figsize=(max(4.0, 3.2 * len(gains)), 3.8), dpi=100,
+                             squeeze=False, sharey=True)
+    for ax, (name, kinds) in zip(axes[0], gains.items(), strict=True):
+        shown = [k for k in ("own", "unseen", "common") if k in kinds][:2]  # own, and unseen if any
+        width = 0.8 / len(shown)
+        for j, kind in enumerate(shown):
+            rows = kinds[kind]
+            xs = [r["silo"] + (j - (len(shown) - 1) / 2) * width for r in rows]
+            label = {"own": "own test set", "unseen": "unseen sources", "common": "shared test half"}[kind]
+            ax.bar(xs, [r["mean"] for r in rows], width, yerr=[r["std"] for r in rows], capsize=2,
+                   color=f"C{j}", label=label)
+        ax.axhline(0, color="0.3", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("silo")
+        ax.set_xticks(sorted({r["silo"] for rows in kinds.values() for r in rows}))
+    axes[0][0].set_ylabel("gain: federated - alone")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -178,6 +179,41 @@ def test_unseen_sources_splits_dice_by_sources_the_silo_saw() -> None:
     assert out["unseen_dice"] < 0.9
 
 
+class _Background(torch.nn.Module):
+    """Predicts background everywhere (Dice 0 wherever there is a catheter)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        out[:, 0] = 10.0
+        return out
+
+
+def test_per_silo_pairs_each_silo_and_picks_the_best_silo_on_validation_only() -> None:
+    from silomesh.models.registry import get_task
+    from silomesh.simnet.evaluations import eval_per_silo, split_validation
+
+    task = get_task("catheter", image_size=16, n_train=4, n_test=4, n_test_source=3, sources_per_silo=1)
+    fed = task.make_federation(3, 0)
+    val, test = split_validation(fed.tests["all"], seed=5)
+    assert len(val) + len(test) == len(fed.tests["all"]) and len(val) > 0
+    everything = ArrayDataset({k: np.concatenate([fed.tests["all"][k], fed.silos[0].test[k]])
+                               for k in ("image", "mask")})
+    run = _FakeRun([_Perfect(everything), task.make_model("tiny"), None], fed, task)
+    run.scenario = SimpleNamespace(seed=5)  # type: ignore[attr-defined]
+    # silo 1 alone is perfect on the validation half only: picked as best, scored on the test half
+    alone = {0: _Background(), 1: _Perfect(val), 2: _Background()}
+    run.train_alone = lambda i: alone[i]  # type: ignore[attr-defined]
+    out = eval_per_silo(run, {})  # type: ignore[arg-type]
+    assert out["best_silo"] == 1
+    assert out["best_silo_common_test"] == pytest.approx(run.metric(alone[1], test))
+    assert out["best_silo_common_test"] < run.metric(alone[1], val)
+    assert out["gain_own_0"] == pytest.approx(1.0) and out["gain_common_0"] == pytest.approx(1.0)
+    assert "gain_own_2" not in out and out["silos_paired"] == 2  # silo 2's peer left no model
+    assert out["silos_gain_own"] == sum(out[f"gain_own_{i}"] >= 0 for i in (0, 1))
+    assert "gain_unseen_0" in out  # one source per silo: the other sources are unseen
+    assert out["margin_best_silo"] == pytest.approx(out["fed_common_test"] - out["best_silo_common_test"])
+
+
 def test_spect_baselines_report_each_method_per_subset() -> None:
     from silomesh.models.registry import get_task
     from silomesh.simnet.evaluations import eval_spect_baselines
@@ -252,3 +288,26 @@ def test_results_doc_fills_marked_blocks_from_results_json(tmp_path: Path) -> No
     out = mod.BLOCK.sub(lambda m: mod.render_block(runs, m.group("args")), text)
     assert "old" not in out and "| fed | 3 | 0.700 ± 0.200 |" in out
     assert "silomesh simnet run experiments/x.toml" in out and out.endswith("end\n")
+
+
+def test_per_silo_gains_are_summarised_per_silo_over_seeds_and_plotted(tmp_path: Path) -> None:
+    from silomesh.simnet.experiment import render_markdown
+    from silomesh.simnet.plots import per_silo_gains, write_per_silo_plot
+
+    runs = {"0": {"gain_own_0": 0.1, "gain_own_1": -0.2, "gain_unseen_0": 0.3, "gain_own_mean": -0.05},
+            "1": {"gain_own_0": 0.3, "gain_own_1": math.nan, "gain_unseen_0": 0.1}}
+    results = {"name": "x", "command": "c", "seeds": [0, 1], "scale": 1, "evaluate": ["per_silo"],
+               "wall_seconds": 1.0, "arms": {"a": {"runs": runs, "settings": {
+                   "peers": 2, "topology": "ring", "strategy": "fedavg", "strategy_params": {}, "task": "catheter",
+                   "size": "tiny", "rounds": 1, "local_steps": 1, "lr": 0.001, "batch_size": 2, "task_options": {}},
+                   "summary": {}}}}
+    gains = per_silo_gains(results)["a"]
+    assert [r["silo"] for r in gains["own"]] == [0, 1]  # gain_own_mean is not a silo
+    assert gains["own"][0]["mean"] == pytest.approx(0.2) and gains["own"][0]["n"] == 2
+    assert gains["own"][1] == {"silo": 1, "mean": pytest.approx(-0.2), "std": 0.0, "n": 1}  # NaN seed left out
+    assert gains["unseen"][0]["mean"] == pytest.approx(0.2)
+    md = render_markdown(results)
+    assert "| a | 0 | +0.200 ± 0.141 (2) | +0.200 ± 0.141 (2) | – |" in md
+    path = write_per_silo_plot(results, tmp_path / "g.png")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+    assert write_per_silo_plot({"arms": {"b": {"runs": {"0": {"fed_own": 1.0}}}}}, tmp_path / "n.png") is None
