@@ -153,6 +153,8 @@ class ReconNet(SplitModel):
     """
 
     head_prefixes = ("head.",)
+    _ramp: torch.Tensor  # buffers, registered in __init__
+    _toeplitz: torch.Tensor
 
     def __init__(self, config: ReconConfig | None = None, gain: np.ndarray | None = None) -> None:
         """Build the network.

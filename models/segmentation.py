@@ -167,6 +167,7 @@ def build_segmenter(
             vit = ViTSeg(
                 ViTConfig.preset(size, in_channels=in_channels, out_channels=out_channels, image_size=image_size)
             )
+            assert vit.decoder.out.bias is not None  # the output convolution has a bias
             nn.init.constant_(vit.decoder.out.bias, head_bias)
             model = vit
         else:

@@ -123,7 +123,7 @@ def tube_profile(dist: np.ndarray, radius: float) -> np.ndarray:
 def irregular_blob(
     rng: np.random.Generator,
     grid: Sequence[np.ndarray],
-    centre: Sequence[float],
+    centre: Sequence[float] | np.ndarray,
     radii: Sequence[float],
     angle: float = 0.0,
     roughness: float = 0.1,

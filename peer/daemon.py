@@ -152,7 +152,7 @@ class Peer:
 
     async def _serve(self, task_status: TaskStatus[Peer]) -> None:
         config, store = self.config, self.store
-        silo = self._silo or await self._compute.run_blocking(_silo, config)
+        silo = self._silo if self._silo is not None else await self._compute.run_blocking(_silo, config)
         seed = federation_seed(config.federation)
         self.learner = await self._compute.run_blocking(
             lambda: Learner(

@@ -35,7 +35,7 @@ async def _serve(config_path: Path) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
-            async def run_then_stop(*, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def run_then_stop(*, task_status: TaskStatus[Peer] = trio.TASK_STATUS_IGNORED) -> None:
                 await peer.run(task_status=task_status)
                 log.info("all %d rounds done: stopping", config.rounds.count)
                 nursery.cancel_scope.cancel()

@@ -243,6 +243,10 @@ def eval_downstream_finetune(run: RunModels, options: dict[str, Any]) -> dict[st
     if not run.options.get("holdout_source"):
         raise ValueError("downstream_finetune needs task_options.holdout_source")
     steps = int(options.get("finetune_steps", 40))
+    from silomesh.models.catheter import CatheterTask
+
+    if not isinstance(run.task, CatheterTask):
+        raise ValueError(f"downstream_finetune is for the catheter task, not {run.scenario.task}")
     sc = run.scenario
     finetune, test = run.task.downstream_split(sc.seed, **run.options)
     states = [to_numpy(m) for m in run.final_models() if m is not None]
@@ -261,8 +265,11 @@ def eval_downstream_finetune(run: RunModels, options: dict[str, Any]) -> dict[st
 
 
 def eval_per_organ(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    from silomesh.models.organs import OrgansTask
     from silomesh.models.task import SplitModel
 
+    if not isinstance(run.task, OrgansTask):
+        raise ValueError(f"per_organ is for the organs task, not {run.scenario.task}")
     common = _common_test(run)
     organs = list(run.task.config.organs)
     fed: dict[str, list[float]] = {o: [] for o in organs}
@@ -316,7 +323,9 @@ def _head_finetuned(run: RunModels, index: int, model: SplitModel, steps: int) -
     tuned = copy.deepcopy(model)
     rng = np.random.default_rng(run.init_seed + index)
     stream = batch_stream(run.federation.silos[index].train, run.scenario.batch_size, rng)
-    finetune_head(tuned, stream, run.task.loss, tuple(tuned.head_prefixes), steps, run.scenario.lr)
+    task = run.task
+    finetune_head(tuned, stream, lambda m, b: task.loss(m, dict(b)), tuple(tuned.head_prefixes), steps,
+                  run.scenario.lr)
     tuned.eval()
     return tuned
 
@@ -331,8 +340,10 @@ def eval_mixed_labels(run: RunModels, options: dict[str, Any]) -> dict[str, floa
 
 
 def eval_spect_baselines(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
-    from silomesh.models.spect import run_baselines
+    from silomesh.models.spect import SpectTask, run_baselines
 
+    if not isinstance(run.task, SpectTask):
+        raise ValueError(f"spect_baselines is for the spect task, not {run.scenario.task}")
     iters = int(options.get("mlem_iterations", 30))
     out: dict[str, float] = {}
     models = [m for m in run.final_models() if m is not None]

@@ -40,6 +40,11 @@ if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own Task
 
 log = logging.getLogger(__name__)
 
+
+def _setter(event: trio.Event) -> Callable[[int], None]:
+    """A crash hook that sets ``event`` (bound now, not to the loop's variable)."""
+    return lambda _round: event.set()
+
 POLL = 0.25
 #: peers of one process that may train or evaluate at the same time (see ShareRunner)
 COMPUTE_SLOTS = max(1, os.cpu_count() or 1)
@@ -165,7 +170,7 @@ class ShareRunner:
             crash_due = trio.Event()
             faults = SimFaults(index, slot.incarnation, self.plan.faults, self.index_of, self.counters,
                                self.plan.scenario.seed, wait_start=self.barrier.wait,
-                               on_crash_due=lambda _r, ev=crash_due: ev.set())
+                               on_crash_due=_setter(crash_due))
             slot.faults = faults
             try:
                 compute = ThreadCompute(self.compute) if self.compute is not None else None
