@@ -105,8 +105,9 @@ class RunModels:
             self._models = models
         return self._models
 
-    def train_alone(self, index: int) -> nn.Module:
-        """Silo ``index`` trained alone on the run's budget (as ``--compare-local``)."""
+    def train_alone(self, index: int, extra_steps: int = 0) -> nn.Module:
+        """Silo ``index`` trained alone on the run's budget (as ``--compare-local``), plus
+        ``extra_steps`` more steps in one last chunk (to match a personal fine-tune)."""
         from silomesh.models.train import train_local
 
         sc = self.scenario
@@ -114,8 +115,24 @@ class RunModels:
         for r in range(sc.rounds):
             train_local(self.task, model, self.federation.silos[index].train, sc.local_steps, sc.batch_size,
                         sc.lr, seed=self.init_seed + r + 1)
+        if extra_steps > 0:
+            train_local(self.task, model, self.federation.silos[index].train, extra_steps, sc.batch_size,
+                        sc.lr, seed=self.init_seed + sc.rounds + 1)
         model.eval()
         return model
+
+    def fine_tuned(self, index: int, model: nn.Module, steps: int) -> nn.Module:
+        """A copy of ``model`` trained ``steps`` more steps on silo ``index``'s data (a personal model)."""
+        import copy
+
+        from silomesh.models.train import train_local
+
+        sc = self.scenario
+        tuned = copy.deepcopy(model)
+        train_local(self.task, tuned, self.federation.silos[index].train, steps, sc.batch_size, sc.lr,
+                    seed=self.init_seed + sc.rounds + 1)
+        tuned.eval()
+        return tuned
 
     def metric(self, model: nn.Module, data: ArrayDataset, name: str | None = None) -> float:
         return float(self.task.evaluate(model, data)[name or self.task.metric])
@@ -188,7 +205,9 @@ def eval_per_silo(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
     alone_val: list[float] = []
     alone_test: list[float] = []
     fed_test: list[float] = []
-    gains: dict[str, list[float]] = {"own": [], "common": [], "unseen": []}
+    gains: dict[str, list[float]] = {k: [] for k in ("own", "common", "unseen", "personal_own",
+                                                     "personal_common", "personal_unseen")}
+    personal_steps = int(options.get("personal_steps", 0))
     for i, (silo, model) in enumerate(zip(run.federation.silos, run.final_models(), strict=True)):
         alone = run.train_alone(i)
         alone_val.append(run.metric(alone, val))
@@ -205,6 +224,15 @@ def eval_per_silo(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
         for kind, (fed, solo) in pairs.items():
             out[f"gain_{kind}_{i}"] = fed - solo
             gains[kind].append(fed - solo)
+        if personal_steps > 0:  # personal model vs the silo alone on the same number of steps
+            personal = run.fine_tuned(i, model, personal_steps)
+            alone_more = run.train_alone(i, extra_steps=personal_steps)
+            for kind, data in (("own", [silo.test]), ("common", [test]), ("unseen", unseen)):
+                if data:
+                    gain = (_mean([run.metric(personal, d) for d in data])
+                            - _mean([run.metric(alone_more, d) for d in data]))
+                    out[f"gain_personal_{kind}_{i}"] = gain
+                    gains[f"personal_{kind}"].append(gain)
     best = int(np.argmax(alone_val))
     out["best_silo"] = float(best)
     out["best_silo_common_test"] = alone_test[best]

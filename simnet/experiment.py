@@ -300,20 +300,23 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 def _per_silo_section(results: dict[str, Any]) -> list[str]:
     """The ``per_silo`` gains as a table (one row per arm and silo), if any arm has them."""
-    from silomesh.simnet.plots import per_silo_gains
+    from silomesh.simnet.plots import GAIN_KINDS, per_silo_gains
 
     gains = per_silo_gains(results)
     if not gains:
         return []
+    kinds_shown = [k for k in GAIN_KINDS if any(k in kinds for kinds in gains.values())]
     lines = ["", "## Each silo, federated minus alone", "",
              "Paired per silo: its peer's final model minus the same silo trained alone on the same "
-             "budget, mean ± std over seeds (n). Plot: `per_silo_gains.png`.", "",
-             "| arm | silo | own test set | unseen sources | shared test half |", "|---|---|---|---|---|"]
+             "budget (a personal model: the final model fine-tuned on the silo's own data, against the "
+             "silo alone with as many more steps), mean ± std over seeds (n). Plot: `per_silo_gains.png`.", "",
+             "| arm | silo | " + " | ".join(GAIN_KINDS[k] for k in kinds_shown) + " |",
+             "|---|---|" + "---|" * len(kinds_shown)]
     for name, kinds in gains.items():
         silos = sorted({r["silo"] for rows in kinds.values() for r in rows})
         for i in silos:
             cells = []
-            for kind in ("own", "unseen", "common"):
+            for kind in kinds_shown:
                 row = next((r for r in kinds.get(kind, []) if r["silo"] == i), None)
                 cells.append("–" if row is None else f"{row['mean']:+.3f} ± {row['std']:.3f} ({row['n']})")
             lines.append(f"| {name} | {i} | " + " | ".join(cells) + " |")

@@ -113,6 +113,12 @@ def _topology_plot(plt: ModuleType, plan: Plan, report: dict[str, Any], path: Pa
     return path
 
 
+#: the ``gain_<kind>_<i>`` metrics of the ``per_silo`` evaluation, and their column titles
+GAIN_KINDS = {"own": "own test set", "unseen": "unseen sources", "common": "shared test half",
+              "personal_own": "personal, own test set", "personal_unseen": "personal, unseen sources",
+              "personal_common": "personal, shared test half"}
+
+
 def per_silo_gains(results: dict[str, Any]) -> dict[str, dict[str, list[dict[str, float]]]]:
     """Per arm, per kind (``own``, ``unseen``, ``common``): one ``{silo, mean, std, n}`` per silo.
 
@@ -124,7 +130,7 @@ def per_silo_gains(results: dict[str, Any]) -> dict[str, dict[str, list[dict[str
     out: dict[str, dict[str, list[dict[str, float]]]] = {}
     for name, arm in results["arms"].items():
         kinds: dict[str, list[dict[str, float]]] = {}
-        for kind in ("own", "unseen", "common"):
+        for kind in GAIN_KINDS:
             silos = sorted({int(k.rsplit("_", 1)[1]) for run in arm["runs"].values() for k in run
                             if k.startswith(f"gain_{kind}_") and k.rsplit("_", 1)[1].isdigit()})
             rows = []
@@ -157,12 +163,12 @@ def write_per_silo_plot(results: dict[str, Any], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(gains), figsize=(max(4.0, 3.2 * len(gains)), 3.8), dpi=100,
                              squeeze=False, sharey=True)
     for ax, (name, kinds) in zip(axes[0], gains.items(), strict=True):
-        shown = [k for k in ("own", "unseen", "common") if k in kinds][:2]  # own, and unseen if any
+        shown = [k for k in ("own", "personal_own", "unseen") if k in kinds] or list(kinds)[:2]
         width = 0.8 / len(shown)
         for j, kind in enumerate(shown):
             rows = kinds[kind]
             xs = [r["silo"] + (j - (len(shown) - 1) / 2) * width for r in rows]
-            label = {"own": "own test set", "unseen": "unseen sources", "common": "shared test half"}[kind]
+            label = GAIN_KINDS[kind]
             ax.bar(xs, [r["mean"] for r in rows], width, yerr=[r["std"] for r in rows], capsize=2,
                    color=f"C{j}", label=label)
         ax.axhline(0, color="0.3", lw=0.8)

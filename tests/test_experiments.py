@@ -202,8 +202,16 @@ def test_per_silo_pairs_each_silo_and_picks_the_best_silo_on_validation_only() -
     run.scenario = SimpleNamespace(seed=5)  # type: ignore[attr-defined]
     # silo 1 alone is perfect on the validation half only: picked as best, scored on the test half
     alone = {0: _Background(), 1: _Perfect(val), 2: _Background()}
-    run.train_alone = lambda i: alone[i]  # type: ignore[attr-defined]
+    run.train_alone = lambda i, extra_steps=0: alone[i]  # type: ignore[attr-defined]
+    tuned: list[tuple[int, int]] = []
+    run.fine_tuned = lambda i, m, steps: tuned.append((i, steps)) or _Perfect(everything)  # type: ignore[attr-defined]
     out = eval_per_silo(run, {})  # type: ignore[arg-type]
+    assert not tuned and not any(k.startswith("gain_personal") for k in out)
+    personal = eval_per_silo(run, {"personal_steps": 7})  # type: ignore[arg-type]
+    assert tuned == [(0, 7), (1, 7)]  # each silo with a federated model, fine-tuned 7 steps
+    expected = run.metric(_Perfect(everything), fed.silos[1].test) - run.metric(alone[1], fed.silos[1].test)
+    assert personal["gain_personal_own_1"] == pytest.approx(expected)
+    assert personal["silos_gain_personal_own"] == 2
     assert out["best_silo"] == 1
     assert out["best_silo_common_test"] == pytest.approx(run.metric(alone[1], test))
     assert out["best_silo_common_test"] < run.metric(alone[1], val)
@@ -307,7 +315,8 @@ def test_per_silo_gains_are_summarised_per_silo_over_seeds_and_plotted(tmp_path:
     assert gains["own"][1] == {"silo": 1, "mean": pytest.approx(-0.2), "std": 0.0, "n": 1}  # NaN seed left out
     assert gains["unseen"][0]["mean"] == pytest.approx(0.2)
     md = render_markdown(results)
-    assert "| a | 0 | +0.200 ± 0.141 (2) | +0.200 ± 0.141 (2) | – |" in md
+    assert "| arm | silo | own test set | unseen sources |" in md  # only the kinds measured
+    assert "| a | 0 | +0.200 ± 0.141 (2) | +0.200 ± 0.141 (2) |" in md
     path = write_per_silo_plot(results, tmp_path / "g.png")
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
     assert write_per_silo_plot({"arms": {"b": {"runs": {"0": {"fed_own": 1.0}}}}}, tmp_path / "n.png") is None
