@@ -22,10 +22,14 @@ Example (relative paths are resolved against the folder holding the file)::
     deadline_seconds = 600
     local_steps = 50
 
+    [relay]                                # optional: see docs/PEER.md section 5
+    serve = false                          # true: relay for trusted neighbours behind NAT
+    via = []                               # relays to reserve a slot on, with their /p2p/ id
+
     [[trusted]]
     name = "st-elsewhere"
     peer_id = "12D3KooW..."
-    address = "/ip4/10.1.2.3/tcp/4001"
+    address = "/ip4/10.1.2.3/tcp/4001"     # or <relay address>/p2p/<relay id>/p2p-circuit
 """
 
 from __future__ import annotations
@@ -107,6 +111,31 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    """Circuit relay v2 and hole punching (``[relay]``; docs/PEER.md section 5).
+
+    A peer with a reachable address may ``serve`` as a relay for its trusted neighbours
+    (only they can connect to it at all); a peer behind NAT reserves a slot on the relays
+    in ``via`` so that neighbours can dial it at ``<relay>/p2p/<relay id>/p2p-circuit``.
+    """
+
+    #: relay circuits between trusted neighbours (needs an address they can reach)
+    serve: bool = False
+    #: relays to keep a reservation on: full multiaddrs ending in /p2p/<relay PeerID>
+    via: tuple[str, ...] = ()
+    #: try DCUtR hole punching to turn a relayed connection into a direct one
+    hole_punch: bool = True
+    #: served relays: reservations held at once, and each circuit's limits
+    max_reservations: int = 64
+    max_circuit_seconds: int = 24 * 3600
+    max_circuit_bytes: int = 1 << 40
+
+    @property
+    def enabled(self) -> bool:
+        return self.serve or bool(self.via)
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     host: str = "127.0.0.1"
     port: int = 8787
@@ -129,6 +158,7 @@ class PeerConfig:
     control: ControlConfig
     trusted: tuple[TrustedPeer, ...]
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    relay: RelaySettings = field(default_factory=RelaySettings)
 
 
 @overload
@@ -173,8 +203,25 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def _multiaddr(value: str, name: str) -> str:
+def _multiaddr(value: str, name: str, *, circuit: bool = False, p2p: bool = False) -> str:
+    """A TCP multiaddr; with ``circuit``, optionally ``.../p2p/<relay id>/p2p-circuit``; with
+    ``p2p``, one that must end in ``/p2p/<PeerID>``."""
     parts = value.split("/")
+    tail = parts[5:]
+    if circuit and tail[-1:] == ["p2p-circuit"]:
+        if len(tail) != 3 or tail[0] != "p2p":
+            raise ConfigError(
+                f"{name}: a relayed address is <relay address>/p2p/<relay PeerID>/p2p-circuit, got {value!r}"
+            )
+        _peer_id(tail[1], name)
+        parts = parts[:5]
+    elif p2p:
+        if len(tail) != 2 or tail[0] != "p2p":
+            raise ConfigError(f"{name}: expected a relay address ending in /p2p/<relay PeerID>, got {value!r}")
+        _peer_id(tail[1], name)
+        parts = parts[:5]
+    elif tail:
+        raise ConfigError(f"{name}: expected a multiaddr like /ip4/10.0.0.2/tcp/4001, got {value!r}")
     if (
         not value.startswith("/")
         or len(parts) < 5
@@ -185,6 +232,35 @@ def _multiaddr(value: str, name: str) -> str:
     if not parts[4].isdigit() or not 0 <= int(parts[4]) <= 65535:
         raise ConfigError(f"{name}: {parts[4]!r} is not a TCP port")
     return value
+
+
+def _peer_id(value: str, name: str) -> None:
+    try:
+        public_key_from_peer_id(value)
+    except PeerIdError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _relay(table: Mapping[str, Any]) -> RelaySettings:
+    defaults = RelaySettings()
+    _check_unknown(table, set(defaults.__dataclass_fields__), "relay.")
+    via = _get(table, "via", "relay.", list, [])
+    for i, addr in enumerate(via):
+        if not isinstance(addr, str):
+            raise ConfigError(f"relay.via[{i}]: expected a string, got {type(addr).__name__}")
+        _multiaddr(addr, f"relay.via[{i}]", p2p=True)
+    relay = RelaySettings(
+        serve=_get(table, "serve", "relay.", bool, defaults.serve),
+        via=tuple(via),
+        hole_punch=_get(table, "hole_punch", "relay.", bool, defaults.hole_punch),
+        max_reservations=_get(table, "max_reservations", "relay.", int, defaults.max_reservations),
+        max_circuit_seconds=_get(table, "max_circuit_seconds", "relay.", int, defaults.max_circuit_seconds),
+        max_circuit_bytes=_get(table, "max_circuit_bytes", "relay.", int, defaults.max_circuit_bytes),
+    )
+    for limit in ("max_reservations", "max_circuit_seconds", "max_circuit_bytes"):
+        if getattr(relay, limit) < 1:
+            raise ConfigError(f"relay.{limit}: must be >= 1, got {getattr(relay, limit)}")
+    return relay
 
 
 def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = None) -> PeerConfig:
@@ -205,6 +281,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         "rounds",
         "control",
         "network",
+        "relay",
         "trusted",
     }
     _check_unknown(data, top, "")
@@ -274,6 +351,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
             raise ConfigError(f"rounds.{bound_name}: must be a number >= 0 (0: no check), got {bound}")
 
     network = _network(_get(data, "network", "", dict, {}))
+    relay = _relay(_get(data, "relay", "", dict, {}))
 
     c = _get(data, "control", "", dict, {})
     _check_unknown(c, {"host", "port"}, "control.")
@@ -299,7 +377,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         if peer_id in seen:
             raise ConfigError(f"{where}peer_id: {peer_id} is listed twice")
         seen.add(peer_id)
-        address = _multiaddr(_get(entry, "address", where, str), f"{where}address")
+        address = _multiaddr(_get(entry, "address", where, str), f"{where}address", circuit=True)
         trusted.append(TrustedPeer(peer_id, address, _get(entry, "name", where, str, peer_id[-8:]), public_key))
 
     return PeerConfig(
@@ -316,6 +394,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         control=control,
         trusted=tuple(trusted),
         network=network,
+        relay=relay,
     )
 
 

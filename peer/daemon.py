@@ -180,6 +180,7 @@ class Peer:
             config.listen,
             {t.peer_id: t.address for t in config.trusted},
             on_refused=strangers.refused,
+            relay=config.relay if config.relay.enabled else None,
         ) as transport:
             endpoint = Endpoint(
                 crypto=Identity.from_seed(self.identity.seed),

@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from typing import Any
 
 import multiaddr
 import trio
@@ -31,6 +32,7 @@ from libp2p import new_host
 from libp2p.abc import IHost, IMuxedConn, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.autonat.autonat import AutoNATService
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
@@ -44,7 +46,9 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
+from silomesh.peer.config import RelaySettings
 from silomesh.peer.identity import PeerIdentity
+from silomesh.peer.relaying import Links, Reachability, Relaying, check_reachability, is_circuit
 from silomesh.peer.transport import Stream, StreamClosed, TransportStatistics
 
 log = logging.getLogger(__name__)
@@ -285,6 +289,7 @@ class _TrustGate(INotifee):
         peer = str(conn.muxed_conn.peer_id)
         if peer in self.mesh.trusted:
             self.mesh.connected.add(peer)
+            self.mesh.links.connected(peer)
             return
         self.mesh.stats.refused_connections += 1
         held = self._warning.ready()
@@ -309,7 +314,10 @@ class _TrustGate(INotifee):
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
-        self.mesh.connected.discard(str(peer_id))
+        link = self.mesh.links.links.get(str(peer_id))
+        self.mesh.links.disconnected(str(peer_id))
+        if link is None or not link.connected:  # else another connection (DCUtR's direct one) stays
+            self.mesh.connected.discard(str(peer_id))
         # The swarm notes every disconnect for the auto-connector's back-off (switched off in
         # _make_host), and only that auto-connector's run prunes the notes: without this,
         # one entry per stranger would stay for the life of the host.
@@ -343,11 +351,30 @@ class Mesh:
     connected: set[str] = field(default_factory=set)
     stats: MeshStatistics = field(default_factory=MeshStatistics)
     inbound: InboundGuard | None = None
+    links: Links = field(default=None)  # type: ignore[assignment]  # set in __post_init__
+    relaying: Relaying | None = None
     _stream_warning: _Throttle = field(default_factory=_Throttle, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.links is None:
+            self.links = Links(self.host, self.trusted)
 
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id_text
+
+    def network_status(self) -> dict[str, Any]:
+        """Each neighbour's link (direct / relayed / upgraded, RTT, dials, reconnects), our
+        relay reservations and what neighbours said about our reachability."""
+        reach = self.links.reachability
+        return {
+            "links": self.links.snapshot(),
+            "relay": {
+                "serving": bool(self.relaying and self.relaying.settings.serve),
+                "reservations": [vars(r).copy() for r in self.links.reservations.values()],
+            },
+            "reachability": {"status": reach.status, "verdicts": dict(reach.verdicts), "checked_at": reach.checked_at},
+        }
 
     @property
     def addrs(self) -> list[str]:
@@ -418,14 +445,23 @@ class Mesh:
             raise ValueError(f"{peer_id} is not a trusted peer")
         if peer_id in self.connected:
             return True
-        info = info_from_p2p_addr(multiaddr.Multiaddr(f"{addr}/p2p/{peer_id}"))
+        error = "timed out"
         with trio.move_on_after(timeout):
             try:
-                await self.host.connect(info)
+                if is_circuit(addr):
+                    if self.relaying is None:
+                        raise ValueError("a relayed address needs relaying: add a [relay] table to peer.toml")
+                    await self.relaying.dial(addr, peer_id)
+                else:
+                    await self.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(f"{addr}/p2p/{peer_id}")))
                 self.connected.add(peer_id)
+                self.links.dialled(peer_id, True)
+                self.links.connected(peer_id)
                 return True
             except Exception as exc:  # noqa: BLE001 - unreachable is a normal state
-                log.info("cannot reach %s at %s: %s", peer_id, addr, exc)
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.info("cannot reach %s at %s: %s", peer_id, addr, error)
+        self.links.dialled(peer_id, False, error)
         return False
 
     async def open_stream(self, peer_id: str, protocol: TProtocol = EXCHANGE_PROTOCOL) -> FramedStream:
@@ -490,6 +526,7 @@ async def open_mesh(
     on_refused: Callable[[str, str], None] | None = None,
     heartbeat_interval: int = 1,
     max_inbound: int = MAX_INBOUND,
+    relay: RelaySettings | None = None,
 ) -> AsyncIterator[Mesh]:
     """Start a host listening on ``listen`` that accepts only ``trusted`` peers.
 
@@ -500,6 +537,7 @@ async def open_mesh(
         on_refused: called with (PeerID, reason) for every refused connection or message.
         heartbeat_interval: GossipSub heartbeat in seconds (libp2p's default is 120 s).
         max_inbound: inbound connections open at once (see :class:`InboundGuard`).
+        relay: circuit relay and hole punching (``[relay]``; :mod:`silomesh.peer.relaying`).
     """
     host = _make_host(identity)
     gossipsub = GossipSub(
@@ -520,13 +558,26 @@ async def open_mesh(
     inbound.install()
     async with trio.open_nursery() as nursery:
         mesh = Mesh(identity, host, pubsub, dict(trusted), nursery, on_refused, stats=stats, inbound=inbound)
+        if relay is not None and relay.enabled:
+            mesh.relaying = Relaying(host, relay, lambda p: p in mesh.trusted, mesh.links)
         network.register_notifee(_TrustGate(mesh))
+        AutoNATService(host, serve=True)  # type: ignore[arg-type]  # answers neighbours' dial-back requests
         async with (
             host.run([multiaddr.Multiaddr(listen)]),
             background_trio_service(pubsub),
             background_trio_service(gossipsub),
+            AsyncExitStack() as services,
         ):
             await pubsub.wait_until_ready()
+            if mesh.relaying is not None:
+                await services.enter_async_context(background_trio_service(mesh.relaying.protocol))
+                await mesh.relaying.protocol.event_started.wait()
+                mesh.relaying.guard_hop()
+                if mesh.relaying.dcutr is not None:
+                    await services.enter_async_context(background_trio_service(mesh.relaying.dcutr))
+                nursery.start_soon(mesh.relaying.keep_reservations, nursery)
+            nursery.start_soon(mesh.links.serve_rtt, lambda: set(mesh.connected))
+            nursery.start_soon(_serve_reachability, mesh)
             try:
                 yield mesh
             finally:
@@ -539,6 +590,21 @@ async def open_mesh(
                     for peer in list(host.get_connected_peers()):
                         await host.disconnect(peer)
         nursery.cancel_scope.cancel()
+
+
+#: how often neighbours are asked whether they can dial us back (first after a short wait)
+REACHABILITY_INTERVAL = 120.0
+REACHABILITY_FIRST = 3.0
+
+
+async def _serve_reachability(mesh: Mesh) -> Reachability:
+    """Ask directly connected neighbours, now and then, whether they can dial us back."""
+    await trio.sleep(REACHABILITY_FIRST)
+    while True:
+        direct = [p for p in sorted(mesh.connected) if mesh.links.kind_of(p) in ("direct", "upgraded")]
+        if direct:
+            await check_reachability(mesh.host, direct, mesh.links.reachability)
+        await trio.sleep(REACHABILITY_INTERVAL if direct else REACHABILITY_FIRST)
 
 
 __all__ = [

@@ -58,6 +58,7 @@ class PeerOperations:
         progress = self.ctx.progress
         strangers = self.store.stranger_totals()
         failed = self.store.failed_rounds_in_a_row()
+        network = self.ctx.transport.network_status()
         return {
             "peer_id": self.ctx.peer_id,
             "federation": self.config.federation,
@@ -81,15 +82,27 @@ class PeerOperations:
             # rounds rolled back since the last commit (docs/PEER.md, "What a neighbour's update may do")
             "failed_rounds_in_a_row": failed,
             "health": "stopped" if progress.phase == "stopped" else "degraded" if failed >= MAX_FAILED_ROUNDS else "ok",
+            # can neighbours dial us (AutoNAT), and our relay reservations (docs/PEER.md section 5)
+            "reachability": network["reachability"],
+            "relay": network["relay"],
         }
 
     async def neighbours(self) -> list[dict[str, Any]]:
+        links = {str(x["peer_id"]): x for x in self.ctx.transport.network_status()["links"]}
         out = []
         for row in self.store.neighbours():
             if row["peer_id"] not in self.ctx.trust:
                 continue
             row["connected"] = row["peer_id"] in self.ctx.transport.connected
             row["selected"] = bool(row.get("selected", 1))
+            link = links.get(row["peer_id"], {})
+            # how it is reached: direct, relayed, or upgraded (direct after relayed, DCUtR)
+            row["connection"] = link.get("kind")
+            row["rtt_ms"] = link.get("rtt_ms")
+            row["reconnects"] = link.get("reconnects", 0)
+            row["dial_failures"] = link.get("dial_failures", 0)
+            row["failures_in_a_row"] = link.get("failures_in_a_row", 0)
+            row["last_dial_error"] = link.get("last_error")
             out.append(row)
         return out
 

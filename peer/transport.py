@@ -19,9 +19,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from silomesh.peer.config import RelaySettings
     from silomesh.peer.identity import PeerIdentity
 
 
@@ -119,6 +120,11 @@ class Transport(Protocol):
     def statistics(self) -> TransportStatistics:
         """Counts of refused connections and streams, and of contained handler errors."""
 
+    def network_status(self) -> dict[str, Any]:
+        """How each neighbour is reached (``links``: PeerID, connected, kind direct / relayed /
+        upgraded, rtt_ms, dials, failures, reconnects, last_error), our relay reservations
+        (``relay``) and what neighbours said about our reachability (``reachability``)."""
+
 
 class TransportFactory(Protocol):
     """Opens a transport (``open_mesh`` for libp2p) for the lifetime of a peer."""
@@ -130,6 +136,8 @@ class TransportFactory(Protocol):
         trusted: Mapping[str, str],
         *,
         on_refused: Callable[[str, str], None] | None = None,
+        relay: RelaySettings | None = None,
     ) -> AbstractAsyncContextManager[Transport]:
-        """Listen on ``listen``; talk only to ``trusted`` (PeerID -> address);
-        call ``on_refused(peer, reason)`` for every refused connection or stream."""
+        """Listen on ``listen``; talk only to ``trusted`` (PeerID -> address, which may be a
+        relayed ``.../p2p-circuit`` one); call ``on_refused(peer, reason)`` for every refused
+        connection or stream; relay and hole-punch as ``relay`` says (``[relay]``)."""

@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 import trio.testing
@@ -153,6 +154,12 @@ class MemoryTransport:
     def statistics(self) -> TransportStatistics:
         return TransportStatistics(self.refused_connections, 0, self.handler_errors)
 
+    def network_status(self) -> dict[str, Any]:
+        links = [{"peer_id": p, "connected": p in self.connected, "kind": "direct" if p in self.connected else None}
+                 for p in self.trusted]
+        return {"links": links, "relay": {"serving": False, "reservations": []},
+                "reachability": {"status": "unknown", "verdicts": {}, "checked_at": None}}
+
     def drop_connection(self, peer_id: str) -> None:
         """The link to ``peer_id`` broke: forget it and break its open streams."""
         self.connected.discard(peer_id)
@@ -199,6 +206,7 @@ class MemoryNetwork:
         trusted: Mapping[str, str],
         *,
         on_refused: Callable[[str, str], None] | None = None,
+        relay: object = None,
     ) -> AsyncIterator[MemoryTransport]:
         """A :class:`~silomesh.peer.transport.TransportFactory` (pass ``net.open`` to ``Peer``)."""
         peer_id = identity.peer_id_text
