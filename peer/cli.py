@@ -118,6 +118,40 @@ def peer_run(config_path: Path) -> None:
         sys.exit(code)
 
 
+@cli.command(context_settings=CONTEXT)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="peer.toml",
+    show_default=True,
+    envvar="SILOMESH_CONFIG",
+    help="The peer's configuration file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON (for monitoring).")
+def doctor(config_path: Path, as_json: bool) -> None:
+    """Check this peer's setup and its links: config, key, reachability, relay, each neighbour.
+
+    Every failed check prints one line saying what to do (which port, which address, which
+    key). Exits 1 if a check failed. Run it on the peer's host while the peer runs.
+
+    \b
+    Example:
+      silomesh doctor --config /etc/silomesh/peer.toml
+      silomesh doctor --json
+    """
+    from silomesh.peer.doctor import diagnose, render
+
+    report = diagnose(config_path)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        for line in render(report):
+            click.echo(line)
+    if not report.ok:
+        sys.exit(1)
+
+
 _peer_group = cli.commands["peer"]
 assert isinstance(_peer_group, click.Group)
 _peer_group.add_command(peer_run)

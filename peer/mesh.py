@@ -289,7 +289,7 @@ class _TrustGate(INotifee):
         peer = str(conn.muxed_conn.peer_id)
         if peer in self.mesh.trusted:
             self.mesh.connected.add(peer)
-            self.mesh.links.connected(peer)
+            self.mesh.links.connected(peer, conn)
             return
         self.mesh.stats.refused_connections += 1
         held = self._warning.ready()
@@ -373,7 +373,12 @@ class Mesh:
                 "serving": bool(self.relaying and self.relaying.settings.serve),
                 "reservations": [vars(r).copy() for r in self.links.reservations.values()],
             },
-            "reachability": {"status": reach.status, "verdicts": dict(reach.verdicts), "checked_at": reach.checked_at},
+            "reachability": {
+                "status": reach.status,
+                "verdicts": dict(reach.verdicts),
+                "checked_at": reach.checked_at,
+                "dialled_in_by": list(reach.dialled_in_by),
+            },
         }
 
     @property
@@ -453,6 +458,12 @@ class Mesh:
                         raise ValueError("a relayed address needs relaying: add a [relay] table to peer.toml")
                     await self.relaying.dial(addr, peer_id)
                 else:
+                    # py-libp2p refuses to redial a peer for 60 s after a failed dial (its
+                    # negative cache); our connect loop's backoff decides when to retry instead,
+                    # so a neighbour whose link came back is redialled within seconds
+                    network = self.host.get_network()
+                    if isinstance(network, Swarm):
+                        network.unblock_peer(ID.from_base58(peer_id))
                     await self.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(f"{addr}/p2p/{peer_id}")))
                 self.connected.add(peer_id)
                 self.links.dialled(peer_id, True)

@@ -40,6 +40,7 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+from libp2p.utils.address_validation import expand_wildcard_address
 
 from silomesh.peer.config import RelaySettings
 
@@ -118,6 +119,8 @@ class Reachability:
     #: neighbour PeerID -> True (dialled us back) / False
     verdicts: dict[str, bool] = field(default_factory=dict)
     checked_at: float | None = None
+    #: neighbours that opened a direct (not relayed) connection to us: proof that we are reachable
+    dialled_in_by: list[str] = field(default_factory=list)
 
 
 class Links:
@@ -153,10 +156,17 @@ class Links:
             link.failures_in_a_row += 1
             link.last_error = error
 
-    def connected(self, peer_id: str) -> None:
+    def connected(self, peer_id: str, conn: INetConn | None = None) -> None:
         link = self.links.get(peer_id)
         if link is None:
             return
+        if conn is not None and connection_is_relayed(conn):
+            link.ever_relayed = True
+        elif conn is not None and not link.ever_relayed:
+            # a direct connection the neighbour opened, not one punched after a relayed one (DCUtR)
+            initiator = getattr(conn.muxed_conn, "is_initiator_value", None)
+            if initiator is False and peer_id not in self.reachability.dialled_in_by:
+                self.reachability.dialled_in_by.append(peer_id)
         if not link.connected:
             link.connects += 1
             link.last_connected_at = time.time()
@@ -316,13 +326,20 @@ async def check_reachability(host: IHost, neighbours: list[str], record: Reachab
 
     A verdict from one neighbour is enough here (AutoNAT's spec asks for more than three
     servers; a federation often has fewer neighbours): public if any dialled back, private
-    if all failed.
+    if all failed. Caveat (py-libp2p 0.8.1, docs/NETWORK-NOTES.md): the neighbour's dial-back
+    is ``host.connect``, which returns at once over the connection we asked on, so a "yes"
+    only says that the address we listen on is the one the neighbour sees us from (no NAT in
+    between), not that a firewall lets new connections in. :attr:`Reachability.dialled_in_by`
+    is the stronger proof.
     """
     service = AutoNATService(host, serve=False)  # type: ignore[arg-type]
+    # a wildcard listen address (0.0.0.0) would be refused by the neighbour's observed-IP
+    # check: send the concrete interface addresses instead
+    addrs = [a.to_bytes() for listen in host.get_addrs() for a in expand_wildcard_address(listen)]
     for peer in neighbours:
         with trio.move_on_after(20):
             try:
-                status, _addr = await service.query_server(ID.from_base58(peer))
+                status, _addr = await service.query_server(ID.from_base58(peer), addrs)
                 record.verdicts[peer] = status == 0
             except Exception as exc:  # noqa: BLE001 - no verdict from this neighbour
                 log.debug("AutoNAT query to %s failed: %s", peer, exc)

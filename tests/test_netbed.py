@@ -1,0 +1,341 @@
+"""Hospitals as separate hosts in network namespaces: NAT, relays, links that go down.
+
+Each hospital is its own namespace with its own address, ``silomesh peer run`` process
+and store (tests/netbed.py). Two are behind separate NAT routers that drop every inbound
+connection. These tests need root, ``ip``, ``tc`` and ``nft`` (``make net-deps``); they
+skip with the reason when one is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from netbed import NetBed, missing_requirements, open_netbed
+from peerkit import TINY_CATHETER
+
+from silomesh.peer.identity import load_key_file, write_key_file
+
+_MISSING = missing_requirements()
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"network test bed unavailable: {_MISSING}")
+
+PORT = 4001
+
+
+@pytest.fixture
+def bed() -> Iterator[NetBed]:
+    with open_netbed() as b:
+        yield b
+
+
+def test_nat_router_lets_connections_out_and_none_in(bed: NetBed) -> None:
+    a = bed.add_public("a")
+    b = bed.add_natted("b")
+    bed.add_natted("c")
+    listeners = [
+        subprocess.Popen(bed.command(n, [sys.executable, "-c", _LISTENER])) for n in ("a", "b", "c")
+    ]
+    try:
+        time.sleep(0.5)
+        assert bed.can_connect("b", a.address, PORT)  # out through the NAT
+        assert not bed.can_connect("a", b.public_address, PORT)  # no inbound port
+        assert not bed.can_connect("a", b.address, PORT)  # the LAN address is not routed
+        assert not bed.can_connect("c", b.public_address, PORT)  # NAT to NAT: nothing
+        bed.link_down("b")
+        assert not bed.can_connect("b", a.address, PORT, timeout=1)
+        bed.link_up("b")
+        assert bed.can_connect("b", a.address, PORT)
+    finally:
+        for p in listeners:
+            p.kill()
+            p.wait()
+
+
+_LISTENER = (
+    "import socket, time\n"
+    f"s = socket.socket(); s.bind(('0.0.0.0', {PORT})); s.listen()\n"
+    "while True:\n    c, _ = s.accept(); c.close()\n"
+)
+
+
+def test_bed_removes_its_namespaces(tmp_path: Path) -> None:
+    with open_netbed() as b:
+        b.add_natted("x")
+        made = list(b.namespaces)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert made and not any(ns in listed for ns in made), listed
+
+
+# --------------------------------------------------------------------------- real peers
+
+
+@dataclass
+class Hospital:
+    name: str
+    dir: Path
+    peer_id: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "peer.toml"
+
+    @property
+    def store(self) -> Path:
+        return self.dir / "state" / "store.sqlite"
+
+
+def _hospitals(root: Path, names: list[str]) -> dict[str, Hospital]:
+    out = {}
+    for n in names:
+        d = root / n
+        d.mkdir()
+        out[n] = Hospital(n, d, write_key_file(d / "peer.key").peer_id_text)
+    return out
+
+
+def _write_config(
+    h: Hospital,
+    index: int,
+    n: int,
+    trusted: dict[str, tuple[str, str]],
+    *,
+    relay: str = "",
+    deadline: float = 20,
+    rounds: int = 3,
+) -> None:
+    options = ", ".join(f"{k} = {v}" for k, v in {**TINY_CATHETER, "silos": n, "silo": index, "seed": 0}.items())
+    entries = "".join(
+        f'\n[[trusted]]\nname = "{name}"\npeer_id = "{peer_id}"\naddress = "{address}"\n'
+        for name, (peer_id, address) in trusted.items()
+    )
+    h.config.write_text(
+        f"""federation = "netbed"
+key_file = "peer.key"
+listen = "/ip4/0.0.0.0/tcp/{PORT}"
+data_dir = "state"
+
+[task]
+name = "catheter"
+size = "tiny"
+options = {{ {options} }}
+
+[rounds]
+count = {rounds}
+deadline_seconds = {deadline}
+local_steps = 2
+batch_size = 8
+
+{relay}
+{entries}"""
+    )
+
+
+def _start(bed: NetBed, site: str, h: Hospital) -> None:
+    log = (h.dir / "peer.log").open("wb")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    h.proc = subprocess.Popen(
+        bed.command(site, [sys.executable, "-m", "silomesh.peer.cli", "-v", "peer", "run", "--config", str(h.config)]),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def _stop(hospitals: list[Hospital]) -> None:
+    for h in hospitals:
+        if h.proc is not None and h.proc.poll() is None:
+            h.proc.send_signal(signal.SIGTERM)
+    for h in hospitals:
+        if h.proc is None:
+            continue
+        try:
+            h.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            h.proc.kill()
+            h.proc.wait(timeout=10)
+
+
+def _rounds(h: Hospital) -> list[dict[str, Any]]:
+    if not h.store.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{h.store}?mode=ro", uri=True, timeout=5) as conn:
+            rows = conn.execute("SELECT round, status, contributors FROM rounds ORDER BY round").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    return [{"round": r, "status": s, "contributors": json.loads(c) if c else []} for r, s, c in rows]
+
+
+def _wait(what: str, check: Any, timeout: float, hospitals: list[Hospital]) -> None:  # noqa: ANN401
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return
+        for h in hospitals:
+            if h.proc is not None and h.proc.poll() is not None:
+                raise AssertionError(f"{h.name} exited with {h.proc.returncode}: {_tail(h)}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}: " + "; ".join(f"{h.name} {_rounds(h)}" for h in hospitals))
+
+
+def _tail(h: Hospital, lines: int = 30) -> str:
+    path = h.dir / "peer.log"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def _doctor(bed: NetBed, site: str, h: Hospital) -> dict[str, Any]:
+    proc = subprocess.run(
+        bed.command(site, [sys.executable, "-m", "silomesh.peer.cli", "doctor", "--json", "--config", str(h.config)]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.stdout, proc.stderr
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
+def _circuit(relay_site_address: str, relay_id: str) -> str:
+    return f"/ip4/{relay_site_address}/tcp/{PORT}/p2p/{relay_id}/p2p-circuit"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hole_punch", [True, False], ids=["dcutr", "relay-only"])
+def test_four_hospitals_two_behind_nat_reach_everyone_through_a_relay(
+    bed: NetBed, tmp_path: Path, hole_punch: bool
+) -> None:
+    """A (public, relays), D (public), B and C behind separate NATs with no inbound port.
+
+    B and C dial A and D themselves (the connection is used both ways) and reach each other
+    through A's relay; with DCUtR on, that relayed link is upgraded to a direct TCP
+    connection punched through both NATs, with it off the rounds run over the relay. Every
+    round includes all four; the audit logs reconcile; doctor on each hospital reports the
+    kind of every link.
+    """
+    sites = {"a": bed.add_public("a"), "b": bed.add_natted("b"), "c": bed.add_natted("c"), "d": bed.add_public("d")}
+    hs = _hospitals(tmp_path, list(sites))
+    ids = {n: h.peer_id for n, h in hs.items()}
+    direct = {n: f"/ip4/{s.public_address}/tcp/{PORT}" for n, s in sites.items()}
+    via_a = _circuit(sites["a"].address, ids["a"])
+    relay_client = f'[relay]\nvia = ["{direct["a"]}/p2p/{ids["a"]}"]\nhole_punch = {str(hole_punch).lower()}\n'
+    # who reaches whom, as each hospital's peer.toml says it
+    plans = {
+        "a": ({m: direct[m] for m in "bcd"}, "[relay]\nserve = true\n"),
+        "d": ({m: direct[m] for m in "abc"}, ""),
+        "b": ({"a": direct["a"], "d": direct["d"], "c": via_a}, relay_client),
+        "c": ({"a": direct["a"], "d": direct["d"], "b": via_a}, relay_client),
+    }
+    for i, (n, h) in enumerate(hs.items()):
+        trusted, relay = plans[n]
+        _write_config(h, i, 4, {m: (ids[m], addr) for m, addr in trusted.items()}, relay=relay, rounds=3)
+    everyone = list(hs.values())
+    try:
+        for n, h in hs.items():
+            _start(bed, n, h)
+        # every round of every hospital committed with all three neighbours in it
+        def complete() -> bool:
+            rounds = {n: [r for r in _rounds(h) if r["status"] == "done"] for n, h in hs.items()}
+            return all(len(r) >= 3 for r in rounds.values())
+
+        _wait("3 rounds at every hospital", complete, 150, everyone)
+        for n, h in hs.items():
+            done = [r for r in _rounds(h) if r["status"] == "done"]
+            assert [r["round"] for r in done][:3] == [0, 1, 2], (n, done)
+            for r in done[:3]:
+                assert set(r["contributors"]) >= {ids[m] for m in hs if m != n}, (n, r, _tail(h))
+
+        reports = {n: _doctor(bed, n, h) for n, h in hs.items()}
+        # TCP connections of B: an upgraded link to C is a real TCP connection to C's NAT router
+        b_sockets = bed.exec_quiet(sites["b"].ns, ["ss", "-Htn", "state", "established"])
+    finally:
+        _stop(everyone)
+
+    kinds = {
+        (n, nb["name"]): nb["connection"] for n, report in reports.items() for nb in report["neighbours"]
+    }
+    for n, report in reports.items():
+        assert all(nb["connected"] for nb in report["neighbours"]), (n, report)
+        failed = [c for c in report["checks"] if c["status"] == "fail"]
+        assert not failed, (n, failed)
+    print("connection kinds:", kinds)  # shown with pytest -s
+    natted = {("b", "c"), ("c", "b")}
+    for pair, kind in kinds.items():
+        if pair in natted:
+            assert kind == ("upgraded" if hole_punch else "relayed"), (pair, kind)
+            # "upgraded" must be true: a direct TCP connection through both NATs (DCUtR's hole punch)
+            assert (kind == "upgraded") == (f"{sites['c'].public_address}:" in b_sockets), (kind, b_sockets)
+        else:
+            assert kind == "direct", (pair, kind, kinds)
+    # a NATed hospital's reservation on A's relay, and its reachability as its neighbours see it
+    for n in "bc":
+        relay_checks = [c for c in reports[n]["checks"] if c["name"] == "relay"]
+        assert relay_checks and all(c["status"] == "ok" for c in relay_checks), reports[n]["checks"]
+    reach = {n: next(c for c in r["checks"] if c["name"] == "reachable") for n, r in reports.items()}
+    assert "cannot dial us directly" in reach["b"]["detail"], reach
+    assert "can dial us" in reach["a"]["detail"], reach
+
+    reconcile = subprocess.run(
+        [sys.executable, "-m", "silomesh.cli", "audit", "reconcile", *(str(h.store) for h in everyone)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert reconcile.returncode == 0, reconcile.stdout + reconcile.stderr
+    for h in everyone:
+        assert load_key_file(h.dir / "peer.key").peer_id_text == h.peer_id
+
+
+@pytest.mark.slow
+def test_link_down_longer_than_the_deadline_costs_one_neighbour_rounds_not_the_run(
+    bed: NetBed, tmp_path: Path
+) -> None:
+    """C's WAN link goes down for longer than the round deadline: A and B finish rounds
+    without C; once the link is back, C is dialled again (with backoff) and rounds include it."""
+    sites = {"a": bed.add_public("a"), "b": bed.add_public("b"), "c": bed.add_public("c")}
+    hs = _hospitals(tmp_path, list(sites))
+    ids = {n: h.peer_id for n, h in hs.items()}
+    for i, (n, h) in enumerate(hs.items()):
+        trusted = {m: (ids[m], f"/ip4/{sites[m].address}/tcp/{PORT}") for m in hs if m != n}
+        _write_config(h, i, 3, trusted, deadline=6, rounds=0)
+    everyone = list(hs.values())
+    a = hs["a"]
+
+    def done_rounds(h: Hospital) -> list[dict[str, Any]]:
+        return [r for r in _rounds(h) if r["status"] == "done"]
+
+    try:
+        for n, h in hs.items():
+            _start(bed, n, h)
+        _wait("a first round with everyone", lambda: any(
+            ids["c"] in r["contributors"] and ids["b"] in r["contributors"] for r in done_rounds(a)), 90, everyone)
+        bed.link_down("c")
+        cut_at = max(r["round"] for r in done_rounds(a))
+        _wait("two rounds at A without C", lambda: sum(
+            1 for r in done_rounds(a) if r["round"] > cut_at + 1 and ids["c"] not in r["contributors"]) >= 2,
+            90, everyone)
+        during = done_rounds(a)
+        bed.link_up("c")
+        back_at = max(r["round"] for r in during)
+        _wait("a round at A with C again", lambda: any(
+            r["round"] > back_at and ids["c"] in r["contributors"] for r in done_rounds(a)), 120, everyone)
+        report = _doctor(bed, "a", a)
+    finally:
+        _stop(everyone)
+    without_c = [r["round"] for r in during if r["round"] > cut_at + 1 and ids["c"] not in r["contributors"]]
+    assert len(without_c) >= 2 and all(ids["b"] in r["contributors"] for r in during if r["round"] in without_c)
+    link = next(nb for nb in report["neighbours"] if nb["name"] == "c")
+    assert link["connected"] and link["connection"] == "direct", link
+    assert link["reconnects"] >= 1, link  # shown in status: it came back
