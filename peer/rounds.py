@@ -184,11 +184,15 @@ async def exchange_round(
 
     async def push(n: str) -> None:
         try:
-            report.bytes_sent += await push_update(ctx, n, maker)
+            sent = await push_update(ctx, n, maker)
         except UNDELIVERED as exc:
             log.info("%s: no update delivered to %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, exc)
             ctx.inbox.unreachable(n)
             report.skipped[n] = skip_reason(exc)
+        else:
+            # not `report.bytes_sent += await ...`: that reads the sum before the await, so
+            # concurrent pushes overwrite each other's bytes and only the last one counts
+            report.bytes_sent += sent
 
     with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:
