@@ -136,6 +136,20 @@ class RelaySettings:
 
 
 @dataclass(frozen=True)
+class PersonalConfig:
+    """A personal model beside the shared one (docs/PEER.md, "Personal models").
+
+    After every committed round a copy of the shared model is fine-tuned ``steps`` steps on
+    this silo's own data and stored as the round's personal model: what the hospital uses
+    on its own patients. It never leaves the peer. ``steps = 0``: no personal model.
+    """
+
+    steps: int = 0
+    #: learning rate of the fine-tune (default: ``[rounds] lr``)
+    lr: float | None = None
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     host: str = "127.0.0.1"
     port: int = 8787
@@ -159,6 +173,7 @@ class PeerConfig:
     trusted: tuple[TrustedPeer, ...]
     network: NetworkConfig = field(default_factory=NetworkConfig)
     relay: RelaySettings = field(default_factory=RelaySettings)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
 
 @overload
@@ -282,6 +297,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         "control",
         "network",
         "relay",
+        "personal",
         "trusted",
     }
     _check_unknown(data, top, "")
@@ -352,6 +368,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
 
     network = _network(_get(data, "network", "", dict, {}))
     relay = _relay(_get(data, "relay", "", dict, {}))
+    personal = _personal(_get(data, "personal", "", dict, {}))
 
     c = _get(data, "control", "", dict, {})
     _check_unknown(c, {"host", "port"}, "control.")
@@ -395,7 +412,19 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         trusted=tuple(trusted),
         network=network,
         relay=relay,
+        personal=personal,
     )
+
+
+def _personal(table: Mapping[str, Any]) -> PersonalConfig:
+    _check_unknown(table, {"steps", "lr"}, "personal.")
+    steps = _get(table, "steps", "personal.", int, 0)
+    if steps < 0:
+        raise ConfigError(f"personal.steps: must be >= 0 (0: no personal model), got {steps}")
+    lr = _get(table, "lr", "personal.", float, None)
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"personal.lr: must be > 0, got {lr}")
+    return PersonalConfig(steps=steps, lr=lr)
 
 
 def _network(table: Mapping[str, Any]) -> NetworkConfig:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from silomesh.peer.config import PersonalConfig
 from silomesh.peer.exchange import AuditRecord, BufferBudget, Timeouts, Wire
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
@@ -369,6 +370,8 @@ class RoundContext:
     bases: Bases = field(default_factory=Bases)
     #: the round each neighbour's latest hello carried (its round clock, for catching up)
     neighbour_rounds: dict[str, int] = field(default_factory=dict)
+    #: a personal model after each round (peer/personal.py); off by default
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
     def catch_up_round(self, round: int) -> int:
         """The round to run next: ``round``, or, when we fell behind by more than the

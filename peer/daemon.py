@@ -49,7 +49,7 @@ from silomesh.peer.mesh import open_mesh
 from silomesh.peer.operations import PeerOperations
 from silomesh.peer.operator import OperatorError
 from silomesh.peer.safety import state_violation
-from silomesh.peer.store import ModelRecord, Store, StoreError
+from silomesh.peer.store import PERSONAL, ModelRecord, Store, StoreError
 from silomesh.peer.strangers import Strangers, serve_strangers
 from silomesh.peer.transport import Transport, TransportFactory
 from silomesh.protocol import DEFAULT_LIMITS, Identity, ReplayGuard
@@ -212,6 +212,7 @@ class Peer:
                 consent=Consent(store),
                 faults=self._faults,
                 compute=self._compute,
+                personal=config.personal,
             )
             self.operator = PeerOperations(config, self.identity, ctx)
             transport.set_handler(lambda stream: handlers.serve_stream(ctx, stream))
@@ -252,7 +253,7 @@ def _model_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
 def _last_good_model(store: Store) -> tuple[ModelRecord, StateDict] | None:
     """The newest stored model whose weights are all finite (a store from before the
     update bound may end with a poisoned one: resuming it would fail every round)."""
-    for record in reversed(store.models()):
+    for record in reversed([m for m in store.models() if m.origin != PERSONAL]):  # never resume a personal one
         try:
             state = store.load_model(record.digest)
         except Exception as exc:  # noqa: BLE001 - deleted or damaged weights: try the one before

@@ -44,6 +44,7 @@ from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import Expert, UpdateMaker, push_update, request_training, skip_reason
 from silomesh.peer.exchange import ConversationError
+from silomesh.peer.personal import personalise
 from silomesh.peer.safety import UpdateBound, UpdateGuard, state_violation
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
@@ -117,6 +118,9 @@ async def round_loop(ctx: RoundContext) -> None:
                 raise RoundFailed(why)
             await commit_round(ctx, state, metrics, report, started)
             failures = 0
+            if ctx.personal.steps > 0:
+                ctx.progress.phase = "personalising"
+                await personalise(ctx, round, state_digest(state).hex())
         except Exception as exc:  # a failed round never stops the peer (cancellation is no Exception)
             if report.committed:  # it failed after its commit: the round stands
                 log.exception("%s round %d: error after its commit", ctx.peer_id[-8:], round)

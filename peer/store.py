@@ -35,6 +35,10 @@ U64 = 2**64 - 1
 INT64_OFFSET = 2**63
 
 
+#: the origin of a personal model (fine-tuned on own data after a round; never sent, never resumed)
+PERSONAL = "personal"
+
+
 class StoreError(Exception):
     """The store cannot be opened, or an operation names a model or dataset that does not exist."""
 
@@ -374,11 +378,17 @@ class Store:
         return self.model(digest)
 
     def model(self, ref: str) -> ModelRecord:
-        """A model by digest, unique digest prefix (>= 8 chars) or name.
+        """A model by digest, unique digest prefix (>= 8 chars) or name; ``personal`` is the
+        newest personal model.
 
         Raises:
             StoreError: if nothing or more than one model matches.
         """
+        if ref == PERSONAL:
+            record = self.latest_personal_model()
+            if record is None:
+                raise StoreError("no personal model yet (set [personal] steps in peer.toml)")
+            return record
         rows = list(
             self.db.query(
                 "SELECT * FROM models WHERE deleted = 0 AND (digest = :r OR name = :r OR "
@@ -413,12 +423,20 @@ class Store:
         ]
 
     def latest_model(self) -> ModelRecord | None:
-        models = self.models()
+        """The newest shared model (the one rounds resume from and neighbours see)."""
+        models = [m for m in self.models() if m.origin != PERSONAL]
+        return models[-1] if models else None
+
+    def latest_personal_model(self) -> ModelRecord | None:
+        """The newest personal model, if ``[personal]`` made any."""
+        models = [m for m in self.models() if m.origin == PERSONAL]
         return models[-1] if models else None
 
     def rename_model(self, ref: str, name: str) -> ModelRecord:
         if not name or name != name.strip():
             raise StoreError("a model name must be non-empty without surrounding spaces")
+        if name == PERSONAL:
+            raise StoreError(f"{PERSONAL!r} is reserved: it always names the newest personal model")
         record = self.model(ref)
         clash = self.db.execute(
             "SELECT digest FROM models WHERE name = ? AND deleted = 0 AND digest != ?", [name, record.digest]

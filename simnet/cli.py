@@ -64,6 +64,8 @@ def simnet() -> None:
 @click.option("--deadline", type=float, help="Seconds a peer waits for neighbours per round (default 30).")
 @click.option("--batch-size", type=int, help="Batch size (default 8).")
 @click.option("--lr", type=float, help="Learning rate (default 0.001).")
+@click.option("--personal-steps", type=int,
+              help="Each peer also keeps a personal model: the shared one fine-tuned K steps on its data (default 0).")
 @click.option("--timeout", type=float, help="Stop the whole run after this many seconds.")
 @click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
               help="Task data option, e.g. --task-option image_size=48 (repeatable).")
@@ -227,6 +229,8 @@ def _summary(report: dict[str, Any]) -> None:
     click.echo(f"  round success rate  {report['round_success_rate']:.3f}")
     mean = final["federated_mean"]
     click.echo(f"  federated {m:<9} {mean:.4f}" if mean is not None else f"  federated {m}: no rounds")
+    if final.get("personal_mean") is not None:
+        click.echo(f"  personal {m:<10} {final['personal_mean']:.4f} (shared model fine-tuned on each silo)")
     if "local_only_mean" in final:
         click.echo(f"  local-only {m:<8} {final['local_only_mean']:.4f} (best silo "
                    f"{final['local_only_best']:.4f})")

@@ -80,30 +80,37 @@ class RunModels:
         return [d["name"] for d in sorted(self.report["peers_detail"], key=lambda d: d["index"])]
 
     def final_models(self) -> list[nn.Module | None]:
-        """Each peer's newest stored model (``None`` for a peer that stored none)."""
+        """Each peer's newest stored (shared) model (``None`` for a peer that stored none)."""
         if self._models is None:
-            from silomesh.peer.learner import load_numpy
-            from silomesh.peer.store import Store
-            from silomesh.strategies.fedmix import TWIN_PREFIX
-
-            out = Path(self.report["out"])
-            models: list[nn.Module | None] = []
-            for name in self.peer_names:
-                store = Store(out / "peers" / name / "store.sqlite")
-                try:
-                    record = store.latest_model()
-                    state = store.load_model(record.digest) if record is not None else None
-                finally:
-                    store.close()
-                if state is None:
-                    models.append(None)
-                    continue
-                model = self.task.make_model(self.scenario.size, seed=self.init_seed)
-                load_numpy(model, {k: v for k, v in state.items() if not k.startswith(TWIN_PREFIX)})
-                model.eval()
-                models.append(model)
-            self._models = models
+            self._models = self._load_models(personal=False)
         return self._models
+
+    def personal_models(self) -> list[nn.Module | None]:
+        """Each peer's newest personal model (``personal_steps`` > 0), else ``None``."""
+        return self._load_models(personal=True)
+
+    def _load_models(self, *, personal: bool) -> list[nn.Module | None]:
+        from silomesh.peer.learner import load_numpy
+        from silomesh.peer.store import Store
+        from silomesh.strategies.fedmix import TWIN_PREFIX
+
+        out = Path(self.report["out"])
+        models: list[nn.Module | None] = []
+        for name in self.peer_names:
+            store = Store(out / "peers" / name / "store.sqlite")
+            try:
+                record = store.latest_personal_model() if personal else store.latest_model()
+                state = store.load_model(record.digest) if record is not None else None
+            finally:
+                store.close()
+            if state is None:
+                models.append(None)
+                continue
+            model = self.task.make_model(self.scenario.size, seed=self.init_seed)
+            load_numpy(model, {k: v for k, v in state.items() if not k.startswith(TWIN_PREFIX)})
+            model.eval()
+            models.append(model)
+        return models
 
     def train_alone(self, index: int, extra_steps: int = 0) -> nn.Module:
         """Silo ``index`` trained alone on the run's budget (as ``--compare-local``), plus
@@ -207,7 +214,10 @@ def eval_per_silo(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
     fed_test: list[float] = []
     gains: dict[str, list[float]] = {k: [] for k in ("own", "common", "unseen", "personal_own",
                                                      "personal_common", "personal_unseen")}
-    personal_steps = int(options.get("personal_steps", 0))
+    # the peers' own personal models (scenario personal_steps), else fine-tuned here (option)
+    stored = run.scenario.personal_steps > 0
+    personal_steps = run.scenario.personal_steps if stored else int(options.get("personal_steps", 0))
+    personal_models = run.personal_models() if stored else None
     for i, (silo, model) in enumerate(zip(run.federation.silos, run.final_models(), strict=True)):
         alone = run.train_alone(i)
         alone_val.append(run.metric(alone, val))
@@ -224,8 +234,9 @@ def eval_per_silo(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
         for kind, (fed, solo) in pairs.items():
             out[f"gain_{kind}_{i}"] = fed - solo
             gains[kind].append(fed - solo)
-        if personal_steps > 0:  # personal model vs the silo alone on the same number of steps
-            personal = run.fine_tuned(i, model, personal_steps)
+        personal = (personal_models[i] if personal_models is not None
+                    else run.fine_tuned(i, model, personal_steps) if personal_steps > 0 else None)
+        if personal is not None:  # personal model vs the silo alone on the same number of steps
             alone_more = run.train_alone(i, extra_steps=personal_steps)
             for kind, data in (("own", [silo.test]), ("common", [test]), ("unseen", unseen)):
                 if data:

@@ -37,6 +37,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"| round success rate (committed peer-rounds) | {report['round_success_rate']:.3f} |",
         f"| federated {m}, mean over peers | {_f(final['federated_mean'])} |",
     ]
+    if "personal_mean" in final:
+        lines.append(f"| personal {m} (shared model fine-tuned on each silo), mean over peers | "
+                     f"{_f(final['personal_mean'])} |")
     if "local_only_mean" in final:
         lines += [
             f"| local-only {m}, mean over silos ({final.get('local_only_steps')} steps each) | "

@@ -168,6 +168,15 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
         "federated_mean": sum(final_per_peer.values()) / len(final_per_peer) if final_per_peer else None,
         "federated_per_peer": final_per_peer,
     }
+    if sc.personal_steps > 0:  # each peer's newest personal model, on its own test set
+        personal: dict[str, float] = {}
+        for name, rec in zip(names, records, strict=True):
+            tuned = [r for r, m in rec.metrics.items() if f"personal_{metric}" in m]
+            value = _finite(rec.metrics[max(tuned)][f"personal_{metric}"]) if tuned else None
+            if value is not None:
+                personal[name] = value
+        final.update(personal_mean=sum(personal.values()) / len(personal) if personal else None,
+                     personal_per_peer=personal)
     if local is not None:
         final.update(local_only_mean=local["mean"], local_only_best=local["best"],
                      local_only_per_peer=local["per_peer"], local_only_history=local["history"],

@@ -88,6 +88,8 @@ class Scenario:
     deadline: float = 30.0
     batch_size: int = 8
     lr: float = 1e-3
+    #: fine-tune steps of each peer's personal model after every round (0: none; peer.toml [personal])
+    personal_steps: int = 0
     timeout: float | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     strategy_params: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +144,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "rounds": (int,), "seed": (int,), "out": (str, Path), "faults": (str, dict, FaultSpec),
     "compare_local": (bool,),
     "procs": (int,), "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
-    "lr": (int, float), "timeout": (int, float), "task_options": (dict,), "strategy_params": (dict,),
+    "lr": (int, float), "personal_steps": (int,), "timeout": (int, float), "task_options": (dict,),
+    "strategy_params": (dict,),
 }
 
 
@@ -239,6 +242,8 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
         raise ScenarioError(f"deadline: must be > 0 seconds, got {s.deadline}")
     if not s.lr > 0:
         raise ScenarioError(f"lr: must be > 0, got {s.lr}")
+    if s.personal_steps < 0:
+        raise ScenarioError(f"personal_steps: must be >= 0 (0: no personal models), got {s.personal_steps}")
     if s.timeout is not None and not s.timeout > 0:
         raise ScenarioError(f"timeout: must be > 0 seconds, got {s.timeout}")
     return s

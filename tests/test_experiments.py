@@ -199,7 +199,7 @@ def test_per_silo_pairs_each_silo_and_picks_the_best_silo_on_validation_only() -
     everything = ArrayDataset({k: np.concatenate([fed.tests["all"][k], fed.silos[0].test[k]])
                                for k in ("image", "mask")})
     run = _FakeRun([_Perfect(everything), task.make_model("tiny"), None], fed, task)
-    run.scenario = SimpleNamespace(seed=5)  # type: ignore[attr-defined]
+    run.scenario = SimpleNamespace(seed=5, personal_steps=0)  # type: ignore[attr-defined]
     # silo 1 alone is perfect on the validation half only: picked as best, scored on the test half
     alone = {0: _Background(), 1: _Perfect(val), 2: _Background()}
     run.train_alone = lambda i, extra_steps=0: alone[i]  # type: ignore[attr-defined]

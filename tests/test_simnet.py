@@ -177,3 +177,18 @@ def test_faults_partition_delay_and_nan_byzantine_are_counted_on_both_sides(tmp_
     updates_from_byz = [e for d in r["peers_detail"] for e in _audit(d["audit_log"])
                         if e["peer"] == byz_id and e["direction"] == "received" and e["kind"] == "update"]
     assert updates_from_byz == []
+
+
+@pytest.mark.timeout(200)
+def test_personal_models_are_reported_and_paired_per_silo_against_the_silo_alone(tmp_path: Path) -> None:
+    from silomesh.simnet.evaluations import evaluate_run
+
+    r = _run(tmp_path / "run", peers=3, personal_steps=2, compare_local=True)
+    validate_report(r)
+    assert set(r["final"]["personal_per_peer"]) == set(r["final"]["federated_per_peer"]) == {"p00", "p01", "p02"}
+    assert r["final"]["local_only_steps"] == 2 * 3 + 2  # the silo alone gets the personal steps too
+    scenario = make_scenario({"peers": 3, "rounds": 2, "size": "tiny", "local_steps": 3, "seed": 5,
+                              "task_options": SMALL["catheter"], "personal_steps": 2, "out": r["out"]})
+    metrics = evaluate_run(["per_silo"], scenario, r, {})
+    assert all(f"gain_personal_own_{i}" in metrics for i in range(3))
+    assert metrics["silos_paired"] == 3
