@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import trio
 
+from silomesh.peer import muxer
 from silomesh.peer.transport import Stream, StreamClosed
 from silomesh.protocol import (
     NEED_DATA,
@@ -42,6 +43,10 @@ from silomesh.protocol import (
 from silomesh.protocol.messages import Message, TensorMessage
 
 log = logging.getLogger(__name__)
+
+# every peer exchanges through this module: without it two neighbours pushing to each other
+# at once can deadlock their Yamux connection for good (silomesh.peer.muxer says why)
+muxer.install()
 
 WRITE_CHUNK = 1 << 20
 #: envelopes larger than this are sealed/opened in a worker thread
