@@ -143,6 +143,18 @@ class Progress:
 
     round: int = -1
     phase: str = "starting"
+    #: when the phase began (time.time()); set whenever ``phase`` changes
+    since: float = field(default_factory=time.time)
+    #: neighbour -> what this round still waits for from it ("push: sending our update",
+    #: "its update"): what a stuck round is stuck on (simnet's watchdog reports it)
+    waiting_on: dict[str, str] = field(default_factory=dict)
+    #: the neighbours whose contribution this round waits for
+    awaiting: frozenset[str] = frozenset()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "phase" and value != getattr(self, "phase", None):
+            object.__setattr__(self, "since", time.time())
+        object.__setattr__(self, name, value)
 
     @property
     def wire_round(self) -> int:

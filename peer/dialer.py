@@ -194,16 +194,22 @@ async def push_update(ctx: RoundContext, neighbour: str, maker: UpdateMaker) -> 
     """
     if not await ctx.faults.before_send(ctx.peer_id, neighbour, "update", maker.round):
         raise ConversationError("dropped by fault injection")
+    stage = functools.partial(ctx.progress.waiting_on.__setitem__, neighbour)  # what a stuck push is stuck on
+    stage("push: dialling and hello")
     wire = await open_wire(ctx, neighbour)
     timeout = ctx.endpoint.timeouts.reply
     try:
         recipient = ctx.trust.public_key_of(neighbour)
+        stage("push: sealing and sending our update")
         out = await maker.make(recipient, _agreed_base(ctx, wire, neighbour))
         await wire.send(out.message)
+        stage("push: waiting for its ack")
         reply = await answer(ctx, wire, neighbour, timeout)
         if reply is not None and isinstance(reply.message, NeedBase):
+            stage("push: sending a full snapshot (it lacked our base)")
             out = await maker.make(recipient, None)
             await wire.send(out.message)
+            stage("push: waiting for its ack")
             reply = await answer(ctx, wire, neighbour, timeout)
         if reply is None:
             raise ConversationError(f"{neighbour} closed the stream without answering")

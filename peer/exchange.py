@@ -64,7 +64,8 @@ class Timeouts:
 
     #: the dialer's hello, after the stream opened
     hello: float = 30.0
-    #: a frame in progress: the longest gap between two reads that deliver bytes
+    #: a frame in progress: the longest gap between two reads that deliver bytes, and the
+    #: longest a write of ours may wait for the neighbour to take any of it
     stall: float = 60.0
     #: a stream with no message in progress
     idle: float = 300.0
@@ -206,15 +207,27 @@ class Wire:
             sealed = self.session.send(message)
         head, body = sealed.frame_parts()
         try:
-            await self.stream.write(head)
+            await self._write(head)
             view = memoryview(body)
             for start in range(0, len(view), WRITE_CHUNK):
-                await self.stream.write(view[start : start + WRITE_CHUNK])
+                await self._write(view[start : start + WRITE_CHUNK])
         except StreamClosed as exc:
             raise ConversationError(str(exc)) from None
         self.bytes_sent += sealed.size
         self._audit_sent(sealed)
         return sealed
+
+    async def _write(self, data: bytes | memoryview) -> None:
+        """Write one piece; a neighbour that accepts none of it within ``timeouts.stall`` is silent.
+
+        Raises:
+            Silent: the write made no progress for ``timeouts.stall`` seconds (the stream is reset).
+        """
+        with trio.move_on_after(self.timeouts.stall):
+            await self.stream.write(data)
+            return
+        await self.reset()
+        raise Silent(f"{self.stream.remote} accepted no data for {self.timeouts.stall:.0f} s")
 
     def _audit_sent(self, sealed: SealedEnvelope) -> None:
         header = sealed.header

@@ -104,6 +104,8 @@ async def round_loop(ctx: RoundContext) -> None:
         started = time.time()
         deadline = trio.current_time() + cfg.deadline_seconds
         selected = ctx.selected_neighbours()
+        ctx.progress.awaiting = frozenset(selected)
+        ctx.progress.waiting_on.clear()
         ctx.inbox.new_round()
         report = RoundReport(round)
         ctx.progress.phase = "exchanging"
@@ -135,6 +137,20 @@ async def round_loop(ctx: RoundContext) -> None:
                 log.error("%s: %d rounds in a row failed; next try in %.0f s", ctx.peer_id[-8:], failures, pause)
                 await trio.sleep(pause)
         round += 1
+
+
+def waiting_report(ctx: RoundContext) -> dict[str, str]:
+    """Neighbour -> what the current round still waits for from it (empty outside an exchange).
+
+    A push still in progress says how far it got; a neighbour whose own update has not
+    arrived is waited for until the deadline; one found unreachable is not waited for.
+    """
+    progress = ctx.progress
+    out = dict(progress.waiting_on)
+    if progress.phase == "exchanging":
+        for n in sorted(ctx.inbox.waiting(set(progress.awaiting), progress.round)):
+            out.setdefault(n, f"its update of round {progress.round} has not arrived")
+    return out
 
 
 class RoundFailed(Exception):
@@ -178,7 +194,9 @@ async def exchange_round(
     ctx: RoundContext, round: int, selected: list[str], deadline: float, report: RoundReport, guard: UpdateGuard
 ) -> StateDict:
     """Local step, push our update to every neighbour, gather theirs, aggregate."""
+    ctx.progress.phase = "training"
     trained = await ctx.compute.run(ctx.learner.train, ctx.rounds.local_steps)
+    ctx.progress.phase = "exchanging"
     report.train_loss = trained.mean_loss
     metrics = {"degree": float(len(ctx.trust))}
     if math.isfinite(trained.mean_loss):
@@ -197,6 +215,8 @@ async def exchange_round(
             # not `report.bytes_sent += await ...`: that reads the sum before the await, so
             # concurrent pushes overwrite each other's bytes and only the last one counts
             report.bytes_sent += sent
+        finally:
+            ctx.progress.waiting_on.pop(n, None)
 
     with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:
@@ -229,12 +249,15 @@ async def train_request_round(
     deadline_ms = int((time.time() + max(deadline - trio.current_time(), 0)) * 1000)
 
     async def ask(n: str) -> None:
+        ctx.progress.waiting_on[n] = "train-request: waiting for our model trained on its data"
         try:
             experts[n] = expert = await request_training(ctx, n, round, own, deadline_ms)
             report.bytes_sent += expert.bytes
         except UNDELIVERED as exc:
             log.info("%s: no expert from %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, exc)
             report.skipped[n] = skip_reason(exc)
+        finally:
+            ctx.progress.waiting_on.pop(n, None)
 
     with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:

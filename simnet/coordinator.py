@@ -31,6 +31,8 @@ from silomesh.simnet.stores import committed_counts
 log = logging.getLogger(__name__)
 
 POLL = 0.5
+#: seconds beyond the round deadline without any committed round before the watchdog ends the run
+STALL_GRACE = 120.0
 
 ProgressCallback = Callable[[int, int, list[int]], None]
 
@@ -44,13 +46,35 @@ class Watcher:
         self.paths = [p.store_path for p in plan.peers]
         self.expected = [i for i in range(plan.n) if i not in plan.faults.never_restarted]
         self.counts = [0] * plan.n
+        #: when a peer last committed a round (or the run started)
+        self.last_commit = time.monotonic()
+        #: no commit anywhere for this long is a stall: a round cannot legitimately take
+        #: longer than its deadline plus training and evaluation (STALL_GRACE)
+        self.stall_after = plan.scenario.deadline + STALL_GRACE
 
     def poll(self) -> bool:
         """Refresh the counts; True when every peer still meant to run has finished."""
-        self.counts = committed_counts(self.paths)
+        counts = committed_counts(self.paths)
+        if counts != self.counts:
+            self.last_commit = time.monotonic()
+        self.counts = counts
         if self.progress is not None:
             self.progress(sum(self.counts), self.plan.n * self.plan.rounds, self.counts)
         return all(self.counts[i] >= self.plan.rounds for i in self.expected)
+
+    @property
+    def stalled(self) -> bool:
+        return time.monotonic() - self.last_commit > self.stall_after
+
+    def stall_error(self, peers: list[dict[str, Any]]) -> SimnetError:
+        """Which peers are stuck, in which phase, waiting on whom and why (one line each)."""
+        from silomesh.simnet.runner import describe_stuck
+
+        return SimnetError(
+            f"stalled: no peer committed a round for {time.monotonic() - self.last_commit:.0f} s "
+            f"(deadline {self.plan.scenario.deadline:.0f} s + {STALL_GRACE:.0f} s); committed rounds per peer "
+            f"{self.counts}; unfinished peers:\n{describe_stuck(peers)}\n(logs in {self.plan.run_dir})"
+        )
 
 
 def run_simnet(scenario: Scenario, *, progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -119,7 +143,7 @@ def peer_logs_to(path: Path) -> Iterator[None]:
 def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: float) -> ShareResult:
     import trio
 
-    from silomesh.simnet.runner import ShareRunner
+    from silomesh.simnet.runner import ShareRunner, describe_stuck
 
     limit_torch_threads()
     quiet_expected_dial_errors()
@@ -139,6 +163,11 @@ def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: floa
                         break
                     if all(s.returned for s in runner.slots.values()):
                         break
+                    if watcher.stalled:
+                        raise watcher.stall_error(runner.progress_snapshot())
+        if scope.cancelled_caught:
+            log.warning("simnet run stopped by its %.0f s timeout; unfinished peers:\n%s", timeout,
+                        describe_stuck(runner.progress_snapshot()))
         return not scope.cancelled_caught
 
     with peer_logs_to(plan.run_dir / "peers.log"):
@@ -153,8 +182,6 @@ def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: floa
                 first = first.exceptions[0]
             raise first from None
     watcher.poll()
-    if not finished:
-        log.warning("simnet run stopped by its %.0f s timeout", timeout)
     return replace(runner.results(), timed_out=not finished)
 
 
@@ -162,6 +189,8 @@ def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: floa
 
 
 def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float) -> list[ShareResult]:
+    from silomesh.simnet.runner import describe_stuck, read_progress
+
     run_dir = plan.run_dir
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs: list[subprocess.Popen[bytes]] = []
@@ -175,6 +204,7 @@ def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float
     watcher = Watcher(plan, progress)
     deadline = time.monotonic() + timeout
     timed_out = False
+    stall: SimnetError | None = None
     try:
         while True:
             time.sleep(POLL)
@@ -182,9 +212,13 @@ def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float
                 break
             if all(p.poll() is not None for p in procs):
                 break
+            if watcher.stalled:
+                stall = watcher.stall_error(read_progress(run_dir, plan.shares))
+                break
             if time.monotonic() > deadline:
                 timed_out = True
-                log.warning("simnet run stopped by its %.0f s timeout", timeout)
+                log.warning("simnet run stopped by its %.0f s timeout; unfinished peers:\n%s", timeout,
+                            describe_stuck(read_progress(run_dir, plan.shares)))
                 break
         (run_dir / STOP_FILE).write_text(str(time.time()))
         for p in procs:
@@ -200,6 +234,8 @@ def _run_processes(plan: Plan, progress: ProgressCallback | None, timeout: float
                 p.kill()
         for f in logs:
             f.close()
+    if stall is not None:
+        raise stall
     watcher.poll()
     results = []
     for share, p in enumerate(procs):

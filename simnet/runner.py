@@ -16,6 +16,7 @@ coordinator watches all stores) or when its own peers have all returned.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -61,6 +62,8 @@ class SlotState:
         "refused_connections": 0, "refused_streams": 0, "handler_errors": 0})
     crash: CrashEvent | None = None
     faults: SimFaults | None = None
+    #: the running incarnation (for the watchdog's progress snapshot)
+    peer: Peer | None = None
 
 
 class StartBarrier:
@@ -125,8 +128,12 @@ class ShareRunner:
 
     async def _watch(self, scope: trio.CancelScope) -> None:
         own_done_only = self.plan.shares == 1
+        next_snapshot = 0.0
         while True:
             await trio.sleep(POLL)
+            if trio.current_time() >= next_snapshot:  # for the coordinator's watchdog
+                write_progress(self.plan.run_dir, self.share, self.progress_snapshot())
+                next_snapshot = trio.current_time() + PROGRESS_EVERY
             if self.stop():
                 break
             if all(s.returned for s in self.slots.values()):
@@ -155,6 +162,28 @@ class ShareRunner:
             for ip in self.plan.faults.intruders:
                 nursery.start_soon(one, ip)
 
+    def progress_snapshot(self) -> list[dict[str, Any]]:
+        """Each peer of this share that has not finished: its round, its phase and for how
+        long, and what it waits for from which neighbour (by name)."""
+        from silomesh.peer.rounds import waiting_report
+
+        names = {p.peer_id: p.name for p in self.plan.peers}
+        now = time.time()
+        out = []
+        for slot in self.slots.values():
+            peer = slot.peer
+            if slot.done or peer is None or getattr(peer, "context", None) is None:
+                continue
+            progress = peer.context.progress
+            out.append({
+                "peer": slot.plan.name,
+                "round": progress.round,
+                "phase": progress.phase,
+                "phase_seconds": round(now - progress.since, 1),
+                "waiting_on": {names.get(n, n): why for n, why in waiting_report(peer.context).items()},
+            })
+        return out
+
     # -- one simulated peer ----------------------------------------------------------
 
     async def _slot(self, index: int, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -174,7 +203,8 @@ class ShareRunner:
             slot.faults = faults
             try:
                 compute = ThreadCompute(self.compute) if self.compute is not None else None
-                peer = Peer(load_config(pp.config_path), faults=faults, serve_control_api=False, compute=compute)
+                peer = slot.peer = Peer(load_config(pp.config_path), faults=faults, serve_control_api=False,
+                                        compute=compute)
             except Exception as exc:  # noqa: BLE001 - a peer that cannot start is reported
                 self._failed(slot, exc)
                 if not started:
@@ -292,6 +322,44 @@ class ShareRunner:
             slots={i: self._slot_result(s) for i, s in self.slots.items()},
             intruders=tuple(self.intruders),
         )
+
+
+PROGRESS_EVERY = 5.0
+
+
+def progress_path(run_dir: Path, share: int) -> Path:
+    return run_dir / f"progress-{share}.json"
+
+
+def write_progress(run_dir: Path, share: int, snapshot: list[dict[str, Any]]) -> None:
+    """``run/progress-<share>.json``: the share's unfinished peers (written whole, then renamed)."""
+    path = progress_path(run_dir, share)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"at": time.time(), "peers": snapshot}, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_progress(run_dir: Path, shares: int) -> list[dict[str, Any]]:
+    """Every share's latest snapshot of its unfinished peers (a missing or torn file: none)."""
+    out: list[dict[str, Any]] = []
+    for share in range(shares):
+        try:
+            out.extend(json.loads(progress_path(run_dir, share).read_text(encoding="utf-8"))["peers"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return sorted(out, key=lambda p: str(p.get("peer")))
+
+
+def describe_stuck(peers: list[dict[str, Any]]) -> str:
+    """One line per unfinished peer: which round, which phase for how long, waiting on whom and why."""
+    if not peers:
+        return "  (no progress snapshot: no peer got as far as its first round)"
+    lines = []
+    for p in peers:
+        waits = "; ".join(f"{n}: {why}" for n, why in sorted(p.get("waiting_on", {}).items()))
+        lines.append(f"  {p['peer']}: round {p['round']}, {p['phase']} for {p['phase_seconds']:.0f} s"
+                     + (f", waiting on {waits}" if waits else ""))
+    return "\n".join(lines)
 
 
 def rss_bytes() -> int:

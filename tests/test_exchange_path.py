@@ -18,7 +18,11 @@ from peerkit import configs, identity
 from silomesh.peer import muxer
 from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
+from silomesh.peer.exchange import Silent, Timeouts, Wire
 from silomesh.peer.mesh import FramedStream, Mesh, open_mesh
+from silomesh.peer.rounds import waiting_report
+from silomesh.protocol import Hello, Identity, Role, Session
+from silomesh.simnet.runner import describe_stuck
 
 
 def full(n: int) -> list[list[int]]:
@@ -128,3 +132,81 @@ async def test_two_peers_pushing_to_each_other_over_one_connection_never_deadloc
         await cross_push(written)
     assert not scope.cancelled_caught, f"stalled with {[v >> 20 for v in written.values()]} MiB written each way"
     assert sorted(written.values()) == [CROSS_BYTES, CROSS_BYTES]
+
+
+class _NeverTaken:
+    """A stream whose neighbour never takes what we write."""
+
+    remote = "12D3KooWstuck"
+
+    async def read_some(self, max_bytes: int = 1 << 16) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.sleep_forever()
+
+    async def close(self) -> None:
+        pass
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+async def test_a_write_the_neighbour_never_takes_ends_after_the_stall_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A push into a connection that stopped reading fails after ``stall`` seconds (it used to
+    wait forever, silently), so the round goes on without that neighbour."""
+    alice, bob = Identity.from_seed(b"a" * 32), Identity.from_seed(b"b" * 32)
+    stream = _NeverTaken()
+    session = Session(Role.DIALER, identity=alice, peer=bob.public_key, federation="f")
+    wire = Wire(session, stream, lambda record: None, timeouts=Timeouts(stall=60.0))
+    hello = Hello(federation="f", sender=alice.public_key, recipient=bob.public_key, round=0, sequence=1)
+    start = trio.current_time()
+    with pytest.raises(Silent, match="accepted no data for 60 s"):
+        await wire.send(hello)
+    assert trio.current_time() - start == pytest.approx(60.0)
+    assert stream.was_reset
+
+
+async def test_a_round_waiting_on_a_neighbour_says_which_and_why(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """While a round waits for a neighbour's update, the peer's progress names it (what the
+    simnet watchdog prints for a stuck run); once the round ends nothing is waited for."""
+    net = MemoryNetwork()
+
+    class Silent1(StartTogether):
+        async def before_send(self, peer_id: str, neighbour: str, kind: str, round: int) -> bool:
+            return peer_id != silent  # the second peer never delivers its update
+
+    ids, cfgs = configs(tmp_path, 2, rounds=1, deadline=30.0)
+    silent = ids[1].peer_id_text
+    faults = Silent1(net, 2)
+    a, b = peers = [
+        Peer(cfg, identity=i, serve_control_api=False, transport=net.open, compute=InlineCompute(), faults=faults)
+        for i, cfg in zip(ids, cfgs, strict=True)
+    ]
+    async with running(peers):
+        await trio.sleep(10.0)
+        assert a.context.progress.phase == "exchanging"
+        assert waiting_report(a.context) == {silent: "its update of round 0 has not arrived"}
+        assert waiting_report(b.context) == {}  # it has a's update; its own push was dropped
+        await a.done.wait()
+        assert waiting_report(a.context) == {}
+        rows = await a.operator.rounds()
+    assert rows[0]["skipped"] == [{"peer": silent, "reason": "missed the deadline"}]
+
+
+def test_a_stuck_run_is_described_peer_by_peer() -> None:
+    text = describe_stuck([
+        {"peer": "p03", "round": 1, "phase": "exchanging", "phase_seconds": 412.0,
+         "waiting_on": {"p07": "push: sealing and sending our update", "p09": "its update of round 1 has not arrived"}},
+        {"peer": "p04", "round": 1, "phase": "training", "phase_seconds": 3.0, "waiting_on": {}},
+    ])
+    assert text.splitlines() == [
+        "  p03: round 1, exchanging for 412 s, waiting on p07: push: sealing and sending our update; "
+        "p09: its update of round 1 has not arrived",
+        "  p04: round 1, training for 3 s",
+    ]
