@@ -181,6 +181,7 @@ class Peer:
             {t.peer_id: t.address for t in config.trusted},
             on_refused=strangers.refused,
             relay=config.relay if config.relay.enabled else None,
+            ping_interval=net.ping_interval_seconds,
         ) as transport:
             endpoint = Endpoint(
                 crypto=Identity.from_seed(self.identity.seed),

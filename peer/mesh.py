@@ -48,7 +48,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from silomesh.peer.config import RelaySettings
 from silomesh.peer.identity import PeerIdentity
-from silomesh.peer.relaying import Links, Reachability, Relaying, check_reachability, is_circuit
+from silomesh.peer.relaying import RTT_INTERVAL, Links, Reachability, Relaying, check_reachability, is_circuit
 from silomesh.peer.transport import Stream, StreamClosed, TransportStatistics
 
 log = logging.getLogger(__name__)
@@ -397,6 +397,7 @@ class Mesh:
         """Close our connection to ``peer_id`` (open but silent); the connect loop dials afresh.
         Closing it keeps dead connections from piling up against libp2p's per-peer limit."""
         self.connected.discard(peer_id)
+        self.links.dropped(peer_id)
         self.nursery.start_soon(self._disconnect, peer_id)
 
     async def _disconnect(self, peer_id: str) -> None:
@@ -464,6 +465,12 @@ class Mesh:
                     network = self.host.get_network()
                     if isinstance(network, Swarm):
                         network.unblock_peer(ID.from_base58(peer_id))
+                    # Dial the configured address only. Identify fills the peerstore with every
+                    # address the neighbour listens on, 127.0.0.1 included (its 0.0.0.0 expanded),
+                    # and libp2p's redial tries them all: measured in the test bed, a peer whose
+                    # neighbour's link came back dialled its own loopback listener and failed the
+                    # Noise handshake against itself on every retry.
+                    self.host.get_peerstore().clear_addrs(ID.from_base58(peer_id))
                     await self.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(f"{addr}/p2p/{peer_id}")))
                 self.connected.add(peer_id)
                 self.links.dialled(peer_id, True)
@@ -538,6 +545,7 @@ async def open_mesh(
     heartbeat_interval: int = 1,
     max_inbound: int = MAX_INBOUND,
     relay: RelaySettings | None = None,
+    ping_interval: float = RTT_INTERVAL,
 ) -> AsyncIterator[Mesh]:
     """Start a host listening on ``listen`` that accepts only ``trusted`` peers.
 
@@ -549,6 +557,8 @@ async def open_mesh(
         heartbeat_interval: GossipSub heartbeat in seconds (libp2p's default is 120 s).
         max_inbound: inbound connections open at once (see :class:`InboundGuard`).
         relay: circuit relay and hole punching (``[relay]``; :mod:`silomesh.peer.relaying`).
+        ping_interval: seconds between pings of each connected neighbour (round-trip time and
+            liveness: two unanswered pings in a row close the connection, and it is redialled).
     """
     host = _make_host(identity)
     gossipsub = GossipSub(
@@ -587,7 +597,7 @@ async def open_mesh(
                 if mesh.relaying.dcutr is not None:
                     await services.enter_async_context(background_trio_service(mesh.relaying.dcutr))
                 nursery.start_soon(mesh.relaying.keep_reservations, nursery)
-            nursery.start_soon(mesh.links.serve_rtt, lambda: set(mesh.connected))
+            nursery.start_soon(mesh.links.serve_rtt, lambda: set(mesh.connected), mesh.drop_connection, ping_interval)
             nursery.start_soon(_serve_reachability, mesh)
             try:
                 yield mesh

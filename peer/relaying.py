@@ -55,6 +55,8 @@ RESERVE_POLL = 1.0
 #: a neighbour's round-trip time is measured this often while connected
 RTT_INTERVAL = 15.0
 PING_TIMEOUT = 10.0
+#: unanswered pings in a row after which a neighbour's connection is closed and redialled
+PINGS_TO_DROP = 2
 
 
 def is_circuit(address: str) -> bool:
@@ -93,10 +95,12 @@ class Link:
     last_connected_at: float | None = None
     last_disconnected_at: float | None = None
     ever_relayed: bool = False
+    unanswered_pings: int = 0
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
         d.pop("ever_relayed")
+        d.pop("unanswered_pings")
         d["reconnects"] = max(0, self.connects - 1)
         return d
 
@@ -189,15 +193,23 @@ class Links:
         link.connected = False
         link.kind = None
 
+    def dropped(self, peer_id: str) -> None:
+        """We closed the connection to ``peer_id`` (silent): it counts as gone from now on."""
+        link = self.links.get(peer_id)
+        if link is not None and link.connected:
+            link.connected, link.kind = False, None
+            link.disconnects += 1
+            link.last_disconnected_at = time.time()
+
     def snapshot(self) -> list[dict[str, object]]:
         for p, link in self.links.items():
             if link.connected:
                 link.kind = self.kind_of(p)
         return [link.as_dict() for link in self.links.values()]
 
-    async def measure_rtt(self, peer_id: str) -> float | None:
+    async def measure_rtt(self, peer_id: str, timeout: float = PING_TIMEOUT) -> float | None:  # noqa: ASYNC109 - None on timeout
         """One ping round trip to ``peer_id`` in milliseconds; None if it fails."""
-        with trio.move_on_after(PING_TIMEOUT):
+        with trio.move_on_after(timeout):
             stream: INetStream | None = None
             try:
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [PING_PROTOCOL_ID])
@@ -216,13 +228,29 @@ class Links:
                             await stream.close()
         return None
 
-    async def serve_rtt(self, connected: Callable[[], set[str]]) -> None:
-        """Measure every connected neighbour's round-trip time every :data:`RTT_INTERVAL` s."""
+    async def serve_rtt(
+        self, connected: Callable[[], set[str]], drop: Callable[[str], None], interval: float = RTT_INTERVAL
+    ) -> None:
+        """Ping every connected neighbour every ``interval`` s (its round-trip time); after
+        :data:`PINGS_TO_DROP` unanswered pings in a row, ``drop`` its connection: a link that
+        went down without a reset looks open to TCP for many minutes, and only a closed
+        connection makes the connect loop redial it."""
         while True:
             for p in sorted(connected()):
-                if p in self.links:
-                    await self.measure_rtt(p)
-            await trio.sleep(RTT_INTERVAL)
+                link = self.links.get(p)
+                if link is None:
+                    continue
+                if await self.measure_rtt(p, timeout=min(PING_TIMEOUT, interval)) is not None:
+                    link.unanswered_pings = 0
+                    continue
+                link.unanswered_pings += 1
+                if link.unanswered_pings >= PINGS_TO_DROP:
+                    log.warning("neighbour %s answered none of %d pings: closing the connection to redial it",
+                                p, link.unanswered_pings)
+                    link.unanswered_pings = 0
+                    link.last_error = "stopped answering pings"
+                    drop(p)
+            await trio.sleep(interval)
 
 
 class Relaying:

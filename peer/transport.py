@@ -137,7 +137,10 @@ class TransportFactory(Protocol):
         *,
         on_refused: Callable[[str, str], None] | None = None,
         relay: RelaySettings | None = None,
+        ping_interval: float = 15.0,
     ) -> AbstractAsyncContextManager[Transport]:
         """Listen on ``listen``; talk only to ``trusted`` (PeerID -> address, which may be a
         relayed ``.../p2p-circuit`` one); call ``on_refused(peer, reason)`` for every refused
-        connection or stream; relay and hole-punch as ``relay`` says (``[relay]``)."""
+        connection or stream; relay and hole-punch as ``relay`` says (``[relay]``); ping every
+        connected neighbour every ``ping_interval`` seconds and close a connection that leaves
+        two pings in a row unanswered."""

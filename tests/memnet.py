@@ -207,6 +207,7 @@ class MemoryNetwork:
         *,
         on_refused: Callable[[str, str], None] | None = None,
         relay: object = None,
+        ping_interval: float = 15.0,
     ) -> AsyncIterator[MemoryTransport]:
         """A :class:`~silomesh.peer.transport.TransportFactory` (pass ``net.open`` to ``Peer``)."""
         peer_id = identity.peer_id_text
