@@ -2,17 +2,19 @@
 
 A block in the doc looks like::
 
-    <!-- results: NAME [columns=a,b,c] [digits=3] -->
+    <!-- results: NAME [columns=a,b,c] [digits=3] [persilo=1] -->
     ... (replaced) ...
     <!-- /results -->
 
 and is replaced by the regenerating command, seeds, the table (mean ± std over seeds,
 rendered by ``silomesh.simnet.experiment.render_table``) and the experiment's wall time,
-read from ``RUNS/NAME/results.json``.
+read from ``RUNS/NAME/results.json``. ``persilo=1`` adds the per-silo gains table of a
+``per_silo`` experiment. ``--only PREFIX`` regenerates only the blocks whose NAME starts
+with PREFIX (and not the wall-time table), so one experiment can be rerun on its own.
 
 Usage::
 
-    python bench/results_doc.py [--runs runs/results] [--doc docs/RESULTS.md]
+    python bench/results_doc.py [--runs runs/results] [--doc docs/RESULTS.md] [--only PREFIX]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import re
 from pathlib import Path
 
-from silomesh.simnet.experiment import render_table
+from silomesh.simnet.experiment import per_silo_table, render_table
 
 BLOCK = re.compile(r"<!-- results: (?P<args>[^>]*?) -->\n.*?<!-- /results -->", re.S)
 
@@ -38,8 +40,10 @@ def render_block(runs: Path, args: str) -> str:
     table = render_table(results, columns, int(opts.get("digits", 3)))
     lines = [f"<!-- results: {args} -->", "```", results["command"], "```", "",
              f"Seeds {', '.join(str(s) for s in results['seeds'])} (n per row); mean ± sample std over seeds; "
-             f"whole experiment {results['wall_seconds']:.0f} s wall on the 2-core machine.", "", table,
-             "<!-- /results -->"]
+             f"whole experiment {results['wall_seconds']:.0f} s wall on the 2-core machine.", "", table]
+    if opts.get("persilo") == "1":
+        lines += per_silo_table(results)
+    lines += ["<!-- /results -->"]
     return "\n".join(lines)
 
 
@@ -64,10 +68,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("runs/results"))
     ap.add_argument("--doc", type=Path, default=Path("docs/RESULTS.md"))
+    ap.add_argument("--only", help="regenerate only the blocks whose experiment name starts with this")
     a = ap.parse_args()
     text = a.doc.read_text(encoding="utf-8")
-    text = BLOCK.sub(lambda m: render_block(a.runs, m.group("args")), text)
-    text = WALL.sub(lambda m: render_walltime(a.runs), text)
+
+    def block(m: re.Match[str]) -> str:
+        if a.only and not m.group("args").startswith(a.only):
+            return m.group(0)
+        return render_block(a.runs, m.group("args"))
+
+    text = BLOCK.sub(block, text)
+    if not a.only:
+        text = WALL.sub(lambda m: render_walltime(a.runs), text)
     a.doc.write_text(text, encoding="utf-8")
 
 

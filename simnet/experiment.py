@@ -299,15 +299,22 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def _per_silo_section(results: dict[str, Any]) -> list[str]:
-    """The ``per_silo`` gains as a table (one row per arm and silo), if any arm has them."""
+    """The ``per_silo`` gains under a heading, if any arm has them."""
+    table = per_silo_table(results)
+    if not table:
+        return []
+    return ["", "## Each silo, federated minus alone", "", *table]
+
+
+def per_silo_table(results: dict[str, Any]) -> list[str]:
+    """The ``per_silo`` gains as a table (one row per arm and silo); empty if none."""
     from silomesh.simnet.plots import GAIN_KINDS, per_silo_gains
 
     gains = per_silo_gains(results)
     if not gains:
         return []
     kinds_shown = [k for k in GAIN_KINDS if any(k in kinds for kinds in gains.values())]
-    lines = ["", "## Each silo, federated minus alone", "",
-             "Paired per silo: its peer's final model minus the same silo trained alone on the same "
+    lines = ["Paired per silo: its peer's final model minus the same silo trained alone on the same "
              "budget (a personal model: the final model fine-tuned on the silo's own data, against the "
              "silo alone with as many more steps), mean ± std over seeds (n). Plot: `per_silo_gains.png`.", "",
              "| arm | silo | " + " | ".join(GAIN_KINDS[k] for k in kinds_shown) + " |",

@@ -320,3 +320,30 @@ def test_per_silo_gains_are_summarised_per_silo_over_seeds_and_plotted(tmp_path:
     path = write_per_silo_plot(results, tmp_path / "g.png")
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
     assert write_per_silo_plot({"arms": {"b": {"runs": {"0": {"fed_own": 1.0}}}}}, tmp_path / "n.png") is None
+
+
+def test_results_doc_only_regenerates_the_named_blocks_and_adds_per_silo_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("results_doc", EXPERIMENTS.parent / "bench" / "results_doc.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = tmp_path / "runs"
+    (runs / "wj_a").mkdir(parents=True)
+    results = {"name": "wj_a", "command": "c", "seeds": [0], "wall_seconds": 3.0,
+               "arms": {"4 silos": {"summary": {"gain_own_mean": summarise([0.25])},
+                                    "runs": {"0": {"gain_own_0": 0.25}}}}}
+    (runs / "wj_a" / "results.json").write_text(json.dumps(results))
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("<!-- results: wj_a columns=gain_own_mean persilo=1 -->\nold\n<!-- /results -->\n"
+                   "<!-- results: other -->\nkept\n<!-- /results -->\n<!-- walltime -->\nwall\n<!-- /walltime -->\n")
+    monkeypatch.setattr(sys, "argv", ["results_doc", "--runs", str(runs), "--doc", str(doc), "--only", "wj_"])
+    mod.main()
+    text = doc.read_text()
+    assert "old" not in text and "| 4 silos | 1 | 0.250 ± 0.000 |" in text
+    assert "| 4 silos | 0 | +0.250 ± 0.000 (1) |" in text  # the per-silo table
+    assert "kept" in text and "wall\n" in text  # other blocks and the wall-time table untouched
