@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 
-.PHONY: venv demo test lint bench clean browser-deps
+.PHONY: venv demo test lint bench clean browser-deps net-deps
 
 venv: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/silomesh simnet run
 
-test: $(STAMP) lint browser-deps
+test: $(STAMP) lint browser-deps net-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The dashboard's browser tests drive Debian's headless Chromium through chromedriver.
@@ -38,6 +38,13 @@ browser-deps:
 	else echo "the browser tests need $(CHROMIUM) and $(CHROMEDRIVER): install Debian's 'chromium' and 'chromium-driver' packages (as root: apt-get install chromium chromium-driver)" >&2; exit 1; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: install chromium and its chromedriver, and point SILOMESH_CHROMIUM / SILOMESH_CHROMEDRIVER at them" >&2; exit 1; fi; \
 	$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver
+
+# The network test bed (tests/netbed.py: namespaces, NAT, rate limits) needs nftables. Without
+# root it cannot run at all, and its tests skip with that reason; so only root installs here.
+net-deps:
+	@if command -v nft >/dev/null 2>&1 || [ "$$(id -u)" != 0 ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get here: install nftables for the network test bed" >&2; exit 0; fi; \
+	apt-get install -y --no-install-recommends nftables || { apt-get update && apt-get install -y --no-install-recommends nftables; }
 
 # mypy checks protocol/ and strategies/ as --strict would (pyproject.toml's [[tool.mypy.overrides]]).
 # The folders are the silomesh.* packages only through setuptools' package-dir mapping, which mypy
