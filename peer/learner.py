@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from silomesh.models.data_io import load_folder
+from silomesh.models.privacy import DPSettings, DPTrainer
 from silomesh.models.registry import get_task
 from silomesh.models.task import ArrayDataset, Federation, Silo, Task
 from silomesh.models.train import train_local
 from silomesh.peer.config import TaskConfig
 from silomesh.strategies import Contribution, LocalStep, StateDict, Strategy
-from silomesh.strategies.training import BatchSource
+from silomesh.strategies.training import BatchSource, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class Learner:
         batch_size: int,
         lr: float,
         strategy: Strategy,
+        privacy: DPSettings | None = None,
+        spent_history: Sequence[tuple[float, float, int]] = (),
     ) -> None:
         self.task = task
         self.silo = silo
@@ -98,6 +101,11 @@ class Learner:
         self._step_seed = 0
         self.strategy = strategy.prepared_for(self.model)
         self.extra = self.strategy.extra_networks(task, lambda seed: task.make_model(size, seed=seed), init_seed)
+        #: the peer's one DP-SGD trainer (None: no differential privacy); every training on
+        #: this silo's data goes through it, so its accountant sees every step
+        self.dp: DPTrainer | None = (
+            DPTrainer(privacy, len(silo.train), batch_size, spent_history) if privacy is not None else None
+        )
 
     # -- Workbench --------------------------------------------------------------------
 
@@ -110,6 +118,10 @@ class Learner:
         """True if this silo's training data has no pixel masks (box / image-level)."""
         return "mask" not in self.silo.train.arrays
 
+    @property
+    def private(self) -> DPTrainer | None:
+        return self.dp
+
     def network(self, prefix: str) -> nn.Module | None:
         return self.extra.get(prefix)
 
@@ -118,6 +130,8 @@ class Learner:
         return self.init_seed + self._step_seed
 
     def batches(self, seed: int) -> BatchSource:
+        if self.dp is not None:
+            return self.dp.batches(self.silo.train, seed)
         rng = np.random.default_rng(seed)
         data, bs = self.silo.train, self.batch_size
         return lambda: data.batches(bs, rng)
@@ -152,18 +166,30 @@ class Learner:
             else:
                 log.warning("state without the %r network: keeping the current one", prefix)
 
+    def _train(self, model: nn.Module, steps: int) -> list[float]:
+        seed = self.next_seed()
+        if self.dp is None:
+            return train_local(self.task, model, self.silo.train, steps, self.batch_size, self.lr, seed=seed)
+        torch.manual_seed(seed)
+        model.train()
+        # Adam: train_local's AdamW without weight decay
+        return run_steps(list(model.parameters()), lambda b: self.task.loss(model, dict(b)), self.batches(seed), steps,
+                         "adam", self.lr, self.dp)
+
     def train_plain(self, steps: int) -> LocalStep:
         """Train the first network with the task's loss on this silo's data."""
-        losses = train_local(self.task, self.model, self.silo.train, steps, self.batch_size, self.lr,
-                             seed=self.next_seed())
-        return LocalStep(self.state(), float(np.mean(losses)) if losses else float("nan"), steps)
+        losses = self._train(self.model, steps)
+        return LocalStep(self.state(), _mean(losses), steps)
 
     def train_copy(self, state: Mapping[str, np.ndarray], steps: int) -> LocalStep:
-        """Train a copy of the first network, started from ``state``, on this silo's data."""
+        """Train a copy of the first network, started from ``state``, on this silo's data.
+
+        Under DP-SGD the steps spend this peer's budget (it is our data they read).
+        """
         model = copy.deepcopy(self.model)
         load_numpy(model, {**to_numpy(model), **state})
-        losses = train_local(self.task, model, self.silo.train, steps, self.batch_size, self.lr, seed=self.next_seed())
-        return LocalStep(to_numpy(model), float(np.mean(losses)) if losses else float("nan"), steps)
+        losses = self._train(model, steps)
+        return LocalStep(to_numpy(model), _mean(losses), steps)
 
     def copies(self, states: list[StateDict]) -> list[nn.Module]:
         models = []
@@ -208,8 +234,28 @@ class Learner:
         return self.task.evaluate(self.model, data if data is not None else self.silo.test)
 
 
+def _mean(losses: Sequence[float]) -> float:
+    finite = [x for x in losses if np.isfinite(x)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 #: ``[task.options]`` keys that pick this peer's synthetic silo rather than configure the task
 SILO_OPTIONS = ("silos", "silo", "seed")
+
+
+def build_task(task: TaskConfig) -> Task:
+    """The configured task; with a MONAI network (``task.model`` or a bundle) in place of its own.
+
+    Raises:
+        ValueError, TypeError: unknown task or task options.
+        TaskUnavailableError: the task's module cannot be imported.
+    """
+    built = get_task(task.name, **{k: v for k, v in task.options.items() if k not in SILO_OPTIONS})
+    if task.spec is None:
+        return built
+    from silomesh.models.monai_net import ModelTask
+
+    return ModelTask(built, task.spec, task.weights)
 
 
 def load_silo(task: TaskConfig) -> Silo:
@@ -223,7 +269,7 @@ def load_silo(task: TaskConfig) -> Silo:
     """
     options = dict(task.options)
     if task.dataset is not None:
-        data = load_folder(task.dataset)
+        data = load_folder(task.dataset, preprocess=task.preprocess)
         n_test = max(1, len(data) // 5)
         order = np.random.default_rng(0).permutation(len(data))
         return Silo(task.dataset.name, data.subset(order[n_test:]), data.subset(order[:n_test]))

@@ -61,10 +61,10 @@ from .training import (
     Batch,
     BatchSource,
     LossFn,
+    PrivateSteps,
     TrainResult,
-    iterate_batches,
-    make_optimizer,
     model_device,
+    run_steps,
     to_device,
     train_steps,
 )
@@ -228,6 +228,7 @@ def distill(
     task_loss: LossFn,
     config: FedEFMConfig | None = None,
     forward: ForwardFn = default_forward,
+    private: PrivateSteps | None = None,
 ) -> DistillResult:
     """Distil the ``experts`` into ``student`` on the peer's own batches (in place).
 
@@ -244,6 +245,8 @@ def distill(
         task_loss: ``loss(model, batch)``, e.g. ``task.loss``.
         config: hyperparameters (defaults of :class:`FedEFMConfig`).
         forward: ``forward(model, batch) -> (output, feature map)``.
+        private: the peer's DP-SGD trainer when it trains privately (each sample's
+            gradient, EMD weights included, is then computed on that sample alone).
 
     Raises:
         FloatingPointError: if the loss becomes non-finite.
@@ -257,36 +260,34 @@ def distill(
     for e in experts:
         e.eval()
     student.train()
-    opt = make_optimizer([p for p in student.parameters() if p.requires_grad],
-                         cfg.optimizer, cfg.lr)
     w_sum = np.zeros(n_exp)
     emd_sum = np.zeros(n_exp)
     weighed = 0
-    losses: list[float] = []
+
+    def step_loss(batch: Batch) -> torch.Tensor:
+        # under DP-SGD this sees one sample at a time, so the EMD weights are per sample
+        nonlocal w_sum, emd_sum, weighed
+        batch = to_device(batch, student)
+        total = torch.zeros((), device=model_device(student))
+        if n_exp and cfg.beta > 0:
+            s_out, s_feat = forward(student, batch)
+            with torch.no_grad():
+                e_outs = [forward(e, batch) for e in experts]
+            w, emds = expert_weights(s_feat, [f for _, f in e_outs], cfg)
+            w_sum += w
+            emd_sum += emds
+            weighed += 1
+            kd = sum(float(wj) * distillation_term(s_out, eo, cfg.temperature,
+                                                   cfg.distill_loss)
+                     for wj, (eo, _) in zip(w, e_outs, strict=True))
+            total = total + cfg.beta * kd
+        if cfg.beta < 1 or not n_exp:
+            total = total + (1.0 - cfg.beta if n_exp else 1.0) * task_loss(student, batch)
+        return total
+
     try:
-        for batch in iterate_batches(batches, cfg.distill_steps or None):
-            batch = to_device(batch, student)
-            opt.zero_grad(set_to_none=True)
-            total = torch.zeros((), device=model_device(student))
-            if n_exp and cfg.beta > 0:
-                s_out, s_feat = forward(student, batch)
-                with torch.no_grad():
-                    e_outs = [forward(e, batch) for e in experts]
-                w, emds = expert_weights(s_feat, [f for _, f in e_outs], cfg)
-                w_sum += w
-                emd_sum += emds
-                weighed += 1
-                kd = sum(float(wj) * distillation_term(s_out, eo, cfg.temperature,
-                                                       cfg.distill_loss)
-                         for wj, (eo, _) in zip(w, e_outs, strict=True))
-                total = total + cfg.beta * kd
-            if cfg.beta < 1 or not n_exp:
-                total = total + (1.0 - cfg.beta if n_exp else 1.0) * task_loss(student, batch)
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"non-finite distillation loss at step {len(losses)}")
-            total.backward()
-            opt.step()
-            losses.append(float(total.detach()))
+        losses = run_steps(list(student.parameters()), step_loss, batches, cfg.distill_steps,
+                           cfg.optimizer, cfg.lr, private)
     finally:
         student.train(student_mode)
         for e, m in zip(experts, modes, strict=True):
@@ -325,20 +326,25 @@ class FedEFMStrategy(Strategy):
         Returns ``{"weights": [...], "steps": n}``: each expert's EMD-based weight, in order.
         """
         models = bench.copies([dict(c.state) for c in experts])
-        result = self.distill(bench.model, models, bench.batches(bench.next_seed()), bench.task.loss)
+        result = self.distill(bench.model, models, bench.batches(bench.next_seed()), bench.task.loss,
+                              private=bench.private)
         return {"weights": [float(w) for w in result.weights], "steps": result.steps}
 
     def train_for_neighbour(self, model: nn.Module, batches: BatchSource,
-                            loss: LossFn) -> TrainResult:
-        """Answer a ``train-request``: train the neighbour's model (in place) on own data."""
+                            loss: LossFn, private: PrivateSteps | None = None) -> TrainResult:
+        """Answer a ``train-request``: train the neighbour's model (in place) on own data.
+
+        Under DP-SGD (``private``) these steps spend this peer's budget, not the requester's.
+        """
         cfg = self.config
-        return train_steps(model, batches, loss, cfg.local_steps, cfg.lr, cfg.optimizer)
+        return train_steps(model, batches, loss, cfg.local_steps, cfg.lr, cfg.optimizer, private=private)
 
     def distill(self, student: nn.Module, experts: Sequence[nn.Module],
                 batches: BatchSource, loss: LossFn,
-                forward: ForwardFn = default_forward) -> DistillResult:
+                forward: ForwardFn = default_forward,
+                private: PrivateSteps | None = None) -> DistillResult:
         """:func:`distill` with this strategy's config."""
-        return distill(student, experts, batches, loss, self.config, forward)
+        return distill(student, experts, batches, loss, self.config, forward, private)
 
     def aggregate(
         self,

@@ -43,7 +43,7 @@ from torch import nn
 from .base import AggregationResult, Contribution, StrategyConfig, check_range
 from .robust import aggregate_contributions
 from .strategy import Strategy
-from .training import Batch, BatchSource, iterate_batches, make_optimizer, to_device
+from .training import Batch, BatchSource, PrivateSteps, run_steps, to_device
 from .workbench import LocalStep, Workbench
 
 logger = logging.getLogger(__name__)
@@ -361,6 +361,7 @@ def train_pair(
     *,
     optimizer: str = "adam",
     teachers: tuple[nn.Module, nn.Module] | None = None,
+    private: PrivateSteps | None = None,
 ) -> PairTrainResult:
     """FedMix's local step: train both networks of a silo in place for ``steps`` steps.
 
@@ -382,19 +383,22 @@ def train_pair(
         optimizer: ``"adam"`` or ``"sgd"``.
         teachers: the networks that make the pseudo-labels (default: ``net_a`` and
             ``net_b`` themselves, as they are at each step).
+        private: the peer's DP-SGD trainer when it trains privately: one DP-SGD step over
+            both networks' weights, each sample clipped once over both.
 
     Raises:
         FloatingPointError: if a loss becomes non-finite.
     """
     cfg = config or FedMixConfig()
     teach_a, teach_b = teachers or (net_a, net_b)
-    opts = [make_optimizer([p for p in n.parameters() if p.requires_grad], optimizer, lr)
-            for n in (net_a, net_b)]
     net_a.train()
     net_b.train()
     result = PairTrainResult(0, math.nan)
     agreement = 0.0
-    for batch in iterate_batches(batches, steps or None):
+
+    def step_loss(batch: Batch) -> torch.Tensor:
+        # under DP-SGD this sees one sample at a time (its pseudo-label is its own)
+        nonlocal agreement
         batch = to_device(batch, net_a)
         targets: tuple[Batch, Batch] = (batch, batch)
         if "mask" not in batch and cfg.pseudo_weight > 0:
@@ -409,17 +413,20 @@ def train_pair(
             fg = pl.labels_a.reshape(len(pl.keep), -1).any(axis=1)
             result.kept_foreground += int((pl.keep & fg).sum())
             agreement += float(pl.agreement.sum())
-        step = []
-        for net, opt, b in zip((net_a, net_b), opts, targets, strict=True):
-            total = _total(loss_terms(net, b), cfg.pseudo_weight)
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"non-finite FedMix loss at step {result.steps}")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            step.append(float(total.detach()))
-        result.losses.append(sum(step) / 2)
-        result.steps += 1
+        # the pseudo-labels are constants: A's term reaches only A's weights, B's only B's,
+        # so one optimiser over both networks steps each as its own optimiser would
+        return sum((_total(loss_terms(net, b), cfg.pseudo_weight)
+                    for net, b in zip((net_a, net_b), targets, strict=True)), torch.zeros(()))
+
+    params = [*net_a.parameters(), *net_b.parameters()]
+    try:
+        totals = run_steps(params, step_loss, batches, steps, optimizer, lr, private)
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"non-finite FedMix loss: {exc}") from exc
+    result.losses = [t / 2 for t in totals]
+    result.steps = len(totals)
+    if private is not None:
+        result.pseudo_steps = min(result.pseudo_steps, result.steps)
     if result.losses:
         result.mean_loss = float(np.mean(result.losses))
     if result.samples:
@@ -492,7 +499,7 @@ class FedMixStrategy(Strategy):
         torch.manual_seed(seed)
         task = bench.task
         result = self.train_pair(model, twin, bench.batches(seed), task.loss_terms, task.predict_proba,
-                                 steps, bench.lr, teachers=teachers)
+                                 steps, bench.lr, teachers=teachers, private=bench.private)
         info: dict[str, float] = {}
         if result.pseudo_steps:
             info = {
@@ -521,10 +528,11 @@ class FedMixStrategy(Strategy):
 
     def train_pair(self, net_a: nn.Module, net_b: nn.Module, batches: BatchSource,
                    loss_terms: LossTermsFn, prob: ProbFn, steps: int, lr: float, *,
-                   teachers: tuple[nn.Module, nn.Module] | None = None) -> PairTrainResult:
+                   teachers: tuple[nn.Module, nn.Module] | None = None,
+                   private: PrivateSteps | None = None) -> PairTrainResult:
         """:func:`train_pair` with this strategy's config."""
         return train_pair(net_a, net_b, batches, loss_terms, prob, steps, lr, self.config,
-                          teachers=teachers)
+                          teachers=teachers, private=private)
 
     def aggregate(
         self,

@@ -34,7 +34,7 @@ from .base import (
 )
 from .robust import aggregate_contributions
 from .strategy import Strategy
-from .training import OPTIMIZERS, BatchSource, LossFn, TrainResult, train_steps
+from .training import OPTIMIZERS, BatchSource, LossFn, PrivateSteps, TrainResult, train_steps
 from .workbench import Workbench
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ def finetune_head(
     steps: int,
     lr: float = 1e-3,
     optimizer: str = "adam",
+    private: PrivateSteps | None = None,
 ) -> TrainResult:
     """Train only the head of ``model`` in place; the body stays bit-identical.
 
@@ -144,7 +145,7 @@ def finetune_head(
         for n, m in model.named_modules():
             if n and _in_head(n, prefixes):
                 m.train()
-        return train_steps(model, batches, loss, steps, lr, optimizer, set_train_mode=False)
+        return train_steps(model, batches, loss, steps, lr, optimizer, set_train_mode=False, private=private)
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
@@ -180,7 +181,7 @@ class SegVizStrategy(Strategy):
             return False
         seed = bench.next_seed()
         torch.manual_seed(seed)
-        result = self.finetune_head(bench.model, bench.batches(seed), bench.task.loss)
+        result = self.finetune_head(bench.model, bench.batches(seed), bench.task.loss, private=bench.private)
         logger.debug("segviz head fine-tune: %d steps, loss %.4f", result.steps, result.mean_loss)
         return True
 
@@ -214,11 +215,11 @@ class SegVizStrategy(Strategy):
         )
 
     def finetune_head(self, model: nn.Module, batches: BatchSource, loss: LossFn,
-                      steps: int | None = None) -> TrainResult:
+                      steps: int | None = None, private: PrivateSteps | None = None) -> TrainResult:
         """:func:`finetune_head` with the configured prefixes, steps and learning rate."""
         cfg = self.config
         n = cfg.finetune_steps if steps is None else steps
         if n <= 0:
             return TrainResult(model, 0, float("nan"))
         return finetune_head(model, batches, loss, cfg.head_prefixes, n, cfg.finetune_lr,
-                             cfg.optimizer)
+                             cfg.optimizer, private)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Protocol, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,29 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 BatchSource = Union[Iterable[Batch], Callable[[], Iterable[Batch]]]  # noqa: UP007
 
 OPTIMIZERS = ("adam", "sgd")
+
+
+class PrivateSteps(Protocol):
+    """A peer's DP-SGD trainer (``silomesh.models.privacy.DPTrainer``), as strategies see it.
+
+    Every step on the silo's data goes through :meth:`run` so one accountant counts them all.
+    """
+
+    def run(
+        self,
+        params: Sequence[nn.Parameter],
+        step_loss: Callable[[Batch], torch.Tensor],
+        batches: Iterator[Batch],
+        steps: int,
+        make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    ) -> list[float]:
+        """Take ``steps`` DP-SGD steps; each sample's gradient from ``step_loss`` of it alone."""
+        ...
+
+    @property
+    def sample_rate(self) -> float:
+        """Poisson sampling rate (one pass is ``ceil(1 / sample_rate)`` steps)."""
+        ...
 
 
 @dataclass
@@ -83,6 +107,43 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float) -> torc
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
+def run_steps(
+    params: Sequence[nn.Parameter],
+    step_loss: Callable[[Batch], torch.Tensor],
+    batches: BatchSource,
+    steps: int,
+    optimizer: str,
+    lr: float,
+    private: PrivateSteps | None = None,
+) -> list[float]:
+    """Optimiser steps on ``params`` with ``step_loss``; return each step's loss.
+
+    Without ``private``: plain steps on whole batches (``steps = 0``: one pass). With it:
+    DP-SGD through the peer's trainer (``steps = 0``: ``ceil(1 / sample_rate)`` steps),
+    where ``step_loss`` sees one sample at a time.
+
+    Raises:
+        FloatingPointError: if the loss becomes non-finite.
+        silomesh.models.privacy.BudgetExhausted: if the private steps would pass the budget.
+    """
+    trainable = [p for p in params if p.requires_grad]
+    if private is not None:
+        n = steps or math.ceil(1.0 / private.sample_rate)
+        return private.run(trainable, step_loss, iterate_batches(batches, None), n,
+                           lambda ps: make_optimizer(ps, optimizer, lr))
+    opt = make_optimizer(trainable, optimizer, lr)
+    losses: list[float] = []
+    for batch in iterate_batches(batches, steps or None):
+        opt.zero_grad(set_to_none=True)
+        value = step_loss(batch)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"non-finite training loss at step {len(losses)}")
+        value.backward()
+        opt.step()
+        losses.append(float(value.detach()))
+    return losses
+
+
 def train_steps(
     model: nn.Module,
     batches: BatchSource,
@@ -92,28 +153,20 @@ def train_steps(
     optimizer: str = "adam",
     *,
     set_train_mode: bool = True,
+    private: PrivateSteps | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters in place for ``steps`` steps (0: one pass).
 
     Args:
         set_train_mode: put the whole model in train mode first (``False`` when the
             caller has chosen the modes, e.g. a frozen body kept in eval mode).
+        private: the peer's DP-SGD trainer, if it trains privately.
 
     Raises:
         FloatingPointError: if the loss becomes non-finite.
     """
     if set_train_mode:
         model.train()
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr)
-    total, n = 0.0, 0
-    for batch in iterate_batches(batches, steps or None):
-        batch = to_device(batch, model)
-        opt.zero_grad(set_to_none=True)
-        value = loss(model, batch)
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"non-finite training loss at step {n}")
-        value.backward()
-        opt.step()
-        total += float(value.detach())
-        n += 1
-    return TrainResult(model, n, total / n if n else math.nan)
+    losses = run_steps(list(model.parameters()), lambda b: loss(model, to_device(b, model)), batches,
+                       steps, optimizer, lr, private)
+    return TrainResult(model, len(losses), float(np.nanmean(losses)) if losses else math.nan)

@@ -19,7 +19,7 @@ from .base import StateDict
 if TYPE_CHECKING:
     from torch import nn
 
-    from .training import BatchSource
+    from .training import BatchSource, PrivateSteps
 
 
 @dataclass
@@ -57,6 +57,14 @@ class Workbench(Protocol):
     @property
     def weak_labels(self) -> bool:
         """True if this silo's training data has no pixel masks (box / image-level)."""
+
+    @property
+    def private(self) -> PrivateSteps | None:
+        """The peer's DP-SGD trainer, or None when it trains without differential privacy.
+
+        Every hook that trains on this silo's data passes it on, so its accountant sees
+        every step; :meth:`batches` are then Poisson-sampled.
+        """
 
     def network(self, prefix: str) -> nn.Module | None:
         """The extra network stored under ``prefix`` (see :meth:`Strategy.extra_networks`)."""
