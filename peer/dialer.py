@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
+from silomesh.models.architecture import model_difference
 from silomesh.peer.context import Base, RoundContext
 from silomesh.peer.exchange import ConversationError, Silent, Wire
 from silomesh.peer.transport import StreamClosed
@@ -35,6 +36,7 @@ from silomesh.protocol import (
     Ack,
     ErrorCode,
     ErrorMessage,
+    Hello,
     NeedBase,
     OpenedEnvelope,
     Role,
@@ -103,6 +105,11 @@ async def open_wire(ctx: RoundContext, neighbour: str) -> Wire:
         if hello is None:
             raise ConversationError(f"{neighbour} closed the stream during hello")
         ctx.neighbour_rounds[neighbour] = hello.message.round
+        if isinstance(hello.message, Hello):  # no weights go to a neighbour running another model
+            differs = model_difference(ctx.endpoint.model_id, hello.message.model)
+            if differs:
+                log.warning("%s runs another model (%s); nothing sent", neighbour, differs)
+                raise ConversationError(f"{neighbour} runs another model: {differs}")
     except BaseException:
         await wire.reset()
         raise
@@ -111,6 +118,10 @@ async def open_wire(ctx: RoundContext, neighbour: str) -> Wire:
 
 class Refused(ConversationError):
     """The neighbour answered our message with a signed ``error``."""
+
+
+class Dropped(ConversationError):
+    """Fault injection (simnet) dropped our message before it was sent: a lost message."""
 
 
 def skip_reason(exc: Exception) -> str:
@@ -193,7 +204,7 @@ async def push_update(ctx: RoundContext, neighbour: str, maker: UpdateMaker) -> 
         ConversationError, StreamClosed, ProtocolError: the neighbour could not be served.
     """
     if not await ctx.faults.before_send(ctx.peer_id, neighbour, "update", maker.round):
-        raise ConversationError("dropped by fault injection")
+        raise Dropped("dropped by fault injection")
     stage = functools.partial(ctx.progress.waiting_on.__setitem__, neighbour)  # what a stuck push is stuck on
     stage("push: dialling and hello")
     wire = await open_wire(ctx, neighbour)
@@ -246,7 +257,7 @@ async def request_training(ctx: RoundContext, neighbour: str, round: int, state:
         ConversationError, StreamClosed, ProtocolError: the neighbour could not be served.
     """
     if not await ctx.faults.before_send(ctx.peer_id, neighbour, "train-request", round):
-        raise ConversationError("dropped by fault injection")
+        raise Dropped("dropped by fault injection")
     wire = await open_wire(ctx, neighbour)
     try:
         msg = TrainRequest(

@@ -42,7 +42,16 @@ import trio
 
 from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext
-from silomesh.peer.dialer import Expert, UpdateMaker, push_update, request_training, skip_reason
+from silomesh.peer.dialer import (
+    DIAL_TIMEOUT,
+    Dropped,
+    Expert,
+    Refused,
+    UpdateMaker,
+    push_update,
+    request_training,
+    skip_reason,
+)
 from silomesh.peer.exchange import ConversationError
 from silomesh.peer.personal import personalise
 from silomesh.peer.safety import UpdateBound, UpdateGuard, state_violation
@@ -54,6 +63,10 @@ log = logging.getLogger(__name__)
 
 #: what cannot be delivered to a neighbour ends that neighbour's part in the round
 UNDELIVERED = (ConversationError, StreamClosed, ProtocolError)
+#: a push that fails while the neighbour can still be dialled is tried this often in a round
+PUSH_ATTEMPTS = 3
+#: the pause before the second try (seconds), doubled before each further one
+PUSH_RETRY_PAUSE = 1.0
 #: after this many failed rounds in a row the peer reports itself degraded and pauses between tries
 MAX_FAILED_ROUNDS = 3
 #: the first pause (seconds), doubled after each further failure, never above the round deadline
@@ -139,6 +152,20 @@ async def round_loop(ctx: RoundContext) -> None:
         round += 1
 
 
+async def _worth_retrying(ctx: RoundContext, n: str, exc: Exception, deadline: float, attempt: int) -> bool:
+    """After a failed push: pause, then True if the round's deadline leaves room and ``n`` can
+    be dialled again (a connection that broke mid-push, not a neighbour that is down or refused)."""
+    if isinstance(exc, Refused | Dropped):  # an answer, or a message simnet meant to lose
+        return False
+    pause = PUSH_RETRY_PAUSE * 2**attempt
+    if trio.current_time() + pause >= deadline:
+        return False
+    ctx.progress.waiting_on[n] = f"push failed ({str(exc)[:80]}); trying again in {pause:.0f} s"
+    await trio.sleep(pause)
+    ctx.transport.forget(n)  # the failed connection may still be listed: dial afresh
+    return await ctx.transport.connect(n, timeout=min(DIAL_TIMEOUT, max(deadline - trio.current_time(), 0.0)))
+
+
 def waiting_report(ctx: RoundContext) -> dict[str, str]:
     """Neighbour -> what the current round still waits for from it (empty outside an exchange).
 
@@ -206,15 +233,22 @@ async def exchange_round(
 
     async def push(n: str) -> None:
         try:
-            sent = await push_update(ctx, n, maker)
-        except UNDELIVERED as exc:
-            log.info("%s: no update delivered to %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, exc)
-            ctx.inbox.unreachable(n)
-            report.skipped[n] = skip_reason(exc)
-        else:
-            # not `report.bytes_sent += await ...`: that reads the sum before the await, so
-            # concurrent pushes overwrite each other's bytes and only the last one counts
-            report.bytes_sent += sent
+            for attempt in range(PUSH_ATTEMPTS):
+                try:
+                    sent = await push_update(ctx, n, maker)
+                except UNDELIVERED as exc:
+                    if attempt + 1 < PUSH_ATTEMPTS and await _worth_retrying(ctx, n, exc, deadline, attempt):
+                        log.info("%s: push to %s in round %d failed (%s); the link is up, pushing again",
+                                 ctx.peer_id[-8:], n[-8:], round, exc)
+                        continue
+                    log.info("%s: no update delivered to %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, exc)
+                    ctx.inbox.unreachable(n)
+                    report.skipped[n] = skip_reason(exc)
+                    return
+                # not `report.bytes_sent += await ...`: that reads the sum before the await, so
+                # concurrent pushes overwrite each other's bytes and only the last one counts
+                report.bytes_sent += sent
+                return
         finally:
             ctx.progress.waiting_on.pop(n, None)
 

@@ -210,3 +210,43 @@ def test_a_stuck_run_is_described_peer_by_peer() -> None:
         "p09: its update of round 1 has not arrived",
         "  p04: round 1, training for 3 s",
     ]
+
+
+async def test_a_push_that_fails_while_the_link_comes_back_is_sent_again_within_the_round(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The link between two peers is down for 0.5 s just as round 0's pushes start: each push
+    fails, the link is back by the retry 1 s later, and both rounds use the other's update
+    instead of skipping it (a connection broken mid-push used to cost the neighbour's round)."""
+    net = MemoryNetwork()
+
+    class Blip(StartTogether):
+        done = False
+
+        async def round_start(self, peer_id: str, round: int) -> None:
+            await super().round_start(peer_id, round)
+            if round == 0 and not self.done:
+                self.done = True
+                net.cut(*net.hosts)
+                net.hosts[peer_id].nursery.start_soon(self.heal)
+
+        async def heal(self) -> None:
+            await trio.sleep(0.5)
+            net.heal(*net.hosts)
+
+    ids, cfgs = configs(tmp_path, 2, rounds=1, deadline=30.0)
+    faults = Blip(net, 2)
+    a, b = peers = [
+        Peer(cfg, identity=i, serve_control_api=False, transport=net.open, compute=InlineCompute(), faults=faults)
+        for i, cfg in zip(ids, cfgs, strict=True)
+    ]
+    async with running(peers):
+        await a.done.wait()
+        await b.done.wait()
+        seen = {p.peer_id: await p.operator.rounds() for p in peers}
+    failed_dials = [d for d in net.dials if not d[3]]
+    assert failed_dials, "the link was never down when a push dialled: the test tests nothing"
+    for p, other in ((a, b), (b, a)):
+        (row,) = seen[p.peer_id]
+        assert row["contributors"] == [other.peer_id], row
+        assert row["skipped"] == []
