@@ -24,6 +24,13 @@ Reading rules:
 - A mask has the image's spatial shape. All images of a folder must share one shape.
 - ``window=(lo, hi)`` maps intensities linearly to [0, 1] and clips (e.g. (-200, 300)
   for abdominal CT); ``as_slices=True`` cuts volumes into 2D slices for 2D tasks.
+- ``preprocess=Preprocess(...)`` reads NIfTI and DICOM with MONAI's transforms instead:
+  reoriented to ``orientation`` (default RAS), resampled to ``spacing`` (mm), windowed,
+  and padded or cropped to ``spatial_size``, so folders from scanners with different
+  spacings and orientations become arrays of one shape on one grid. ``spacing`` and
+  ``spatial_size`` are in MONAI's voxel-axis order (x, y, z after reorientation), as in a
+  bundle's ``Spacingd``; the arrays come out ``(1, D, H, W)`` = ``(1, z, y, x)`` as above.
+  Images are resampled with bilinear, masks with nearest-neighbour interpolation.
 - The label kind is ``"mask"`` (masks/ exists), else ``"box"`` (boxes.csv), else
   ``"present"`` (labels.csv), else ``"none"``.
 
@@ -37,12 +44,13 @@ import csv
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from silomesh.models.preprocess import Preprocess
 from silomesh.models.task import ArrayDataset
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,48 @@ class DatasetError(ValueError):
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = Path(path)
         super().__init__(f"{self.path}: {problem}")
+
+
+def _preprocess_volume(path: Path, pre: Preprocess, *, as_mask: bool) -> np.ndarray:
+    """``(1, D, H, W)`` float32 image or ``(D, H, W)`` int64 mask through MONAI's transforms.
+
+    Raises:
+        DatasetError: naming ``path`` for anything MONAI or its readers reject.
+    """
+    from monai.transforms import LoadImage, Orientation, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
+
+    reader = "PydicomReader" if path.is_dir() else "NibabelReader"
+    steps: list[Any] = [LoadImage(reader=reader, image_only=True, ensure_channel_first=True)]
+    if pre.orientation is not None:
+        steps.append(Orientation(axcodes=pre.orientation.upper(), labels=None))
+    if pre.spacing is not None:
+        steps.append(Spacing(pixdim=pre.spacing, mode="nearest" if as_mask else "bilinear"))
+    if pre.window is not None and not as_mask:
+        lo, hi = pre.window
+        steps.append(ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if pre.spatial_size is not None:
+        steps.append(ResizeWithPadOrCrop(pre.spatial_size))
+    try:
+        data = steps[0](str(path))
+        if data.ndim != 4 or data.shape[0] != 1:
+            raise DatasetError(path, f"expected one 3D volume, got shape {tuple(data.shape)}")
+        for step in steps[1:]:
+            data = step(data)
+        arr = np.asarray(data.detach().cpu().numpy() if hasattr(data, "detach") else data)
+    except DatasetError:
+        raise
+    except Exception as exc:  # MONAI and its readers raise many types for bad files
+        raise DatasetError(path, f"cannot be read and resampled ({type(exc).__name__}: {exc})") from exc
+    arr = np.transpose(arr, (0, 3, 2, 1))  # (C, x, y, z) -> (C, D, H, W)
+    if as_mask:
+        return np.rint(arr[0]).astype(np.int64)
+    if not np.all(np.isfinite(arr)):
+        raise DatasetError(path, "volume contains NaN or infinite values")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _is_volume(path: Path) -> bool:
+    return path.is_dir() or _suffix(path) in (".nii", ".nii.gz")
 
 
 def _suffix(path: Path) -> str:
@@ -302,11 +352,16 @@ def _weak_labels(root: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def _load_entry(
-    entry: Path, masks_dir: Path | None, window: tuple[float, float] | None
+    entry: Path, masks_dir: Path | None, window: tuple[float, float] | None, pre: Preprocess | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, list[Path]]:
     """One image (file or DICOM folder), its mask if ``masks_dir``, and the files read."""
     name = _stem(entry) if entry.is_file() else entry.name
-    image = load_image(entry)
+    volume = pre is not None and _is_volume(entry)
+    if pre is not None and volume and window is not None:
+        pre = replace(pre, window=None)  # an explicit window overrides the configured one
+    if pre is not None and pre.window is not None and window is None and not volume:
+        window = pre.window  # PNG/.npy: the configured window still applies
+    image = _preprocess_volume(entry, pre, as_mask=False) if pre is not None and volume else load_image(entry)
     files = sorted(p for p in entry.iterdir() if p.is_file()) if entry.is_dir() else [entry]
     if window is not None:
         lo, hi = window
@@ -316,16 +371,26 @@ def _load_entry(
     mask_path = _find_mask(masks_dir, name)
     if mask_path is None:
         raise DatasetError(masks_dir / f"{name}.*", f"no mask for image {entry.name}")
-    mask = load_mask(mask_path)
+    if pre is not None and volume and _is_volume(mask_path):
+        mask = _preprocess_volume(mask_path, pre, as_mask=True)
+    else:
+        mask = load_mask(mask_path)
     if mask.shape != image.shape[1:]:
         raise DatasetError(mask_path, f"mask shape {mask.shape} != image shape {image.shape[1:]} ({entry.name})")
     return image, mask, [*files, mask_path]
 
 
 def read_folder(
-    root: str | Path, *, window: tuple[float, float] | None = None, as_slices: bool = False
+    root: str | Path,
+    *,
+    window: tuple[float, float] | None = None,
+    as_slices: bool = False,
+    preprocess: Preprocess | None = None,
 ) -> FolderDataset:
     """Load ``root`` following the conventions of the module docstring.
+
+    With ``preprocess``, NIfTI and DICOM images and masks go through MONAI's transforms
+    (:class:`Preprocess`); ``window`` then overrides ``preprocess.window``.
 
     Raises:
         DatasetError: missing or empty ``images/``, an unreadable file, a missing mask,
@@ -345,7 +410,7 @@ def read_folder(
     names: list[str] = []
     files: list[Path] = []
     for entry in entries:
-        image, mask, read = _load_entry(entry, masks_dir, window)
+        image, mask, read = _load_entry(entry, masks_dir, window, preprocess)
         if images and image.shape != images[0].shape:
             raise DatasetError(entry, f"shape {image.shape} differs from {images[0].shape} ({names[0]})")
         images.append(image)
@@ -377,10 +442,14 @@ def read_folder(
 
 
 def load_folder(
-    root: str | Path, *, window: tuple[float, float] | None = None, as_slices: bool = False
+    root: str | Path,
+    *,
+    window: tuple[float, float] | None = None,
+    as_slices: bool = False,
+    preprocess: Preprocess | None = None,
 ) -> ArrayDataset:
     """:func:`read_folder` without the bookkeeping: just the :class:`ArrayDataset`."""
-    return read_folder(root, window=window, as_slices=as_slices).data
+    return read_folder(root, window=window, as_slices=as_slices, preprocess=preprocess).data
 
 
 # ---------------------------------------------------------------- manifest
@@ -470,12 +539,16 @@ def manifest_for(
 
 
 def folder_manifest(
-    root: str | Path, *, window: tuple[float, float] | None = None, as_slices: bool = False
+    root: str | Path,
+    *,
+    window: tuple[float, float] | None = None,
+    as_slices: bool = False,
+    preprocess: Preprocess | None = None,
 ) -> DatasetManifest:
     """Load ``root`` and describe it, digesting the files read.
 
     Raises:
         DatasetError: as :func:`read_folder`.
     """
-    loaded = read_folder(root, window=window, as_slices=as_slices)
+    loaded = read_folder(root, window=window, as_slices=as_slices, preprocess=preprocess)
     return manifest_for(loaded.data, source=loaded, root=root)

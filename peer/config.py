@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+from silomesh.models.architecture import ModelSpec
+from silomesh.models.preprocess import Preprocess
 from silomesh.protocol.peerid import PeerIdError, public_key_from_peer_id
 
 PARTICIPATION_POLICIES = ("auto", "manual")
@@ -69,6 +71,14 @@ class TaskConfig:
     size: str = "tiny"
     dataset: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    #: a MONAI network replacing the task's own (``model`` + ``model_args``, or a bundle's network_def)
+    spec: ModelSpec | None = None
+    #: starting weights: ``weights``, or the bundle's models/model.pt (a local trusted file)
+    weights: Path | None = None
+    #: MONAI bundle folder the network, weights and pre-processing came from
+    bundle: Path | None = None
+    #: how NIfTI/DICOM folders are resampled and windowed (``[task.preprocess]`` over the bundle's)
+    preprocess: Preprocess | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,71 @@ def _check_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> N
         raise ConfigError(f"{where}{unknown[0]}: unknown field (allowed: {', '.join(sorted(allowed))})")
 
 
+_PREPROCESS_FIELDS: dict[str, type] = {"orientation": str, "spacing": list, "window": list, "spatial_size": list}
+
+
+def _task_config(t: Mapping[str, Any], base_dir: Path) -> TaskConfig:
+    """``[task]``: the task, its data, and optionally a MONAI network or bundle (docs/TASKS.md).
+
+    Raises:
+        ConfigError: naming the field (``task.model``, ``task.model_args.features``...).
+    """
+    _check_unknown(
+        t, {"name", "size", "dataset", "options", "model", "model_args", "weights", "bundle", "preprocess"}, "task."
+    )
+    dataset = _get(t, "dataset", "task.", str, None)
+    model = _get(t, "model", "task.", str, None)
+    model_args = dict(_get(t, "model_args", "task.", dict, {}))
+    weights_name = _get(t, "weights", "task.", str, None)
+    bundle_name = _get(t, "bundle", "task.", str, None)
+    if model is not None and bundle_name is not None:
+        raise ConfigError("task.model: give either model (with model_args) or bundle, not both")
+    if model is None and (model_args or weights_name is not None):
+        raise ConfigError(f"task.{'model_args' if model_args else 'weights'}: needs task.model")
+    raw_pre = dict(_get(t, "preprocess", "task.", dict, {}))
+    _check_unknown(raw_pre, set(_PREPROCESS_FIELDS), "task.preprocess.")
+    for key, kind in _PREPROCESS_FIELDS.items():
+        _get(raw_pre, key, "task.preprocess.", kind, None)
+    spec: ModelSpec | None = None
+    weights = _path(base_dir, weights_name) if weights_name else None
+    bundle = _path(base_dir, bundle_name) if bundle_name else None
+    base_pre: Preprocess | None = None
+    if model is not None or bundle is not None:
+        from silomesh.models.bundle import BundleError, read_bundle
+        from silomesh.models.monai_net import ModelSpecError, check_spec
+
+        try:
+            if bundle is not None:
+                read = read_bundle(bundle)
+                spec, weights, base_pre = read.spec, read.weights, read.preprocess
+            else:
+                spec = check_spec(str(model), model_args)
+        except ModelSpecError as exc:
+            raise ConfigError(str(exc)) from None
+        except BundleError as exc:
+            raise ConfigError(f"task.bundle: {exc}") from None
+        if weights is not None and not weights.is_file():
+            raise ConfigError(f"task.weights: {weights} is not a file")
+    preprocess = base_pre
+    if raw_pre:
+        merged = {**(base_pre.to_dict() if base_pre is not None else {}), **raw_pre}
+        try:
+            values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+            preprocess = Preprocess(**values)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"task.preprocess.{exc}") from None
+    return TaskConfig(
+        name=_get(t, "name", "task.", str, "catheter"),
+        size=_get(t, "size", "task.", str, "tiny"),
+        dataset=_path(base_dir, dataset) if dataset else None,
+        options=dict(_get(t, "options", "task.", dict, {})),
+        spec=spec,
+        weights=weights,
+        bundle=bundle,
+        preprocess=preprocess,
+    )
+
+
 def _path(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
@@ -315,15 +390,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     if participation not in PARTICIPATION_POLICIES:
         raise ConfigError(f"participation: expected one of {', '.join(PARTICIPATION_POLICIES)}, got {participation!r}")
 
-    t = _get(data, "task", "", dict, {})
-    _check_unknown(t, {"name", "size", "dataset", "options"}, "task.")
-    dataset = _get(t, "dataset", "task.", str, None)
-    task = TaskConfig(
-        name=_get(t, "name", "task.", str, "catheter"),
-        size=_get(t, "size", "task.", str, "tiny"),
-        dataset=_path(base_dir, dataset) if dataset else None,
-        options=dict(_get(t, "options", "task.", dict, {})),
-    )
+    task = _task_config(_get(data, "task", "", dict, {}), base_dir)
 
     s = _get(data, "strategy", "", dict, {})
     _check_unknown(s, {"name", "params"}, "strategy.")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from silomesh.models.architecture import model_id as architecture_model_id
 from silomesh.peer.config import PersonalConfig
 from silomesh.peer.exchange import AuditRecord, BufferBudget, Timeouts, Wire
 from silomesh.peer.transport import Stream, Transport
@@ -419,4 +420,4 @@ class RoundContext:
 
 def model_id(config: PeerConfig) -> str:
     """The model neighbours must agree on, as named in our hello."""
-    return f"{config.task.name}/{config.task.size}"
+    return architecture_model_id(config.task.name, config.task.size, config.task.spec)

@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own Task
     from trio_typing import TaskStatus
 
 from silomesh.models.data_io import DatasetError
-from silomesh.models.registry import get_task
 from silomesh.models.task import Silo
 from silomesh.peer import announces, dialer, handlers, rounds
 from silomesh.peer.audit import AuditLog, serve_checkpoints
@@ -44,7 +43,7 @@ from silomesh.peer.control import TOKEN_FILE_NAME, serve_control
 from silomesh.peer.exchange import BufferBudget, Timeouts
 from silomesh.peer.faults import FaultHooks, NoFaults
 from silomesh.peer.identity import PeerIdentity, load_key_file
-from silomesh.peer.learner import SILO_OPTIONS, Learner, federation_seed, load_silo
+from silomesh.peer.learner import Learner, build_task, federation_seed, load_silo
 from silomesh.peer.mesh import open_mesh
 from silomesh.peer.operations import PeerOperations
 from silomesh.peer.operator import OperatorError
@@ -95,9 +94,8 @@ class Peer:
         self.config = config
         self.identity = identity or load_key_file(config.key_file)
         self.peer_id = self.identity.peer_id_text
-        task_options = {k: v for k, v in config.task.options.items() if k not in SILO_OPTIONS}
         try:
-            self.task = get_task(config.task.name, **task_options)
+            self.task = build_task(config.task)
         except (ValueError, TypeError) as exc:
             raise OperatorError(f"task: {exc}") from None
         try:

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import trio
 
+from silomesh.models.architecture import model_difference
 from silomesh.peer.context import Base, Received, RoundContext
 from silomesh.peer.exchange import ConversationError, Wire
 from silomesh.peer.transport import Stream
@@ -90,8 +91,9 @@ async def _answer(ctx: RoundContext, wire: Wire, msg: Message) -> None:
     remote = wire.stream.remote
     if isinstance(msg, Hello):
         ctx.neighbour_rounds[remote] = msg.round
-        if msg.model and msg.model != ctx.endpoint.model_id:
-            log.warning("%s runs model %s, we run %s", remote, msg.model, ctx.endpoint.model_id)
+        differs = model_difference(ctx.endpoint.model_id, msg.model)
+        if differs:  # refused before any weights travel (docs/TASKS.md, "A hospital's own model")
+            raise RemoteProtocolError(ErrorCode.REFUSED, f"model differs: {differs}")
         base = ctx.bases.received.get(remote)
         await wire.send(ctx.endpoint.hello(msg.sender, base.digest if base else None))
     elif isinstance(msg, Update):
