@@ -3,6 +3,11 @@
 Dice and IoU are computed on integer label maps over the whole evaluation set (the
 "global" variant: sums over all pixels of all images), which is stable for thin
 structures such as guidewires. PSNR and SSIM delegate to scikit-image.
+
+MONAI computes the same Dice per image (``monai.metrics.DiceMetric``) and averages over
+images; :func:`dice_per_image` gives that variant and tests/test_monai_metrics.py checks
+our global Dice against MONAI's on the same predictions. :func:`hausdorff95_per_class`
+delegates to MONAI's Hausdorff distance.
 """
 
 from __future__ import annotations
@@ -64,3 +69,58 @@ def ssim(recon: np.ndarray, target: np.ndarray, data_range: float | None = None)
     if data_range is None:
         data_range = float(target.max() - target.min()) or 1.0
     return float(structural_similarity(target, recon, data_range=data_range))
+
+
+def _onehot(labels: np.ndarray, classes: list[int]) -> np.ndarray:
+    """``(N, *S)`` label maps -> ``(N, K, *S)`` float one-hot over ``classes``."""
+    return np.stack([labels == c for c in classes], axis=1).astype(np.float32)
+
+
+def dice_per_image(pred: np.ndarray, target: np.ndarray, classes: list[int]) -> dict[int, float]:
+    """MONAI's ``DiceMetric``: Dice of each image, averaged over the images where it is defined.
+
+    Unlike :func:`dice_per_class` an image where a class is absent from both maps is left
+    out (MONAI's ``ignore_empty``), and a thin structure missed in one image weighs as
+    much as a large one. ``pred``/``target``: ``(N, *S)`` label maps.
+
+    Raises:
+        ValueError: if the label maps differ in shape.
+    """
+    import torch
+    from monai.metrics import DiceMetric
+
+    if pred.shape != target.shape:
+        raise ValueError(f"shape mismatch: pred {pred.shape} vs target {target.shape}")
+    metric = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+    metric(torch.from_numpy(_onehot(pred, classes)), torch.from_numpy(_onehot(target, classes)))
+    values = metric.aggregate()
+    assert isinstance(values, torch.Tensor)
+    return {c: float(v) for c, v in zip(classes, values.tolist(), strict=True)}
+
+
+def hausdorff95_per_class(
+    pred: np.ndarray, target: np.ndarray, classes: list[int], spacing: tuple[float, ...] | None = None
+) -> dict[int, float]:
+    """95th-percentile Hausdorff distance per class (MONAI), mean over images, in voxels or mm.
+
+    ``spacing`` gives the voxel size for distances in mm. Images where a class is missing
+    from the prediction or the target give ``inf`` (MONAI's convention) and are left out of
+    the mean; a class missing everywhere gives ``nan``.
+
+    Raises:
+        ValueError: if the label maps differ in shape.
+    """
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    if pred.shape != target.shape:
+        raise ValueError(f"shape mismatch: pred {pred.shape} vs target {target.shape}")
+    dist = compute_hausdorff_distance(
+        torch.from_numpy(_onehot(pred, classes)), torch.from_numpy(_onehot(target, classes)),
+        include_background=True, percentile=95, spacing=list(spacing) if spacing else None,
+    ).numpy()
+    out: dict[int, float] = {}
+    for k, c in enumerate(classes):
+        finite = dist[:, k][np.isfinite(dist[:, k])]
+        out[c] = float(finite.mean()) if finite.size else float("nan")
+    return out

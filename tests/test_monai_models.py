@@ -19,6 +19,11 @@ from silomesh.peer.learner import build_task
 TINY_2D = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "features": [4, 4, 8, 8, 16, 4]}
 
 
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def _raw(task: dict[str, Any]) -> dict[str, Any]:
     return {"federation": "f", "key_file": "k", "task": {"name": "catheter", **task}}
 
@@ -88,7 +93,7 @@ def test_peer_task_with_a_monai_model_trains_with_the_tasks_loss_and_metrics(tmp
     assert isinstance(task, ModelTask) and task.name == "catheter" and task.metric == "dice"
     model = task.make_model(seed=3)
     assert type(model).__name__ == "BasicUNet"
-    assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), task.make_model(seed=3).state_dict().values()))
+    assert _same(model, task.make_model(seed=3))
     silo = get_task("catheter", image_size=32, n_train=16, n_test=8).make_federation(2, 0).silos[0]
     before = task.evaluate(model, silo.test)
     losses = train_local(task, model, silo.train, 20, 8, 3e-3, seed=0)
@@ -102,10 +107,10 @@ def test_starting_weights_come_from_a_local_file_and_must_fit(tmp_path: Path) ->
     source = build_network(spec, seed=7)
     torch.save(source.state_dict(), tmp_path / "w.pt")
     loaded = build_network(spec, seed=0, weights=tmp_path / "w.pt")
-    assert all(torch.equal(x, y) for x, y in zip(source.state_dict().values(), loaded.state_dict().values()))
+    assert _same(source, loaded)
     other = build_network(check_spec("BasicUNet", {**TINY_2D, "out_channels": 2}))
-    with pytest.raises(ValueError, match="w.pt: .*has shape"):
+    with pytest.raises(ValueError, match=r"w\.pt: .*has shape"):
         load_weights(tmp_path / "w.pt", other)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.pt: not a readable torch state dict"):
+    with pytest.raises(ValueError, match=r"bad\.pt: not a readable torch state dict"):
         load_weights(tmp_path / "bad.pt", other)
