@@ -1,0 +1,96 @@
+"""NIfTI folders through MONAI's transforms: one grid and orientation for every site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from silomesh.models.data_io import DatasetError, read_folder
+from silomesh.models.preprocess import Preprocess
+
+
+def ramp_volume(spacing: tuple[float, float, float], flip_x: bool, extent: float = 24.0) -> nib.Nifti1Image:
+    """A CT-like volume whose value is a linear ramp of the physical position (mm).
+
+    ``value = 20 * x + 5 * y + z - 200``: linear, so resampling by linear interpolation
+    reproduces it, and a flip of the x axis is visible unless reoriented.
+    """
+    shape = tuple(round(extent / s) for s in spacing)
+    i, j, k = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing, strict=True)), indexing="ij")
+    x = i if not flip_x else i[::-1]
+    data = (20 * x + 5 * j + k - 200).astype(np.float32)
+    affine = np.diag([*spacing, 1.0])
+    if flip_x:  # stored right-to-left (LAS): voxel 0 is the largest x
+        affine[0, 0] = -spacing[0]
+        affine[0, 3] = (shape[0] - 1) * spacing[0]
+    return nib.Nifti1Image(data, affine)
+
+
+def write_site(root: Path, spacing: tuple[float, float, float], flip_x: bool, n: int = 2) -> Path:
+    """A hospital folder: ``n`` ramp volumes and masks (label 1 where x < 8 mm, 2 where z > 16 mm)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for s in range(n):
+        img = ramp_volume(spacing, flip_x)
+        ijk = np.indices(img.shape).reshape(3, -1).T
+        xyz = nib.affines.apply_affine(img.affine, ijk).reshape(*img.shape, 3)
+        mask = np.where(xyz[..., 0] < 8, 1, np.where(xyz[..., 2] > 16, 2, 0)).astype(np.uint8)
+        nib.save(img, root / "images" / f"case{s}.nii.gz")
+        nib.save(nib.Nifti1Image(mask, img.affine), root / "masks" / f"case{s}.nii.gz")
+    return root
+
+
+GRID = Preprocess(orientation="RAS", spacing=(2.0, 2.0, 2.0), window=(-200.0, 400.0), spatial_size=(12, 12, 12))
+
+
+def test_sites_with_different_spacing_and_orientation_land_on_one_grid(tmp_path: Path) -> None:
+    a = read_folder(write_site(tmp_path / "a", (1.0, 1.0, 3.0), flip_x=False), preprocess=GRID).data
+    b = read_folder(write_site(tmp_path / "b", (3.0, 2.0, 1.0), flip_x=True), preprocess=GRID).data
+    assert a["image"].shape == b["image"].shape == (2, 1, 12, 12, 12)
+    assert a["mask"].shape == b["mask"].shape == (2, 12, 12, 12)
+    # the same ramp in physical space: equal away from the borders, where each site's
+    # field of view ends at a different place
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2), slice(2, -2))
+    assert np.abs(a["image"][inner] - b["image"][inner]).max() < 1e-4
+    # x grows along the last axis (W) in both, so the flipped site was reoriented
+    assert (np.diff(a["image"][0, 0, 6, 6, 2:-2]) > 0).all() and (np.diff(b["image"][0, 0, 6, 6, 2:-2]) > 0).all()
+    assert a["image"].min() >= 0.0 and a["image"].max() <= 1.0  # windowed
+    assert set(np.unique(a["mask"])) == set(np.unique(b["mask"])) == {0, 1, 2}  # nearest: labels stay labels
+    agree = (a["mask"][:, 2:-2, 2:-2, 2:-2] == b["mask"][:, 2:-2, 2:-2, 2:-2]).mean()
+    assert agree == 1.0
+
+
+def test_without_preprocess_the_loader_keeps_each_sites_own_grid(tmp_path: Path) -> None:
+    a = read_folder(write_site(tmp_path / "a", (1.0, 1.0, 3.0), flip_x=False)).data
+    b = read_folder(write_site(tmp_path / "b", (3.0, 2.0, 1.0), flip_x=True)).data
+    assert a["image"].shape != b["image"].shape  # the reason the task needs a grid
+
+
+def test_an_unreadable_volume_is_named_in_the_error(tmp_path: Path) -> None:
+    root = write_site(tmp_path / "a", (2.0, 2.0, 2.0), flip_x=False)
+    (root / "images" / "case1.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DatasetError) as err:
+        read_folder(root, preprocess=GRID)
+    assert err.value.path == root / "images" / "case1.nii.gz"
+
+
+def test_a_mask_on_another_grid_is_named_in_the_error(tmp_path: Path) -> None:
+    root = write_site(tmp_path / "a", (2.0, 2.0, 2.0), flip_x=False)
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.uint8), np.eye(4)), root / "masks" / "case0.nii.gz")
+    no_resize = Preprocess(orientation="RAS", spacing=(2.0, 2.0, 2.0))
+    with pytest.raises(DatasetError, match="mask shape") as err:
+        read_folder(root, preprocess=no_resize)
+    assert err.value.path == root / "masks" / "case0.nii.gz"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"orientation": "RAX"}, "orientation"), ({"spacing": (1.0, 0.0, 1.0)}, "spacing"),
+     ({"window": (5.0, 5.0)}, "window"), ({"spatial_size": (8, 8)}, "spatial_size")],
+)
+def test_bad_preprocess_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        Preprocess(**kwargs)  # type: ignore[arg-type]
