@@ -21,6 +21,7 @@ from rich.table import Table
 
 from silomesh.audit.entries import CHECKPOINT_SECONDS, DIRECTIONS, AuditError, TreeHead
 from silomesh.audit.logfile import LoadedLog, export_csv, export_jsonl, load_log
+from silomesh.audit.privacy import check_spending
 from silomesh.audit.proofs import check_consistency, check_inclusion, consistency, head_of, inclusion
 from silomesh.audit.reconcile import Discrepancy, ReconcileReport, reconcile
 from silomesh.audit.verify import verify_log
@@ -377,6 +378,54 @@ def _verdict(as_json: bool, problems: list[str], ok_text: str) -> None:
         click.echo(f"OK: {ok_text}")
     if problems:
         sys.exit(1)
+
+
+@audit.command(name="privacy", context_settings=CONTEXT)
+@_LOG_ARG
+@_key_option
+@_json_option
+def privacy_cmd(log: Path, key_text: str | None, as_json: bool) -> None:
+    """Recompute a peer's DP-SGD spending from its log and check it never passed the target.
+
+    First verifies the log as 'silomesh audit verify' does (the spending entries are
+    signed and chained, so the peer cannot rewrite them); then recomputes each round's
+    and the cumulative epsilon from the logged noise multiplier, sampling rate and steps
+    with the RDP accountant, and reports any entry whose logged epsilon disagrees or
+    whose cumulative epsilon exceeds the target.
+
+    \b
+    Example:
+      silomesh audit privacy hospA/store.sqlite --key 12D3KooW...
+      silomesh audit privacy export.jsonl --json
+    """
+    loaded = _load(log)
+    try:
+        verified = verify_log(loaded, key=_parse_key(key_text))
+        report = check_spending(loaded.entries)
+    except AuditError as exc:
+        raise AuditInputError(str(exc)) from None
+    problems = [f"log: {f.message}" for f in verified.findings] + report.problems
+    if as_json:
+        _echo_json({**report.to_json(), "ok": not problems, "problems": problems})
+    else:
+        table = Table("entry", "round", "steps", "sigma", "q", "eps round", "eps total", "logged total")
+        for r in report.rounds:
+            table.add_row(str(r["seq"]), str(r["round"]), str(r["steps"]), f"{r['noise_multiplier']:.3f}",
+                          f"{r['sample_rate']:.4f}", f"{r['epsilon_round']:.4f}", f"{r['epsilon_total']:.4f}",
+                          f"{r['logged_epsilon_total']:.4f}")
+        if report.rounds:
+            _console().print(table)
+        if report.delta is None:
+            click.echo("no privacy spending logged (the peer trained without [privacy])")
+        else:
+            click.echo(f"cumulative epsilon {report.epsilon_total:.4f} of target {report.target_epsilon:g} "
+                       f"at delta {report.delta:g}")
+    if problems:
+        if not as_json:
+            click.echo("FAILED: " + "; ".join(problems))
+        sys.exit(1)
+    if not as_json:
+        click.echo("OK: every logged round adds up and the total stays within the target")
 
 
 @audit.command(name="consistency", context_settings=CONTEXT)

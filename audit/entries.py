@@ -38,7 +38,8 @@ from silomesh.protocol.wire import unpack_map
 DOMAIN = b"silomesh/audit/v1\x00"
 CHECKPOINT_DOMAIN = b"silomesh/audit-checkpoint/v1\x00"
 GENESIS = "00" * 32
-DIRECTIONS = ("sent", "received", "refused")
+#: ``local``: an act of the writing peer itself, with no envelope (its privacy spending)
+DIRECTIONS = ("sent", "received", "refused", "local")
 FIELDS = (
     "seq",
     "at_ms",

@@ -310,7 +310,8 @@ def _hash_as(entry: Mapping[str, Any], seq: int) -> str:
 
 def _missing_envelope(e: Mapping[str, Any]) -> Finding | None:
     """The rule of what carries an envelope: sent and received entries always record one
-    (its signature and signed header); a refused entry records both or neither."""
+    (its signature and signed header); a refused entry records both or neither; a local
+    entry (the peer's own act, e.g. its privacy spending) records neither."""
     seq, direction = e["seq"], e.get("direction")
     missing = [
         name
@@ -327,6 +328,8 @@ def _missing_envelope(e: Mapping[str, Any]) -> Finding | None:
             f"entry {seq}: a {direction} entry must record its envelope's signature and signed header; "
             f"it has no {' and no '.join(missing)} (forged or stripped)",
         )
+    if direction == "local" and len(missing) < 2:
+        return Finding(seq, "header", f"entry {seq}: a local entry records no envelope, but this one has one")
     if direction == "refused" and len(missing) == 1:
         return Finding(
             seq,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -157,8 +158,10 @@ class DPTrainer:
             ))
         self.accountant = RDPAccountant()
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in spent_history]
-        self._period_start = len(self.accountant.history)
+        #: the closed periods' (sigma, q, steps), as the audit log has them
+        self._closed: list[tuple[float, float, int]] = list(self.accountant.history)
         self._period_steps = 0
+        self._lock = threading.Lock()  # training runs in a worker thread, closing on the event loop
         logger.info("DP-SGD: sigma %.3f, C %.3g, q %.4f, target eps %.3g at delta %.1e",
                     self.noise_multiplier, settings.max_grad_norm, self.sample_rate,
                     settings.target_epsilon, settings.delta)
@@ -185,17 +188,24 @@ class DPTrainer:
         return steps <= 0 or self.epsilon_after(steps) <= self.settings.target_epsilon
 
     def close_period(self) -> Spending:
-        """End an accounting period (a round): what it spent, and the total so far."""
-        period = self.accountant.history[self._period_start:]
-        steps = sum(n for _, _, n in period)
-        spending = Spending(
+        """End an accounting period (a round, a served request): what it spent, and the
+        total over all closed periods (steps of a training still running count in the next)."""
+        with self._lock:
+            steps, self._period_steps = self._period_steps, 0
+        period = (self.noise_multiplier, self.sample_rate, steps)
+        self._closed.append(period)
+        # the total over closed periods only: what an auditor recomputes from the logged ones
+        return Spending(
             steps=steps, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
-            epsilon_round=_epsilon(period, self.settings.delta),
-            epsilon_total=self.epsilon, delta=self.settings.delta,
+            epsilon_round=_epsilon([period], self.settings.delta),
+            epsilon_total=_epsilon(self._closed, self.settings.delta), delta=self.settings.delta,
             target_epsilon=self.settings.target_epsilon,
         )
-        self._period_start = len(self.accountant.history)
-        return spending
+
+    @property
+    def period_steps(self) -> int:
+        """Steps taken since the last :meth:`close_period`."""
+        return self._period_steps
 
     # -- training ---------------------------------------------------------------------
 
@@ -262,7 +272,9 @@ class DPTrainer:
                     sample = torch.stack(slot) if slot else torch.zeros((0, *p.shape), dtype=p.dtype)
                     p.grad_sample = sample  # type: ignore[attr-defined]  # Opacus reads it
                 opt.step()
-                self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+                with self._lock:
+                    self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+                    self._period_steps += 1
                 losses.append(total / n if n else math.nan)
         finally:
             for p in params:
@@ -272,6 +284,7 @@ class DPTrainer:
 
 
 def _epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    history = [h for h in history if h[2] > 0]
     if not history:
         return 0.0
     acc = RDPAccountant()

@@ -163,6 +163,23 @@ class PersonalConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """``[privacy]``: DP-SGD on this peer's data and its budget (docs/PRIVACY.md).
+
+    ``enabled`` is true when the section is present. ``noise_multiplier`` or
+    ``planned_steps`` fixes the noise; with neither, the noise is calibrated so that
+    ``rounds.count * rounds.local_steps`` steps spend ``target_epsilon``.
+    """
+
+    enabled: bool = False
+    target_epsilon: float = 3.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    planned_steps: int = 0
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     host: str = "127.0.0.1"
     port: int = 8787
@@ -187,6 +204,7 @@ class PeerConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     relay: RelaySettings = field(default_factory=RelaySettings)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 @overload
@@ -376,6 +394,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         "network",
         "relay",
         "personal",
+        "privacy",
         "trusted",
     }
     _check_unknown(data, top, "")
@@ -439,6 +458,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     network = _network(_get(data, "network", "", dict, {}))
     relay = _relay(_get(data, "relay", "", dict, {}))
     personal = _personal(_get(data, "personal", "", dict, {}))
+    privacy = _privacy(data.get("privacy"), rounds)
 
     c = _get(data, "control", "", dict, {})
     _check_unknown(c, {"host", "port"}, "control.")
@@ -483,6 +503,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         network=network,
         relay=relay,
         personal=personal,
+        privacy=privacy,
     )
 
 
@@ -495,6 +516,33 @@ def _personal(table: Mapping[str, Any]) -> PersonalConfig:
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"personal.lr: must be > 0, got {lr}")
     return PersonalConfig(steps=steps, lr=lr)
+
+
+def _privacy(table: object, rounds: RoundConfig) -> PrivacyConfig:
+    if table is None:
+        return PrivacyConfig()
+    if not isinstance(table, dict):
+        raise ConfigError("privacy: expected a table")
+    _check_unknown(table, {"target_epsilon", "delta", "max_grad_norm", "noise_multiplier", "planned_steps"},
+                   "privacy.")
+    eps = _get(table, "target_epsilon", "privacy.", float, 3.0)
+    delta = _get(table, "delta", "privacy.", float, 1e-5)
+    clip = _get(table, "max_grad_norm", "privacy.", float, 1.0)
+    sigma = _get(table, "noise_multiplier", "privacy.", float, None)
+    planned = _get(table, "planned_steps", "privacy.", int, 0)
+    for name, value in (("target_epsilon", eps), ("max_grad_norm", clip), ("noise_multiplier", sigma)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"privacy.{name}: must be a number > 0, got {value}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"privacy.delta: must be in (0, 1), got {delta}")
+    if planned < 0:
+        raise ConfigError(f"privacy.planned_steps: must be >= 0, got {planned}")
+    if sigma is None and planned == 0:
+        if rounds.count == 0:
+            raise ConfigError("privacy.noise_multiplier: set it, or privacy.planned_steps, or rounds.count "
+                              "(the noise is calibrated to spend target_epsilon over the planned steps)")
+        planned = rounds.count * rounds.local_steps
+    return PrivacyConfig(True, float(eps), float(delta), float(clip), None if sigma is None else float(sigma), planned)
 
 
 def _network(table: Mapping[str, Any]) -> NetworkConfig:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own Task
 
 from silomesh.models.data_io import DatasetError
 from silomesh.models.task import Silo
-from silomesh.peer import announces, dialer, handlers, rounds
+from silomesh.peer import announces, dialer, handlers, privacy, rounds
 from silomesh.peer.audit import AuditLog, serve_checkpoints
 from silomesh.peer.config import PeerConfig
 from silomesh.peer.consent import Consent
@@ -152,6 +152,7 @@ class Peer:
         config, store = self.config, self.store
         silo = self._silo if self._silo is not None else await self._compute.run_blocking(_silo, config)
         seed = federation_seed(config.federation)
+        spent = privacy.spent_history(self.audit_log.entries())  # a restart keeps the budget spent (SQLite: here)
         self.learner = await self._compute.run_blocking(
             lambda: Learner(
                 self.task,
@@ -161,6 +162,8 @@ class Peer:
                 batch_size=config.rounds.batch_size,
                 lr=config.rounds.lr,
                 strategy=self.strategy,
+                privacy=privacy.dp_settings(config.privacy),
+                spent_history=spent,
             )
         )
         resumed = _last_good_model(store)  # once at start, before serving; SQLite stays on this thread
@@ -224,7 +227,8 @@ class Peer:
                 nursery.start_soon(dialer.connect_loop, ctx)
                 task_status.started(self)
                 await rounds.round_loop(ctx)
-                self.progress.phase = "done"
+                if self.progress.phase != privacy.PHASE_EXHAUSTED:
+                    self.progress.phase = "done"
                 self.done.set()
                 if config.rounds.count:
                     # after the last round, keep answering neighbours that are still finishing

@@ -27,6 +27,8 @@ import numpy as np
 import trio
 
 from silomesh.models.architecture import model_difference
+from silomesh.models.privacy import BudgetExhausted
+from silomesh.peer import privacy
 from silomesh.peer.context import Base, Received, RoundContext
 from silomesh.peer.exchange import ConversationError, Wire
 from silomesh.peer.transport import Stream
@@ -198,7 +200,14 @@ async def _on_train_request(ctx: RoundContext, wire: Wire, msg: TrainRequest) ->
                              reply_to=msg.sequence)
             )
             return
-    trained = await ctx.compute.run(ctx.learner.serve_train_request, state, ctx.rounds.local_steps)
+    try:  # our data trains the neighbour's model: it spends our privacy budget
+        trained = await ctx.compute.run(ctx.learner.serve_train_request, state, ctx.rounds.local_steps)
+    except BudgetExhausted as exc:
+        await wire.send(ErrorMessage(**ctx.endpoint.reply_routing(msg, round=msg.round), code=ErrorCode.REFUSED,
+                                     message=f"privacy budget exhausted: {exc}", reply_to=msg.sequence))
+        return
+    finally:
+        privacy.record_round(ctx.endpoint.journal.audit_log, ctx.learner.dp, msg.round)
     await wire.send(
         TrainResult(
             **ctx.endpoint.reply_routing(msg, round=msg.round),

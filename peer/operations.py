@@ -17,6 +17,7 @@ import numpy as np
 import trio
 
 from silomesh.audit import COLUMNS, AuditError, LoadedLog, verify_log
+from silomesh.peer import privacy
 from silomesh.peer.announces import announce_new_data
 from silomesh.peer.config import PeerConfig
 from silomesh.peer.context import RoundContext
@@ -85,6 +86,8 @@ class PeerOperations:
             # can neighbours dial us (AutoNAT), and our relay reservations (docs/PEER.md section 5)
             "reachability": network["reachability"],
             "relay": network["relay"],
+            # DP-SGD budget (docs/PRIVACY.md); None when the peer trains without [privacy]
+            "privacy": privacy.budget_status(self.ctx.learner.dp, progress.phase == privacy.PHASE_EXHAUSTED),
         }
 
     async def neighbours(self) -> list[dict[str, Any]]:

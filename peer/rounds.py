@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
+from silomesh.peer import privacy
 from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import (
@@ -107,6 +108,11 @@ async def round_loop(ctx: RoundContext) -> None:
             if cfg.count and round >= cfg.count:
                 break
         ctx.progress.round = round
+        if not privacy.can_afford(ctx.learner.dp, ctx.rounds.local_steps):  # never trains past its budget
+            ctx.progress.phase = privacy.PHASE_EXHAUSTED
+            log.warning("%s: privacy budget spent (%s): takes no further part from round %d", ctx.peer_id[-8:],
+                        privacy.budget_status(ctx.learner.dp), round)
+            return
         if ctx.participation == "manual":
             ctx.progress.phase = "waiting-approval"
             if not await ctx.consent.wait("round", round, detail=f"take part in round {round}"):
@@ -124,6 +130,7 @@ async def round_loop(ctx: RoundContext) -> None:
         ctx.progress.phase = "exchanging"
         await ctx.faults.round_start(ctx.peer_id, round)
         before = {k: np.array(v, copy=True) for k, v in ctx.learner.state().items()}  # the last good model
+        this_round = round
         try:
             state = await SHAPES[ctx.learner.strategy.round_shape](ctx, round, selected, deadline, report, guard)
             ctx.progress.phase = "evaluating"
@@ -149,6 +156,8 @@ async def round_loop(ctx: RoundContext) -> None:
                 pause = min(cfg.deadline_seconds, FAILED_ROUND_PAUSE * 2 ** (failures - MAX_FAILED_ROUNDS))
                 log.error("%s: %d rounds in a row failed; next try in %.0f s", ctx.peer_id[-8:], failures, pause)
                 await trio.sleep(pause)
+        finally:  # a rolled-back round spent its privacy too
+            privacy.record_round(ctx.endpoint.journal.audit_log, ctx.learner.dp, this_round)
         round += 1
 
 
