@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from silomesh.models.architecture import ModelSpec
-from silomesh.models.preprocess import Preprocess
 from silomesh.models.monai_net import ModelSpecError, check_spec
+from silomesh.models.preprocess import Preprocess
 
 if TYPE_CHECKING:
     from monai.bundle import ConfigParser
@@ -123,7 +123,7 @@ def read_bundle(root: str | Path) -> Bundle:
         try:
             build_network(spec, 0, weights=bundle.weights)
         except ValueError as exc:
-            raise BundleError(bundle.weights, str(exc)) from None
+            raise BundleError(bundle.weights, str(exc).removeprefix(f"{bundle.weights}: ")) from None
     return bundle
 
 
