@@ -53,7 +53,7 @@ from silomesh.peer.dialer import (
     request_training,
     skip_reason,
 )
-from silomesh.peer.exchange import ConversationError
+from silomesh.peer.exchange import ConversationError, Silent
 from silomesh.peer.personal import personalise
 from silomesh.peer.safety import UpdateBound, UpdateGuard, state_violation
 from silomesh.peer.transport import StreamClosed
@@ -164,8 +164,8 @@ async def round_loop(ctx: RoundContext) -> None:
 async def _worth_retrying(ctx: RoundContext, n: str, exc: Exception, deadline: float, attempt: int) -> bool:
     """After a failed push: pause, then True if the round's deadline leaves room and ``n`` can
     be dialled again (a connection that broke mid-push, not a neighbour that is down or refused)."""
-    if isinstance(exc, Refused | Dropped):  # an answer, or a message simnet meant to lose
-        return False
+    if isinstance(exc, Refused | Dropped | Silent):  # an answer, a message simnet meant to lose, or a
+        return False  # neighbour that stopped answering (it already cost a timeout: not another)
     pause = PUSH_RETRY_PAUSE * 2**attempt
     if trio.current_time() + pause >= deadline:
         return False

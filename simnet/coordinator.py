@@ -143,7 +143,7 @@ def peer_logs_to(path: Path) -> Iterator[None]:
 def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: float) -> ShareResult:
     import trio
 
-    from silomesh.simnet.runner import ShareRunner, describe_stuck
+    from silomesh.simnet.runner import ShareRunner, describe_stuck, read_progress
 
     limit_torch_threads()
     quiet_expected_dial_errors()
@@ -165,9 +165,9 @@ def _run_in_process(plan: Plan, progress: ProgressCallback | None, timeout: floa
                         break
                     if watcher.stalled:
                         raise watcher.stall_error(runner.progress_snapshot())
-        if scope.cancelled_caught:
+        if scope.cancelled_caught:  # the peers have stopped by now: their last snapshot says where they were
             log.warning("simnet run stopped by its %.0f s timeout; unfinished peers:\n%s", timeout,
-                        describe_stuck(runner.progress_snapshot()))
+                        describe_stuck(read_progress(plan.run_dir, 1)))
         return not scope.cancelled_caught
 
     with peer_logs_to(plan.run_dir / "peers.log"):

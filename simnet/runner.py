@@ -353,7 +353,7 @@ def read_progress(run_dir: Path, shares: int) -> list[dict[str, Any]]:
 def describe_stuck(peers: list[dict[str, Any]]) -> str:
     """One line per unfinished peer: which round, which phase for how long, waiting on whom and why."""
     if not peers:
-        return "  (no progress snapshot: no peer got as far as its first round)"
+        return "  (none in the last progress snapshot)"
     lines = []
     for p in peers:
         waits = "; ".join(f"{n}: {why}" for n, why in sorted(p.get("waiting_on", {}).items()))
