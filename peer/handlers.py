@@ -93,11 +93,11 @@ async def _answer(ctx: RoundContext, wire: Wire, msg: Message) -> None:
     remote = wire.stream.remote
     if isinstance(msg, Hello):
         ctx.neighbour_rounds[remote] = msg.round
-        differs = model_difference(ctx.endpoint.model_id, msg.model)
-        if differs:  # refused before any weights travel (docs/TASKS.md, "A hospital's own model")
-            raise RemoteProtocolError(ErrorCode.REFUSED, f"model differs: {differs}")
         base = ctx.bases.received.get(remote)
         await wire.send(ctx.endpoint.hello(msg.sender, base.digest if base else None))
+        differs = model_difference(ctx.endpoint.model_id, msg.model)
+        if differs:  # our hello tells the dialer our model; the stream ends before any weights travel
+            raise RemoteProtocolError(ErrorCode.REFUSED, f"model differs: {differs}")
     elif isinstance(msg, Update):
         await _on_update(ctx, wire, msg)
     elif isinstance(msg, TrainRequest):
