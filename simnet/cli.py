@@ -235,6 +235,11 @@ def _summary(report: dict[str, Any]) -> None:
         click.echo(f"  local-only {m:<8} {final['local_only_mean']:.4f} (best silo "
                    f"{final['local_only_best']:.4f})")
     click.echo(f"  bytes sent          {report['bytes_sent_total'] / 1e6:.2f} MB")
+    spent = [d["privacy"] for d in report["peers_detail"] if d.get("privacy")]
+    if spent:
+        click.echo(f"  privacy             eps spent {max(p['epsilon_spent'] for p in spent):.3f} (most), "
+                   f"{min(p['epsilon_remaining'] or 0.0 for p in spent):.3f} left (least), "
+                   f"audit {'ok' if all(p['audit_ok'] for p in spent) else 'FAILED'}")
     if report["faults"]["spec"] != "none":
         obs = report["faults"]["observed"]
         click.echo(f"  faults              {report['faults']['spec']}: {obs['refused_total']} refused, "

@@ -26,7 +26,7 @@ from silomesh.simnet.plan import Plan, build_plan
 from silomesh.simnet.results import ShareResult
 from silomesh.simnet.runtime import STOP_FILE, limit_torch_threads, quiet_expected_dial_errors
 from silomesh.simnet.scenario import Scenario, SimnetError, default_out_dir
-from silomesh.simnet.stores import committed_counts
+from silomesh.simnet.stores import budget_exhausted, committed_counts
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class Watcher:
         self.counts = counts
         if self.progress is not None:
             self.progress(sum(self.counts), self.plan.n * self.plan.rounds, self.counts)
-        return all(self.counts[i] >= self.plan.rounds for i in self.expected)
+        # a peer that stopped for its privacy budget has finished too (docs/PRIVACY.md)
+        return all(self.counts[i] >= self.plan.rounds or budget_exhausted(self.paths[i]) for i in self.expected)
 
     @property
     def stalled(self) -> bool:

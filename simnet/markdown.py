@@ -88,4 +88,15 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{d['rounds_completed']} | {_f(d['final_metric'])} | {_mb(d.get('bytes_sent', 0))} | "
                      f"`{d['audit_log']}` |")
     lines += ["", "Verify any peer's exchange log with `silomesh audit verify <audit_log>`.", ""]
+    spent = [d for d in report["peers_detail"] if d.get("privacy")]
+    if spent:
+        lines += ["## Privacy budget (DP-SGD)", "",
+                  "| peer | epsilon spent | target | remaining | delta | rounds logged | audit |",
+                  "|---|---|---|---|---|---|---|"]
+        for d in spent:
+            p = d["privacy"]
+            lines.append(f"| {d['name']} | {_f(p['epsilon_spent'])} | {_f(p['epsilon_target'])} | "
+                         f"{_f(p['epsilon_remaining'])} | {p['delta']} | {p['rounds_logged']} | "
+                         f"{'ok' if p['audit_ok'] else 'FAILED'} |")
+        lines += ["", "Recompute any peer's spending with `silomesh audit privacy <audit_log>`.", ""]
     return "\n".join(lines)

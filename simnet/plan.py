@@ -246,6 +246,7 @@ def build_plan(scenario: Scenario, out: Path) -> Plan:
                        "local_steps": scenario.local_steps, "batch_size": scenario.batch_size,
                        "lr": float(scenario.lr)},
             "personal": {"steps": scenario.personal_steps},
+            **({"privacy": dict(scenario.privacy)} if scenario.privacy else {}),
             "control": {"host": "127.0.0.1", "port": 0},
             "trusted": [{"name": names[j], "peer_id": ids[j].peer_id_text,
                          "address": f"/ip4/127.0.0.1/tcp/{ports[j]}"} for j in nbrs[i]],

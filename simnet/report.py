@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from silomesh.audit.privacy import check_spending
 from silomesh.simnet.intruder import intruder_identity
 from silomesh.simnet.plan import Plan
 from silomesh.simnet.results import ShareResult, SlotResult
@@ -199,6 +200,7 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
             "crashed": crash is not None, "restarted": bool(crash and crash.restarted_at),
             "byzantine": byz.get(p.index), "share": p.share,
             "mesh": dict(slot.mesh), "error": slot.error,
+            "privacy": _privacy(rec.audit) if sc.privacy else None,
         })
     processes = [{"share": s.share, "pid": s.pid, "peers": len(s.peers), "rss_bytes": s.rss_bytes} for s in shares]
     rss_total = sum(x["rss_bytes"] for x in processes)
@@ -350,3 +352,17 @@ def write_outputs(plan: Plan, report: dict[str, Any]) -> None:
         log.error("report.json does not match its schema: %s", "; ".join(problems[:5]))
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+
+
+def _privacy(audit: list[dict[str, Any]]) -> dict[str, Any]:
+    """A peer's DP spending as its audit log has it, recomputed (``silomesh audit privacy``)."""
+    report = check_spending(audit)
+    target = report.target_epsilon
+    return {
+        "epsilon_spent": report.epsilon_total,
+        "epsilon_target": target,
+        "epsilon_remaining": None if target is None else max(0.0, target - report.epsilon_total),
+        "delta": report.delta,
+        "rounds_logged": len(report.rounds),
+        "audit_ok": report.ok,
+    }

@@ -93,6 +93,8 @@ class Scenario:
     timeout: float | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     strategy_params: dict[str, Any] = field(default_factory=dict)
+    #: every peer's peer.toml ``[privacy]`` table (DP-SGD and its budget); empty: no DP
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     @property
     def federation(self) -> str:
@@ -128,6 +130,7 @@ class Scenario:
         d["faults"] = self.faults.to_json()
         d["task_options"] = dict(self.task_options)
         d["strategy_params"] = dict(self.strategy_params)
+        d["privacy"] = dict(self.privacy)
         return d
 
     @classmethod
@@ -145,7 +148,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "compare_local": (bool,),
     "procs": (int,), "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
     "lr": (int, float), "personal_steps": (int,), "timeout": (int, float), "task_options": (dict,),
-    "strategy_params": (dict,),
+    "strategy_params": (dict,), "privacy": (dict,),
 }
 
 
@@ -211,7 +214,7 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
                 continue
             if key not in FIELDS:
                 raise ScenarioError(f"unknown setting {key!r}")
-            if key in ("task_options", "strategy_params") and key in merged:
+            if key in ("task_options", "strategy_params", "privacy") and key in merged:
                 merged[key] = {**merged[key], **value}
             else:
                 merged[key] = value
@@ -246,6 +249,13 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
         raise ScenarioError(f"personal_steps: must be >= 0 (0: no personal models), got {s.personal_steps}")
     if s.timeout is not None and not s.timeout > 0:
         raise ScenarioError(f"timeout: must be > 0 seconds, got {s.timeout}")
+    if s.privacy:
+        from silomesh.peer.config import ConfigError, RoundConfig, parse_privacy
+
+        try:
+            parse_privacy(s.privacy, RoundConfig(count=s.rounds, local_steps=s.local_steps))
+        except ConfigError as exc:
+            raise ScenarioError(str(exc)) from None
     return s
 
 

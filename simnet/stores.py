@@ -48,6 +48,17 @@ def committed_counts(paths: Iterable[Path]) -> list[int]:
     return [committed_rounds(p) for p in paths]
 
 
+def budget_exhausted(path: Path) -> bool:
+    """True once this peer stopped for its privacy budget (a ``budget-exhausted`` round row)."""
+    with open_ro(path) as store:
+        if store is None:
+            return False
+        try:
+            return any(r["status"] == "budget-exhausted" for r in store.rounds())
+        except sqlite3.Error:
+            return False
+
+
 @dataclass
 class PeerRecord:
     """What one peer's store says about the run."""

@@ -177,3 +177,15 @@ def test_fedmix_pseudo_label_steps_are_one_step_over_both_networks(lesion: tuple
     step = x.train(2)
     assert steps_counted(x) == 2  # both networks stepped together, each sample clipped once
     assert step.info.get("pseudo_steps", 0) > 0
+
+
+def test_a_simnet_scenario_passes_its_privacy_table_to_every_peer_and_checks_it() -> None:
+    from silomesh.simnet.scenario import Scenario, ScenarioError, make_scenario
+
+    s = make_scenario({"rounds": 2, "privacy": {"target_epsilon": 3.0}})
+    assert s.privacy == {"target_epsilon": 3.0}
+    assert Scenario.from_json(s.to_json()) == s
+    with pytest.raises(ScenarioError, match="privacy.delta"):
+        make_scenario({"privacy": {"target_epsilon": 3.0, "delta": 2.0}})
+    with pytest.raises(ScenarioError, match="privacy.epsilon"):
+        make_scenario({"privacy": {"epsilon": 3.0}})
