@@ -458,7 +458,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     network = _network(_get(data, "network", "", dict, {}))
     relay = _relay(_get(data, "relay", "", dict, {}))
     personal = _personal(_get(data, "personal", "", dict, {}))
-    privacy = _privacy(data.get("privacy"), rounds)
+    privacy = parse_privacy(data.get("privacy"), rounds)
 
     c = _get(data, "control", "", dict, {})
     _check_unknown(c, {"host", "port"}, "control.")
@@ -518,7 +518,12 @@ def _personal(table: Mapping[str, Any]) -> PersonalConfig:
     return PersonalConfig(steps=steps, lr=lr)
 
 
-def _privacy(table: object, rounds: RoundConfig) -> PrivacyConfig:
+def parse_privacy(table: object, rounds: RoundConfig) -> PrivacyConfig:
+    """``[privacy]`` (``None``: absent, no DP); simnet checks a scenario's table with it too.
+
+    Raises:
+        ConfigError: naming the field.
+    """
     if table is None:
         return PrivacyConfig()
     if not isinstance(table, dict):

@@ -110,8 +110,10 @@ async def round_loop(ctx: RoundContext) -> None:
         ctx.progress.round = round
         if not privacy.can_afford(ctx.learner.dp, ctx.rounds.local_steps):  # never trains past its budget
             ctx.progress.phase = privacy.PHASE_EXHAUSTED
-            log.warning("%s: privacy budget spent (%s): takes no further part from round %d", ctx.peer_id[-8:],
-                        privacy.budget_status(ctx.learner.dp), round)
+            budget = privacy.budget_status(ctx.learner.dp, exhausted=True) or {}
+            ctx.store.record_round(round, status=privacy.PHASE_EXHAUSTED, started_at=time.time(),
+                                   finished_at=time.time(), note=budget.get("reason", ""))
+            log.warning("%s: %s (from round %d)", ctx.peer_id[-8:], budget.get("reason"), round)
             return
         if ctx.participation == "manual":
             ctx.progress.phase = "waiting-approval"
