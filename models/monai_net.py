@@ -46,23 +46,27 @@ def resolve_network(name: str, *, field: str = "task.model") -> type[nn.Module]:
     return cls
 
 
-def check_spec(name: str, args: Mapping[str, Any], *, field: str = "task.model") -> ModelSpec:
+def check_spec(
+    name: str, args: Mapping[str, Any], *, field: str = "task.model", args_field: str | None = None
+) -> ModelSpec:
     """Resolve ``name`` and check ``args`` against its constructor; return the normalised spec.
 
     Raises:
-        ModelSpecError: naming ``task.model`` or ``task.model_args.<key>``.
+        ModelSpecError: naming ``field`` (``task.model``) or ``args_field.<key>``
+            (default ``task.model_args.<key>``).
     """
+    args_field = args_field or f"{field}_args"
     cls = resolve_network(name, field=field)
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in args.items():
         if key not in params and not takes_any:
             known = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
-            raise ModelSpecError(f"{field}_args.{key}: {cls.__name__} takes no argument {key!r} (it takes {known})")
+            raise ModelSpecError(f"{args_field}.{key}: {cls.__name__} takes no argument {key!r} (it takes {known})")
         try:
             ModelSpec(MONAI_NETS, {key: value}).canonical_args()
         except ValueError as exc:
-            raise ModelSpecError(f"{field}_args.{key}: {exc}") from None
+            raise ModelSpecError(f"{args_field}.{key}: {exc}") from None
     missing = [
         p.name for p in list(params.values())[1:]
         if p.default is inspect.Parameter.empty
@@ -70,7 +74,7 @@ def check_spec(name: str, args: Mapping[str, Any], *, field: str = "task.model")
         and p.name not in args
     ]
     if missing:
-        raise ModelSpecError(f"{field}_args: {cls.__name__} needs {', '.join(missing)}")
+        raise ModelSpecError(f"{args_field}: {cls.__name__} needs {', '.join(missing)}")
     return ModelSpec(f"{MONAI_NETS}.{cls.__name__}", dict(args))
 
 

@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from silomesh.models.architecture import ModelSpec
+    from silomesh.models.preprocess import Preprocess
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -59,6 +65,23 @@ def _round(metrics: dict[str, float]) -> dict[str, float]:
     metavar="KEY=VALUE",
     help="Task configuration, repeatable (e.g. -o image_size=32 -o arch=vit).",
 )
+@click.option("--model", default=None, help="A MONAI network in place of the task's (e.g. BasicUNet).")
+@click.option(
+    "--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+    help="Keyword argument of --model, repeatable (e.g. --model-arg spatial_dims=2).",
+)
+@click.option(
+    "--bundle", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+    help="A MONAI bundle folder: its network, weights (starting point) and pre-processing.",
+)
+@click.option(
+    "--dataset", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+    help="Train on this folder (images/, masks/; docs/TASKS.md) instead of synthetic data.",
+)
+@click.option(
+    "--export-bundle", type=click.Path(path_type=Path), default=None,
+    help="Write the trained MONAI network as a bundle to this new folder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def train(
     task_name: str,
@@ -70,6 +93,11 @@ def train(
     batch_size: int,
     lr: float,
     options: tuple[str, ...],
+    model: str | None,
+    model_args: tuple[str, ...],
+    bundle: Path | None,
+    dataset: Path | None,
+    export_bundle: Path | None,
     as_json: bool,
 ) -> None:
     """Train one silo alone on its own data and report its metrics (local-only baseline).
@@ -83,31 +111,51 @@ def train(
       silomesh train --task catheter --silos 4 --silo 0 --steps 200 --seed 0
       silomesh train --task lesion --silo 2 --steps 100 --json
       silomesh train --task catheter -o holdout_source=clinical -o arch=vit --size small
+      silomesh train --task catheter --model BasicUNet --model-arg spatial_dims=2 \\
+          --model-arg out_channels=3 --model-arg 'features=[4,4,8,8,16,4]' -o image_size=32
+      silomesh train --task catheter --bundle my_bundle --dataset /srv/ct --export-bundle out_bundle
     """
+    from silomesh.models.monai_net import ModelTask
     from silomesh.models.registry import TaskUnavailableError, get_task
+    from silomesh.models.task import ArrayDataset
     from silomesh.models.train import count_parameters, evaluate, train_local
+    from silomesh.peer.config import TaskConfig
+    from silomesh.peer.learner import load_silo
 
     if silos < 1 or not 0 <= silo_index < silos:
         raise click.ClickException(f"--silo must be in 0..{silos - 1}, got {silo_index}")
     if steps < 0 or batch_size < 1:
         raise click.ClickException("--steps must be >= 0 and --batch-size >= 1")
+    if model is not None and bundle is not None:
+        raise click.ClickException("give either --model or --bundle, not both")
+    if model_args and model is None:
+        raise click.ClickException("--model-arg needs --model")
     try:
+        own = _own_model(model, _parse_options(model_args), bundle)
         task = get_task(task_name, **_parse_options(options))
-        federation = task.make_federation(silos, seed)
-        model = task.make_model(size, seed)
+        if own.spec is not None:
+            task = ModelTask(task, own.spec, own.weights)
+        if dataset is not None:
+            silo = load_silo(TaskConfig(task_name, dataset=dataset, preprocess=own.preprocess))
+            tests: dict[str, ArrayDataset] = {}
+        else:
+            federation = task.make_federation(silos, seed)
+            silo, tests = federation.silos[silo_index], federation.tests
+        net = task.make_model(size, seed)
     except (ValueError, TypeError, TaskUnavailableError) as exc:
         raise click.ClickException(str(exc)) from None
-    silo = federation.silos[silo_index]
+    if export_bundle is not None and (own.spec is None or export_bundle.exists()):
+        raise click.ClickException("--export-bundle needs --model or --bundle, and a folder that does not exist")
     started = time.perf_counter()
     try:
         losses = train_local(
-            task, model, silo.train, steps, batch_size, lr, seed,
+            task, net, silo.train, steps, batch_size, lr, seed,
             progress=not as_json, label=f"{task_name} {silo.name}",
         )  # fmt: skip
     except FloatingPointError as exc:
         raise click.ClickException(f"training diverged: {exc}; try a lower --lr") from None
     seconds = time.perf_counter() - started
-    results = evaluate(task, model, {"own": silo.test, **federation.tests})
+    results = evaluate(task, net, {"own": silo.test, **tests})
     report = {
         "task": task_name,
         "silo": silo.name,
@@ -115,7 +163,8 @@ def train(
         "steps": steps,
         "seed": seed,
         "size": size,
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(net),
+        "model": own.spec.name if own.spec is not None else None,
         "train_samples": len(silo.train),
         "label_kind": silo.train.label_kind,
         "info": silo.info,
@@ -125,10 +174,39 @@ def train(
         "metric": task.metric,
         "results": {name: _round(m) for name, m in results.items()},
     }
+    if export_bundle is not None and own.spec is not None:
+        from silomesh.models.bundle import export_bundle as write_bundle
+
+        write_bundle(net, own.spec, export_bundle, input_shape=silo.train["image"].shape[1:],
+                     preprocess=own.preprocess, description=f"{task_name}, trained alone by silomesh train")
+        report["bundle"] = str(export_bundle)
     if as_json:
         click.echo(json.dumps(report, default=str))
         return
     _print_table(report)
+    if export_bundle is not None:
+        click.echo(f"wrote MONAI bundle {export_bundle}")
+
+
+@dataclass(frozen=True)
+class _OwnModel:
+    spec: ModelSpec | None = None
+    weights: Path | None = None
+    preprocess: Preprocess | None = None
+
+
+def _own_model(model: str | None, args: dict[str, Any], bundle: Path | None) -> _OwnModel:
+    """The MONAI network (and a bundle's weights and pre-processing) given on the command line."""
+    if bundle is not None:
+        from silomesh.models.bundle import read_bundle
+
+        read = read_bundle(bundle)
+        return _OwnModel(read.spec, read.weights, read.preprocess)
+    if model is not None:
+        from silomesh.models.monai_net import check_spec
+
+        return _OwnModel(check_spec(model, args, field="--model", args_field="--model-arg"))
+    return _OwnModel()
 
 
 def _table_columns(results: dict[str, dict[str, float]], metric: str) -> list[tuple[str, str]]:

@@ -119,3 +119,24 @@ def test_export_refuses_to_overwrite(tmp_path: Path) -> None:
     out, net = _exported(tmp_path)
     with pytest.raises(BundleError, match="already exists"):
         export_bundle(net, check_spec("BasicUNet", ARGS_3D), out, input_shape=(1, 32, 32, 32))
+
+
+def test_silomesh_train_takes_a_bundle_and_a_nifti_folder_and_exports_a_bundle(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from monaikit import write_site
+
+    from silomesh.peer.cli import cli
+
+    bundle, _ = _exported(tmp_path)
+    site = write_site(tmp_path / "site", (3.0, 2.0, 1.0), flip_x=True, n=5, extent=48.0)
+    out = tmp_path / "trained"
+    result = CliRunner().invoke(cli, ["train", "--task", "catheter", "--bundle", str(bundle), "--dataset", str(site),
+                                      "--steps", "2", "--batch-size", "2", "--export-bundle", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["model"] == "monai.networks.nets.BasicUNet" and report["train_samples"] == 4
+    assert set(report["results"]) == {"own"} and "dice" in report["results"]["own"]
+    again = read_bundle(out)
+    assert again.spec == check_spec("BasicUNet", ARGS_3D) and again.preprocess == GRID
+    bad = CliRunner().invoke(cli, ["train", "--task", "catheter", "--model", "BasicUNet", "--model-arg", "colour=1"])
+    assert bad.exit_code != 0 and "--model-arg.colour: BasicUNet takes no argument" in bad.output
