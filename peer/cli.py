@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from silomesh.peer import cli_ops
-from silomesh.peer.cli_local import train
+from silomesh.peer.cli_local import export_bundle_command, train
 from silomesh.peer.identity import KEY_FILE_NAME, IdentityError, write_key_file
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -51,6 +51,7 @@ def cli(verbose: int) -> None:
 
 
 cli.add_command(train)
+cli.add_command(export_bundle_command)
 
 
 @cli.command(context_settings=CONTEXT)

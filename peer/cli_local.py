@@ -209,6 +209,51 @@ def _own_model(model: str | None, args: dict[str, Any], bundle: Path | None) -> 
     return _OwnModel()
 
 
+@click.command("export-bundle", context_settings=CONTEXT)
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+    help="The peer.toml whose [task] names the MONAI network and pre-processing.",
+)
+@click.option(
+    "--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+    help="The model as a torch state dict, from 'silomesh models export REF --out model.pt'.",
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New bundle folder to write.")
+def export_bundle_command(config_path: Path, weights: Path, out: Path) -> None:
+    """Write a peer's model as a MONAI bundle (network_def, weights, pre-processing).
+
+    The network and pre-processing come from the peer's [task]; the weights from a state
+    dict the peer exported. MONAI's own tools (monai.bundle) read the result.
+
+    \b
+    Example:
+      silomesh models export latest --out model.pt
+      silomesh export-bundle --config peer.toml --weights model.pt --out federated_bundle
+    """
+    from silomesh.models.bundle import export_bundle
+    from silomesh.models.monai_net import build_network
+    from silomesh.peer.config import ConfigError, load_config
+    from silomesh.peer.learner import load_silo
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    spec = config.task.spec
+    if spec is None:
+        raise click.ClickException("task.model: the peer runs a built-in network; a bundle needs a MONAI one")
+    if out.exists():
+        raise click.ClickException(f"{out}: already exists; give a new folder")
+    try:
+        net = build_network(spec, weights=weights)
+        shape = load_silo(config.task).train["image"].shape[1:]
+        export_bundle(net, spec, out, input_shape=shape, preprocess=config.task.preprocess,
+                      description=f"{config.task.name}, federation {config.federation}")
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote MONAI bundle {out}")
+
+
 def _table_columns(results: dict[str, dict[str, float]], metric: str) -> list[tuple[str, str]]:
     """(key, header) pairs: the headline metric, its per-class values, then other means.
 

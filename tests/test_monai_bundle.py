@@ -140,3 +140,40 @@ def test_silomesh_train_takes_a_bundle_and_a_nifti_folder_and_exports_a_bundle(t
     assert again.spec == check_spec("BasicUNet", ARGS_3D) and again.preprocess == GRID
     bad = CliRunner().invoke(cli, ["train", "--task", "catheter", "--model", "BasicUNet", "--model-arg", "colour=1"])
     assert bad.exit_code != 0 and "--model-arg.colour: BasicUNet takes no argument" in bad.output
+
+
+def test_export_bundle_command_writes_a_peers_model_with_its_task_settings(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from monaikit import write_site
+
+    from silomesh.peer.cli import cli
+
+    site = write_site(tmp_path / "site", (1.0, 1.5, 3.0), flip_x=False, n=2, extent=48.0)
+    (tmp_path / "peer.toml").write_text(f"""
+federation = "ct-2026"
+key_file = "peer.key"
+[task]
+name = "catheter"
+model = "monai.networks.nets.BasicUNet"
+dataset = "{site}"
+[task.model_args]
+spatial_dims = 3
+in_channels = 1
+out_channels = 3
+features = [4, 4, 8, 8, 16, 4]
+[task.preprocess]
+orientation = "RAS"
+spacing = [2.0, 2.0, 2.0]
+window = [-200, 400]
+spatial_size = [32, 32, 32]
+""")
+    net = build_network(check_spec("BasicUNet", ARGS_3D), seed=9)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    args = ["export-bundle", "--config", str(tmp_path / "peer.toml"), "--weights", str(tmp_path / "model.pt")]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    bundle = read_bundle(tmp_path / "b")
+    assert bundle.preprocess == GRID and bundle.weights is not None
+    assert _same(build_network(bundle.spec, weights=bundle.weights), net)
+    again = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b")])
+    assert again.exit_code != 0 and "already exists" in again.output
