@@ -118,7 +118,7 @@ class NetworkConfig:
     idle_timeout_seconds: float = 300.0
     #: we wait this long for the answer to an update (the listener acknowledges without training)
     reply_timeout_seconds: float = 120.0
-    #: every connected neighbour is pinged this often; two unanswered pings in a row close the
+    #: every connected neighbour is pinged this often; three unanswered pings in a row close the
     #: connection so the connect loop redials it (a link that went down without a reset)
     ping_interval_seconds: float = 15.0
 

@@ -558,7 +558,7 @@ async def open_mesh(
         max_inbound: inbound connections open at once (see :class:`InboundGuard`).
         relay: circuit relay and hole punching (``[relay]``; :mod:`silomesh.peer.relaying`).
         ping_interval: seconds between pings of each connected neighbour (round-trip time and
-            liveness: two unanswered pings in a row close the connection, and it is redialled).
+            liveness: three unanswered pings in a row close the connection, and it is redialled).
     """
     host = _make_host(identity)
     gossipsub = GossipSub(
