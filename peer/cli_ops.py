@@ -173,7 +173,7 @@ APPROVAL_COLUMNS: Columns = [
 @_config_option
 @_json_option
 def peer_status(config_path: Path, as_json: bool) -> None:
-    """Show a running peer's state: identity, round, phase, health and neighbours.
+    """Show a running peer's state: identity, round, phase, health, privacy budget and neighbours.
 
     \b
     Example:
@@ -186,7 +186,12 @@ def peer_status(config_path: Path, as_json: bool) -> None:
     if as_json:
         _echo_json({"status": status, "neighbours": neighbours_})
         return
+    budget = status.pop("privacy", None)
     _print_record("peer", status)
+    if budget:  # docs/PRIVACY.md
+        click.echo(f"privacy: eps {budget['epsilon_spent']:.3f} of {budget['epsilon_target']:g} spent, "
+                   f"{budget['epsilon_remaining']:.3f} left (delta {budget['delta']:g}, {budget['steps']} DP-SGD steps)"
+                   + (f"; {budget['reason']}" if budget.get("reason") else ""))
     _print_table("neighbours", neighbours_, NEIGHBOUR_COLUMNS)
 
 
