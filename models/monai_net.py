@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -168,6 +169,32 @@ class ModelTask(Task):
 
     def evaluate(self, model: nn.Module, data: ArrayDataset) -> dict[str, float]:
         return self.inner.evaluate(model, data)
+
+    def check_data(self, data: ArrayDataset) -> None:
+        """Run the network on one sample of ``data``; where the task's own network also
+        takes it, the two outputs must have one shape (the loss and metrics expect it).
+
+        Raises:
+            ModelSpecError: naming ``task.model_args``, with both shapes.
+        """
+        x = torch.from_numpy(np.ascontiguousarray(data["image"][:1]))
+        net = build_network(self.spec, 0)
+        with torch.no_grad():
+            try:
+                got = tuple(net.eval()(x).shape)
+            except (RuntimeError, ValueError) as exc:
+                raise ModelSpecError(
+                    f"task.model_args: {self.spec.short_name} cannot take this data's images {tuple(x.shape)} ({exc})"
+                ) from None
+            try:
+                want: tuple[int, ...] | None = tuple(self.inner.make_model("tiny", 0).eval()(x).shape)
+            except (RuntimeError, ValueError):  # e.g. volumes for a task whose own network is 2D
+                want = None
+        if want is not None and got != want:
+            raise ModelSpecError(
+                f"task.model_args: {self.spec.short_name} gives outputs {got}, the {self.name} task needs {want} "
+                "(check in_channels/out_channels)"
+            )
 
     def __getattr__(self, name: str) -> object:  # task-specific extras (predict, downstream_split...)
         if name == "inner":

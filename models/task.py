@@ -108,6 +108,14 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, data: ArrayDataset) -> dict[str, float]:
         """Metrics of ``model`` on ``data``; must contain :attr:`metric`."""
 
+    def check_data(self, data: ArrayDataset) -> None:
+        """Raise ``ValueError`` if this task's model cannot take ``data`` (checked at start-up).
+
+        The built-in tasks' models take whatever their generators and loaders produce;
+        a task with a hospital's own network checks it (see ``ModelTask``).
+        """
+        return
+
 
 class SplitModel(nn.Module):
     """A model with a named split between a shared body and a task head.

@@ -142,6 +142,7 @@ def train(
             federation = task.make_federation(silos, seed)
             silo, tests = federation.silos[silo_index], federation.tests
         net = task.make_model(size, seed)
+        task.check_data(silo.train)
     except (ValueError, TypeError, TaskUnavailableError) as exc:
         raise click.ClickException(str(exc)) from None
     if export_bundle is not None and (own.spec is None or export_bundle.exists()):

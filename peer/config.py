@@ -416,6 +416,13 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     strategy = StrategyConfig(
         _get(s, "name", "strategy.", str, "fedavg"), dict(_get(s, "params", "strategy.", dict, {}))
     )
+    if task.spec is not None:  # a MONAI network has no forward_features and no named head
+        if strategy.name == "fedefm":
+            raise ConfigError("strategy.name: fedefm needs the task's own network (feature maps); "
+                              "with task.model use fedavg, fedmix or segviz")
+        if strategy.name == "segviz" and not strategy.params.get("head_prefixes"):
+            raise ConfigError("strategy.params.head_prefixes: segviz with task.model must name the network's "
+                              'head, e.g. ["final_conv."] for BasicUNet')
 
     r = _get(data, "rounds", "", dict, {})
     _check_unknown(

@@ -151,6 +151,10 @@ class Peer:
     async def _serve(self, task_status: TaskStatus[Peer]) -> None:
         config, store = self.config, self.store
         silo = self._silo if self._silo is not None else await self._compute.run_blocking(_silo, config)
+        try:  # a hospital's own network must fit its data and the task (docs/TASKS.md)
+            await self._compute.run_blocking(self.task.check_data, silo.train)
+        except ValueError as exc:
+            raise OperatorError(str(exc)) from None
         seed = federation_seed(config.federation)
         spent = privacy.spent_history(self.audit_log.entries())  # a restart keeps the budget spent (SQLite: here)
         self.learner = await self._compute.run_blocking(

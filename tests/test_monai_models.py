@@ -114,3 +114,25 @@ def test_starting_weights_come_from_a_local_file_and_must_fit(tmp_path: Path) ->
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"bad\.pt: not a readable torch state dict"):
         load_weights(tmp_path / "bad.pt", other)
+
+
+def test_strategies_that_need_the_tasks_own_network_are_refused_at_start_up(tmp_path: Path) -> None:
+    monai = {"model": "BasicUNet", "model_args": TINY_2D}
+    with pytest.raises(ConfigError, match=r"^strategy\.name: fedefm needs the task's own network"):
+        parse_config({**_raw(monai), "strategy": {"name": "fedefm"}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"^strategy\.params\.head_prefixes"):
+        parse_config({**_raw(monai), "strategy": {"name": "segviz"}}, tmp_path)
+    cfg = parse_config({**_raw(monai), "strategy": {"name": "segviz", "params": {"head_prefixes": ["final_conv."]}}},
+                       tmp_path)
+    assert cfg.strategy.name == "segviz"
+
+
+def test_a_network_whose_outputs_do_not_fit_the_task_is_refused_before_training(tmp_path: Path) -> None:
+    data = get_task("lesion", image_size=32, n_train=4, n_test=2).make_federation(3, 0).silos[0].train
+    fits = {**TINY_2D, "in_channels": 3, "out_channels": 1}
+    ModelTask(get_task("lesion", image_size=32), check_spec("BasicUNet", fits)).check_data(data)
+    with pytest.raises(ModelSpecError, match=r"^task\.model_args: BasicUNet gives outputs \(1, 2, 32, 32\), the "
+                                             r"lesion task needs \(1, 1, 32, 32\)"):
+        ModelTask(get_task("lesion"), check_spec("BasicUNet", {**fits, "out_channels": 2})).check_data(data)
+    with pytest.raises(ModelSpecError, match=r"^task\.model_args: BasicUNet cannot take this data's images"):
+        ModelTask(get_task("lesion"), check_spec("BasicUNet", TINY_2D)).check_data(data)  # 1 channel, RGB data
