@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,8 +198,13 @@ class UpdateMaker:
         return self._make(recipient, base)
 
 
-async def push_update(ctx: RoundContext, neighbour: str, maker: UpdateMaker) -> int:
+async def push_update(
+    ctx: RoundContext, neighbour: str, maker: UpdateMaker, count: Callable[[int], None] | None = None
+) -> int:
     """Send our round's model to ``neighbour``; returns bytes sent.
+
+    ``count`` is told the bytes this push wrote even when it fails (a broken push still
+    used the link; the round's ``bytes_sent`` counts them).
 
     Raises:
         ConversationError, StreamClosed, ProtocolError: the neighbour could not be served.
@@ -228,6 +234,8 @@ async def push_update(ctx: RoundContext, neighbour: str, maker: UpdateMaker) -> 
             ctx.bases.acked[neighbour] = out.result
         return wire.bytes_sent
     finally:
+        if count is not None:
+            count(wire.bytes_sent)
         await wire.close()
 
 

@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 
 #: what cannot be delivered to a neighbour ends that neighbour's part in the round
 UNDELIVERED = (ConversationError, StreamClosed, ProtocolError)
+#: pushes of one round in flight at once: with 15 neighbours (N = 16, full topology) all at
+#: once, 240 stream negotiations on one process timed out ("failed to open a stream")
+MAX_CONCURRENT_PUSHES = 4
 #: a push that fails while the neighbour can still be dialled is tried this often in a round
 PUSH_ATTEMPTS = 3
 #: the pause before the second try (seconds), doubled before each further one
@@ -242,11 +245,20 @@ async def exchange_round(
     shared = ctx.faults.outgoing_state(ctx.peer_id, round, ctx.learner.shared(trained.state))
     maker = UpdateMaker(ctx, round, shared, metrics)
 
+    def count(sent: int) -> None:
+        # a callback, not `report.bytes_sent += await ...`: that reads the sum before the
+        # await, so concurrent pushes overwrote each other's bytes and only the last one counted
+        report.bytes_sent += sent
+
+    pushing = trio.CapacityLimiter(MAX_CONCURRENT_PUSHES)
+
     async def push(n: str) -> None:
         try:
             for attempt in range(PUSH_ATTEMPTS):
                 try:
-                    sent = await push_update(ctx, n, maker)
+                    ctx.progress.waiting_on[n] = "push: queued behind our other pushes"
+                    async with pushing:
+                        await push_update(ctx, n, maker, count)
                 except UNDELIVERED as exc:
                     if attempt + 1 < PUSH_ATTEMPTS and await _worth_retrying(ctx, n, exc, deadline, attempt):
                         log.info("%s: push to %s in round %d failed (%s); the link is up, pushing again",
@@ -256,9 +268,6 @@ async def exchange_round(
                     ctx.inbox.unreachable(n)
                     report.skipped[n] = skip_reason(exc)
                     return
-                # not `report.bytes_sent += await ...`: that reads the sum before the await, so
-                # concurrent pushes overwrite each other's bytes and only the last one counts
-                report.bytes_sent += sent
                 return
         finally:
             ctx.progress.waiting_on.pop(n, None)
