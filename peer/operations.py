@@ -8,6 +8,7 @@ model before the first round, the learner's weights.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -209,7 +210,9 @@ class PeerOperations:
         from silomesh.models.data_io import DatasetError, folder_manifest
 
         try:
-            manifest = await trio.to_thread.run_sync(folder_manifest, path)
+            manifest = await trio.to_thread.run_sync(
+                functools.partial(folder_manifest, path, preprocess=self.config.task.preprocess)
+            )
         except (DatasetError, OSError) as exc:
             raise OperatorError(str(exc)) from None
         info = manifest.to_dict()
