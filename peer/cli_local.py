@@ -228,7 +228,7 @@ def export_bundle_command(config_path: Path, weights: Path, out: Path) -> None:
 
     \b
     Example:
-      silomesh models export latest --out model.pt
+      silomesh models export 3f2a9c01 --out model.pt
       silomesh export-bundle --config peer.toml --weights model.pt --out federated_bundle
     """
     from silomesh.models.bundle import export_bundle
