@@ -63,3 +63,26 @@ def test_a_mask_on_another_grid_is_named_in_the_error(tmp_path: Path) -> None:
 def test_bad_preprocess_settings_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}:"):
         Preprocess(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_dicom_series_is_resampled_to_the_task_spacing(tmp_path: Path) -> None:
+    """Three slices of pydicom's CT sample (0.66 x 0.66 mm, 5 mm apart) onto a 1 x 1 x 2.5 mm grid."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    sample = get_testdata_file("CT_small.dcm")
+    assert sample is not None
+    series = tmp_path / "images" / "series1"
+    series.mkdir(parents=True)
+    for k in range(3):
+        ds = pydicom.dcmread(sample)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * k]
+        ds.InstanceNumber = k + 1
+        ds.save_as(series / f"slice{k}.dcm")
+    window = (-200.0, 300.0)
+    native = read_folder(tmp_path, window=window).data["image"]
+    resampled = read_folder(tmp_path, preprocess=Preprocess(spacing=(1.0, 1.0, 2.5), window=window)).data["image"]
+    assert native.shape == (1, 1, 3, 128, 128)
+    assert resampled.shape == (1, 1, 5, 85, 85)  # 128 x 0.66 mm = 85 mm; 3 slices 5 mm apart = 5 at 2.5 mm
+    assert abs(float(resampled.mean()) - float(native.mean())) < 0.02
