@@ -479,6 +479,8 @@ class Mesh:
             except Exception as exc:  # noqa: BLE001 - unreachable is a normal state
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 log.info("cannot reach %s at %s: %s", peer_id, addr, error)
+        if error == "timed out":
+            log.info("cannot reach %s at %s: no connection within %.0f s", peer_id, addr, timeout)
         self.links.dialled(peer_id, False, error)
         return False
 
