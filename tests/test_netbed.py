@@ -242,10 +242,11 @@ def test_four_hospitals_two_behind_nat_reach_everyone_through_a_relay(
     }
     for i, (n, h) in enumerate(hs.items()):
         trusted, relay = plans[n]
-        # a generous deadline: on 2 shared cores a busy relay answered pings after up to 5 s, and a
-        # message abandoned at the deadline is a send the audit logs cannot match
-        _write_config(h, i, 4, {m: (ids[m], addr) for m, addr in trusted.items()}, relay=relay, rounds=0,
-                      deadline=45)
+        # The default 20 s deadline. Under a load average of 6-7 on 2 cores (other jobs), rounds
+        # over the relayed link missed it: too few full rounds in time, or an abandoned message
+        # that the audit logs cannot match (docs/NETWORK-NOTES.md). A longer deadline made each
+        # missed round longer and did not help.
+        _write_config(h, i, 4, {m: (ids[m], addr) for m, addr in trusted.items()}, relay=relay, rounds=0)
     everyone = list(hs.values())
 
     def full(n: str) -> list[int]:
