@@ -169,4 +169,5 @@ def train_steps(
         model.train()
     losses = run_steps(list(model.parameters()), lambda b: loss(model, to_device(b, model)), batches,
                        steps, optimizer, lr, private)
-    return TrainResult(model, len(losses), float(np.nanmean(losses)) if losses else math.nan)
+    finite = [x for x in losses if math.isfinite(x)]  # an empty Poisson batch has no loss
+    return TrainResult(model, len(losses), float(np.mean(finite)) if finite else math.nan)
