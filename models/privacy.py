@@ -161,6 +161,8 @@ class DPTrainer:
         #: the closed periods' (sigma, q, steps), as the audit log has them
         self._closed: list[tuple[float, float, int]] = list(self.accountant.history)
         self._period_steps = 0
+        #: set once a training was refused for the budget: the peer takes no further part
+        self.exhausted = False
         self._lock = threading.Lock()  # training runs in a worker thread, closing on the event loop
         logger.info("DP-SGD: sigma %.3f, C %.3g, q %.4f, target eps %.3g at delta %.1e",
                     self.noise_multiplier, settings.max_grad_norm, self.sample_rate,
@@ -239,6 +241,7 @@ class DPTrainer:
         if steps <= 0 or not params:
             return []
         if not self.can_train(steps):
+            self.exhausted = True
             raise BudgetExhausted(
                 f"{steps} more DP-SGD steps would spend eps {self.epsilon_after(steps):.3f} "
                 f"> target {self.settings.target_epsilon:g} (spent {self.epsilon:.3f})"

@@ -62,8 +62,9 @@ def record_round(audit_log: AuditLog, dp: DPTrainer | None, round: int) -> Spend
 
 
 def can_afford(dp: DPTrainer | None, steps: int) -> bool:
-    """True unless DP-SGD is on and ``steps`` more steps would pass the target."""
-    return dp is None or dp.can_train(steps)
+    """True unless DP-SGD is on and ``steps`` more steps would pass the target, or a
+    training was already refused for the budget (FedEFM's distillation, a served request)."""
+    return dp is None or (not dp.exhausted and dp.can_train(steps))
 
 
 def budget_status(dp: DPTrainer | None, exhausted: bool = False) -> dict[str, Any] | None:
