@@ -286,6 +286,24 @@ class DPTrainer:
         return losses
 
 
+def check_private_model(models: Sequence[nn.Module]) -> None:
+    """Refuse models whose layers DP-SGD cannot protect (Opacus's ``ModuleValidator``).
+
+    BatchNorm is the one that matters here: its running statistics are updated from the
+    data without noise and travel with the model, so they would leak past the budget.
+
+    Raises:
+        ValueError: naming the first offending layer.
+    """
+    from opacus.validators import ModuleValidator
+
+    for model in models:
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(f"privacy: {type(model).__name__} has a layer DP-SGD cannot protect: {errors[0]} "
+                             "(use GroupNorm or InstanceNorm instead of BatchNorm)")
+
+
 def _epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     history = [h for h in history if h[2] > 0]
     if not history:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from silomesh.models.data_io import load_folder
-from silomesh.models.privacy import DPSettings, DPTrainer
+from silomesh.models.privacy import DPSettings, DPTrainer, check_private_model
 from silomesh.models.registry import get_task
 from silomesh.models.task import ArrayDataset, Federation, Silo, Task
 from silomesh.models.train import train_local
@@ -103,9 +103,10 @@ class Learner:
         self.extra = self.strategy.extra_networks(task, lambda seed: task.make_model(size, seed=seed), init_seed)
         #: the peer's one DP-SGD trainer (None: no differential privacy); every training on
         #: this silo's data goes through it, so its accountant sees every step
-        self.dp: DPTrainer | None = (
-            DPTrainer(privacy, len(silo.train), batch_size, spent_history) if privacy is not None else None
-        )
+        self.dp: DPTrainer | None = None
+        if privacy is not None:
+            check_private_model([self.model, *self.extra.values()])
+            self.dp = DPTrainer(privacy, len(silo.train), batch_size, spent_history)
 
     # -- Workbench --------------------------------------------------------------------
 

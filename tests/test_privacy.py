@@ -193,3 +193,15 @@ def test_a_simnet_scenario_passes_its_privacy_table_to_every_peer_and_checks_it(
         make_scenario({"privacy": {"target_epsilon": 3.0, "delta": 2.0}})
     with pytest.raises(ScenarioError, match=r"privacy\.epsilon"):
         make_scenario({"privacy": {"epsilon": 3.0}})
+
+
+def test_a_model_with_batchnorm_is_refused_for_private_training(catheter: tuple[Task, Federation]) -> None:
+    task, fed = catheter
+
+    class BatchNormTask(type(task)):  # type: ignore[misc]
+        def make_model(self, size: str = "tiny", seed: int = 0) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1))
+
+    with pytest.raises(ValueError, match="BatchNorm"):
+        Learner(BatchNormTask(), fed.silos[0], size="tiny", init_seed=SEED, batch_size=6, lr=1e-2,
+                strategy=get_strategy("fedavg"), privacy=DPSettings(target_epsilon=3.0, noise_multiplier=1.0))
