@@ -157,19 +157,22 @@ class Peer:
             raise OperatorError(str(exc)) from None
         seed = federation_seed(config.federation)
         spent = privacy.spent_history(self.audit_log.entries())  # a restart keeps the budget spent (SQLite: here)
-        self.learner = await self._compute.run_blocking(
-            lambda: Learner(
-                self.task,
-                silo,
-                size=config.task.size,
-                init_seed=seed,
-                batch_size=config.rounds.batch_size,
-                lr=config.rounds.lr,
-                strategy=self.strategy,
-                privacy=privacy.dp_settings(config.privacy),
-                spent_history=spent,
+        try:  # [privacy] refuses a model DP-SGD cannot protect (BatchNorm), naming the layer
+            self.learner = await self._compute.run_blocking(
+                lambda: Learner(
+                    self.task,
+                    silo,
+                    size=config.task.size,
+                    init_seed=seed,
+                    batch_size=config.rounds.batch_size,
+                    lr=config.rounds.lr,
+                    strategy=self.strategy,
+                    privacy=privacy.dp_settings(config.privacy),
+                    spent_history=spent,
+                )
             )
-        )
+        except ValueError as exc:
+            raise OperatorError(str(exc)) from None
         resumed = _last_good_model(store)  # once at start, before serving; SQLite stays on this thread
         if resumed is not None:
             record, state = resumed
