@@ -72,10 +72,16 @@ def model_id(task: str, size: str, spec: ModelSpec | None = None) -> str:
 def model_difference(ours: str, theirs: str) -> str | None:
     """Which field of two model ids differs, in words; ``None`` if they agree.
 
-    An empty id means "unspecified" and agrees with anything.
+    A peer always names its model. A hello whose model id is empty ("unspecified" on the
+    wire) agrees only with an empty id of ours: otherwise weights of a model nobody named
+    could be averaged into ours when they merely have the same shapes.
     """
-    if not ours or not theirs or ours == theirs:
+    if ours == theirs:
         return None
+    if not theirs:
+        return f"the neighbour names no model (an empty id); ours is {ours!r}"
+    if not ours:
+        return f"we name no model; the neighbour's is {theirs!r}"
     a, b = ours.split("/"), theirs.split("/")
     if a[0] != b[0]:
         return f"task.name differs: ours {a[0]!r}, theirs {b[0]!r}"

@@ -19,8 +19,9 @@ from silomesh.protocol import NEED_DATA, Hello, Identity, OpenedEnvelope, Role, 
 class Neighbour:
     """One hand-driven neighbour with its own keys and sequence counter."""
 
-    def __init__(self, seed: bytes, victim_key: bytes, federation: str) -> None:
+    def __init__(self, seed: bytes, victim_key: bytes, federation: str, model: str = "catheter/tiny") -> None:
         self.crypto = Identity.from_seed(seed)
+        self.model = model  # the model id its hello names (peers refuse another, or none)
         self.victim_key = victim_key
         self.federation = federation
         self.sequence = 0
@@ -48,7 +49,7 @@ class Neighbour:
             Hello(
                 **self.routing(),
                 agent="test",
-                model="",
+                model=self.model,
                 state_digest=state_digest,
                 codecs=("float32",),
                 max_frame_size=1 << 30,

@@ -75,7 +75,10 @@ def test_model_difference_says_which_field_differs() -> None:
     b = check_spec("BasicUNet", {**TINY_2D, "features": [8, 8, 8, 8, 16, 8]})
     c = check_spec("UNet", {"spatial_dims": 2, "in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2]})
     assert model_difference(model_id("catheter", "tiny", a), model_id("catheter", "tiny", a)) is None
-    assert model_difference(model_id("catheter", "tiny", a), "") is None
+    assert model_difference(model_id("catheter", "tiny", a), "") == (  # an unnamed model is not ours
+        f"the neighbour names no model (an empty id); ours is {model_id('catheter', 'tiny', a)!r}"
+    )
+    assert model_difference("", "") is None
     assert (model_difference(model_id("catheter", "tiny", a), model_id("catheter", "tiny", b)) or "").startswith(
         "task.model_args differ"
     )

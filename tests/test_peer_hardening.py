@@ -8,6 +8,7 @@ virtual times.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from silomesh.peer.daemon import Peer
 from silomesh.peer.exchange import BufferBudget
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.store import Store
-from silomesh.peer.transport import Stream
+from silomesh.peer.transport import Stream, StreamClosed
 from silomesh.protocol import (
     Ack,
     ErrorCode,
@@ -395,3 +396,21 @@ async def test_a_neighbour_that_never_answers_costs_the_hello_timeout_not_the_ro
     why = f"unreachable: {ids[1].peer_id_text} sent nothing for {hello:.0f} s"
     assert row["skipped"] == [{"peer": ids[1].peer_id_text, "reason": why}]
     assert len(dials) >= 2, "the silent connection was dropped and dialled afresh"
+
+
+async def test_a_hello_that_names_no_model_gets_our_hello_and_nothing_more(
+    tmp_path: Path, autojump_clock: Clock
+) -> None:
+    async with bench(tmp_path) as b:
+        state = b.state()
+        b.hand.model = ""  # "unspecified": weights of an unnamed model are never averaged into ours
+        stream = await b.transport.open_stream(b.victim_id)
+        session, theirs = await b.hand.hello(stream)
+        assert theirs.model == "catheter/tiny"  # the victim says what it runs
+        with contextlib.suppress(StreamClosed):  # an update right behind the hello, as a careless client sends it
+            await stream.write(session.send(b.hand.update(state, round=0)).to_frame())
+        with pytest.raises(RemoteProtocolError, match="UNEXPECTED_EOF"):  # no ack: the stream just ends
+            await b.hand.next(session, stream)
+        assert b.victim.context.inbox.get(b.ids[1].peer_id_text, 0) is None
+        b.hand.model = "catheter/tiny"
+        assert isinstance(await _reply(b, b.hand.update(state, round=0)), Ack)  # the same neighbour, named
