@@ -71,6 +71,10 @@ class SpendingRecord:
             raise ValueError(f"bad field: {exc}") from None
         if rec.steps < 0 or not rec.noise_multiplier > 0 or not 0 < rec.sample_rate <= 1 or not 0 < rec.delta < 1:
             raise ValueError("steps, noise_multiplier, sample_rate or delta out of range")
+        if not all(math.isfinite(v) and v >= 0 for v in (rec.epsilon_round, rec.epsilon_total, rec.target_epsilon)) \
+                or not rec.target_epsilon > 0:
+            # an infinite target would make every spending pass; JSON parsing accepts Infinity and NaN
+            raise ValueError("target_epsilon, epsilon_round and epsilon_total must be finite (target > 0)")
         return rec
 
 

@@ -240,6 +240,9 @@ class DPTrainer:
         params = [p for p in params if p.requires_grad]
         if steps <= 0 or not params:
             return []
+        if self.exhausted:  # the peer stopped for its budget: nothing trains on its data any more
+            raise BudgetExhausted(f"the privacy budget is spent (eps {self.epsilon:.3f} of "
+                                  f"{self.settings.target_epsilon:g}): no more training on this silo's data")
         if not self.can_train(steps):
             self.exhausted = True
             raise BudgetExhausted(

@@ -112,6 +112,8 @@ async def round_loop(ctx: RoundContext) -> None:
                 break
         ctx.progress.round = round
         if not privacy.can_afford(ctx.learner.dp, ctx.rounds.local_steps):  # never trains past its budget
+            if ctx.learner.dp is not None:
+                ctx.learner.dp.exhausted = True  # nor for a neighbour's train-request from now on
             ctx.progress.phase = privacy.PHASE_EXHAUSTED
             budget = privacy.budget_status(ctx.learner.dp, exhausted=True) or {}
             ctx.store.record_round(round, status=privacy.PHASE_EXHAUSTED, started_at=time.time(),
@@ -161,8 +163,8 @@ async def round_loop(ctx: RoundContext) -> None:
                 pause = min(cfg.deadline_seconds, FAILED_ROUND_PAUSE * 2 ** (failures - MAX_FAILED_ROUNDS))
                 log.error("%s: %d rounds in a row failed; next try in %.0f s", ctx.peer_id[-8:], failures, pause)
                 await trio.sleep(pause)
-        finally:  # a rolled-back round spent its privacy too
-            privacy.record_round(ctx.endpoint.journal.audit_log, ctx.learner.dp, this_round)
+        finally:  # a rolled-back round spent its privacy too (whatever was not logged yet)
+            account_privacy(ctx, this_round)
         round += 1
 
 
@@ -192,6 +194,13 @@ def waiting_report(ctx: RoundContext) -> dict[str, str]:
         for n in sorted(ctx.inbox.waiting(set(progress.awaiting), progress.round)):
             out.setdefault(n, f"its update of round {progress.round} has not arrived")
     return out
+
+
+def account_privacy(ctx: RoundContext, round: int) -> None:
+    """Log the DP steps trained since the last entry, right after they ran: before their
+    model is sent or committed, so that a crash can never leave spending unlogged that a
+    restart would then not count (nothing is logged when no DP step ran)."""
+    privacy.record_round(ctx.endpoint.journal.audit_log, ctx.learner.dp, round)
 
 
 class RoundFailed(Exception):
@@ -237,6 +246,7 @@ async def exchange_round(
     """Local step, push our update to every neighbour, gather theirs, aggregate."""
     ctx.progress.phase = "training"
     trained = await ctx.compute.run(ctx.learner.train, ctx.rounds.local_steps)
+    account_privacy(ctx, round)  # logged before the trained model can leave the peer
     ctx.progress.phase = "exchanging"
     report.train_loss = trained.mean_loss
     metrics = {"degree": float(len(ctx.trust))}
@@ -330,9 +340,11 @@ async def train_request_round(
     accepted = screen(ctx, own, returned, report)
     if accepted:
         info = await ctx.compute.run(ctx.learner.learn_from_experts, accepted)
+        account_privacy(ctx, round)
         report.expert_weights = dict(zip([c.peer_id for c in accepted], info.get("weights", []), strict=False))
     else:
         trained = await ctx.compute.run(ctx.learner.train, ctx.rounds.local_steps)
+        account_privacy(ctx, round)
         report.train_loss = trained.mean_loss
     return aggregate(ctx, ctx.learner.state(), accepted, report)
 

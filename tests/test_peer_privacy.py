@@ -64,6 +64,10 @@ async def test_peer_stops_at_its_budget_and_an_auditor_recomputes_its_spending(t
         assert status["epsilon_spent"] <= target and status["steps"] == 4
         spends = [e for e in got["audit"] if e["kind"] == PRIVACY_KIND]
         assert [e["round"] for e in spends] == [0, 1] and all(e["direction"] == "local" for e in spends)
+        for spend in spends:  # logged before the round's model left the peer: a crash cannot hide it
+            sends = [e["seq"] for e in got["audit"]
+                     if e["direction"] == "sent" and e["kind"] == "update" and e["round"] == spend["round"]]
+            assert sends and spend["seq"] < min(sends)
         assert verify_chain(got["audit"], p.identity.public_key) == []
         report = check_spending(got["audit"])
         assert report.ok, report.problems
@@ -112,3 +116,7 @@ def test_auditor_finds_an_understated_round_and_a_total_past_the_target() -> Non
     assert any("exceeds the target" in p for p in check_spending(over).problems)
     raised = [honest[0], _entry(2, SpendingRecord(50, 1.0, 0.1, e1, e2, 1e-5, 20.0))]
     assert any("target changed" in p for p in check_spending(raised).problems)
+    for bad in ("Infinity", "NaN"):  # an infinite target would let any spending pass
+        text = SpendingRecord(50, 1.0, 0.1, e1, e1, 1e-5, 10.0).to_reason().replace("10.0", bad)
+        with pytest.raises(ValueError, match="finite"):
+            SpendingRecord.from_reason(text)

@@ -97,6 +97,26 @@ def test_training_past_the_budget_raises_and_leaves_the_model_unchanged() -> Non
     from silomesh.peer.privacy import can_afford
 
     assert dp.exhausted and dp.can_train(1) and not can_afford(dp, 1)
+    with pytest.raises(BudgetExhausted, match="budget is spent"):  # a served train-request too
+        dp.run(list(model.parameters()), lambda b: model(b["image"]).sum(), dp.batches(data, 0)(), 1,
+               lambda ps: torch.optim.SGD(ps, lr=0.1))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_the_noise_added_has_the_calibrated_standard_deviation() -> None:
+    # a loss with zero gradient: the whole update is the noise, std sigma * C / E per coordinate
+    n, sigma, clip = 16, 1.0, 1.0
+    model = nn.Linear(400, 1)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    dp = DPTrainer(DPSettings(target_epsilon=1e9, noise_multiplier=sigma, max_grad_norm=clip), n, batch_size=n)
+    data = ArrayDataset({"image": np.zeros((n, 400), np.float32)})
+    full = {"image": torch.from_numpy(data["image"])}
+    dp.run(list(model.parameters()), lambda b: 0.0 * model(b["image"]).sum(), iter([full]), 1,
+           lambda ps: torch.optim.SGD(ps, lr=1.0))
+    update = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+    expected = sigma * clip / n  # Opacus divides the noised sum by the expected batch size
+    assert float(update.std()) == pytest.approx(expected, rel=0.15)  # 401 coordinates: about 3.5 % std error
+    assert float(update.abs().max()) > 0
 
 
 def test_resumed_history_counts_toward_the_budget() -> None:
