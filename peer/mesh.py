@@ -34,9 +34,9 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.host.autonat.autonat import AutoNATService
 from libp2p.io.abc import ReadWriteCloser
+from libp2p.io.exceptions import IOException
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
-from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -46,6 +46,7 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
+from silomesh.peer import muxer
 from silomesh.peer.config import RelaySettings
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.relaying import RTT_INTERVAL, Links, Reachability, Relaying, check_reachability, is_circuit
@@ -83,7 +84,7 @@ class FramedStream:
     async def read_some(self, max_bytes: int = READ_CHUNK) -> bytes:
         try:
             data = await self.stream.read(min(max_bytes, READ_CHUNK))
-        except (StreamEOF, StreamReset) as exc:
+        except IOException as exc:  # EOF, reset, or any other error of a stream or its connection
             raise StreamClosed(f"stream from {self.remote} ended: {type(exc).__name__}") from None
         if not data:
             raise StreamClosed(f"stream from {self.remote} ended")
@@ -92,7 +93,7 @@ class FramedStream:
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         try:
             await self.stream.write(bytes(data))
-        except (StreamEOF, StreamReset) as exc:
+        except IOException as exc:  # a reset connection raises StreamError: one neighbour, not the round
             raise StreamClosed(f"stream to {self.remote} ended: {type(exc).__name__}") from None
 
     async def close(self) -> None:
@@ -518,6 +519,7 @@ class Mesh:
 
 
 def _make_host(identity: PeerIdentity) -> IHost:
+    muxer.install()  # every host, doctor's included, gets the Yamux deadlock fix
     security = {NOISE_ID: NoiseTransport(identity.key_pair, noise_privkey=new_x25519_key_pair().private_key)}
     host = new_host(
         key_pair=identity.key_pair,

@@ -125,3 +125,20 @@ async def test_failing_handler_is_contained_and_host_keeps_serving() -> None:
                 await second.write(b"again")
                 assert await _read_exactly(second, 5) == b"AGAIN"
             assert b.stats.handler_errors == 1
+
+
+async def test_any_stream_error_of_libp2p_is_a_closed_stream_for_the_peer() -> None:
+    from libp2p.network.stream.exceptions import StreamError
+
+    class Broken:
+        async def read(self, n: int) -> bytes:
+            raise StreamError("connection reset by peer")
+
+        async def write(self, data: bytes) -> None:
+            raise StreamError("connection reset by peer")
+
+    stream = FramedStream(Broken(), "12D3KooWremote")  # type: ignore[arg-type]
+    with pytest.raises(StreamClosed, match="StreamError"):
+        await stream.write(b"x")
+    with pytest.raises(StreamClosed, match="StreamError"):
+        await stream.read_some()
