@@ -42,7 +42,7 @@ def render_block(runs: Path, args: str) -> str:
              f"Seeds {', '.join(str(s) for s in results['seeds'])} (n per row); mean ± sample std over seeds; "
              f"whole experiment {results['wall_seconds']:.0f} s wall on the 2-core machine.", "", table]
     if opts.get("persilo") == "1":
-        lines += per_silo_table(results)
+        lines += ["", *per_silo_table(results)]
     lines += ["<!-- /results -->"]
     return "\n".join(lines)
 
