@@ -98,8 +98,11 @@ def _preprocess_volume(path: Path, pre: Preprocess, *, as_mask: bool) -> np.ndar
     except Exception as exc:  # MONAI and its readers raise many types for bad files
         raise DatasetError(path, f"cannot be read and resampled ({type(exc).__name__}: {exc})") from exc
     arr = np.transpose(arr, (0, 3, 2, 1))  # (C, x, y, z) -> (C, D, H, W)
-    if as_mask:
-        return np.rint(arr[0]).astype(np.int64)
+    if as_mask:  # nearest-neighbour resampling keeps the label values: they must be class ids
+        labels = arr[0]
+        if not np.all(np.isfinite(labels)) or not np.array_equal(labels, np.rint(labels)) or np.any(labels < 0):
+            raise DatasetError(path, "mask values must be non-negative integer class ids")
+        return labels.astype(np.int64)
     if not np.all(np.isfinite(arr)):
         raise DatasetError(path, "volume contains NaN or infinite values")
     return np.ascontiguousarray(arr, dtype=np.float32)

@@ -79,9 +79,10 @@ def _onehot(labels: np.ndarray, classes: list[int]) -> np.ndarray:
 def dice_per_image(pred: np.ndarray, target: np.ndarray, classes: list[int]) -> dict[int, float]:
     """MONAI's ``DiceMetric``: Dice of each image, averaged over the images where it is defined.
 
-    Unlike :func:`dice_per_class` an image where a class is absent from both maps is left
-    out (MONAI's ``ignore_empty``), and a thin structure missed in one image weighs as
-    much as a large one. ``pred``/``target``: ``(N, *S)`` label maps.
+    Unlike :func:`dice_per_class` an image whose **target** lacks a class is left out for
+    that class (MONAI's ``ignore_empty``), so false positives on such images are not
+    counted, and a thin structure missed in one image weighs as much as a large one.
+    ``pred``/``target``: ``(N, *S)`` label maps.
 
     Raises:
         ValueError: if the label maps differ in shape.

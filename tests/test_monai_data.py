@@ -55,6 +55,19 @@ def test_a_mask_on_another_grid_is_named_in_the_error(tmp_path: Path) -> None:
     assert err.value.path == root / "masks" / "case0.nii.gz"
 
 
+@pytest.mark.parametrize("bad", [np.nan, 0.5, -1.0])
+def test_a_mask_that_is_not_class_ids_is_named_in_the_error(tmp_path: Path, bad: float) -> None:
+    root = write_site(tmp_path / "a", (2.0, 2.0, 2.0), flip_x=False)
+    mask_path = root / "masks" / "case0.nii.gz"
+    img = nib.load(mask_path)
+    labels = np.asarray(img.dataobj, dtype=np.float32)
+    labels[tuple(s // 2 for s in labels.shape)] = bad  # one voxel: a probability, a NaN or a negative id
+    nib.save(nib.Nifti1Image(labels, img.affine), mask_path)
+    with pytest.raises(DatasetError, match="integer class ids") as err:
+        read_folder(root, preprocess=Preprocess(orientation="RAS"))
+    assert err.value.path == mask_path
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"orientation": "RAX"}, "orientation"), ({"spacing": (1.0, 0.0, 1.0)}, "spacing"),
