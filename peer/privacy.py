@@ -52,12 +52,10 @@ def record_round(audit_log: AuditLog, dp: DPTrainer | None, round: int) -> Spend
     """Close the round's accounting period; audit what it spent (nothing when no step ran)."""
     if dp is None or dp.period_steps == 0:
         return None
-    s = dp.close_period()
-    rec = SpendingRecord(s.steps, s.noise_multiplier, s.sample_rate, s.epsilon_round, s.epsilon_total, s.delta,
-                         s.target_epsilon)
+    rec = dp.close_period()
     audit_log.append("local", "", PRIVACY_KIND, round=round, reason=rec.to_reason())
-    log.info("round %d spent eps %.4f (total %.4f of %.4g)", round, s.epsilon_round, s.epsilon_total,
-             s.target_epsilon)
+    log.info("round %d spent eps %.4f (total %.4f of %.4g)", round, rec.epsilon_round, rec.epsilon_total,
+             rec.target_epsilon)
     return rec
 
 

@@ -5,8 +5,6 @@ Peers run over the in-memory transport under trio's MockClock (see test_round_lo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import trio
 import trio.testing
 from memnet import MemoryNetwork, StartTogether
 from peerkit import configs, identity
+from test_round_loop import running
 
 from silomesh.peer import muxer
 from silomesh.peer.context import InlineCompute
@@ -37,15 +36,6 @@ def make(tmp_path: Path, n: int, net: MemoryNetwork, **kwargs: object) -> list[P
              faults=faults)
         for identity, cfg in zip(ids, cfgs, strict=True)
     ]
-
-
-@asynccontextmanager
-async def running(peers: Sequence[Peer]) -> AsyncIterator[trio.Nursery]:
-    async with trio.open_nursery() as nursery:
-        for p in peers:
-            await nursery.start(p.run)
-        yield nursery
-        nursery.cancel_scope.cancel()
 
 
 async def test_bytes_sent_of_a_round_count_every_neighbours_update(
