@@ -41,7 +41,6 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from silomesh.audit.privacy import SpendingRecord
 from silomesh.models.task import ArrayDataset
 
 logger = logging.getLogger(__name__)
@@ -91,6 +90,29 @@ class DPSettings:
         if self.noise_multiplier is None and self.planned_steps < 1:
             raise ValueError("privacy: set noise_multiplier, or planned_steps >= 1 to calibrate it "
                              "from target_epsilon")
+
+
+@dataclass(frozen=True)
+class Spending:
+    """What one accounting period (a round) spent.
+
+    Attributes:
+        steps: DP-SGD steps taken in the period.
+        noise_multiplier: sigma of those steps.
+        sample_rate: Poisson sampling rate q of those steps.
+        epsilon_round: ε of the period's steps alone (composed from zero).
+        epsilon_total: cumulative ε after the period.
+        delta: δ both ε are stated at.
+        target_epsilon: the budget.
+    """
+
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    epsilon_round: float
+    epsilon_total: float
+    delta: float
+    target_epsilon: float
 
 
 def poisson_batches(
@@ -167,7 +189,7 @@ class DPTrainer:
         """True if ``steps`` more steps stay within the target ε."""
         return steps <= 0 or self.epsilon_after(steps) <= self.settings.target_epsilon
 
-    def close_period(self) -> SpendingRecord:
+    def close_period(self) -> Spending:
         """End an accounting period (a round, a served request): what it spent, and the
         total over all closed periods (steps of a training still running count in the next)."""
         with self._lock:
@@ -175,7 +197,7 @@ class DPTrainer:
         period = (self.noise_multiplier, self.sample_rate, steps)
         self._closed.append(period)
         # the total over closed periods only: what an auditor recomputes from the logged ones
-        return SpendingRecord(
+        return Spending(
             steps=steps, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
             epsilon_round=_epsilon([period], self.settings.delta),
             epsilon_total=_epsilon(self._closed, self.settings.delta), delta=self.settings.delta,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from silomesh.audit.privacy import PRIVACY_KIND, SpendingRecord
@@ -52,7 +53,8 @@ def record_round(audit_log: AuditLog, dp: DPTrainer | None, round: int) -> Spend
     """Close the round's accounting period; audit what it spent (nothing when no step ran)."""
     if dp is None or dp.period_steps == 0:
         return None
-    rec = dp.close_period()
+    # the trainer (layer models) cannot import the audit's record type: same fields, by name
+    rec = SpendingRecord(**asdict(dp.close_period()))
     audit_log.append("local", "", PRIVACY_KIND, round=round, reason=rec.to_reason())
     log.info("round %d spent eps %.4f (total %.4f of %.4g)", round, rec.epsilon_round, rec.epsilon_total,
              rec.target_epsilon)
