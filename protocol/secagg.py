@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+import nacl.bindings
+import nacl.exceptions
 import numpy as np
 import numpy.typing as npt
 from Crypto.Cipher import ChaCha20
@@ -40,10 +42,12 @@ from Crypto.Protocol.SecretSharing import Shamir
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .fixedpoint import FixedPoint
-from .identity import Identity
-from .limits import KEY_SIZE
+from .identity import Identity, verify_signature
+from .limits import KEY_SIZE, NONCE_SIZE
 
 __all__ = [
+    "COMMIT_SIGNING_DOMAIN",
+    "GROUP_SIGNING_DOMAIN",
     "MIN_OTHER_MEMBERS",
     "SEED_SIZE",
     "Commit",
@@ -55,10 +59,16 @@ __all__ = [
     "Share",
     "ShareCommitment",
     "expand",
+    "open_share",
     "pair_seed",
     "recover_pair_seeds",
     "recover_self_seed",
+    "seal_share",
+    "sign_commit",
+    "sign_group",
     "unmask",
+    "verify_commit",
+    "verify_group",
 ]
 
 MIN_OTHER_MEMBERS: Final = 2
@@ -67,12 +77,20 @@ MIN_OTHER_MEMBERS: Final = 2
 SEED_SIZE: Final = 32
 """Self-mask and pairwise seeds are ChaCha20 keys."""
 
+GROUP_SIGNING_DOMAIN: Final = b"silomesh/secagg/group/v1\x00"
+"""The aggregator signs ``GROUP_SIGNING_DOMAIN || group.digest`` to name a round's group."""
+
+COMMIT_SIGNING_DOMAIN: Final = b"silomesh/secagg/commit/v1\x00"
+"""The aggregator signs ``COMMIT_SIGNING_DOMAIN || commit.digest``; two such signatures over
+different sets for one group are evidence of equivocation."""
+
 _BLOCK = 16  # PyCryptodome's Shamir shares 16-byte secrets
 _NONCE = bytes(12)  # every ChaCha20 key here is used for one stream only
 _GROUP_PERSON = b"silomesh/sa-grp1"
 _PAIR_PERSON = b"silomesh/sa-pair"
 _SELF_COMMIT_PERSON = b"silomesh/sa-self"
 _PAIR_COMMIT_PERSON = b"silomesh/sa-pcom"
+_COMMIT_PERSON = b"silomesh/sa-cmit"
 
 
 def _refuse(message: str) -> RemoteProtocolError:
@@ -241,6 +259,41 @@ class Dealing:
     shares: tuple[Share, ...]
 
 
+def seal_share(identity: Identity, group: Group, share: Share) -> bytes:
+    """Encrypt a share from its dealer to its holder (it travels through the aggregator).
+
+    ``nonce || Box(dealer, holder)`` of ``group.digest || self_part || pair_part``; the nonce
+    is random, the group digest inside binds the share to its group.
+    """
+    if identity.public_key != share.dealer:
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, "only the dealer seals its share")
+    nonce = secrets.token_bytes(NONCE_SIZE)
+    plain = group.digest + share.self_part + share.pair_part
+    return nonce + nacl.bindings.crypto_box_easy_afternm(plain, nonce, identity.shared_key(share.holder))
+
+
+def open_share(identity: Identity, group: Group, dealer: bytes, sealed: bytes) -> Share:
+    """Decrypt a share dealt to this member by ``dealer`` in ``group``.
+
+    Raises:
+        RemoteProtocolError: DECRYPT_FAILED if it does not authenticate; BAD_TYPE if it is
+            for another group or has the wrong length.
+    """
+    group.index(dealer)
+    try:
+        plain = nacl.bindings.crypto_box_open_easy_afternm(
+            sealed[NONCE_SIZE:], sealed[:NONCE_SIZE], identity.shared_key(dealer)
+        )
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise RemoteProtocolError(ErrorCode.DECRYPT_FAILED, "a sealed share does not open") from None
+    digest = group.digest
+    pair_size = SEED_SIZE * (len(group.members) - 1)
+    if len(plain) != len(digest) + SEED_SIZE + pair_size or plain[:len(digest)] != digest:
+        raise RemoteProtocolError(ErrorCode.BAD_TYPE, "a sealed share of another group or of the wrong size")
+    body = plain[len(digest):]
+    return Share(dealer, identity.public_key, body[:SEED_SIZE], body[SEED_SIZE:])
+
+
 @dataclass(frozen=True)
 class Commit:
     """The aggregator's signed statement of which members dealt and whose vectors arrived.
@@ -259,6 +312,53 @@ class Commit:
     def dropped(self) -> frozenset[bytes]:
         """Dealers whose masked vectors did not arrive."""
         return self.dealers - self.survivors
+
+    @property
+    def digest(self) -> bytes:
+        """BLAKE2b-256 over the group digest and both sets in canonical order (signed, audited)."""
+        h = hashlib.blake2b(self.group_digest, digest_size=32, person=_COMMIT_PERSON)
+        for members in (self.dealers, self.survivors):
+            h.update(struct.pack(">I", len(members)))
+            for m in sorted(members):
+                h.update(m)
+        return h.digest()
+
+
+def sign_group(identity: Identity, group: Group) -> bytes:
+    """The aggregator's signature naming ``group`` for its round.
+
+    Raises:
+        LocalProtocolError: BAD_TYPE if ``identity`` is not the group's aggregator.
+    """
+    if identity.public_key != group.aggregator:
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, "only the aggregator signs its group")
+    return identity.sign(GROUP_SIGNING_DOMAIN + group.digest)
+
+
+def verify_group(group: Group, signature: bytes) -> None:
+    """Raises: RemoteProtocolError: BAD_SIGNATURE unless the aggregator signed ``group``."""
+    if not verify_signature(group.aggregator, GROUP_SIGNING_DOMAIN + group.digest, signature):
+        raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "the group is not signed by its aggregator")
+
+
+def sign_commit(identity: Identity, group: Group, commit: Commit) -> bytes:
+    """The aggregator's signature over the set of contributions it received.
+
+    Raises:
+        LocalProtocolError: BAD_TYPE if ``identity`` is not the aggregator or the commit is
+            for another group.
+    """
+    if identity.public_key != group.aggregator or commit.group_digest != group.digest:
+        raise LocalProtocolError(ErrorCode.BAD_TYPE, "only the aggregator commits, and for its own group")
+    return identity.sign(COMMIT_SIGNING_DOMAIN + commit.digest)
+
+
+def verify_commit(group: Group, commit: Commit, signature: bytes) -> None:
+    """Raises: RemoteProtocolError: BAD_SIGNATURE unless the group's aggregator signed ``commit``."""
+    if commit.group_digest != group.digest or not verify_signature(
+        group.aggregator, COMMIT_SIGNING_DOMAIN + commit.digest, signature
+    ):
+        raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "the commit is not signed by the group's aggregator")
 
 
 @dataclass(frozen=True)
@@ -386,7 +486,7 @@ class ReleasePolicy:
         self.me = identity.public_key
         self._groups: dict[tuple[bytes, int], bytes] = {}
         self._held: dict[bytes, dict[bytes, Share]] = {}
-        self._answered: dict[bytes, Commit] = {}
+        self._answered: dict[bytes, tuple[Commit, bytes]] = {}
         self._kinds: dict[bytes, dict[bytes, str]] = {}
 
     def join(self, group: Group) -> None:
@@ -418,10 +518,14 @@ class ReleasePolicy:
             raise _refuse("a dealer dealt twice")
         held[share.dealer] = share
 
-    def release(self, group: Group, commit: Commit) -> Release:
-        """Answer the aggregator's commit with the shares it needs, or refuse.
+    def release(self, group: Group, commit: Commit, signature: bytes) -> Release:
+        """Answer the aggregator's signed commit with the shares it needs, or refuse.
+
+        The signed commit is kept (:meth:`answered`): with a second, contradicting one it is
+        evidence that the aggregator equivocated.
 
         Raises:
+            RemoteProtocolError: BAD_SIGNATURE if the aggregator did not sign the commit.
             RemoteProtocolError: REFUSED if the commit contradicts one already answered (it
                 would ask for both kinds of share of some member), if this member is not a
                 survivor, if fewer than ``threshold`` survive, or if the sets are inconsistent.
@@ -429,12 +533,13 @@ class ReleasePolicy:
         digest = group.digest
         if commit.group_digest != digest or self._groups.get((group.aggregator, group.round)) != digest:
             raise _refuse("a commit for a group this member did not join")
+        verify_commit(group, commit, signature)
         if not commit.survivors <= commit.dealers <= set(group.members):
             raise _refuse("survivors must have dealt, and dealers must be members")
         wanted = dict.fromkeys(commit.survivors, "self") | dict.fromkeys(commit.dropped, "pair")
         kinds = self._kinds.setdefault(digest, {})
         previous = self._answered.get(digest)
-        if previous is not None and previous != commit:
+        if previous is not None and previous[0] != commit:
             both = sorted(m.hex()[:16] for m, kind in wanted.items() if kinds.get(m, kind) != kind)
             if both:
                 raise _refuse(f"asked for both the self-mask and the pairwise share of {', '.join(both)}")
@@ -448,13 +553,17 @@ class ReleasePolicy:
         if missing:
             raise _refuse(f"no share held from {len(missing)} of the committed dealers")
         kinds.update(wanted)
-        self._answered[digest] = commit
+        self._answered[digest] = (commit, signature)
         return Release(
             holder=self.me,
             group_digest=digest,
             self_parts={m: held[m].self_part for m in commit.survivors},
             pair_parts={m: held[m].pair_part for m in commit.dropped},
         )
+
+    def answered(self, group: Group) -> tuple[Commit, bytes] | None:
+        """The signed commit this member answered for ``group``, if any."""
+        return self._answered.get(group.digest)
 
     def forget(self, before_round: int) -> None:
         """Drop held shares of rounds before ``before_round`` (their answers are kept)."""

@@ -25,10 +25,16 @@ from silomesh.protocol.secagg import (
     ReleasePolicy,
     ShareCommitment,
     expand,
+    open_share,
     pair_seed,
     recover_pair_seeds,
     recover_self_seed,
+    seal_share,
+    sign_commit,
+    sign_group,
     unmask,
+    verify_commit,
+    verify_group,
 )
 
 AGGREGATOR = Identity.from_seed(bytes([200]) * 32)
@@ -61,6 +67,7 @@ def deal(ids: list[Identity], group: Group | None = None, seed: int = 0) -> Run:
     group = make_group(ids) if group is None else group
     rng = np.random.default_rng(seed)
     members = {i.public_key: Member(i, group, self_seed=rng.bytes(32)) for i in ids}
+    members_ids = {i.public_key: i for i in ids}
     policies = {i.public_key: ReleasePolicy(i) for i in ids}
     for p in policies.values():
         p.join(group)
@@ -68,9 +75,15 @@ def deal(ids: list[Identity], group: Group | None = None, seed: int = 0) -> Run:
     for m in members.values():
         dealing = m.deal()
         commitments[m.me] = dealing.commitment
-        for share in dealing.shares:
-            policies[share.holder].hold(group, share)
+        for share in dealing.shares:  # sealed by the dealer, opened by the holder, as on the wire
+            sealed = seal_share(members_ids[m.me], group, share)
+            policies[share.holder].hold(group, open_share(members_ids[share.holder], group, m.me, sealed))
     return Run(group, {i.public_key: i for i in ids}, members, policies, commitments)
+
+
+def release(run: Run, holder: bytes, commit: Commit) -> Release:
+    """``holder`` answers ``commit`` signed by the aggregator."""
+    return run.policies[holder].release(run.group, commit, sign_commit(AGGREGATOR, run.group, commit))
 
 
 def inputs(run: Run, seed: int) -> tuple[dict[bytes, np.ndarray], dict[bytes, float]]:
@@ -86,7 +99,7 @@ def aggregate(run: Run, values: dict[bytes, np.ndarray], weights: dict[bytes, fl
     members = run.group.members
     masked = {k: run.members[k].mask(values[k], weights[k]) for k in members if k not in dropped}
     commit = Commit(run.group.digest, frozenset(members), frozenset(masked))
-    releases = [run.policies[k].release(run.group, commit) for k in masked]
+    releases = [release(run, k, commit) for k in masked]
     return unmask(run.group, commit, masked, run.commitments, releases)
 
 
@@ -197,12 +210,63 @@ def test_releasing_both_kinds_of_share_of_one_member_is_refused() -> None:
     group, members = run.group, run.group.members
     holder, target = members[0], members[4]
     honest = Commit(group.digest, frozenset(members), frozenset(members))
-    first = run.policies[holder].release(group, honest)
+    first = release(run, holder, honest)
     assert target in first.self_parts
     lying = Commit(group.digest, frozenset(members), frozenset(members) - {target})
     with pytest.raises(RemoteProtocolError, match="both the self-mask and the pairwise share"):
-        run.policies[holder].release(group, lying)
-    assert run.policies[holder].release(group, honest) == first  # a repeated commit is answered again
+        release(run, holder, lying)
+    assert release(run, holder, honest) == first  # a repeated commit is answered again
+
+
+def test_a_member_keeps_the_signed_commit_it_answered_as_evidence_of_equivocation() -> None:
+    run = deal(identities(3))
+    group, members = run.group, run.group.members
+    honest = Commit(group.digest, frozenset(members), frozenset(members))
+    lying = Commit(group.digest, frozenset(members), frozenset(members[:2]))
+    release(run, members[0], honest)
+    with pytest.raises(RemoteProtocolError):
+        release(run, members[0], lying)
+    kept = run.policies[members[0]].answered(group)
+    assert kept is not None and kept[0] == honest
+    verify_commit(group, *kept)  # two verifying signatures over different sets of one group
+    verify_commit(group, lying, sign_commit(AGGREGATOR, group, lying))
+    assert honest.digest != lying.digest
+
+
+def test_a_commit_not_signed_by_the_aggregator_is_refused() -> None:
+    run = deal(identities(3))
+    group, members = run.group, run.group.members
+    commit = Commit(group.digest, frozenset(members), frozenset(members))
+    forged = run.ids[members[1]].sign(b"silomesh/secagg/commit/v1\x00" + commit.digest)
+    with pytest.raises(RemoteProtocolError, match="not signed by the group's aggregator"):
+        run.policies[members[0]].release(group, commit, forged)
+    assert run.policies[members[0]].answered(group) is None
+
+
+def test_a_group_verifies_only_under_its_aggregators_signature() -> None:
+    ids = identities(3)
+    group = make_group(ids)
+    verify_group(group, sign_group(AGGREGATOR, group))
+    with pytest.raises(RemoteProtocolError, match="not signed by its aggregator"):
+        verify_group(make_group(ids, round=8), sign_group(AGGREGATOR, group))
+    with pytest.raises(LocalProtocolError, match="only the aggregator"):
+        sign_group(ids[0], group)
+
+
+def test_a_sealed_share_opens_only_for_its_holder_and_its_group() -> None:
+    ids = identities(3)
+    group = make_group(ids)
+    share = next(sh for sh in Member(ids[0], group).deal().shares if sh.holder == ids[1].public_key)
+    sealed = seal_share(ids[0], group, share)
+    assert open_share(ids[1], group, ids[0].public_key, sealed) == share
+    with pytest.raises(RemoteProtocolError, match="does not open"):
+        open_share(ids[2], group, ids[0].public_key, sealed)
+    tampered = bytearray(sealed)
+    tampered[-1] ^= 1
+    with pytest.raises(RemoteProtocolError, match="does not open"):
+        open_share(ids[1], group, ids[0].public_key, bytes(tampered))
+    with pytest.raises(RemoteProtocolError, match="another group"):
+        open_share(ids[1], make_group(ids, round=8), ids[0].public_key, sealed)
 
 
 def test_an_equivocating_aggregator_cannot_recover_both_secrets_of_one_member() -> None:
@@ -212,10 +276,10 @@ def test_an_equivocating_aggregator_cannot_recover_both_secrets_of_one_member() 
     says_survived = Commit(group.digest, frozenset(members), frozenset(members))
     says_dropped = Commit(group.digest, frozenset(members), frozenset(members) - {target})
     # each holder sees one of the two commits: three the first, the fourth and the target the second
-    releases_a = [run.policies[h].release(group, says_survived) for h in members[:3]]
-    releases_b = [run.policies[members[3]].release(group, says_dropped)]
+    releases_a = [release(run, h, says_survived) for h in members[:3]]
+    releases_b = [release(run, members[3], says_dropped)]
     with pytest.raises(RemoteProtocolError, match="not among the committed survivors"):
-        run.policies[target].release(group, says_dropped)
+        release(run, target, says_dropped)
     recover_self_seed(group, run.commitments[target], releases_a)  # a lawful survivor's seed
     with pytest.raises(RemoteProtocolError, match="1 shares, 3 needed"):
         recover_pair_seeds(group, run.commitments[target], releases_b)
@@ -226,7 +290,7 @@ def test_recovery_below_the_threshold_is_refused() -> None:
     group, members = run.group, run.group.members
     assert group.threshold == 5
     commit = Commit(group.digest, frozenset(members), frozenset(members[:6]))
-    releases = [run.policies[h].release(group, commit) for h in members[:6]]
+    releases = [release(run, h, commit) for h in members[:6]]
     dropped = members[7]
     assert recover_pair_seeds(group, run.commitments[dropped], releases[:5])[members[0]] == \
         run.members[dropped].pair_seed(members[0])
@@ -248,7 +312,7 @@ def test_a_wrong_share_fails_the_dealers_commitment() -> None:
     run = deal(identities(3))
     group, members = run.group, run.group.members
     commit = Commit(group.digest, frozenset(members), frozenset(members))
-    releases = [run.policies[h].release(group, commit) for h in members]
+    releases = [release(run, h, commit) for h in members]
     forged = dict(releases[0].self_parts)
     forged[members[1]] = bytes(32)
     releases[0] = Release(releases[0].holder, group.digest, forged, releases[0].pair_parts)
@@ -261,10 +325,10 @@ def test_release_is_refused_to_a_dropped_holder_and_below_threshold() -> None:
     group, members = run.group, run.group.members
     commit = Commit(group.digest, frozenset(members), frozenset(members[:3]))
     with pytest.raises(RemoteProtocolError, match="not among the committed survivors"):
-        run.policies[members[4]].release(group, commit)
+        release(run, members[4], commit)
     too_few = Commit(group.digest, frozenset(members), frozenset(members[:2]))
     with pytest.raises(RemoteProtocolError, match="fewer than the threshold 3"):
-        run.policies[members[0]].release(group, too_few)
+        release(run, members[0], too_few)
 
 
 def test_a_second_group_in_the_same_round_is_refused() -> None:
@@ -292,7 +356,7 @@ def test_members_mask_only_with_those_who_dealt() -> None:
     dealers = frozenset(members[:4])  # member 4 never dealt: nobody masks with it
     masked = {k: run.members[k].mask(values[k], weights[k], dealers) for k in members[:3]}
     commit = Commit(group.digest, dealers, frozenset(masked))
-    releases = [run.policies[k].release(group, commit) for k in masked]
+    releases = [release(run, k, commit) for k in masked]
     got = unmask(group, commit, masked, run.commitments, releases)
     want = sum(weights[k] * values[k].astype(np.float64) for k in members[:3])
     np.testing.assert_allclose(got, want, rtol=0, atol=group.fixed_point.error_bound(3))
