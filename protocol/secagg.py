@@ -14,14 +14,16 @@ every member (:meth:`Member.deal`). Only these per-group seeds are ever shared, 
 long-term identity key. After the deadline the aggregator commits the set of masked
 vectors it received (:class:`Commit`); each survivor's :class:`ReleasePolicy` then releases
 self-mask shares of survivors and pairwise shares of the dropped, never both kinds for
-one member, and only one commit per (aggregator, round). With threshold
-``t = floor(n/2) + 1`` of ``n`` members, two commits that contradict each other cannot
-both gather ``t`` honest releases, so an aggregator that lies about who dropped learns
-nothing more than the sum. :func:`unmask` removes the masks and decodes the sum.
+one member, and only one commit per (aggregator, round). With a threshold ``t`` of at
+least a strict majority of the ``n`` members (the default), two commits that contradict
+each other cannot both gather ``t`` honest releases, so an aggregator that lies about who
+dropped learns nothing more than the sum unless ``2t - n`` members collude with it.
+:func:`unmask` removes the masks and decodes the sum.
 
-Threat model and limits: an honest-but-curious or lying aggregator colluding with fewer
-than ``t`` members learns only the sum of the committed members' weighted models (and
-their weights). It does not stop a member from sending a wrong vector.
+Threat model and limits: an aggregator that follows the protocol, colluding with fewer
+than ``t`` members, learns only the sum of the committed members' weighted models (and
+their weights); one that lies about dropouts needs ``2t - n`` colluders
+(:attr:`Group.tolerated_colluders`). Nothing stops a member from sending a wrong vector.
 """
 
 from __future__ import annotations
@@ -138,6 +140,12 @@ class Group:
         members: The members' public keys, sorted and unique; Shamir index = position + 1.
         length: Number of coordinates of each vector.
         fixed_point: The encoding every member uses.
+        threshold: Shares needed to recover a secret, from a strict majority ``floor(n/2) + 1``
+            (0, the default, picks it) up to ``n``. At least a majority: any two sets of
+            ``t`` holders then intersect and an honest holder answers one commit, so
+            contradicting commits cannot both be served. A lying aggregator with ``c``
+            colluding members unmasks someone only if ``c >= 2t - n``; a higher ``t`` raises
+            that bar and tolerates fewer dropouts (``n - t``).
     """
 
     aggregator: bytes
@@ -145,6 +153,7 @@ class Group:
     members: tuple[bytes, ...]
     length: int
     fixed_point: FixedPoint
+    threshold: int = 0
 
     def __post_init__(self) -> None:
         keys = (self.aggregator, *self.members)
@@ -164,21 +173,25 @@ class Group:
             raise LocalProtocolError(ErrorCode.TOO_LARGE, "more members than the encoding has headroom for")
         if self.round < 0 or self.length < 1:
             raise LocalProtocolError(ErrorCode.BAD_TYPE, "round must be >= 0 and length >= 1")
+        n = len(self.members)
+        if self.threshold == 0:
+            object.__setattr__(self, "threshold", n // 2 + 1)
+        if not n // 2 + 1 <= self.threshold <= n:
+            raise LocalProtocolError(
+                ErrorCode.BAD_TYPE,
+                f"threshold {self.threshold} of {n}: it must be a strict majority ({n // 2 + 1}) up to {n}",
+            )
 
     @classmethod
     def of(cls, aggregator: bytes, round: int, members: Iterable[bytes], length: int,
-           fixed_point: FixedPoint) -> Group:
+           fixed_point: FixedPoint, threshold: int = 0) -> Group:
         """A group with ``members`` in canonical (sorted) order."""
-        return cls(aggregator, round, tuple(sorted(set(members))), length, fixed_point)
+        return cls(aggregator, round, tuple(sorted(set(members))), length, fixed_point, threshold)
 
     @property
-    def threshold(self) -> int:
-        """Shares needed to recover a secret: a strict majority, ``floor(n/2) + 1``.
-
-        Any two sets of ``t`` holders intersect, and an honest holder answers only one commit,
-        so contradicting commits cannot both be served.
-        """
-        return len(self.members) // 2 + 1
+    def tolerated_colluders(self) -> int:
+        """Members that may collude with a lying aggregator without unmasking anyone: ``2t - n - 1``."""
+        return 2 * self.threshold - len(self.members) - 1
 
     @property
     def digest(self) -> bytes:
@@ -187,7 +200,7 @@ class Group:
         h = hashlib.blake2b(digest_size=32, person=_GROUP_PERSON)
         h.update(self.aggregator)
         h.update(struct.pack(">QQBdd", self.round, self.length, fp.bits, fp.scale, fp.clip))
-        h.update(struct.pack(">II", fp.max_members, len(self.members)))
+        h.update(struct.pack(">III", fp.max_members, self.threshold, len(self.members)))
         for m in self.members:
             h.update(m)
         return h.digest()

@@ -23,6 +23,7 @@ from silomesh.protocol.secagg import (
     Member,
     Release,
     ReleasePolicy,
+    Share,
     ShareCommitment,
     expand,
     open_share,
@@ -47,9 +48,9 @@ def identities(n: int) -> list[Identity]:
 
 
 def make_group(ids: list[Identity], *, round: int = 7, length: int = LENGTH, clip: float = CLIP,
-               bits: int = 64, aggregator: Identity = AGGREGATOR) -> Group:
+               bits: int = 64, aggregator: Identity = AGGREGATOR, threshold: int = 0) -> Group:
     fp = FixedPoint.for_group(len(ids), clip, bits)
-    return Group.of(aggregator.public_key, round, (i.public_key for i in ids), length, fp)
+    return Group.of(aggregator.public_key, round, (i.public_key for i in ids), length, fp, threshold)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Run:
     members: dict[bytes, Member]
     policies: dict[bytes, ReleasePolicy]
     commitments: dict[bytes, ShareCommitment]
+    dealt: dict[tuple[bytes, bytes], Share]  # (dealer, holder) -> share: what a colluder could read
 
 
 def deal(ids: list[Identity], group: Group | None = None, seed: int = 0) -> Run:
@@ -71,14 +73,15 @@ def deal(ids: list[Identity], group: Group | None = None, seed: int = 0) -> Run:
     policies = {i.public_key: ReleasePolicy(i) for i in ids}
     for p in policies.values():
         p.join(group)
-    commitments = {}
+    commitments, dealt = {}, {}
     for m in members.values():
         dealing = m.deal()
         commitments[m.me] = dealing.commitment
-        for share in dealing.shares:  # sealed by the dealer, opened by the holder, as on the wire
+        for share in dealing.shares:
+            dealt[share.dealer, share.holder] = share  # sealed by the dealer, opened by the holder, as on the wire
             sealed = seal_share(members_ids[m.me], group, share)
             policies[share.holder].hold(group, open_share(members_ids[share.holder], group, m.me, sealed))
-    return Run(group, {i.public_key: i for i in ids}, members, policies, commitments)
+    return Run(group, {i.public_key: i for i in ids}, members, policies, commitments, dealt)
 
 
 def release(run: Run, holder: bytes, commit: Commit) -> Release:
@@ -283,6 +286,65 @@ def test_an_equivocating_aggregator_cannot_recover_both_secrets_of_one_member() 
     recover_self_seed(group, run.commitments[target], releases_a)  # a lawful survivor's seed
     with pytest.raises(RemoteProtocolError, match="1 shares, 3 needed"):
         recover_pair_seeds(group, run.commitments[target], releases_b)
+
+
+def equivocate_with_a_colluder(run: Run, target: bytes, colluder: bytes, first: list[bytes],
+                               second: list[bytes]) -> tuple[list[Release], list[Release]]:
+    """Commit "all survived" to ``first`` and "target dropped" to ``second``; the colluder gives both."""
+    group, members = run.group, run.group.members
+    survived = Commit(group.digest, frozenset(members), frozenset(members))
+    dropped = Commit(group.digest, frozenset(members), frozenset(members) - {target})
+    leak = run.dealt[target, colluder]
+    releases_a = [release(run, h, survived) for h in first]
+    releases_a.append(Release(colluder, group.digest, self_parts={target: leak.self_part}))
+    releases_b = [release(run, h, dropped) for h in second]
+    releases_b.append(Release(colluder, group.digest, pair_parts={target: leak.pair_part}))
+    return releases_a, releases_b
+
+
+def test_a_lying_aggregator_with_one_colluder_unmasks_a_member_of_five_at_the_majority_threshold() -> None:
+    # the documented limit: c >= 2t - n = 1 colluder suffices when n = 5, t = 3
+    run = deal(identities(5))
+    group, members = run.group, run.group.members
+    assert (group.threshold, group.tolerated_colluders) == (3, 0)
+    target, colluder = members[4], members[0]
+    values, weights = inputs(run, seed=8)
+    y = run.members[target].mask(values[target], weights[target])
+    releases_a, releases_b = equivocate_with_a_colluder(run, target, colluder, [members[1], target],
+                                                        [members[2], members[3]])
+    fp = group.fixed_point
+    y -= expand(recover_self_seed(group, run.commitments[target], releases_a), group.length, fp.dtype)
+    for k, seed in recover_pair_seeds(group, run.commitments[target], releases_b).items():
+        stream = expand(seed, group.length, fp.dtype)
+        if target < k:
+            y -= stream
+        else:
+            y += stream
+    np.testing.assert_allclose(fp.decode(y), weights[target] * values[target].astype(np.float64),
+                               rtol=0, atol=fp.error_bound(1))
+
+
+def test_a_higher_threshold_defeats_the_same_attack() -> None:
+    ids = identities(5)
+    run = deal(ids, group=make_group(ids, threshold=4))
+    group, members = run.group, run.group.members
+    assert group.tolerated_colluders == 2
+    target, colluder = members[4], members[0]
+    releases_a, releases_b = equivocate_with_a_colluder(run, target, colluder, [members[1], members[2], target],
+                                                        [members[3]])
+    recover_self_seed(group, run.commitments[target], releases_a)
+    with pytest.raises(RemoteProtocolError, match="2 shares, 4 needed"):
+        recover_pair_seeds(group, run.commitments[target], releases_b)
+
+
+def test_a_threshold_below_a_strict_majority_is_refused() -> None:
+    ids = identities(5)
+    assert make_group(ids).threshold == 3
+    assert make_group(ids, threshold=5).digest != make_group(ids).digest
+    with pytest.raises(LocalProtocolError, match="strict majority"):
+        make_group(ids, threshold=2)
+    with pytest.raises(LocalProtocolError, match="strict majority"):
+        make_group(ids, threshold=6)
 
 
 def test_recovery_below_the_threshold_is_refused() -> None:
