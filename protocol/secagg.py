@@ -12,9 +12,9 @@ Before masking, each member deals Shamir shares (PyCryptodome's ``Shamir`` over
 GF(2^128), one split per 16-byte block) of ``b_j`` and of its per-group pairwise seeds to
 every member (:meth:`Member.deal`). Only these per-group seeds are ever shared, never the
 long-term identity key. After the deadline the aggregator commits the set of masked
-vectors it received (:class:`Commit`); each survivor's :class:`ReleasePolicy` then releases
-self-mask shares of survivors and pairwise shares of the dropped, never both kinds for
-one member, and only one commit per (aggregator, round). With a threshold ``t`` of at
+vectors it received (:class:`Commit`); each survivor's release policy
+(:mod:`.secagg_policy`) then releases self-mask shares of survivors and pairwise shares of
+the dropped, never both kinds for one member, and only one commit per (aggregator, round). With a threshold ``t`` of at
 least a strict majority of the ``n`` members (the default), two commits that contradict
 each other cannot both gather ``t`` honest releases, so an aggregator that lies about who
 dropped learns nothing more than the sum unless ``2t - n`` members collude with it.
@@ -57,7 +57,6 @@ __all__ = [
     "Group",
     "Member",
     "Release",
-    "ReleasePolicy",
     "Share",
     "ShareCommitment",
     "expand",
@@ -65,6 +64,7 @@ __all__ = [
     "pair_seed",
     "recover_pair_seeds",
     "recover_self_seed",
+    "refuse",
     "seal_share",
     "sign_commit",
     "sign_group",
@@ -95,7 +95,8 @@ _PAIR_COMMIT_PERSON = b"silomesh/sa-pcom"
 _COMMIT_PERSON = b"silomesh/sa-cmit"
 
 
-def _refuse(message: str) -> RemoteProtocolError:
+def refuse(message: str) -> RemoteProtocolError:
+    """A REFUSED remote error: the aggregator or a member asked for what the rules forbid."""
     return RemoteProtocolError(ErrorCode.REFUSED, message)
 
 
@@ -231,10 +232,10 @@ def _split(secret: bytes, threshold: int, n: int) -> list[bytes]:
 
 def _combine(shares: Sequence[tuple[int, bytes]], threshold: int, size: int) -> bytes:
     if len(shares) < threshold:
-        raise _refuse(f"{len(shares)} shares, {threshold} needed")
+        raise refuse(f"{len(shares)} shares, {threshold} needed")
     chosen = sorted(shares)[:threshold]  # PyCryptodome's combine wants exactly t shares
     if any(len(piece) != size for _, piece in chosen):
-        raise _refuse("a share has the wrong length")
+        raise refuse("a share has the wrong length")
     return b"".join(
         Shamir.combine([(idx, piece[off:off + _BLOCK]) for idx, piece in chosen])
         for off in range(0, size, _BLOCK)
@@ -395,7 +396,7 @@ def recover_self_seed(group: Group, commitment: ShareCommitment, releases: Seque
     shares = [(group.index(r.holder), r.self_parts[dealer]) for r in releases if dealer in r.self_parts]
     seed = _combine(shares, group.threshold, SEED_SIZE)
     if _commit(seed, _SELF_COMMIT_PERSON, group.digest) != commitment.self_digest:
-        raise _refuse("the recovered self-mask seed does not match its commitment")
+        raise refuse("the recovered self-mask seed does not match its commitment")
     return seed
 
 
@@ -411,7 +412,7 @@ def recover_pair_seeds(group: Group, commitment: ShareCommitment,
     shares = [(group.index(r.holder), r.pair_parts[dealer]) for r in releases if dealer in r.pair_parts]
     blob = _combine(shares, group.threshold, SEED_SIZE * len(others))
     if _commit(blob, _PAIR_COMMIT_PERSON, group.digest) != commitment.pair_digest:
-        raise _refuse("the recovered pairwise seeds do not match their commitment")
+        raise refuse("the recovered pairwise seeds do not match their commitment")
     return {k: blob[i * SEED_SIZE:(i + 1) * SEED_SIZE] for i, k in enumerate(others)}
 
 
@@ -486,105 +487,6 @@ class Member:
         return y
 
 
-class ReleasePolicy:
-    """A member's memory of shares held and released, across groups and rounds.
-
-    The rules that keep an aggregator from unmasking one member:
-    at most one group per (aggregator, round) (two overlapping sums reveal their difference);
-    at most one commit answered per group; never a self-mask share and a pairwise share of
-    the same member; only as a survivor; only when at least ``threshold`` vectors are summed.
-    """
-
-    def __init__(self, identity: Identity) -> None:
-        self.me = identity.public_key
-        self._groups: dict[tuple[bytes, int], bytes] = {}
-        self._held: dict[bytes, dict[bytes, Share]] = {}
-        self._answered: dict[bytes, tuple[Commit, bytes]] = {}
-        self._kinds: dict[bytes, dict[bytes, str]] = {}
-
-    def join(self, group: Group) -> None:
-        """Accept ``group`` as this member's only group for its (aggregator, round).
-
-        Raises:
-            RemoteProtocolError: REFUSED if another group was already joined for that round.
-        """
-        group.index(self.me)
-        key = (group.aggregator, group.round)
-        known = self._groups.setdefault(key, group.digest)
-        if known != group.digest:
-            raise _refuse("a second group from the same aggregator in the same round")
-
-    def hold(self, group: Group, share: Share) -> None:
-        """Keep a share dealt to this member in ``group``.
-
-        Raises:
-            RemoteProtocolError: REFUSED if the group was not joined, the share is for another
-                holder or from a non-member, or the dealer already dealt.
-        """
-        digest = group.digest
-        if self._groups.get((group.aggregator, group.round)) != digest:
-            raise _refuse("a share for a group this member did not join")
-        if share.holder != self.me or share.dealer not in group.members:
-            raise _refuse("a share for another holder or from a non-member")
-        held = self._held.setdefault(digest, {})
-        if share.dealer in held and held[share.dealer] != share:
-            raise _refuse("a dealer dealt twice")
-        held[share.dealer] = share
-
-    def release(self, group: Group, commit: Commit, signature: bytes) -> Release:
-        """Answer the aggregator's signed commit with the shares it needs, or refuse.
-
-        The signed commit is kept (:meth:`answered`): with a second, contradicting one it is
-        evidence that the aggregator equivocated.
-
-        Raises:
-            RemoteProtocolError: BAD_SIGNATURE if the aggregator did not sign the commit.
-            RemoteProtocolError: REFUSED if the commit contradicts one already answered (it
-                would ask for both kinds of share of some member), if this member is not a
-                survivor, if fewer than ``threshold`` survive, or if the sets are inconsistent.
-        """
-        digest = group.digest
-        if commit.group_digest != digest or self._groups.get((group.aggregator, group.round)) != digest:
-            raise _refuse("a commit for a group this member did not join")
-        verify_commit(group, commit, signature)
-        if not commit.survivors <= commit.dealers <= set(group.members):
-            raise _refuse("survivors must have dealt, and dealers must be members")
-        wanted = dict.fromkeys(commit.survivors, "self") | dict.fromkeys(commit.dropped, "pair")
-        kinds = self._kinds.setdefault(digest, {})
-        previous = self._answered.get(digest)
-        if previous is not None and previous[0] != commit:
-            both = sorted(m.hex()[:16] for m, kind in wanted.items() if kinds.get(m, kind) != kind)
-            if both:
-                raise _refuse(f"asked for both the self-mask and the pairwise share of {', '.join(both)}")
-            raise _refuse("the aggregator already committed another set for this group")
-        if self.me not in commit.survivors:
-            raise _refuse("this member is not among the committed survivors")
-        if len(commit.survivors) < group.threshold:
-            raise _refuse(f"{len(commit.survivors)} survivors, fewer than the threshold {group.threshold}")
-        held = self._held.get(digest, {})
-        missing = [m for m in wanted if m not in held]
-        if missing:
-            raise _refuse(f"no share held from {len(missing)} of the committed dealers")
-        kinds.update(wanted)
-        self._answered[digest] = (commit, signature)
-        return Release(
-            holder=self.me,
-            group_digest=digest,
-            self_parts={m: held[m].self_part for m in commit.survivors},
-            pair_parts={m: held[m].pair_part for m in commit.dropped},
-        )
-
-    def answered(self, group: Group) -> tuple[Commit, bytes] | None:
-        """The signed commit this member answered for ``group``, if any."""
-        return self._answered.get(group.digest)
-
-    def forget(self, before_round: int) -> None:
-        """Drop held shares of rounds before ``before_round`` (their answers are kept)."""
-        old = {d for (_, r), d in self._groups.items() if r < before_round}
-        for d in old:
-            self._held.pop(d, None)
-
-
 # --- aggregator side ------------------------------------------------------------------------
 
 
@@ -598,9 +500,9 @@ def unmask(group: Group, commit: Commit, masked: Mapping[bytes, npt.NDArray[np.u
             ``threshold`` releases answer, or if a recovered secret fails its commitment.
     """
     if commit.group_digest != group.digest or set(masked) != commit.survivors:
-        raise _refuse("the masked vectors are not those of the committed survivors")
+        raise refuse("the masked vectors are not those of the committed survivors")
     if not commit.survivors <= commit.dealers <= set(group.members):
-        raise _refuse("inconsistent commit")
+        raise refuse("inconsistent commit")
     by_holder: dict[bytes, Release] = {}
     for r in releases:
         if r.group_digest == group.digest and r.holder in commit.survivors:
@@ -611,7 +513,7 @@ def unmask(group: Group, commit: Commit, masked: Mapping[bytes, npt.NDArray[np.u
     for j in sorted(commit.survivors):
         vector = np.asarray(masked[j])
         if vector.dtype != fp.dtype or vector.shape != (group.length,):
-            raise _refuse("a masked vector has the wrong dtype or length")
+            raise refuse("a masked vector has the wrong dtype or length")
         total += vector
         total -= expand(recover_self_seed(group, commitments[j], releases), group.length, fp.dtype)
     for k in sorted(commit.dropped):

@@ -1,4 +1,4 @@
-"""Secure aggregation's core (protocol/secagg.py, protocol/fixedpoint.py), checked in memory.
+"""Secure aggregation's core (protocol/secagg.py, secagg_policy.py, fixedpoint.py), checked in memory.
 
 Every test runs whole groups synchronously: members deal shares, hold each other's, mask,
 the aggregator commits and unmasks. References are computed another way: exact rational
@@ -22,7 +22,6 @@ from silomesh.protocol.secagg import (
     Group,
     Member,
     Release,
-    ReleasePolicy,
     Share,
     ShareCommitment,
     expand,
@@ -37,6 +36,7 @@ from silomesh.protocol.secagg import (
     verify_commit,
     verify_group,
 )
+from silomesh.protocol.secagg_policy import ReleasePolicy
 
 AGGREGATOR = Identity.from_seed(bytes([200]) * 32)
 LENGTH = 64
