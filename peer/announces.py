@@ -56,6 +56,10 @@ async def listen_announces(ctx: RoundContext) -> None:
         except RemoteProtocolError as exc:
             endpoint.journal.refused(sender, "announce", f"{exc.code.value}: {exc.message}")
             continue
+        if endpoint.study is not None and not endpoint.study.approved:  # nothing of a study we did not approve
+            endpoint.journal.refused(sender, "announce", f"REFUSED: study {endpoint.study.study.label} is not "
+                                     "approved by this hospital's operator yet", blame=False)
+            continue
         announce = received.announce
         ctx.store.note_replay_mark(endpoint.trust.public_key_of(sender), announce.round, announce.sequence)
         fields: dict[str, object] = {"last_seen": time.time()}

@@ -1,10 +1,11 @@
 """The peer layer's commands: identity, the peer daemon and its operator tools.
 
 ``keygen``, ``peer run | status | rounds | dashboard``, ``data``, ``models``,
-``neighbours``, ``approvals`` (:mod:`silomesh.peer.cli_ops`) and ``train``
-(:mod:`silomesh.peer.cli_local`). The ``silomesh`` entry point (:mod:`silomesh.cli`)
-adds these to its root group beside the other layers' groups; :data:`cli` holds just
-these (``python -m silomesh.peer.cli``), so this layer imports nothing above it.
+``neighbours``, ``approvals`` (:mod:`silomesh.peer.cli_ops`), ``study``
+(:mod:`silomesh.peer.cli_study`) and ``train`` (:mod:`silomesh.peer.cli_local`). The
+``silomesh`` entry point (:mod:`silomesh.cli`) adds these to its root group beside the
+other layers' groups; :data:`cli` holds just these (``python -m silomesh.peer.cli``), so
+this layer imports nothing above it.
 
 Commands are thin: the library does the work and errors become one clear line with a
 non-zero exit code (``click.ClickException``), never a traceback for a user mistake.
@@ -21,6 +22,7 @@ import click
 
 from silomesh.peer import cli_ops
 from silomesh.peer.cli_local import export_bundle_command, train
+from silomesh.peer.cli_study import study
 from silomesh.peer.identity import KEY_FILE_NAME, IdentityError, write_key_file
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -52,6 +54,7 @@ def cli(verbose: int) -> None:
 
 cli.add_command(train)
 cli.add_command(export_bundle_command)
+cli.add_command(study)
 
 
 @cli.command(context_settings=CONTEXT)

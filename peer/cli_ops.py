@@ -187,7 +187,11 @@ def peer_status(config_path: Path, as_json: bool) -> None:
         _echo_json({"status": status, "neighbours": neighbours_})
         return
     budget = status.pop("privacy", None)
+    study = status.pop("study", None)
     _print_record("peer", status)
+    if study:  # docs/PRIVACY.md, "The study manifest"
+        verdict = "approved" if study["approved"] else "NOT APPROVED: review it, then 'silomesh study approve FILE'"
+        click.echo(f"study: {study['name']} v{study['version']} {study['digest']} {verdict}")
     if budget:  # docs/PRIVACY.md
         click.echo(f"privacy: eps {budget['epsilon_spent']:.3f} of {budget['epsilon_target']:g} spent, "
                    f"{budget['epsilon_remaining']:.3f} left (delta {budget['delta']:g}, {budget['steps']} DP-SGD steps)"

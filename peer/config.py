@@ -26,6 +26,9 @@ Example (relative paths are resolved against the folder holding the file)::
     serve = false                          # true: relay for trusted neighbours behind NAT
     via = []                               # relays to reserve a slot on, with their /p2p/ id
 
+    [study]                                # optional: see docs/PRIVACY.md, "The study manifest"
+    manifest = "study.json"                # from 'silomesh study create'; the operator approves it
+
     [[trusted]]
     name = "st-elsewhere"
     peer_id = "12D3KooW..."
@@ -180,6 +183,18 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """``[study]``: the signed study manifest this peer takes part in (docs/PRIVACY.md).
+
+    Absent: no study; the peer works as before (its hello names only the model). Present:
+    the peer checks at start that this file matches its own configuration, trains nothing
+    until the operator approved its digest, and talks only to members of the same study.
+    """
+
+    manifest: Path | None = None
+
+
+@dataclass(frozen=True)
 class ControlConfig:
     host: str = "127.0.0.1"
     port: int = 8787
@@ -205,6 +220,7 @@ class PeerConfig:
     relay: RelaySettings = field(default_factory=RelaySettings)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
 
 @overload
@@ -395,6 +411,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         "relay",
         "personal",
         "privacy",
+        "study",
         "trusted",
     }
     _check_unknown(data, top, "")
@@ -466,6 +483,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     relay = _relay(_get(data, "relay", "", dict, {}))
     personal = _personal(_get(data, "personal", "", dict, {}))
     privacy = parse_privacy(data.get("privacy"), rounds)
+    st = _get(data, "study", "", dict, {})
+    _check_unknown(st, {"manifest"}, "study.")
+    manifest = _get(st, "manifest", "study.", str, None)
+    if st and not manifest:
+        raise ConfigError("study.manifest: required field is missing (the study file from 'silomesh study create')")
+    study = StudyConfig(_path(base_dir, manifest) if manifest else None)
 
     c = _get(data, "control", "", dict, {})
     _check_unknown(c, {"host", "port"}, "control.")
@@ -511,6 +534,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         relay=relay,
         personal=personal,
         privacy=privacy,
+        study=study,
     )
 
 

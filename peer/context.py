@@ -33,6 +33,7 @@ from silomesh.peer.exchange import AuditRecord, BufferBudget, Timeouts, Wire
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
 from silomesh.protocol.peerid import public_key_from_peer_id
+from silomesh.protocol.study import hello_model
 from silomesh.strategies import StateDict
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from silomesh.peer.faults import FaultHooks
     from silomesh.peer.learner import Learner
     from silomesh.peer.store import Store
+    from silomesh.peer.study import StudyGate
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +129,15 @@ class Journal:
             # the envelope authenticated and took its replay slot: remember it across restarts
             self.store.note_replay_mark(public_key_from_peer_id(rec.peer), max(rec.round, 0), rec.sequence)
 
-    def refused(self, peer: str, kind: str, reason: str, *, round: int = -1) -> None:
+    def refused(self, peer: str, kind: str, reason: str, *, round: int = -1, blame: bool = True) -> None:
         """Audit a refusal that is not one envelope (an announce, a drop, a timeout).
 
         It counts against ``peer`` when ``peer`` is a trusted neighbour (strangers are
-        aggregated by the transport, not given a row each).
+        aggregated by the transport, not given a row each) and ``blame`` (not when the
+        cause is ours, e.g. a study our operator has not approved yet).
         """
         self.audit_log.append("refused", peer, kind, round=round, reason=reason)
-        if peer in self.trusted:
+        if blame and peer in self.trusted:
             self.store.count_refused(peer, reason)
 
 
@@ -186,6 +189,8 @@ class Endpoint:
     round_window: int = 2
     #: the model's tensor dtypes: a float weight arriving as int32 or bool is refused (BAD_DTYPE)
     expected_dtypes: Mapping[str, str] | None = None
+    #: the study ``[study]`` names and its approval; None: no study (docs/PRIVACY.md)
+    study: StudyGate | None = None
 
     def announce_routing(self, round: int | None = None) -> dict[str, Any]:
         """Routing fields of a new announce (no recipient; default: the current round)."""
@@ -209,7 +214,7 @@ class Endpoint:
         return Hello(
             **self.routing(recipient),
             agent=AGENT,
-            model=self.model_id,
+            model=hello_model(self.model_id, None if self.study is None else self.study.study.digest),
             state_digest=base_digest,
             codecs=CODECS,
             max_frame_size=self.limits.max_frame_size,

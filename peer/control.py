@@ -23,6 +23,7 @@ Routes (all answer JSON; errors are ``{"error": message}``)::
     POST   /api/datasets                  {"path": "/abs/folder"}
     GET    /api/approvals
     POST   /api/approvals/{id}            {"approve": true|false}
+    POST   /api/study/approve             {"digest": "<64 hex digits>"}
     GET    /api/audit?limit=N             (newest first)
     POST   /api/audit/verify
     POST   /api/dashboard/login-code      (bearer token only: a one-time dashboard login)
@@ -441,6 +442,14 @@ def make_app(
         return _json(await operator.decide(request.path_params["approval_id"], approve))
 
     @_endpoint
+    async def approve_study(request: Request) -> Response:
+        data = await _json_body(request)
+        digest = _field(data, "digest", str, "the study's digest (64 hex digits)")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise OperatorError("'digest' must be the study's digest (64 lowercase hex digits)", 400)
+        return _json(await operator.approve_study(digest))
+
+    @_endpoint
     async def audit(request: Request) -> Response:
         raw = request.query_params.get("limit", "100")
         if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
@@ -469,6 +478,7 @@ def make_app(
         Route("/api/datasets", register_dataset, methods=["POST"]),
         Route("/api/approvals", approvals, methods=["GET"]),
         Route("/api/approvals/{approval_id:int}", decide, methods=["POST"]),
+        Route("/api/study/approve", approve_study, methods=["POST"]),
         Route("/api/audit", audit, methods=["GET"]),
         Route("/api/audit/verify", verify_audit, methods=["POST"]),
         *make_routes(operator, sessions, _jsonable),

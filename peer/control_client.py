@@ -269,6 +269,10 @@ class ControlClient:
             self._request("POST", f"/api/approvals/{int(approval_id)}", json={"approve": approve})
         )
 
+    def approve_study(self, digest: str) -> dict[str, Any]:
+        """Approve the peer's study by its digest (hex); the study as the peer now reports it."""
+        return dict(self._request("POST", "/api/study/approve", json={"digest": digest}))
+
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent audit-log entries, newest first."""
         return list(self._request("GET", "/api/audit", params={"limit": int(limit)}))

@@ -50,6 +50,7 @@ from silomesh.peer.operator import OperatorError
 from silomesh.peer.safety import state_violation
 from silomesh.peer.store import PERSONAL, ModelRecord, Store, StoreError
 from silomesh.peer.strangers import Strangers, serve_strangers
+from silomesh.peer.study import StudyGate, load_study
 from silomesh.peer.transport import Transport, TransportFactory
 from silomesh.protocol import DEFAULT_LIMITS, Identity, ReplayGuard
 from silomesh.strategies import StateDict, Strategy, get_strategy
@@ -102,6 +103,7 @@ class Peer:
             self.strategy: Strategy = get_strategy(config.strategy.name, config.strategy.params)
         except ValueError as exc:
             raise OperatorError(f"strategy: {exc}") from None
+        self.study = load_study(config, self.peer_id)  # OperatorError naming each field that differs
         self._silo = silo
         self._faults = faults or NoFaults()
         self._open_transport = transport
@@ -181,6 +183,7 @@ class Peer:
         for t in config.trusted:
             store.upsert_neighbour(t.peer_id, name=t.name, address=t.address)
         journal = Journal(self.audit_log, store, trusted=frozenset(t.peer_id for t in config.trusted))
+        gate = None if self.study is None else StudyGate(self.study, self.audit_log)
         net = config.network
         strangers = Strangers(store, self.audit_log)  # the transport refuses only untrusted PeerIDs
         async with self._open_transport(
@@ -211,6 +214,7 @@ class Peer:
                 max_skew_ms=int(net.max_clock_skew_seconds * 1000) or None,
                 round_window=net.round_window,
                 expected_dtypes={k: v.dtype.name for k, v in self.learner.state().items()},
+                study=gate,
             )
             ctx = self.context = RoundContext(
                 endpoint=endpoint,
@@ -233,6 +237,10 @@ class Peer:
                     await self._start_control(nursery)
                 nursery.start_soon(dialer.connect_loop, ctx)
                 task_status.started(self)
+                if gate is not None and not gate.approved:  # no training before the operator approved the study
+                    self.progress.phase = "waiting-study-approval"
+                    await gate.wait_approved()
+                    self.progress.phase = "idle"
                 await rounds.round_loop(ctx)
                 if self.progress.phase != privacy.PHASE_EXHAUSTED:
                     self.progress.phase = "done"

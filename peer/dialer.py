@@ -32,6 +32,7 @@ import trio
 from silomesh.models.architecture import model_difference
 from silomesh.peer.context import Base, RoundContext
 from silomesh.peer.exchange import ConversationError, Silent, Wire
+from silomesh.peer.study import study_refusal
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import (
     Ack,
@@ -48,6 +49,7 @@ from silomesh.protocol import (
     make_delta,
     state_digest,
 )
+from silomesh.protocol.study import split_hello_model
 from silomesh.strategies import StateDict
 
 log = logging.getLogger(__name__)
@@ -107,10 +109,15 @@ async def open_wire(ctx: RoundContext, neighbour: str) -> Wire:
             raise ConversationError(f"{neighbour} closed the stream during hello")
         ctx.neighbour_rounds[neighbour] = hello.message.round
         if isinstance(hello.message, Hello):  # no weights go to a neighbour running another model
-            differs = model_difference(ctx.endpoint.model_id, hello.message.model)
+            differs = model_difference(ctx.endpoint.model_id, split_hello_model(hello.message.model)[0])
             if differs:
                 log.warning("%s runs another model (%s); nothing sent", neighbour, differs)
                 raise ConversationError(f"{neighbour} runs another model: {differs}")
+            why = study_refusal(ctx.endpoint.study, neighbour, hello.message.model)
+            if why:
+                log.warning("%s: %s; nothing sent", neighbour, why)
+                ctx.endpoint.journal.refused(neighbour, "hello", f"REFUSED: {why}", round=hello.message.round)
+                raise ConversationError(f"{neighbour}: {why}")
     except BaseException:
         await wire.reset()
         raise

@@ -31,6 +31,7 @@ from silomesh.models.privacy import BudgetExhausted
 from silomesh.peer import privacy
 from silomesh.peer.context import Base, Received, RoundContext
 from silomesh.peer.exchange import ConversationError, Wire
+from silomesh.peer.study import study_refusal
 from silomesh.peer.transport import Stream
 from silomesh.protocol import (
     Ack,
@@ -48,6 +49,7 @@ from silomesh.protocol import (
     apply_delta,
     state_digest,
 )
+from silomesh.protocol.study import split_hello_model
 from silomesh.strategies import StateDict
 
 log = logging.getLogger(__name__)
@@ -95,9 +97,15 @@ async def _answer(ctx: RoundContext, wire: Wire, msg: Message) -> None:
         ctx.neighbour_rounds[remote] = msg.round
         base = ctx.bases.received.get(remote)
         await wire.send(ctx.endpoint.hello(msg.sender, base.digest if base else None))
-        differs = model_difference(ctx.endpoint.model_id, msg.model)
+        differs = model_difference(ctx.endpoint.model_id, split_hello_model(msg.model)[0])
         if differs:  # our hello tells the dialer our model; the stream ends before any weights travel
             raise RemoteProtocolError(ErrorCode.REFUSED, f"model differs: {differs}")
+        why = study_refusal(ctx.endpoint.study, remote, msg.model)
+        if why:  # another study, a non-member, or ours not approved yet: nothing more on this stream
+            gate = ctx.endpoint.study
+            ctx.endpoint.journal.refused(remote, "hello", f"{ErrorCode.REFUSED.value}: {why}", round=msg.round,
+                                         blame=gate is None or gate.approved)
+            raise RemoteProtocolError(ErrorCode.REFUSED, why)
     elif isinstance(msg, Update):
         await _on_update(ctx, wire, msg)
     elif isinstance(msg, TrainRequest):

@@ -89,6 +89,8 @@ class PeerOperations:
             "relay": network["relay"],
             # DP-SGD budget (docs/PRIVACY.md); None when the peer trains without [privacy]
             "privacy": privacy.budget_status(self.ctx.learner.dp, progress.phase == privacy.PHASE_EXHAUSTED),
+            # the study manifest and whether our operator approved it (docs/PRIVACY.md); None without [study]
+            "study": None if self.ctx.endpoint.study is None else self.ctx.endpoint.study.summary(),
         }
 
     async def neighbours(self) -> list[dict[str, Any]]:
@@ -225,6 +227,12 @@ class PeerOperations:
 
     async def decide(self, approval_id: int, approve: bool) -> dict[str, Any]:
         return self.ctx.consent.decide(approval_id, approve)
+
+    async def approve_study(self, digest: str) -> dict[str, Any]:
+        gate = self.ctx.endpoint.study
+        if gate is None:
+            raise OperatorError("this peer takes part in no study: its peer.toml has no [study] manifest", 404)
+        return gate.approve(digest)
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         if limit < 1:

@@ -32,7 +32,7 @@ class Operator(Protocol):
 
     async def status(self) -> dict[str, Any]:
         """PeerID, federation, task, strategy, participation policy, current round and phase,
-        listen addresses, uptime, health."""
+        listen addresses, uptime, health, privacy budget, the study and its approval."""
 
     async def neighbours(self) -> list[dict[str, Any]]:
         """Each trusted peer: peer_id, name, address, connected, last_seen, samples announced,
@@ -73,6 +73,13 @@ class Operator(Protocol):
 
     async def decide(self, approval_id: int, approve: bool) -> dict[str, Any]:
         """Approve or decline one pending request."""
+
+    async def approve_study(self, digest: str) -> dict[str, Any]:
+        """Approve the study manifest with this digest (hex): the peer's own, named in ``[study]``.
+
+        Recorded as a signed ``local`` audit entry ``study-approved``; the peer trains and
+        talks to neighbours only once it is. Returns the study as ``status()["study"]``.
+        """
 
     async def audit(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` most recent audit-log entries, newest first."""
