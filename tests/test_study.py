@@ -301,3 +301,42 @@ def test_study_refusal_covers_no_study_another_study_a_non_member_and_no_approva
         assert not StudyGate(other, AuditLog(store, ids[0].signing_key)).approved
     finally:
         store.close()
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def test_study_create_then_show_reviews_the_file_and_names_a_field_the_peer_toml_changed(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from silomesh.cli import cli
+    from silomesh.peer.identity import write_key_file
+
+    me = write_key_file(tmp_path / "peer.key")
+    toml = (
+        'federation = "test-fed"\nkey_file = "peer.key"\n'
+        '[task]\nname = "catheter"\nsize = "tiny"\n'
+        '[rounds]\ncount = {count}\n'
+        f'[[trusted]]\npeer_id = "{BOB.peer_id_text}"\naddress = "/ip4/127.0.0.1/tcp/4002"\n'
+    )
+    (tmp_path / "peer.toml").write_text(toml.replace("{count}", "4"))
+    runner = CliRunner()
+    config = ["--config", str(tmp_path / "peer.toml")]
+    created = runner.invoke(cli, ["study", "create", "--name", "cardio-2026", "--out", str(tmp_path / "s.json"),
+                                  *config])
+    assert created.exit_code == 0, created.output
+    signed = read_study((tmp_path / "s.json").read_bytes())
+    assert signed.proposer == me.peer_id_text
+    assert signed.manifest.members == tuple(sorted((me.peer_id_text, BOB.peer_id_text)))
+    again = runner.invoke(cli, ["study", "create", "--name", "x", "--out", str(tmp_path / "s.json"), *config])
+    assert again.exit_code != 0 and "never overwritten" in again.output
+
+    shown = runner.invoke(cli, ["study", "show", str(tmp_path / "s.json"), *config])
+    assert shown.exit_code == 0, shown.output
+    assert signed.digest_hex in shown.output and "signature verified" in shown.output
+    assert "matches the study" in shown.output
+
+    (tmp_path / "peer.toml").write_text(toml.replace("{count}", "5"))
+    differs = runner.invoke(cli, ["study", "show", str(tmp_path / "s.json"), *config])
+    assert differs.exit_code == 1
+    assert "rounds.count: study 4, here 5" in differs.output

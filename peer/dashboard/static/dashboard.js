@@ -82,6 +82,12 @@ on("button.decide", "click", (ev) => {
   act(() => api("POST", `/api/approvals/${ev.target.dataset.id}`, { approve }));
 });
 
+on("#approve-study", "click", (ev) => {
+  const digest = ev.target.dataset.digest;
+  if (!window.confirm(`Approve study ${digest.slice(0, 12)}? This peer will train with its members.`)) return;
+  act(() => api("POST", "/api/study/approve", { digest }));
+});
+
 on("#verify-log", "click", () => act(async () => {
   const box = document.getElementById("verify-result");
   box.hidden = false;
