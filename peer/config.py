@@ -486,7 +486,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     st = _get(data, "study", "", dict, {})
     _check_unknown(st, {"manifest"}, "study.")
     manifest = _get(st, "manifest", "study.", str, None)
-    if st and not manifest:
+    if "study" in data and not manifest:
         raise ConfigError("study.manifest: required field is missing (the study file from 'silomesh study create')")
     study = StudyConfig(_path(base_dir, manifest) if manifest else None)
 

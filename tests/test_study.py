@@ -340,3 +340,15 @@ def test_study_create_then_show_reviews_the_file_and_names_a_field_the_peer_toml
     differs = runner.invoke(cli, ["study", "show", str(tmp_path / "s.json"), *config])
     assert differs.exit_code == 1
     assert "rounds.count: study 4, here 5" in differs.output
+
+
+def test_a_study_section_without_its_manifest_is_a_config_error_naming_the_field(tmp_path: Path) -> None:
+    from silomesh.peer.config import ConfigError, parse_config
+
+    base = {"federation": "test-fed", "key_file": "peer.key"}
+    assert parse_config(base, tmp_path).study.manifest is None
+    assert parse_config({**base, "study": {"manifest": "s.json"}}, tmp_path).study.manifest == tmp_path / "s.json"
+    with pytest.raises(ConfigError, match=r"^study\.manifest: required field is missing"):
+        parse_config({**base, "study": {}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"^study\.file: unknown field"):
+        parse_config({**base, "study": {"file": "s.json"}}, tmp_path)
