@@ -59,6 +59,7 @@ __all__ = [
     "ENVELOPE_SIGNING_DOMAIN",
     "HEADER_KEYS",
     "HEADER_LAYOUT_VERSIONS",
+    "MODEL_KINDS",
     "TENSOR_KINDS",
     "AuthenticatedEnvelope",
     "EnvelopeHeader",
@@ -100,8 +101,12 @@ An :class:`EnvelopeHeader` may hold either, so that headers recorded before an u
 messages are only ever sealed with it.
 """
 
-TENSOR_KINDS = frozenset({Kind.UPDATE, Kind.TRAIN_REQUEST, Kind.TRAIN_RESULT})
+TENSOR_KINDS = frozenset({Kind.UPDATE, Kind.TRAIN_REQUEST, Kind.TRAIN_RESULT, Kind.SECAGG_MASKED})
 """Kinds whose payload carries a tensor table and blob."""
+
+MODEL_KINDS = frozenset({Kind.UPDATE, Kind.TRAIN_REQUEST, Kind.TRAIN_RESULT})
+"""Tensor kinds that carry the model (its shapes and dtypes are enforced); ``secagg-masked``
+carries one ring vector instead, checked by its message class and by the aggregator."""
 
 _LEN = 2  # header length prefix
 _PAYLOAD_LEN = 4  # body length prefix inside the payload
@@ -618,14 +623,15 @@ def _decode_payload(
         "sequence": header.sequence,
     }
     if tensor_kind:
+        model_kind = header.kind in MODEL_KINDS
         tensors: dict[str, np.ndarray] = decode_tensors(
             body.pop("tensors"),
             blob,
             codec=header.codec,
             limits=limits,
-            expected_shapes=expected_shapes,
-            expected_dtypes=expected_dtypes,
-            complete=complete,
+            expected_shapes=expected_shapes if model_kind else None,
+            expected_dtypes=expected_dtypes if model_kind else None,
+            complete=complete and model_kind,
         )
         routing.update(tensors=tensors, base_digest=header.base_digest, codec=header.codec)
     elif len(blob):

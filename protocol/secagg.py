@@ -147,6 +147,11 @@ class Group:
             contradicting commits cannot both be served. A lying aggregator with ``c``
             colluding members unmasks someone only if ``c >= 2t - n``; a higher ``t`` raises
             that bar and tolerates fewer dropouts (``n - t``).
+        weight_cap: How members weight their vectors, bound into the digest so that every
+            member weights under the same rule (a member told another rule masks with other
+            seeds, and the sum is noise): ``0`` means weight 1 each; ``W > 0`` means weight
+            ``min(n_samples, W) / W``. An aggregator that could name a different rule to each
+            member could weight all but one member to zero and read that one's model.
     """
 
     aggregator: bytes
@@ -155,6 +160,7 @@ class Group:
     length: int
     fixed_point: FixedPoint
     threshold: int = 0
+    weight_cap: int = 0
 
     def __post_init__(self) -> None:
         keys = (self.aggregator, *self.members)
@@ -172,8 +178,8 @@ class Group:
             )
         if len(self.members) > self.fixed_point.max_members:
             raise LocalProtocolError(ErrorCode.TOO_LARGE, "more members than the encoding has headroom for")
-        if self.round < 0 or self.length < 1:
-            raise LocalProtocolError(ErrorCode.BAD_TYPE, "round must be >= 0 and length >= 1")
+        if self.round < 0 or self.length < 1 or self.weight_cap < 0:
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, "round, weight_cap must be >= 0 and length >= 1")
         n = len(self.members)
         if self.threshold == 0:
             object.__setattr__(self, "threshold", n // 2 + 1)
@@ -185,9 +191,15 @@ class Group:
 
     @classmethod
     def of(cls, aggregator: bytes, round: int, members: Iterable[bytes], length: int,
-           fixed_point: FixedPoint, threshold: int = 0) -> Group:
+           fixed_point: FixedPoint, threshold: int = 0, weight_cap: int = 0) -> Group:
         """A group with ``members`` in canonical (sorted) order."""
-        return cls(aggregator, round, tuple(sorted(set(members))), length, fixed_point, threshold)
+        return cls(aggregator, round, tuple(sorted(set(members))), length, fixed_point, threshold, weight_cap)
+
+    def weight(self, n_samples: int) -> float:
+        """The weight a member with ``n_samples`` gives its vector under :attr:`weight_cap`."""
+        if self.weight_cap == 0:
+            return 1.0
+        return min(max(n_samples, 0), self.weight_cap) / self.weight_cap
 
     @property
     def tolerated_colluders(self) -> int:
@@ -204,6 +216,8 @@ class Group:
         h.update(struct.pack(">III", fp.max_members, self.threshold, len(self.members)))
         for m in self.members:
             h.update(m)
+        if self.weight_cap:  # absent when 0, so groups without a weight rule keep their digest
+            h.update(struct.pack(">Q", self.weight_cap))
         return h.digest()
 
     def index(self, member: bytes) -> int:

@@ -8,6 +8,9 @@ track one shared state::
     READY --dialer train-request-> AWAIT_TRAIN_REPLY  --train-result|ack|error|need-base-> READY
     READY --dialer need-base-----> AWAIT_BASE_REPLY   --update|error---------------> READY
     READY --dialer train-result--> AWAIT_RESULT_REPLY --ack|error-------------------> READY
+    READY --dialer secagg-group--> AWAIT_DEAL_REPLY    --secagg-deal|error----------> READY
+    READY --dialer secagg-shares-> AWAIT_MASKED_REPLY  --secagg-masked|error--------> READY
+    READY --dialer secagg-commit-> AWAIT_RELEASE_REPLY --secagg-release|error-------> READY
     HELLO_SENT --listener error--> CLOSED
     READY --dialer error--> CLOSED
 
@@ -84,6 +87,9 @@ class State(enum.Enum):
     AWAIT_TRAIN_REPLY = "AWAIT_TRAIN_REPLY"
     AWAIT_BASE_REPLY = "AWAIT_BASE_REPLY"
     AWAIT_RESULT_REPLY = "AWAIT_RESULT_REPLY"
+    AWAIT_DEAL_REPLY = "AWAIT_DEAL_REPLY"
+    AWAIT_MASKED_REPLY = "AWAIT_MASKED_REPLY"
+    AWAIT_RELEASE_REPLY = "AWAIT_RELEASE_REPLY"
     CLOSED = "CLOSED"
     ERROR = "ERROR"
 
@@ -111,6 +117,16 @@ TRANSITIONS: Mapping[tuple[State, Role, Kind], State] = {
     (_S.AWAIT_RESULT_REPLY, _L, Kind.ACK): _S.READY,
     (_S.AWAIT_RESULT_REPLY, _L, Kind.ERROR): _S.READY,
     (_S.READY, _D, Kind.ERROR): _S.CLOSED,
+    # secure aggregation: the aggregator dials, each request has one reply or an error
+    (_S.READY, _D, Kind.SECAGG_GROUP): _S.AWAIT_DEAL_REPLY,
+    (_S.READY, _D, Kind.SECAGG_SHARES): _S.AWAIT_MASKED_REPLY,
+    (_S.READY, _D, Kind.SECAGG_COMMIT): _S.AWAIT_RELEASE_REPLY,
+    (_S.AWAIT_DEAL_REPLY, _L, Kind.SECAGG_DEAL): _S.READY,
+    (_S.AWAIT_DEAL_REPLY, _L, Kind.ERROR): _S.READY,
+    (_S.AWAIT_MASKED_REPLY, _L, Kind.SECAGG_MASKED): _S.READY,
+    (_S.AWAIT_MASKED_REPLY, _L, Kind.ERROR): _S.READY,
+    (_S.AWAIT_RELEASE_REPLY, _L, Kind.SECAGG_RELEASE): _S.READY,
+    (_S.AWAIT_RELEASE_REPLY, _L, Kind.ERROR): _S.READY,
 }
 """(state, role of the sender, kind) -> next state. Anything absent is a violation."""
 

@@ -66,6 +66,14 @@ from silomesh.protocol import (
     x25519_public_key,
 )
 from silomesh.protocol.crypto import decrypt_in_place
+from silomesh.protocol.secagg_messages import (
+    SecaggCommit,
+    SecaggDeal,
+    SecaggGroup,
+    SecaggMasked,
+    SecaggRelease,
+    SecaggShares,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "conformance"
 FORMAT = "silomesh-conformance/1"
@@ -224,6 +232,34 @@ def _run_envelope(case: Case) -> dict[str, Any]:
     return out
 
 
+#: a secure-aggregation group of alice (the aggregator) with members bob and carol
+SECAGG_MEMBERS = tuple(sorted((BOB.public_key, CAROL.public_key)))
+SECAGG_DIGEST = bytes(range(32, 64))
+#: the secure-aggregation cases draw nonces from their own ranges (appended cases change no others)
+SECAGG_ENVELOPE_NONCES = 1 << 64
+SECAGG_SESSION_NONCES = (1 << 64) + (1 << 32)
+
+
+def secagg_message(kind: str, routing: Mapping[str, Any]) -> Message:
+    """A well-formed secure-aggregation message of ``kind`` (opaque bytes where the core would seal)."""
+    m, d = SECAGG_MEMBERS, SECAGG_DIGEST
+    builders: dict[str, Callable[[], Message]] = {
+        "secagg-group": lambda: SecaggGroup(**routing, members=m, length=3, bits=32, scale=2.0**27, clip=8.0,
+                                            max_members=2, threshold=2, weight_cap=64, signature=b"\x05" * 64),
+        "secagg-deal": lambda: SecaggDeal(**routing, group_digest=d, self_digest=b"\x06" * 32,
+                                          pair_digest=b"\x07" * 32, sealed=tuple((k, b"\x08" * 136) for k in m)),
+        "secagg-shares": lambda: SecaggShares(**routing, group_digest=d, dealers=m,
+                                              sealed=tuple((k, b"\x08" * 136) for k in m)),
+        "secagg-masked": lambda: SecaggMasked.of(np.array([1, 2**31, 2**32 - 1], np.uint32), **routing,
+                                                 group_digest=d, n_samples=40),
+        "secagg-commit": lambda: SecaggCommit(**routing, group_digest=d, dealers=m, survivors=m[:1],
+                                              signature=b"\x09" * 64),
+        "secagg-release": lambda: SecaggRelease(**routing, group_digest=d, self_parts=((m[0], b"\x0a" * 32),),
+                                                pair_parts=((m[1], b"\x0b" * 32),)),
+    }
+    return builders[kind]()
+
+
 def _local_message(session: Session, kind: str, sequence: int) -> Message:
     """A message of ``kind`` that the local end sends in a prelude (its content is not checked)."""
     routing = {
@@ -243,6 +279,8 @@ def _local_message(session: Session, kind: str, sequence: int) -> Message:
         "ack": lambda: Ack(**routing, reply_to=0),
         "error": lambda: ErrorMessage(**routing, code=ErrorCode.REFUSED),
     }
+    if kind.startswith("secagg-"):
+        return secagg_message(kind, routing)
     return builders[kind]()
 
 
@@ -821,6 +859,27 @@ def envelope_cases() -> Iterator[tuple[Case, Intended]]:
                        np.array([np.nan], "<f4").tobytes() + bytes(4)), _error("NON_FINITE"))
     yield c("order-entries-before-trailing-bytes", "a bool byte 0x02, and trailing bytes",
             update_raw([["m", "bool", [1], 0, None]], b"\x02\x00"), _error("BAD_DTYPE"))
+    # ---- secure aggregation (PROTOCOL.md section 9a): one accepted envelope of each kind, and refusals
+    saved, NONCE.n = NONCE.n, SECAGG_ENVELOPE_NONCES  # the cases above keep their bytes
+    for kind in ("secagg-group", "secagg-deal", "secagg-shares", "secagg-masked", "secagg-commit",
+                 "secagg-release"):
+        yield c(kind, f"a well-formed {kind}", seal(secagg_message(kind, routing())), ACCEPT)
+    yield c("secagg-masked-ignores-model-shapes", "a masked ring vector is not held to the model's tensors",
+            seal(secagg_message("secagg-masked", routing())), ACCEPT, model={"shapes": {"w": [2]}, "complete": True})
+    masked_body = {"group_digest": SECAGG_DIGEST, "n_samples": 1}
+    yield c("secagg-masked-float", "secagg-masked carrying a float32 tensor, not the int32 ring", raw(
+        {**masked_body, "tensors": [["masked", "float32", [2], 0, None]]}, np.zeros(2, "<f4").tobytes(),
+        kind="secagg-masked", codec="float32"), _error("BAD_TYPE"))
+    yield c("secagg-masked-two-tensors", "secagg-masked with a second tensor", raw(
+        {**masked_body, "tensors": [["masked", "int32", [1], 0, None], ["x", "int32", [1], 4, None]]}, bytes(8),
+        kind="secagg-masked", codec="float32"), _error("BAD_TYPE"))
+    group_body = secagg_message("secagg-group", routing()).body()
+    yield c("secagg-group-unsorted-members", "the members in descending order", raw(
+        {**group_body, "members": list(reversed(SECAGG_MEMBERS))}, kind="secagg-group"), _error("BAD_TYPE"))
+    yield c("secagg-release-both-kinds", "a release holding both kinds of share of one member", raw(
+        {"group_digest": SECAGG_DIGEST, "self_parts": [[SECAGG_MEMBERS[0], b"\x0a"]],
+         "pair_parts": [[SECAGG_MEMBERS[0], b"\x0b"]]}, kind="secagg-release"), _error("BAD_TYPE"))
+    NONCE.n = saved
 
 
 def _decoded(tensors: Mapping[str, np.ndarray], codec: str) -> dict[str, np.ndarray]:
@@ -849,6 +908,9 @@ def _preludes() -> dict[tuple[str, str], list[dict[str, str]]]:
         ("dialer", "READY"): ready_dialer,
         ("dialer", "AWAIT_UPDATE_REPLY"): [*ready_dialer, {"send": "update"}],
         ("dialer", "AWAIT_BASE_REPLY"): [*ready_dialer, {"send": "need-base"}],
+        ("dialer", "AWAIT_DEAL_REPLY"): [*ready_dialer, {"send": "secagg-group"}],
+        ("dialer", "AWAIT_MASKED_REPLY"): [*ready_dialer, {"send": "secagg-shares"}],
+        ("dialer", "AWAIT_RELEASE_REPLY"): [*ready_dialer, {"send": "secagg-commit"}],
     }
 
 
@@ -932,6 +994,22 @@ def session_cases() -> Iterator[tuple[Case, Intended]]:
             ACCEPT, model={"shapes": {"w": [3], "b": [2]}, "dtypes": {"w": "float32", "b": "int64"}})
     yield c("replay-of-the-hello-slot", "an update reusing the hello's (round 0, sequence 100)", "listener",
             "READY", frame(update(round=0, sequence=100)), _error("REPLAY"))
+    # ---- secure aggregation (PROTOCOL.md section 9a)
+    saved, NONCE.n = NONCE.n, SECAGG_SESSION_NONCES  # the cases above keep their bytes
+    for kind, after in (("secagg-group", "AWAIT_DEAL_REPLY"), ("secagg-shares", "AWAIT_MASKED_REPLY"),
+                        ("secagg-commit", "AWAIT_RELEASE_REPLY")):
+        yield c(f"{kind}-in-ready", f"the aggregator's {kind}: {after}", "listener", "READY",
+                frame(seal(secagg_message(kind, routing()))), ACCEPT)
+    for kind, state in (("secagg-deal", "AWAIT_DEAL_REPLY"), ("secagg-masked", "AWAIT_MASKED_REPLY"),
+                        ("secagg-release", "AWAIT_RELEASE_REPLY")):
+        yield c(f"{kind}-answers-request", f"the member's {kind}: READY", "dialer", state,
+                frame(seal(secagg_message(kind, routing(round=0)))), ACCEPT)
+    yield c("secagg-deal-answers-shares", "a deal where the masked vector is due", "dialer", "AWAIT_MASKED_REPLY",
+            frame(seal(secagg_message("secagg-deal", routing(round=0)))), _error("UNEXPECTED_MESSAGE"))
+    yield c("secagg-masked-from-dialer", "a masked vector sent by the dialer (only members, listening, send one)",
+            "listener", "READY", frame(seal(secagg_message("secagg-masked", routing()))),
+            _error("UNEXPECTED_MESSAGE"))
+    NONCE.n = saved
 
 
 def announce_cases() -> Iterator[tuple[Case, Intended]]:

@@ -864,8 +864,16 @@ _body_values = st.one_of(
         max_size=3,
     ),
 )
-_TENSOR_KINDS = {"update", "train-request", "train-result"}
+_TENSOR_KINDS = {"update", "train-request", "train-result", "secagg-masked"}
 _small_uint = st.integers(1, 10)
+_key32 = st.binary(min_size=32, max_size=32)
+
+
+def _pairs(size: int) -> st.SearchStrategy[list[list[bytes]]]:
+    """Sorted ``[key, bytes]`` pairs, as secure-aggregation bodies carry them."""
+    return st.dictionaries(_key32, st.binary(max_size=size), max_size=2).map(lambda d: sorted(map(list, d.items())))
+
+
 _digest = st.none() | st.binary(min_size=32, max_size=32)
 _PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "n_samples": _small_uint,
@@ -885,6 +893,24 @@ _PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "metrics": st.dictionaries(st.text(max_size=4), st.floats(-1, 1), max_size=2),
     "tensors": st.just([]),
     "extra": st.none(),
+    # secure aggregation (sorted key lists and [key, bytes] pairs)
+    "members": st.lists(_key32, max_size=3, unique=True).map(sorted),
+    "dealers": st.lists(_key32, max_size=3, unique=True).map(sorted),
+    "survivors": st.lists(_key32, max_size=3, unique=True).map(sorted),
+    "length": _small_uint,
+    "bits": st.sampled_from([32, 64]),
+    "scale": st.sampled_from([1.0, 2.0**20]),
+    "clip": st.floats(0.5, 8.0),
+    "max_members": _small_uint,
+    "threshold": _small_uint,
+    "weight_cap": st.integers(0, 64),
+    "signature": st.binary(min_size=64, max_size=64),
+    "group_digest": st.binary(min_size=32, max_size=32),
+    "self_digest": st.binary(min_size=32, max_size=32),
+    "pair_digest": st.binary(min_size=32, max_size=32),
+    "sealed": _pairs(80),
+    "self_parts": _pairs(64),
+    "pair_parts": _pairs(64),
 }
 
 

@@ -37,6 +37,14 @@ from silomesh.protocol import (
     seal_envelope,
     state_digest,
 )
+from silomesh.protocol.secagg_messages import (
+    SecaggCommit,
+    SecaggDeal,
+    SecaggGroup,
+    SecaggMasked,
+    SecaggRelease,
+    SecaggShares,
+)
 from silomesh.protocol.session import TRANSITIONS
 
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True, database=None)
@@ -87,6 +95,22 @@ class Peer:
             return NeedBase(**r, **kw)
         if kind is Kind.ACK:
             return Ack(**r, **({"reply_to": 0} | kw))
+        members, digest = (b"\x01" * 32, b"\x02" * 32), b"\x03" * 32
+        if kind is Kind.SECAGG_GROUP:
+            return SecaggGroup(**r, members=members, length=6, bits=32, scale=2.0**20, clip=4.0, max_members=2,
+                               threshold=2, weight_cap=0, signature=b"\x04" * 64)
+        if kind is Kind.SECAGG_DEAL:
+            return SecaggDeal(**r, group_digest=digest, self_digest=digest, pair_digest=digest,
+                              sealed=tuple((m, b"sealed") for m in members))
+        if kind is Kind.SECAGG_SHARES:
+            return SecaggShares(**r, group_digest=digest, dealers=members, sealed=((members[0], b"s"),))
+        if kind is Kind.SECAGG_MASKED:
+            return SecaggMasked.of(np.arange(6, dtype=np.uint32), **r, group_digest=digest, n_samples=3)
+        if kind is Kind.SECAGG_COMMIT:
+            return SecaggCommit(**r, group_digest=digest, dealers=members, survivors=members[:1],
+                                signature=b"\x04" * 64)
+        if kind is Kind.SECAGG_RELEASE:
+            return SecaggRelease(**r, group_digest=digest, self_parts=((members[0], b"p"),))
         return ErrorMessage(**r, **({"code": ErrorCode.REFUSED} | kw))
 
     def send(self, kind: Kind, **kw: Any) -> SealedEnvelope:
@@ -381,6 +405,9 @@ _PATHS[State.AWAIT_UPDATE_REPLY] = _PATHS[State.READY] + [(Role.DIALER, Kind.UPD
 _PATHS[State.AWAIT_TRAIN_REPLY] = _PATHS[State.READY] + [(Role.DIALER, Kind.TRAIN_REQUEST)]
 _PATHS[State.AWAIT_BASE_REPLY] = _PATHS[State.READY] + [(Role.DIALER, Kind.NEED_BASE)]
 _PATHS[State.AWAIT_RESULT_REPLY] = _PATHS[State.READY] + [(Role.DIALER, Kind.TRAIN_RESULT)]
+_PATHS[State.AWAIT_DEAL_REPLY] = _PATHS[State.READY] + [(Role.DIALER, Kind.SECAGG_GROUP)]
+_PATHS[State.AWAIT_MASKED_REPLY] = _PATHS[State.READY] + [(Role.DIALER, Kind.SECAGG_SHARES)]
+_PATHS[State.AWAIT_RELEASE_REPLY] = _PATHS[State.READY] + [(Role.DIALER, Kind.SECAGG_COMMIT)]
 
 
 def test_every_non_terminal_state_is_exercised() -> None:
