@@ -254,6 +254,25 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _secure_aggregation_refusal(strategy: StrategyConfig, neighbours: int) -> str | None:
+    """Why ``secure_aggregation`` cannot run with this strategy and neighbourhood, or None.
+
+    The strategy's own parameter check (robust rules, weighting) runs when the peer builds it.
+    """
+    if strategy.params.get("secure_aggregation") is not True:
+        return None
+    if strategy.name == "fedefm":
+        return ("fedefm's train-request round returns the peer's own model trained on a neighbour's data: "
+                "it is not an aggregation, and secure aggregation does not cover it (DP-SGD does what can "
+                "be done there)")
+    if strategy.name != "fedavg":
+        return f"implemented for fedavg only so far, not for {strategy.name!r}"
+    if neighbours < 2 and strategy.params.get("secure_fallback") is not True:
+        return (f"needs at least 2 trusted neighbours, got {neighbours}: the sum of one neighbour's model "
+                "is that model. Set strategy.params.secure_fallback = true to run plain rounds instead")
+    return None
+
+
 def _check_unknown(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -516,6 +535,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         seen.add(peer_id)
         address = _multiaddr(_get(entry, "address", where, str), f"{where}address", circuit=True)
         trusted.append(TrustedPeer(peer_id, address, _get(entry, "name", where, str, peer_id[-8:]), public_key))
+
+    why = _secure_aggregation_refusal(strategy, len(trusted))
+    if why:
+        raise ConfigError(f"strategy.params.secure_aggregation: {why}")
 
     return PeerConfig(
         path=path or base_dir / "peer.toml",

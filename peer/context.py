@@ -30,6 +30,7 @@ import trio
 from silomesh.models.architecture import model_id as architecture_model_id
 from silomesh.peer.config import PersonalConfig
 from silomesh.peer.exchange import AuditRecord, BufferBudget, Timeouts, Wire
+from silomesh.peer.secure_member import SecureState
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
 from silomesh.protocol.peerid import public_key_from_peer_id
@@ -390,6 +391,8 @@ class RoundContext:
     neighbour_rounds: dict[str, int] = field(default_factory=dict)
     #: a personal model after each round (peer/personal.py); off by default
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    #: secure aggregation's memory: groups joined as a member, our models offered to them
+    secure: SecureState = field(default_factory=SecureState)
 
     def catch_up_round(self, round: int) -> int:
         """The round to run next: ``round``, or, when we fell behind by more than the

@@ -28,7 +28,7 @@ import trio
 
 from silomesh.models.architecture import model_difference
 from silomesh.models.privacy import BudgetExhausted
-from silomesh.peer import privacy
+from silomesh.peer import privacy, secure_member
 from silomesh.peer.context import Base, Received, RoundContext
 from silomesh.peer.exchange import ConversationError, Wire
 from silomesh.peer.study import study_refusal
@@ -49,6 +49,7 @@ from silomesh.protocol import (
     apply_delta,
     state_digest,
 )
+from silomesh.protocol.secagg_messages import SecaggCommit, SecaggGroup, SecaggShares
 from silomesh.protocol.study import split_hello_model
 from silomesh.strategies import StateDict
 
@@ -112,6 +113,8 @@ async def _answer(ctx: RoundContext, wire: Wire, msg: Message) -> None:
         await _on_train_request(ctx, wire, msg)
     elif isinstance(msg, NeedBase):
         await wire.send(current_update(ctx, msg.sender))
+    elif isinstance(msg, SecaggGroup | SecaggShares | SecaggCommit):
+        await _on_secagg(ctx, wire, msg)
     elif isinstance(msg, TrainResult):
         # we answer train-requests on their own stream, so a train-result dialled in is never ours
         raise Declined(ErrorCode.REFUSED, "no train-request of ours is waiting for a result")
@@ -225,6 +228,21 @@ async def _on_train_request(ctx: RoundContext, wire: Wire, msg: TrainRequest) ->
             metrics={"loss": trained.mean_loss} if np.isfinite(trained.mean_loss) else {},
         )
     )
+
+
+async def _on_secagg(ctx: RoundContext, wire: Wire, msg: SecaggGroup | SecaggShares | SecaggCommit) -> None:
+    """A neighbour aggregating securely asks us, a member of its group (peer/secure_member.py)."""
+    check_round(ctx, msg)
+    try:
+        if isinstance(msg, SecaggGroup):
+            reply: Message = secure_member.on_group(ctx, msg)
+        elif isinstance(msg, SecaggShares):
+            reply = await secure_member.on_shares(ctx, msg)
+        else:
+            reply = secure_member.on_commit(ctx, msg)
+    except ProtocolError as exc:  # what the group, the shares or the release policy refuse
+        raise Declined(exc.code, exc.message) from None
+    await wire.send(reply)
 
 
 def current_update(ctx: RoundContext, recipient: bytes) -> Update:

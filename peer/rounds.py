@@ -3,7 +3,7 @@
 A round (:func:`round_loop`):
 
 1. waits for operator approval when the participation policy is ``manual``;
-2. runs the round's shape, as the strategy declares it (``Strategy.round_shape``):
+2. runs the round's shape, as the strategy declares it (``Strategy.shape``):
 
    * :func:`exchange_round`: the strategy's local step; push the shared part of the
      model to every selected neighbour (a delta against what it acknowledged, or a full
@@ -13,6 +13,8 @@ A round (:func:`round_loop`):
      train-request; gather the trained copies until the deadline; screen them; the
      strategy learns from the accepted ones (or takes a local step when none came);
      aggregate;
+   * :func:`~silomesh.peer.secure_rounds.secure_exchange_round` (``secure_aggregation``):
+     the local step, then the neighbours' masked vectors, of which only the sum is learnt;
 
 3. loads the result (the strategy's ``adopt`` hook may fine-tune), evaluates on our own
    test data, and commits model, metrics, round row and a signed audit checkpoint in
@@ -31,6 +33,7 @@ never blocks the peer; a contribution the strategy drops is audited as refused.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -56,6 +59,7 @@ from silomesh.peer.dialer import (
 from silomesh.peer.exchange import ConversationError, Silent
 from silomesh.peer.personal import personalise
 from silomesh.peer.safety import UpdateBound, UpdateGuard, state_violation
+from silomesh.peer.secure_rounds import secure_exchange_round
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
 from silomesh.strategies import Contribution, RoundShape, StateDict
@@ -139,7 +143,7 @@ async def round_loop(ctx: RoundContext) -> None:
         before = {k: np.array(v, copy=True) for k, v in ctx.learner.state().items()}  # the last good model
         this_round = round
         try:
-            state = await SHAPES[ctx.learner.strategy.round_shape](ctx, round, selected, deadline, report, guard)
+            state = await SHAPES[ctx.learner.strategy.shape](ctx, round, selected, deadline, report, guard)
             ctx.progress.phase = "evaluating"
             state, metrics = await ctx.compute.run(_adopt_and_evaluate, ctx, state)
             why = state_violation(state, metrics)
@@ -349,10 +353,11 @@ async def train_request_round(
     return aggregate(ctx, ctx.learner.state(), accepted, report)
 
 
-#: the round each shape runs; a strategy picks one with its ``round_shape``
+#: the round each shape runs; a strategy picks one with its ``shape``
 SHAPES: dict[RoundShape, RoundShapeFn] = {
     RoundShape.EXCHANGE: exchange_round,
     RoundShape.TRAIN_REQUEST: train_request_round,
+    RoundShape.SECURE_EXCHANGE: functools.partial(secure_exchange_round, plain=exchange_round),
 }
 
 

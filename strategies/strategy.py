@@ -44,6 +44,7 @@ from .base import (
     StrategyConfig,
 )
 from .robust import Screened, screen
+from .secagg import SecureSum
 from .workbench import LocalStep, Workbench
 
 if TYPE_CHECKING:
@@ -57,12 +58,18 @@ class RoundShape(enum.Enum):
     EXCHANGE = "exchange"
     #: send a ``train-request`` to each neighbour, gather ``train-result``\\ s, learn from them
     TRAIN_REQUEST = "train-request"
+    #: train locally; as aggregator, collect the neighbours' masked vectors and learn only their
+    #: sum; as member, mask our model for each neighbour (``secure_aggregation``, fedavg)
+    SECURE_EXCHANGE = "secure-exchange"
 
 
 #: message kinds each round shape uses, in the order they flow
 SHAPE_KINDS: dict[RoundShape, tuple[str, ...]] = {
     RoundShape.EXCHANGE: (KIND_UPDATE,),
     RoundShape.TRAIN_REQUEST: (KIND_TRAIN_REQUEST, KIND_TRAIN_RESULT),
+    RoundShape.SECURE_EXCHANGE: (
+        "secagg-group", "secagg-deal", "secagg-shares", "secagg-masked", "secagg-commit", "secagg-release",
+    ),
 }
 
 
@@ -92,9 +99,19 @@ class Strategy(ABC):
         return f"{type(self).__name__}({self.config!r})"
 
     @property
+    def secure_sum(self) -> SecureSum | None:
+        """The ``secure_aggregation`` settings when it is on, else None (the default)."""
+        return None
+
+    @property
+    def shape(self) -> RoundShape:
+        """The round the peer runs: :attr:`round_shape`, or ``SECURE_EXCHANGE`` under secure aggregation."""
+        return RoundShape.SECURE_EXCHANGE if self.secure_sum is not None else self.round_shape
+
+    @property
     def message_kinds(self) -> tuple[str, ...]:
         """Message kinds the round uses, in the order they flow."""
-        return SHAPE_KINDS[self.round_shape]
+        return SHAPE_KINDS[self.shape]
 
     @property
     def contribution_fields(self) -> frozenset[str]:

@@ -1,0 +1,249 @@
+"""Secure aggregation, the member's side: answer a neighbour aggregator's three requests.
+
+A neighbour that aggregates securely dials us and asks, in order (PROTOCOL.md section 9a):
+
+1. ``secagg-group``: we check its signature, that we are a member, that the vector length and
+   the weight rule are ours, and that it is the only group of that aggregator and round
+   (:meth:`~silomesh.protocol.secagg_policy.ReleasePolicy.join`); we deal shares of fresh
+   seeds (``secagg-deal``) and write a ``secagg-group`` entry to our audit log;
+2. ``secagg-shares``: we open and keep the shares dealt to us, wait (up to the round
+   deadline) for our own model of that round, and answer with it masked (``secagg-masked``);
+3. ``secagg-commit``: our :class:`~silomesh.protocol.secagg_policy.ReleasePolicy` releases
+   self-mask shares of the survivors and pairwise shares of the dropped, never both for one
+   member, for one signed commit per group (``secagg-release``); the release is audited.
+
+Each function returns the reply or raises :class:`~silomesh.protocol.RemoteProtocolError`
+(or :class:`~silomesh.protocol.LocalProtocolError` for a group that does not validate); the
+handler answers those with a signed ``error`` and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from silomesh.protocol import ErrorCode, RemoteProtocolError
+from silomesh.protocol.identity import Identity
+from silomesh.protocol.peerid import peer_id_from_public_key
+from silomesh.protocol.secagg import Group, Member, open_share, refuse, seal_share, verify_group
+from silomesh.protocol.secagg_messages import (
+    SecaggCommit,
+    SecaggDeal,
+    SecaggGroup,
+    SecaggMasked,
+    SecaggRelease,
+    SecaggShares,
+)
+from silomesh.protocol.secagg_policy import ReleasePolicy
+from silomesh.strategies import StateDict
+from silomesh.strategies.secagg import flatten
+
+if TYPE_CHECKING:
+    from silomesh.peer.context import RoundContext
+
+log = logging.getLogger(__name__)
+
+#: audit-log kinds of the ``local`` entries secure aggregation writes (docs/AUDIT.md)
+GROUP_KIND = "secagg-group"
+COMMIT_KIND = "secagg-commit"
+RELEASE_KIND = "secagg-release"
+SUM_KIND = "secagg-sum"
+#: trained models kept for neighbours whose rounds lag behind ours
+KEEP_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Trained:
+    """Our shared model of one round, as we would send it, and the samples behind it."""
+
+    round: int
+    state: StateDict
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What we learnt as aggregator in one round: the group, the commit, the survivors'
+    sample counts and the error bound of the result (kept for the last rounds)."""
+
+    group_digest: bytes
+    commit_digest: bytes
+    survivors: dict[str, int]
+    bound: float
+
+
+@dataclass
+class _Joined:
+    group: Group
+    member: Member
+    dealers: frozenset[bytes] | None = None
+
+
+@dataclass
+class SecureState:
+    """What a peer remembers between secure-aggregation messages (one per peer, in memory).
+
+    A restart forgets the groups joined: an aggregator's later requests for them are refused,
+    and the peer is a dropout in those rounds. The release policy's memory starts afresh too,
+    which is safe because the per-group seeds of the forgotten groups are gone with it.
+    """
+
+    _policy: ReleasePolicy | None = None
+    joined: dict[bytes, _Joined] = field(default_factory=dict)
+    trained: dict[int, Trained] = field(default_factory=dict)
+    #: neighbour -> the sample count it weighted with last (for the next weight_cap)
+    last_samples: dict[str, int] = field(default_factory=dict)
+    #: round -> what our own group's sum was made of
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    _offered: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+
+    def policy(self, identity: Identity) -> ReleasePolicy:
+        if self._policy is None:
+            self._policy = ReleasePolicy(identity)
+        return self._policy
+
+    def offer(self, trained: Trained) -> None:
+        """Our model of ``trained.round`` may now be masked for neighbours' groups."""
+        self.trained[trained.round] = trained
+        for old in sorted(self.trained)[:-KEEP_ROUNDS]:
+            del self.trained[old]
+        self.joined = {d: j for d, j in self.joined.items() if j.group.round >= trained.round - KEEP_ROUNDS}
+        self.outcomes = {r: o for r, o in self.outcomes.items() if r >= trained.round - KEEP_ROUNDS}
+        self.policy_forget(trained.round - KEEP_ROUNDS)
+        self._offered.unpark_all()
+
+    def policy_forget(self, before_round: int) -> None:
+        if self._policy is not None:
+            self._policy.forget(before_round)
+
+    def ready(self, round: int) -> Trained | None:
+        """Our model of ``round``, or of the first later round we trained (we ran ahead)."""
+        later = [r for r in self.trained if r >= round]
+        return self.trained[min(later)] if later else None
+
+    async def wait_trained(self, round: int) -> Trained:
+        """Wait until :meth:`ready` has a model for ``round``."""
+        while (got := self.ready(round)) is None:
+            await self._offered.park()
+        return got
+
+
+def _audit(ctx: RoundContext, peer: str, kind: str, round: int, digest: bytes, reason: str) -> None:
+    ctx.endpoint.journal.audit_log.append("local", peer, kind, round=round, payload_digest=digest.hex(),
+                                          reason=reason[:1000])
+
+
+def _joined(ctx: RoundContext, group_digest: bytes) -> _Joined:
+    joined = ctx.secure.joined.get(group_digest)
+    if joined is None:
+        raise refuse("no group with this digest was joined (or it was forgotten)")
+    return joined
+
+
+def on_group(ctx: RoundContext, msg: SecaggGroup) -> SecaggDeal:
+    """Join the aggregator's group and deal shares of fresh seeds.
+
+    Raises:
+        RemoteProtocolError: REFUSED when secure aggregation is off here, or the group is not
+            one we can join (length, weight rule, a second group this round); BAD_SIGNATURE.
+        LocalProtocolError: the group's fields do not make a valid group.
+    """
+    secure = ctx.learner.strategy.secure_sum
+    if secure is None:
+        raise refuse("secure aggregation is off on this peer")
+    group = msg.group()
+    identity = ctx.endpoint.crypto
+    group.index(identity.public_key)
+    verify_group(group, msg.signature)
+    length = flatten(ctx.learner.shared(ctx.learner.state())).size
+    if group.length != length:
+        raise RemoteProtocolError(ErrorCode.BAD_SHAPE,
+                                  f"the group expects {group.length} values, our model has {length}")
+    if (group.weight_cap > 0) != (secure.weighting == "samples"):
+        raise refuse(f"the group's weight rule (weight_cap {group.weight_cap}) is not our weighting "
+                     f"{secure.weighting!r}")
+    ctx.secure.policy(identity).join(group)
+    member = Member(identity, group)
+    dealing = member.deal()
+    digest = group.digest
+    ctx.secure.joined[digest] = _Joined(group, member)
+    aggregator = peer_id_from_public_key(group.aggregator)
+    _audit(ctx, aggregator, GROUP_KIND, group.round, digest,
+           f"member of {aggregator}'s group: {len(group.members)} members, threshold {group.threshold}, "
+           f"weight_cap {group.weight_cap}, {group.fixed_point.bits}-bit ring, clip {group.fixed_point.clip}")
+    return SecaggDeal(
+        **ctx.endpoint.reply_routing(msg, round=msg.round),
+        group_digest=digest,
+        self_digest=dealing.commitment.self_digest,
+        pair_digest=dealing.commitment.pair_digest,
+        sealed=tuple(sorted((s.holder, seal_share(identity, group, s)) for s in dealing.shares)),
+    )
+
+
+async def on_shares(ctx: RoundContext, msg: SecaggShares) -> SecaggMasked:
+    """Keep the shares dealt to us; answer with our model of the round, masked.
+
+    Raises:
+        RemoteProtocolError: REFUSED for an unknown group, dealers that are not members or
+            fewer than the threshold, a share missing or not opening, no model of ours
+            before the round deadline, or a second vector for the group.
+    """
+    joined = _joined(ctx, msg.group_digest)
+    group, me = joined.group, ctx.endpoint.crypto.public_key
+    dealers = frozenset(msg.dealers)
+    if me not in dealers or not dealers <= set(group.members):
+        raise refuse("the dealers must be members of the group and include us")
+    if len(dealers) < group.threshold:
+        raise refuse(f"{len(dealers)} dealers, fewer than the threshold {group.threshold}: nothing could be unmasked")
+    if {d for d, _ in msg.sealed} != dealers:
+        raise refuse("one sealed share from each dealer, no more")
+    if joined.dealers is not None and joined.dealers != dealers:
+        raise refuse("the aggregator already named other dealers for this group")
+    policy = ctx.secure.policy(ctx.endpoint.crypto)
+    for dealer, sealed in msg.sealed:
+        policy.hold(group, open_share(ctx.endpoint.crypto, group, dealer, sealed))
+    joined.dealers = dealers
+    trained: Trained | None = None
+    with trio.move_on_after(ctx.rounds.deadline_seconds):
+        trained = await ctx.secure.wait_trained(group.round)
+    if trained is None:
+        raise refuse(f"no model of ours for round {group.round} before the deadline")
+    n = min(trained.n_samples, group.weight_cap) if group.weight_cap else trained.n_samples
+    ring = joined.member.mask(flatten(trained.state), group.weight(n), dealers)
+    return SecaggMasked.of(ring, **ctx.endpoint.reply_routing(msg, round=msg.round), group_digest=group.digest,
+                           n_samples=n)
+
+
+def on_commit(ctx: RoundContext, msg: SecaggCommit) -> SecaggRelease:
+    """Release what the signed commit asks for, if the release policy allows it (audited).
+
+    Raises:
+        RemoteProtocolError: REFUSED or BAD_SIGNATURE from the release policy.
+    """
+    joined = _joined(ctx, msg.group_digest)
+    group, commit = joined.group, msg.commit
+    if joined.dealers is not None and commit.dealers != joined.dealers:
+        raise refuse("the commit names other dealers than those we masked with")
+    release = ctx.secure.policy(ctx.endpoint.crypto).release(group, commit, msg.signature)
+    dropped = ", ".join(sorted(peer_id_from_public_key(m) for m in commit.dropped)) or "none"
+    _audit(ctx, peer_id_from_public_key(group.aggregator), RELEASE_KIND, group.round, commit.digest,
+           f"released for commit {commit.digest.hex()} (signature {msg.signature.hex()}): self-mask shares of "
+           f"{len(commit.survivors)} survivors, pairwise shares of the dropped: {dropped}")
+    return SecaggRelease.of(release, **ctx.endpoint.reply_routing(msg, round=msg.round))
+
+
+__all__ = [
+    "COMMIT_KIND",
+    "GROUP_KIND",
+    "RELEASE_KIND",
+    "SUM_KIND",
+    "Outcome",
+    "SecureState",
+    "Trained",
+    "on_commit",
+    "on_group",
+    "on_shares",
+]

@@ -1,0 +1,127 @@
+"""Secure aggregation's arithmetic on models: what a member masks, what the aggregator makes of the sum.
+
+Pure functions over state dicts (the cryptography is :mod:`silomesh.protocol.secagg`; the
+round on the wire is :mod:`silomesh.peer.secure_rounds`). A member flattens the floating
+tensors of its shared state into one float64 vector (:func:`flatten`, sorted by name),
+weighted by the group's rule (:meth:`~silomesh.protocol.secagg.Group.weight`). The
+aggregator decodes ``S = sum_j e_j * clip(x_j)`` over the survivors, ``e_j = n_j / W``
+(``W``: the group's ``weight_cap``; ``n_j`` is capped at ``W``) or ``e_j = 1`` (uniform),
+and combines it with its own model (:func:`combine`):
+
+* ``weighting = "samples"``: ``(n_i x_i + W * S) / (n_i + sum_j n_j)``, FedAvg's rule;
+* ``weighting = "uniform"``: ``(x_i + S) / (1 + m)``.
+
+Both equal plain :func:`~.averaging.weighted_average` over the same survivors, within
+:func:`result_bound`. Integer and boolean buffers are the peer's own (``int_policy =
+"own"``): the ring carries floating tensors only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .averaging import cast_like, is_float_array
+from .base import StateDict
+
+__all__ = [
+    "SECURE_WEIGHTINGS",
+    "SecureSum",
+    "combine",
+    "flatten",
+    "float_names",
+    "result_bound",
+    "weight_cap",
+]
+
+SECURE_WEIGHTINGS = ("samples", "uniform")
+"""Weightings a member can apply itself under a rule the whole group shares."""
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """The ``secure_aggregation`` settings a strategy hands to the peer's round.
+
+    Attributes:
+        weighting: ``"samples"`` or ``"uniform"`` (:data:`SECURE_WEIGHTINGS`).
+        clip: Coordinates are clipped to ``[-clip, clip]`` before masking.
+        ring_bits: 32 (the bytes of float32) or 64 (a far smaller error bound).
+        fallback: With fewer than 2 neighbours selected, run a plain round instead of
+            keeping the own model (the operator's explicit choice).
+    """
+
+    weighting: str
+    clip: float
+    ring_bits: int
+    fallback: bool = False
+
+
+def float_names(state: Mapping[str, np.ndarray]) -> list[str]:
+    """The names of the floating tensors (those the ring carries), sorted."""
+    return sorted(k for k, v in state.items() if is_float_array(v))
+
+
+def flatten(state: Mapping[str, np.ndarray]) -> npt.NDArray[np.float64]:
+    """The floating tensors of ``state`` as one float64 vector, in :func:`float_names` order."""
+    names = float_names(state)
+    if not names:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(state[k], dtype=np.float64).reshape(-1) for k in names])
+
+
+def weight_cap(n_samples: Sequence[int]) -> int:
+    """The ``W`` an aggregator names: the smallest power of two at least twice the largest known count.
+
+    Members weight ``min(n, W) / W``; with ``W`` at most four times a typical count the weights
+    stay well above the ring's grid step. A member with more than ``W`` samples counts as ``W``
+    that round (the next round's ``W`` follows the counts the aggregator saw).
+    """
+    largest = max([1, *n_samples])
+    return 1 << (2 * largest - 1).bit_length()
+
+
+def combine(own: Mapping[str, np.ndarray], own_samples: float, masked_sum: npt.NDArray[np.float64],
+            survivor_samples: Sequence[int], weighting: str, cap: int) -> StateDict:
+    """The new model from the peer's own and the decoded sum of the survivors' weighted models.
+
+    Args:
+        own: The peer's state (its keys, shapes and dtypes define the result).
+        own_samples: The peer's sample count (its own weight under ``"samples"``).
+        masked_sum: The decoded ring sum ``sum_j e_j * clip(x_j)``, :func:`flatten` order.
+        survivor_samples: Each survivor's ``n_j`` as it weighted (capped at ``cap``).
+        weighting: ``"samples"`` or ``"uniform"``.
+        cap: The group's ``weight_cap`` (``W``; 0 under ``"uniform"``).
+
+    Raises:
+        ValueError: on a sum of the wrong length or an unknown weighting.
+    """
+    x = flatten(own)
+    if masked_sum.shape != x.shape:
+        raise ValueError(f"combine: a sum of {masked_sum.size} values for a model of {x.size}")
+    if weighting == "samples":
+        total = float(own_samples) + float(sum(survivor_samples))
+        mixed = (float(own_samples) * x + cap * masked_sum) / total
+    elif weighting == "uniform":
+        mixed = (x + masked_sum) / (1 + len(survivor_samples))
+    else:
+        raise ValueError(f"combine: weighting {weighting!r} is not one of {SECURE_WEIGHTINGS}")
+    out: StateDict = {k: np.array(v, copy=True) for k, v in own.items()}
+    offset = 0
+    for name in float_names(own):
+        ref = np.asarray(own[name])
+        out[name] = cast_like(mixed[offset:offset + ref.size].reshape(ref.shape), ref)
+        offset += ref.size
+    return out
+
+
+def result_bound(sum_bound: float, own_samples: float, survivor_samples: Sequence[int], weighting: str,
+                 cap: int) -> float:
+    """The bound on :func:`combine`'s float64 result against the plain weighted average of the
+    clipped models: the ring's ``error_bound(m)`` scaled as the sum is (before the final cast
+    to the model's dtype)."""
+    if weighting == "samples":
+        return cap * sum_bound / (float(own_samples) + float(sum(survivor_samples)))
+    return sum_bound / (1 + len(survivor_samples))
