@@ -20,11 +20,13 @@ handler answers those with a signed ``error`` and the stream goes on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from silomesh.audit.secagg import GROUP_KIND, RELEASE_KIND, canonical
 from silomesh.protocol import ErrorCode, RemoteProtocolError
 from silomesh.protocol.identity import Identity
 from silomesh.protocol.peerid import peer_id_from_public_key
@@ -44,13 +46,11 @@ from silomesh.strategies.secagg import flatten
 if TYPE_CHECKING:
     from silomesh.peer.context import RoundContext
 
+__all__ = ["Outcome", "SecureState", "Trained", "audit", "group_fields", "on_commit", "on_group", "on_shares",
+           "peer_ids"]
+
 log = logging.getLogger(__name__)
 
-#: audit-log kinds of the ``local`` entries secure aggregation writes (docs/AUDIT.md)
-GROUP_KIND = "secagg-group"
-COMMIT_KIND = "secagg-commit"
-RELEASE_KIND = "secagg-release"
-SUM_KIND = "secagg-sum"
 #: trained models kept for neighbours whose rounds lag behind ours
 KEEP_ROUNDS = 3
 
@@ -131,9 +131,22 @@ class SecureState:
         return got
 
 
-def _audit(ctx: RoundContext, peer: str, kind: str, round: int, digest: bytes, reason: str) -> None:
+def audit(ctx: RoundContext, peer: str, kind: str, round: int, digest: bytes, fields: dict[str, Any]) -> None:
+    """A ``local`` secure-aggregation entry (its reason canonical JSON, :mod:`silomesh.audit.secagg`)."""
     ctx.endpoint.journal.audit_log.append("local", peer, kind, round=round, payload_digest=digest.hex(),
-                                          reason=reason[:1000])
+                                          reason=canonical(fields))
+
+
+def peer_ids(keys: Iterable[bytes]) -> list[str]:
+    """Members as sorted PeerIDs (how audit entries name them)."""
+    return sorted(peer_id_from_public_key(k) for k in keys)
+
+
+def group_fields(group: Group, members: int | list[str]) -> dict[str, Any]:
+    """A ``secagg-group`` entry's fields; ``members``: their PeerIDs (aggregator) or their count (member)."""
+    fp = group.fixed_point
+    return {"group": group.digest.hex(), "members": members, "threshold": group.threshold,
+            "weight_cap": group.weight_cap, "bits": fp.bits, "clip": fp.clip}
 
 
 def _joined(ctx: RoundContext, group_digest: bytes) -> _Joined:
@@ -171,9 +184,7 @@ def on_group(ctx: RoundContext, msg: SecaggGroup) -> SecaggDeal:
     digest = group.digest
     ctx.secure.joined[digest] = _Joined(group, member)
     aggregator = peer_id_from_public_key(group.aggregator)
-    _audit(ctx, aggregator, GROUP_KIND, group.round, digest,
-           f"member of {aggregator}'s group: {len(group.members)} members, threshold {group.threshold}, "
-           f"weight_cap {group.weight_cap}, {group.fixed_point.bits}-bit ring, clip {group.fixed_point.clip}")
+    audit(ctx, aggregator, GROUP_KIND, group.round, digest, group_fields(group, len(group.members)))
     return SecaggDeal(
         **ctx.endpoint.reply_routing(msg, round=msg.round),
         group_digest=digest,
@@ -228,22 +239,8 @@ def on_commit(ctx: RoundContext, msg: SecaggCommit) -> SecaggRelease:
     if joined.dealers is not None and commit.dealers != joined.dealers:
         raise refuse("the commit names other dealers than those we masked with")
     release = ctx.secure.policy(ctx.endpoint.crypto).release(group, commit, msg.signature)
-    dropped = ", ".join(sorted(peer_id_from_public_key(m) for m in commit.dropped)) or "none"
-    _audit(ctx, peer_id_from_public_key(group.aggregator), RELEASE_KIND, group.round, commit.digest,
-           f"released for commit {commit.digest.hex()} (signature {msg.signature.hex()}): self-mask shares of "
-           f"{len(commit.survivors)} survivors, pairwise shares of the dropped: {dropped}")
+    audit(ctx, peer_id_from_public_key(group.aggregator), RELEASE_KIND, group.round, commit.digest, {
+        "group": group.digest.hex(), "commit": commit.digest.hex(), "signature": msg.signature.hex(),
+        "survivors": len(commit.survivors), "dropped": peer_ids(commit.dropped),
+    })
     return SecaggRelease.of(release, **ctx.endpoint.reply_routing(msg, round=msg.round))
-
-
-__all__ = [
-    "COMMIT_KIND",
-    "GROUP_KIND",
-    "RELEASE_KIND",
-    "SUM_KIND",
-    "Outcome",
-    "SecureState",
-    "Trained",
-    "on_commit",
-    "on_group",
-    "on_shares",
-]

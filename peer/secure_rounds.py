@@ -33,12 +33,13 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from silomesh.audit.secagg import COMMIT_KIND, GROUP_KIND, SUM_KIND
 from silomesh.peer import privacy
 from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import Dropped, answer, open_wire, skip_reason
 from silomesh.peer.exchange import ConversationError, Wire
 from silomesh.peer.safety import UpdateGuard
-from silomesh.peer.secure_member import COMMIT_KIND, GROUP_KIND, SUM_KIND, Outcome, Trained
+from silomesh.peer.secure_member import Outcome, Trained, audit, group_fields, peer_ids
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, state_digest
 from silomesh.protocol.fixedpoint import FixedPoint
@@ -141,9 +142,7 @@ async def _aggregate(ctx: RoundContext, round: int, selected: list[str], deadlin
     group = Group.of(identity.public_key, round, members, length, fp, weight_cap=cap)
     digest = group.digest
     signature = sign_group(identity, group)
-    _audit(ctx, GROUP_KIND, round, digest,
-           f"aggregator of {len(members)} members: {', '.join(sorted(selected))}; threshold {group.threshold}, "
-           f"weight_cap {cap}, {fp.bits}-bit ring, scale {fp.scale:g}, clip {fp.clip:g}")
+    audit(ctx, "", GROUP_KIND, round, digest, group_fields(group, sorted(selected)))
     start = trio.current_time()
     left = max(deadline - start, 0.0)
     timeout = ctx.endpoint.timeouts.reply
@@ -194,12 +193,11 @@ async def _aggregate(ctx: RoundContext, round: int, selected: list[str], deadlin
                       f"threshold is {group.threshold}; nothing is committed or released")
             return None
         commit_signature = sign_commit(identity, group, commit)
-        dropped = ", ".join(sorted(members[k].peer_id for k in commit.dropped)) or "none"
-        kept = ", ".join(sorted(members[k].peer_id for k in survivors))
         # the commit is in our signed log before any member is asked to release against it
-        _audit(ctx, COMMIT_KIND, round, commit.digest,
-               f"group {digest.hex()}: {len(dealers)} dealers, survivors {kept}; dropped {dropped}; "
-               f"signature {commit_signature.hex()}")
+        audit(ctx, "", COMMIT_KIND, round, commit.digest, {
+            "group": digest.hex(), "dealers": peer_ids(dealers), "survivors": peer_ids(survivors),
+            "dropped": peer_ids(commit.dropped), "signature": commit_signature.hex(),
+        })
 
         async def ask_release(m: _Member) -> None:
             assert m.wire is not None
@@ -234,9 +232,10 @@ async def _aggregate(ctx: RoundContext, round: int, selected: list[str], deadlin
             skipped.setdefault(members[k].peer_id, "secure aggregation: dropped after dealing (its pairwise masks "
                                "were removed with the survivors' shares)")
         report.contributors = sorted(samples)
-        _audit(ctx, SUM_KIND, round, state_digest(mixed),
-               f"sum of {len(survivors)} survivors of group {digest.hex()} (commit {commit.digest.hex()}) "
-               f"combined with our model; {len(releases)} releases; error bound {bound:.3g} per value")
+        audit(ctx, "", SUM_KIND, round, state_digest(mixed), {
+            "group": digest.hex(), "commit": commit.digest.hex(), "survivors": sorted(samples),
+            "releases": len(releases), "bound": bound,
+        })
         ctx.secure.outcomes[round] = Outcome(digest, commit.digest, samples, bound)
         return mixed
     finally:
@@ -290,7 +289,3 @@ def _skip_all(members: Iterable[_Member], skipped: dict[str, str], why: str) -> 
     for m in members:
         skipped.setdefault(m.peer_id, why)
 
-
-def _audit(ctx: RoundContext, kind: str, round: int, digest: bytes, reason: str) -> None:
-    ctx.endpoint.journal.audit_log.append("local", "", kind, round=round, payload_digest=digest.hex(),
-                                          reason=reason[:1000])

@@ -9,6 +9,7 @@ aggregator's store and audit log hold no member's model.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from test_round_loop import Timeline, make, running
 from silomesh.peer.config import ConfigError, StrategyConfig
 from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
+from silomesh.protocol import state_digest
 from silomesh.strategies import Contribution
 from silomesh.strategies.fedavg import FedAvgConfig, FedAvgStrategy
 
@@ -112,14 +114,16 @@ async def test_a_member_that_drops_after_dealing_is_unmasked_around_and_the_comm
         _assert_within_bound(p, _plain_fedavg(p, others))
         entries = logs[p.peer_id]
         commit = next(e for e in entries if e["kind"] == "secagg-commit" and e["direction"] == "local")
-        assert late.peer_id in commit["reason"].split("dropped ")[1]
+        fields = json.loads(commit["reason"])
+        assert fields["dropped"] == [late.peer_id] and fields["survivors"] == sorted(q.peer_id for q in others)
         sent = [e["seq"] for e in entries if e["kind"] == "secagg-commit" and e["direction"] == "sent"]
         assert len(sent) == 2 and min(sent) > commit["seq"]  # audited before any member saw it
         sums = [e for e in entries if e["kind"] == "secagg-sum"]
-        assert len(sums) == 1 and "sum of 2 survivors" in sums[0]["reason"]
+        assert len(sums) == 1 and json.loads(sums[0]["reason"])["survivors"] == sorted(q.peer_id for q in others)
+        assert sums[0]["payload_digest"] == state_digest(p.learner.state()).hex()  # the committed model
         # as members, the on-time peers released the late one's pairwise shares to the others
         releases = [e for e in entries if e["kind"] == "secagg-release" and e["direction"] == "local"]
-        assert len(releases) == 2 and all(late.peer_id in e["reason"] for e in releases)
+        assert len(releases) == 2 and all(json.loads(e["reason"])["dropped"] == [late.peer_id] for e in releases)
     # the late peer dealt in each group but released nothing: it was not a survivor
     late_kinds = [e["kind"] for e in logs[late.peer_id] if e["direction"] == "local"]
     assert late_kinds.count("secagg-group") == 3 and "secagg-release" not in late_kinds
