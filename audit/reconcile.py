@@ -15,6 +15,7 @@ from typing import Any
 
 from silomesh.audit.entries import AuditError, parse_envelope_header
 from silomesh.audit.logfile import LoadedLog, writer_key
+from silomesh.audit.secagg import COMMIT_KIND, RELEASE_KIND, read_reason
 from silomesh.protocol.peerid import PeerIdError, peer_id_from_public_key
 
 
@@ -24,7 +25,12 @@ class Discrepancy:
 
     ``code``: unmatched-send (recorded sent, never recorded received), unmatched-receive
     (recorded received, never recorded sent), digest-mismatch, signature-mismatch,
-    record-mismatch (same envelope, other kind/round/size/header recorded).
+    record-mismatch (same envelope, other kind/round/size/header recorded); for secure
+    aggregation (:func:`secagg_discrepancies`): secagg-commit-mismatch (the aggregator's
+    commit disagrees with the masked vectors it recorded receiving), secagg-equivocation
+    (a member released against a commit the aggregator's log does not hold, or the
+    aggregator logged two commits for one round), secagg-unreadable (an entry whose reason
+    is not the JSON of docs/AUDIT.md).
     """
 
     code: str
@@ -227,4 +233,63 @@ def reconcile(logs: Sequence[LoadedLog]) -> ReconcileReport:
                     f"{what} (digest {r['payload_digest']}) but not recorded as sent",
                 )
             )
+    out += secagg_discrepancies({p: lg.entries for p, lg in writers.items()})
     return report
+
+
+def _local(entries: Sequence[Mapping[str, Any]], kind: str) -> list[Mapping[str, Any]]:
+    return [e for e in entries if e.get("direction") == "local" and e.get("kind") == kind]
+
+
+def secagg_discrepancies(logs: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[Discrepancy]:
+    """Each aggregator's secure-aggregation commits against its own receipts and its members' releases.
+
+    ``logs``: writer PeerID -> entries. For every ``secagg-commit`` an aggregator logged: each
+    member whose masked vector it recorded receiving in that round must be a survivor, and
+    each survivor must have such a receipt (``secagg-commit-mismatch``). For every
+    ``secagg-release`` a member logged towards an aggregator whose log is given, the
+    aggregator's log must hold a commit of that round with that digest, and only one
+    commit per round (``secagg-equivocation``).
+    """
+    out: list[Discrepancy] = []
+    commits: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for agg, entries in logs.items():
+        received = {
+            (str(e.get("peer")), int(e["round"])): e
+            for e in entries
+            if e.get("direction") == "received" and e.get("kind") == "secagg-masked"
+        }
+        for c in _local(entries, COMMIT_KIND):
+            rnd = int(c["round"])
+            fields = read_reason(c)
+            if fields is None:
+                out.append(Discrepancy("secagg-unreadable", agg, "", COMMIT_KIND, rnd, c["seq"], None,
+                                       "the commit's reason is not JSON"))
+                continue
+            commits[(agg, rnd)].add(str(c.get("payload_digest")))
+            survivors, dropped = set(fields.get("survivors", [])), set(fields.get("dropped", []))
+            got = {p for (p, r) in received if r == rnd}
+            for p in sorted(got - survivors):
+                out.append(Discrepancy(
+                    "secagg-commit-mismatch", agg, p, COMMIT_KIND, rnd, c["seq"], received[(p, rnd)]["seq"],
+                    f"the aggregator recorded receiving {p}'s masked vector, then committed it as "
+                    f"{'dropped' if p in dropped else 'not a member'}"))
+            for p in sorted(survivors - got):
+                out.append(Discrepancy(
+                    "secagg-commit-mismatch", agg, p, COMMIT_KIND, rnd, c["seq"], None,
+                    f"committed {p} as a survivor without recording its masked vector as received"))
+    for (agg, rnd), digests in sorted(commits.items()):
+        if len(digests) > 1:
+            out.append(Discrepancy("secagg-equivocation", agg, "", COMMIT_KIND, rnd, None, None,
+                                   f"{len(digests)} different commits logged for one round"))
+    for member, entries in logs.items():
+        for rel in _local(entries, RELEASE_KIND):
+            agg, rnd = str(rel.get("peer")), int(rel["round"])
+            if agg not in logs:
+                continue
+            if str(rel.get("payload_digest")) not in commits.get((agg, rnd), set()):
+                out.append(Discrepancy(
+                    "secagg-equivocation", agg, member, RELEASE_KIND, rnd, None, rel["seq"],
+                    f"{member} released against commit {rel.get('payload_digest')}, which the aggregator's "
+                    "log does not hold for that round"))
+    return out

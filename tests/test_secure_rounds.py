@@ -21,6 +21,8 @@ from memnet import MemoryNetwork
 from peerkit import configs, identity
 from test_round_loop import Timeline, make, running
 
+from silomesh.audit.logfile import load_log
+from silomesh.audit.reconcile import reconcile
 from silomesh.peer.config import ConfigError, StrategyConfig
 from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
@@ -224,3 +226,33 @@ def test_config_says_fedefm_is_not_covered_by_secure_aggregation(tmp_path: Path)
     segviz = {"strategy": {"name": "segviz", "params": {"secure_aggregation": True}}}
     with pytest.raises(ConfigError, match="implemented for fedavg only"):
         configs(tmp_path, 3, extra=segviz)
+
+
+async def test_reconcile_matches_commits_and_releases_and_catches_a_lying_or_equivocating_aggregator(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork()
+    timeline = SilentAfterDealing(net, 4, identity("p3").peer_id_text)
+    peers = _secure_peers(tmp_path, net, timeline)
+    async with running(peers):
+        for p in peers[:3]:
+            await p.done.wait()
+    logs = [load_log(p.config.data_dir) for p in peers]
+    report = reconcile(logs)
+    assert report.ok and report.matched > 0, report.discrepancies  # envelopes and commits agree
+    by_writer = {lg.writer_peer_id: lg for lg in logs}
+    aggregator, member = peers[0].peer_id, peers[1].peer_id
+    # the aggregator's commit claims a member whose vector it recorded receiving had dropped
+    commit = next(e for e in by_writer[aggregator].entries if e["kind"] == "secagg-commit")
+    fields = json.loads(commit["reason"])
+    lied = {**fields, "survivors": [p for p in fields["survivors"] if p != member],
+            "dropped": sorted([*fields["dropped"], member])}
+    commit["reason"] = json.dumps(lied)
+    codes = {(d.code, d.recipient) for d in reconcile(logs).discrepancies}
+    assert ("secagg-commit-mismatch", member) in codes
+    commit["reason"] = json.dumps(fields)
+    # a member's release answered a commit the aggregator never logged: the aggregator showed it another one
+    release = next(e for e in by_writer[member].entries if e["kind"] == "secagg-release" and e["peer"] == aggregator)
+    release["payload_digest"] = "ab" * 32
+    found = [d for d in reconcile(logs).discrepancies if d.code.startswith("secagg")]
+    assert [(d.code, d.sender, d.recipient) for d in found] == [("secagg-equivocation", aggregator, member)]
