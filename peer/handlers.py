@@ -242,7 +242,9 @@ async def _on_secagg(ctx: RoundContext, wire: Wire, msg: SecaggGroup | SecaggSha
             reply = secure_member.on_commit(ctx, msg)
     except ProtocolError as exc:  # what the group, the shares or the release policy refuse
         raise Declined(exc.code, exc.message) from None
+    before = wire.bytes_sent
     await wire.send(reply)
+    ctx.secure.member_bytes += wire.bytes_sent - before  # counted in our next round's bytes_sent
 
 
 def current_update(ctx: RoundContext, recipient: bytes) -> Update:

@@ -98,6 +98,8 @@ class SecureState:
     last_samples: dict[str, int] = field(default_factory=dict)
     #: round -> what our own group's sum was made of
     outcomes: dict[int, Outcome] = field(default_factory=dict)
+    #: bytes sent as a member (deals, masked vectors, releases) not yet counted in a round's row
+    member_bytes: int = 0
     _offered: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
     def policy(self, identity: Identity) -> ReleasePolicy:
@@ -118,6 +120,11 @@ class SecureState:
     def policy_forget(self, before_round: int) -> None:
         if self._policy is not None:
             self._policy.forget(before_round)
+
+    def take_member_bytes(self) -> int:
+        """The bytes sent as a member since the last call (a round's row counts them)."""
+        sent, self.member_bytes = self.member_bytes, 0
+        return sent
 
     def ready(self, round: int) -> Trained | None:
         """Our model of ``round``, or of the first later round we trained (we ran ahead)."""

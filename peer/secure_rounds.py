@@ -112,6 +112,7 @@ async def secure_exchange_round(
     ctx.progress.phase = "exchanging"
     skipped = report.skipped
     if len(selected) < MIN_OTHER_MEMBERS:
+        report.bytes_sent += ctx.secure.take_member_bytes()
         for n in selected:
             skipped[n] = f"secure aggregation: {len(selected)} neighbour(s) selected, {MIN_OTHER_MEMBERS} needed"
         return trained.state
@@ -119,8 +120,8 @@ async def secure_exchange_round(
     sent = _Counter()
     try:
         mixed = await _aggregate(ctx, round, selected, deadline, secure, own_shared, skipped, report, sent)
-    finally:
-        report.bytes_sent += sent.total
+    finally:  # what we sent as aggregator, and as a member of our neighbours' groups since the last round
+        report.bytes_sent += sent.total + ctx.secure.take_member_bytes()
     return trained.state if mixed is None else {**trained.state, **mixed}
 
 

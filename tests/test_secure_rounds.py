@@ -74,6 +74,9 @@ async def test_secure_sum_equals_plain_fedavg_within_the_stated_bound(
         others = [q for q in peers if q is not p]
         (row,) = rows[p.peer_id]
         assert row["status"] == "done" and row["contributors"] == sorted(q.peer_id for q in others), row
+        # its row counts what it sent as a member too: a 32-bit masked vector to each of 3 aggregators
+        ring_bytes = 4 * sum(v.size for v in p.context.secure.trained[0].state.values())
+        assert 3 * ring_bytes < row["bytes_sent"] < 4 * ring_bytes, row["bytes_sent"]
         largest = max(np.abs(v).max() for q in peers for v in q.context.secure.trained[0].state.values())
         assert largest < 8.0  # the default clip: nothing was clipped, so plain fedavg is the reference
         _assert_within_bound(p, _plain_fedavg(p, others))
