@@ -16,16 +16,16 @@ from typing import ClassVar
 import numpy as np
 
 from .averaging import WEIGHTINGS, mixing_weights, required_fields
-from .base import AggregationResult, Contribution, StrategyConfig, check_choice, check_range
+from .base import AggregationResult, Contribution, StrategyConfig, check_choice
 from .robust import aggregate_contributions
-from .secagg import SECURE_WEIGHTINGS, SecureSum
+from .secagg import SecureParams, SecureSum
 from .strategy import Strategy
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FedAvgConfig(StrategyConfig):
+class FedAvgConfig(StrategyConfig, SecureParams):
     """Parameters of ``fedavg`` (plus the robust ones of :class:`StrategyConfig`).
 
     Attributes:
@@ -33,43 +33,18 @@ class FedAvgConfig(StrategyConfig):
             ``"metropolis"`` (Metropolis–Hastings weights from the degrees; symmetric
             and doubly stochastic, so gossip converges to the true network average) or
             ``"uniform"``.
+
+    The ``secure_*`` parameters are those of :class:`~.secagg.SecureParams`.
     """
 
     weighting: str = "samples"
-    #: each neighbour's model stays hidden: the peer learns only the masked sum of its
-    #: neighbours' models (docs/SECURE-AGGREGATION.md); needs at least 2 neighbours
-    secure_aggregation: bool = False
-    #: with secure_aggregation and fewer than 2 trusted neighbours, run plain rounds instead of
-    #: refusing to start (the operator's explicit choice: those neighbours see each other's models)
-    secure_fallback: bool = False
-    #: coordinates are clipped to [-secure_clip, secure_clip] before masking
-    secure_clip: float = 8.0
-    #: the ring: 32 bits (the bytes of float32) or 64 (a far smaller error bound, twice the bytes)
-    secure_ring_bits: int = 32
 
     strategy_name: ClassVar[str] = "fedavg"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("weighting", self.weighting, WEIGHTINGS)
-        check_range("secure_clip", self.secure_clip, 0.0, lo_open=True)
-        if self.secure_ring_bits not in (32, 64):
-            raise ValueError(f"parameter 'secure_ring_bits' must be 32 or 64, got {self.secure_ring_bits}")
-        if not self.secure_aggregation:
-            return
-        if self.robust != "none":
-            raise ValueError(
-                f"parameter 'robust' = {self.robust!r} cannot be combined with secure_aggregation: the "
-                "median, the trimmed mean and per-update clipping need each neighbour's model, which "
-                "secure aggregation hides (only secure_clip's coordinate clip remains)")
-        if self.weighting not in SECURE_WEIGHTINGS:
-            raise ValueError(
-                f"parameter 'weighting' = {self.weighting!r} cannot be combined with secure_aggregation: "
-                f"a member must weight its own model under a rule the whole group shares; use one of "
-                f"{list(SECURE_WEIGHTINGS)}")
-        if self.int_policy != "own":
-            raise ValueError("parameter 'int_policy' must be 'own' with secure_aggregation: the ring "
-                             "carries floating tensors only, integer buffers stay the peer's own")
+        self.check_secure(self.robust, self.weighting, self.int_policy)
 
 
 class FedAvgStrategy(Strategy):
@@ -81,11 +56,7 @@ class FedAvgStrategy(Strategy):
 
     @property
     def secure_sum(self) -> SecureSum | None:
-        cfg = self.config
-        if not cfg.secure_aggregation:
-            return None
-        return SecureSum(weighting=cfg.weighting, clip=cfg.secure_clip, ring_bits=cfg.secure_ring_bits,
-                         fallback=cfg.secure_fallback)
+        return self.config.secure_sum(self.config.weighting)
 
     @property
     def contribution_fields(self) -> frozenset[str]:

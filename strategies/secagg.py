@@ -25,10 +25,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .averaging import cast_like, is_float_array
-from .base import StateDict
+from .base import StateDict, check_range
 
 __all__ = [
     "SECURE_WEIGHTINGS",
+    "SecureParams",
     "SecureSum",
     "combine",
     "flatten",
@@ -57,6 +58,57 @@ class SecureSum:
     clip: float
     ring_bits: int
     fallback: bool = False
+
+
+@dataclass(frozen=True)
+class SecureParams:
+    """The ``secure_aggregation`` parameters of the averaging strategies (fedavg, segviz).
+
+    Attributes:
+        secure_aggregation: The peer learns only the masked sum of its neighbours' (shared)
+            models, never one of them (docs/SECURE-AGGREGATION.md); needs at least 2 neighbours.
+        secure_fallback: With fewer than 2 trusted neighbours, run plain rounds instead of
+            refusing to start (the operator's explicit choice: that neighbour sees our model).
+        secure_clip: Values are clipped to ``[-secure_clip, secure_clip]`` before masking.
+        secure_ring_bits: 32 (the bytes of float32) or 64 (a far smaller error bound).
+    """
+
+    secure_aggregation: bool = False
+    secure_fallback: bool = False
+    secure_clip: float = 8.0
+    secure_ring_bits: int = 32
+
+    def check_secure(self, robust: str, weighting: str, int_policy: str) -> None:
+        """Refuse what cannot be combined with secure aggregation, saying why.
+
+        Raises:
+            ValueError: naming the parameter and the reason.
+        """
+        check_range("secure_clip", self.secure_clip, 0.0, lo_open=True)
+        if self.secure_ring_bits not in (32, 64):
+            raise ValueError(f"parameter 'secure_ring_bits' must be 32 or 64, got {self.secure_ring_bits}")
+        if not self.secure_aggregation:
+            return
+        if robust != "none":
+            raise ValueError(
+                f"parameter 'robust' = {robust!r} cannot be combined with secure_aggregation: the "
+                "median, the trimmed mean and per-update clipping need each neighbour's model, which "
+                "secure aggregation hides (only secure_clip's coordinate clip remains)")
+        if weighting not in SECURE_WEIGHTINGS:
+            raise ValueError(
+                f"parameter 'weighting' = {weighting!r} cannot be combined with secure_aggregation: "
+                f"a member must weight its own model under a rule the whole group shares; use one of "
+                f"{list(SECURE_WEIGHTINGS)}")
+        if int_policy != "own":
+            raise ValueError("parameter 'int_policy' must be 'own' with secure_aggregation: the ring "
+                             "carries floating tensors only, integer buffers stay the peer's own")
+
+    def secure_sum(self, weighting: str) -> SecureSum | None:
+        """The settings the peer's round needs, or None when secure aggregation is off."""
+        if not self.secure_aggregation:
+            return None
+        return SecureSum(weighting=weighting, clip=self.secure_clip, ring_bits=self.secure_ring_bits,
+                         fallback=self.secure_fallback)
 
 
 def float_names(state: Mapping[str, np.ndarray]) -> list[str]:

@@ -33,6 +33,7 @@ from .base import (
     check_range,
 )
 from .robust import aggregate_contributions
+from .secagg import SecureParams, SecureSum
 from .strategy import Strategy
 from .training import OPTIMIZERS, BatchSource, LossFn, PrivateSteps, TrainResult, train_steps
 from .workbench import Workbench
@@ -44,7 +45,7 @@ DEFAULT_NORM_PATTERNS = ("bn", "norm", "running_mean", "running_var", "num_batch
 
 
 @dataclass(frozen=True)
-class SegVizConfig(StrategyConfig):
+class SegVizConfig(StrategyConfig, SecureParams):
     """Parameters of ``segviz`` (plus the robust ones, applied to the body only).
 
     Attributes:
@@ -61,6 +62,9 @@ class SegVizConfig(StrategyConfig):
             :meth:`SegVizStrategy.finetune_head`.
         finetune_lr: learning rate of the head fine-tuning.
         optimizer: ``"adam"`` or ``"sgd"`` for the head fine-tuning.
+
+    The ``secure_*`` parameters are those of :class:`~.secagg.SecureParams`: only the shared
+    body travels, masked; heads (and norms under ``local_norm``) stay local as without it.
     """
 
     head_prefixes: tuple[str, ...] = ()
@@ -83,6 +87,7 @@ class SegVizConfig(StrategyConfig):
         check_range("finetune_steps", self.finetune_steps, 0)
         check_range("finetune_lr", self.finetune_lr, 0.0, lo_open=True)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self.check_secure(self.robust, self.weighting, self.int_policy)
 
 
 def is_local(
@@ -191,6 +196,10 @@ class SegVizStrategy(Strategy):
 
     def _norm_patterns(self) -> tuple[str, ...] | None:
         return self.config.norm_patterns if self.config.local_norm else None
+
+    @property
+    def secure_sum(self) -> SecureSum | None:
+        return self.config.secure_sum(self.config.weighting)
 
     def shared_keys(self, names: Iterable[str]) -> list[str]:
         return partition_keys(names, self.config.head_prefixes, self._norm_patterns())[0]

@@ -83,6 +83,29 @@ async def test_secure_sum_equals_plain_fedavg_within_the_stated_bound(
         assert p.learner.state().keys() == _plain_fedavg(p, others).keys()
 
 
+async def test_segviz_secure_sum_averages_the_shared_body_and_keeps_each_head_local(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = MemoryNetwork()
+    extra = {"strategy": {"name": "segviz", "params": {"secure_aggregation": True}}}
+    peers = make(tmp_path, 4, net, Timeline(net, 4), rounds=1, deadline=30.0, neighbours=FULL4, extra=extra)
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+    for p in peers:
+        strategy = p.learner.strategy
+        mine = p.context.secure.trained[0]
+        head = [k for k in p.learner.state() if k not in mine.state]
+        assert head and mine.state  # the head stays out of what is masked
+        others = [q.context.secure.trained[0] for q in peers if q is not p]
+        plain = strategy.aggregate(mine.state, float(mine.n_samples), [
+            Contribution(q.peer_id, t.state, n_samples=t.n_samples)
+            for q, t in zip([q for q in peers if q is not p], others, strict=True)
+        ]).state
+        _assert_within_bound(p, plain)
+        assert p.learner.state().keys() == {*mine.state, *head}
+
+
 class SilentAfterDealing(Timeline):
     """One peer starts its round (and trains) only long after everyone's deadline: it answers
     the groups it is asked to join, deals, and never sends a masked vector in time."""
@@ -226,9 +249,9 @@ def test_config_says_fedefm_is_not_covered_by_secure_aggregation(tmp_path: Path)
     fedefm = {"strategy": {"name": "fedefm", "params": {"secure_aggregation": True}}}
     with pytest.raises(ConfigError, match="not an aggregation, and secure aggregation does not cover it"):
         configs(tmp_path, 3, extra=fedefm)
-    segviz = {"strategy": {"name": "segviz", "params": {"secure_aggregation": True}}}
-    with pytest.raises(ConfigError, match="implemented for fedavg only"):
-        configs(tmp_path, 3, extra=segviz)
+    fedmix = {"strategy": {"name": "fedmix", "params": {"secure_aggregation": True}}}
+    with pytest.raises(ConfigError, match="implemented for fedavg and segviz only"):
+        configs(tmp_path, 3, extra=fedmix)
 
 
 async def test_reconcile_matches_commits_and_releases_and_catches_a_lying_or_equivocating_aggregator(
