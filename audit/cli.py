@@ -488,7 +488,9 @@ def reconcile_cmd(logs: tuple[Path, ...], as_json: bool) -> None:
     peers, or the recipient's refusal of that envelope (listed apart, with the reason:
     not a discrepancy); reported are sends never recorded as received, receives never
     recorded as sent, and pairs whose payload digest, signature or record differ. Sends
-    to peers whose log is not given are counted as unchecked.
+    to peers whose log is not given are counted as unchecked. Secure aggregation: each
+    aggregator's commit is checked against the masked vectors it recorded receiving, and
+    each member's release against the commits the aggregator logged.
 
     \b
     Example:
