@@ -59,7 +59,12 @@ def simnet() -> None:
 @click.option("--faults", "-f", help="Fault spec, e.g. crash=0.1,restart=after:2,drop=0.05 (see docs/SIMNET.md).")
 @click.option("--compare-local/--no-compare-local", default=None,
               help="Also train every silo alone on the same budget and report both.")
-@click.option("--procs", "-p", type=int, help="Spread the peers over P worker processes (default 1).")
+@click.option("--procs", "-p", type=int,
+              help="Spread the peers over P worker processes (default 1), or P Ray actors with --backend ray.")
+@click.option("--backend", type=click.Choice(["local", "ray"]),
+              help="local: this machine (default); ray: the shares run as Ray actors across a Ray cluster.")
+@click.option("--ray-address", help="With --backend ray: HOST:PORT of the Ray head to join (default: a new "
+                                    "Ray instance on this machine).")
 @click.option("--local-steps", type=int, help="Optimiser steps per round (default 40).")
 @click.option("--deadline", type=float, help="Seconds a peer waits for neighbours per round (default 30).")
 @click.option("--batch-size", type=int, help="Batch size (default 8).")
@@ -92,6 +97,7 @@ def run(scenario_file: Path | None, task_options: tuple[str, ...], strategy_para
       silomesh simnet run --peers 8 --topology regular:4 --strategy fedefm --compare-local
       silomesh simnet run --task organs --strategy segviz --rounds 5 --out runs/segviz
       silomesh simnet run --peers 48 --procs 2 --faults drop=0.05,delay=100ms-300ms
+      silomesh simnet run --peers 100 --procs 4 --backend ray --ray-address 10.0.0.1:6379
       silomesh simnet run scenario.toml --seed 3
       silomesh simnet run experiments/fedefm_unseen.toml --scale 2 --out runs/fedefm
 

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,56 +26,11 @@ from silomesh.simnet.plan import Plan, build_plan
 from silomesh.simnet.results import ShareResult
 from silomesh.simnet.runtime import STOP_FILE, limit_torch_threads, quiet_expected_dial_errors
 from silomesh.simnet.scenario import Scenario, SimnetError, default_out_dir
-from silomesh.simnet.stores import budget_exhausted, committed_counts
+from silomesh.simnet.watcher import ProgressCallback, Watcher
 
 log = logging.getLogger(__name__)
 
 POLL = 0.5
-#: seconds beyond the round deadline without any committed round before the watchdog ends the run
-STALL_GRACE = 120.0
-
-ProgressCallback = Callable[[int, int, list[int]], None]
-
-
-class Watcher:
-    """Counts committed rounds across all peers and decides when the run is complete."""
-
-    def __init__(self, plan: Plan, progress: ProgressCallback | None) -> None:
-        self.plan = plan
-        self.progress = progress
-        self.paths = [p.store_path for p in plan.peers]
-        self.expected = [i for i in range(plan.n) if i not in plan.faults.never_restarted]
-        self.counts = [0] * plan.n
-        #: when a peer last committed a round (or the run started)
-        self.last_commit = time.monotonic()
-        #: no commit anywhere for this long is a stall: a round cannot legitimately take
-        #: longer than its deadline plus training and evaluation (STALL_GRACE)
-        self.stall_after = plan.scenario.deadline + STALL_GRACE
-
-    def poll(self) -> bool:
-        """Refresh the counts; True when every peer still meant to run has finished."""
-        counts = committed_counts(self.paths)
-        if counts != self.counts:
-            self.last_commit = time.monotonic()
-        self.counts = counts
-        if self.progress is not None:
-            self.progress(sum(self.counts), self.plan.n * self.plan.rounds, self.counts)
-        # a peer that stopped for its privacy budget has finished too (docs/PRIVACY.md)
-        return all(self.counts[i] >= self.plan.rounds or budget_exhausted(self.paths[i]) for i in self.expected)
-
-    @property
-    def stalled(self) -> bool:
-        return time.monotonic() - self.last_commit > self.stall_after
-
-    def stall_error(self, peers: list[dict[str, Any]]) -> SimnetError:
-        """Which peers are stuck, in which phase, waiting on whom and why (one line each)."""
-        from silomesh.simnet.runner import describe_stuck
-
-        return SimnetError(
-            f"stalled: no peer committed a round for {time.monotonic() - self.last_commit:.0f} s "
-            f"(deadline {self.plan.scenario.deadline:.0f} s + {STALL_GRACE:.0f} s); committed rounds per peer "
-            f"{self.counts}; unfinished peers:\n{describe_stuck(peers)}\n(logs in {self.plan.run_dir})"
-        )
 
 
 def run_simnet(scenario: Scenario, *, progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -89,14 +44,19 @@ def run_simnet(scenario: Scenario, *, progress: ProgressCallback | None = None) 
 
     out = scenario.out if scenario.out is not None else default_out_dir()
     t_setup = time.time()
-    plan = build_plan(scenario, out)
-    log.info("simnet: %d peers, %s, %s/%s, %d rounds -> %s", plan.n, scenario.topology, scenario.strategy,
-             scenario.task, scenario.rounds, plan.out)
-    t0 = time.time()
-    if plan.shares == 1:
-        shares = [_run_in_process(plan, progress, scenario.effective_timeout)]
+    if scenario.backend == "ray":
+        from silomesh.simnet.raybackend import run_on_ray
+
+        plan, shares, t0 = run_on_ray(scenario, out, progress)
     else:
-        shares = _run_processes(plan, progress, scenario.effective_timeout)
+        plan = build_plan(scenario, out)
+        log.info("simnet: %d peers, %s, %s/%s, %d rounds -> %s", plan.n, scenario.topology, scenario.strategy,
+                 scenario.task, scenario.rounds, plan.out)
+        t0 = time.time()
+        if plan.shares == 1:
+            shares = [_run_in_process(plan, progress, scenario.effective_timeout)]
+        else:
+            shares = _run_processes(plan, progress, scenario.effective_timeout)
     wall = time.time() - t0
     errors = [slot.error for share in shares for slot in share.slots.values() if slot.error]
     if errors and len(errors) == plan.n:

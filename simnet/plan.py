@@ -21,7 +21,7 @@ import json
 import os
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -135,13 +135,13 @@ def peer_seed(seed: int, index: int) -> bytes:
     return hashlib.sha256(f"silomesh-simnet/{seed}/peer/{index}".encode()).digest()
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now (held open together)."""
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now (held open together)."""
     socks = []
     try:
         for _ in range(count):
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -196,12 +196,20 @@ def _write_key(path: Path, seed: bytes) -> None:
         os.close(fd)
 
 
+def share_of(index: int, n: int, shares: int) -> int:
+    """The share (worker process or Ray actor) that runs peer ``index`` of ``n``: contiguous blocks."""
+    return index * shares // n
+
+
 def peer_name(index: int, n: int) -> str:
     return f"p{index:0{max(2, len(str(n - 1)))}d}"
 
 
-def build_plan(scenario: Scenario, out: Path) -> Plan:
+def build_plan(scenario: Scenario, out: Path, endpoints: Sequence[tuple[str, int]] | None = None) -> Plan:
     """Write every peer's key and config under ``out/peers`` and return the plan.
+
+    Peers listen on free ports of 127.0.0.1 unless ``endpoints`` gives each peer's
+    ``(IPv4 address, port)``: the Ray backend's peers listen on their node's address.
 
     Raises:
         ScenarioError: if ``out`` already holds a run, or the topology/faults are invalid
@@ -223,20 +231,25 @@ def build_plan(scenario: Scenario, out: Path) -> Plan:
     (out / "run").mkdir(exist_ok=True)
     n = scenario.peers
     ids = [PeerIdentity.from_seed(peer_seed(scenario.seed, i)) for i in range(n)]
-    ports = free_ports(n)
+    if endpoints is None:
+        hosts, ports = ["127.0.0.1"] * n, free_ports(n)
+    else:
+        if len(endpoints) != n:
+            raise ScenarioError(f"{len(endpoints)} endpoints for {n} peers")
+        hosts, ports = [h for h, _ in endpoints], [p for _, p in endpoints]
     names = [peer_name(i, n) for i in range(n)]
     nbrs = topology.neighbours
     options = scenario.effective_task_options
     plans = []
     for i in range(n):
-        pp = PeerPlan(index=i, name=names[i], peer_id=ids[i].peer_id_text, share=i * scenario.procs // n,
+        pp = PeerPlan(index=i, name=names[i], peer_id=ids[i].peer_id_text, share=share_of(i, n, scenario.procs),
                       port=ports[i], neighbours=tuple(nbrs[i]), folder=(peers_dir / names[i]).resolve())
         pp.folder.mkdir(mode=0o700)
         _write_key(pp.key_path, peer_seed(scenario.seed, i))
         config = {
             "federation": scenario.federation,
             "key_file": pp.key_path.name,
-            "listen": f"/ip4/127.0.0.1/tcp/{ports[i]}",
+            "listen": f"/ip4/{hosts[i]}/tcp/{ports[i]}",
             "data_dir": ".",
             "participation": "auto",
             "task": {"name": scenario.task, "size": scenario.size,
@@ -249,7 +262,7 @@ def build_plan(scenario: Scenario, out: Path) -> Plan:
             **({"privacy": dict(scenario.privacy)} if scenario.privacy else {}),
             "control": {"host": "127.0.0.1", "port": 0},
             "trusted": [{"name": names[j], "peer_id": ids[j].peer_id_text,
-                         "address": f"/ip4/127.0.0.1/tcp/{ports[j]}"} for j in nbrs[i]],
+                         "address": f"/ip4/{hosts[j]}/tcp/{ports[j]}"} for j in nbrs[i]],
         }
         pp.config_path.write_text(toml_dumps(config), encoding="utf-8")
         plans.append(pp)

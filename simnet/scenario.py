@@ -59,6 +59,7 @@ SMALL_TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "spect": {"size": 32, "n_train": 32, "n_silo_test": 16, "n_test": 16},
 }
 MAX_PEERS = 256
+BACKENDS = ("local", "ray")
 
 
 class ScenarioError(ValueError):
@@ -84,6 +85,11 @@ class Scenario:
     faults: FaultSpec = field(default_factory=FaultSpec)
     compare_local: bool = False
     procs: int = 1
+    #: where the shares run: "local" (this machine: one process, or ``procs`` worker processes)
+    #: or "ray" (one Ray actor per share, placed across the nodes of a Ray cluster)
+    backend: str = "local"
+    #: the Ray cluster to join (``HOST:PORT`` of its head); None: start a Ray instance on this machine
+    ray_address: str | None = None
     local_steps: int = 40
     deadline: float = 30.0
     batch_size: int = 8
@@ -146,7 +152,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "peers": (int,), "topology": (str,), "strategy": (str,), "task": (str,), "size": (str,),
     "rounds": (int,), "seed": (int,), "out": (str, Path), "faults": (str, dict, FaultSpec),
     "compare_local": (bool,),
-    "procs": (int,), "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
+    "procs": (int,), "backend": (str,), "ray_address": (str,),
+    "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
     "lr": (int, float), "personal_steps": (int,), "timeout": (int, float), "task_options": (dict,),
     "strategy_params": (dict,), "privacy": (dict,),
 }
@@ -238,6 +245,10 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
         raise ScenarioError(f"rounds: must be >= 1, got {s.rounds}")
     if not 1 <= s.procs <= s.peers:
         raise ScenarioError(f"procs: must be between 1 and the number of peers ({s.peers}), got {s.procs}")
+    if s.backend not in BACKENDS:
+        raise ScenarioError(f"backend: must be one of {', '.join(BACKENDS)}, got {s.backend!r}")
+    if s.ray_address is not None and s.backend != "ray":
+        raise ScenarioError("ray_address: only with backend = \"ray\"")
     for key in ("local_steps", "batch_size"):
         if getattr(s, key) < 1:
             raise ScenarioError(f"{key}: must be >= 1, got {getattr(s, key)}")

@@ -31,7 +31,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 #: every namespace this bed makes is called PREFIX<creator pid>-<name>
@@ -78,6 +78,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def kill_inside(ns: str) -> None:
+    """SIGKILL every process still running in ``ns`` (a Ray node leaves workers behind)."""
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False).stdout
+    for pid in out.split():
+        if pid.isdigit() and int(pid) != os.getpid():
+            with suppress(ProcessLookupError, PermissionError):
+                os.kill(int(pid), 9)
+
+
 def clean_leftovers() -> list[str]:
     """Remove namespaces of earlier beds whose creating process is gone; their names."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
@@ -90,6 +99,7 @@ def clean_leftovers() -> list[str]:
         pid = int(digits) if digits.isdigit() else None
         if pid is not None and pid != os.getpid() and _pid_alive(pid):
             continue  # another live test run's bed
+        kill_inside(name)
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
         removed.append(name)
     return removed
@@ -244,6 +254,7 @@ class NetBed:
 
     def close(self) -> None:
         for ns in reversed(self.namespaces):
+            kill_inside(ns)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self.namespaces.clear()
 
