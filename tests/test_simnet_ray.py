@@ -193,6 +193,28 @@ def test_ray_instance_on_this_machine_matches_one_process(tmp_path: Path) -> Non
     assert not any(Path(n["folder"]).exists() for n in nodes)
 
 
+@pytest.mark.slow
+@needs_netbed
+@pytest.mark.timeout(600)
+def test_faults_run_on_ray_actors(tmp_path: Path) -> None:
+    """crash + restart, a partition, an intruder and a byzantine peer, with the peers in two actors."""
+    settings = {**BASE, "peers": 6, "procs": 2, "rounds": 4, "deadline": 10, "seed": 1, "backend": "ray",
+                "faults": "crash=0.34,restart=after:1,partition=1-2,intruder=1,byzantine=1:noise"}
+    with open_netbed() as bed:
+        bed.add_public("solo")
+        ran = subprocess.run(bed.command("solo", _simnet_argv(tmp_path / "run", settings)), env=RAY_ENV,
+                             capture_output=True, text=True, check=False, timeout=400, cwd=tmp_path)
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
+    injected, observed = report["faults"]["injected"], report["faults"]["observed"]
+    assert injected["crashes"] == 2 and injected["restarts"] == 2 and observed["recovered_peers"] == 2
+    assert injected["poisoned_models"] > 0 and injected["intruder_attempts"] > 0
+    assert observed["intruder_messages_accepted"] == 0 and observed["refused_from_intruders"] > 0
+    assert injected.get("partitioned_messages", 0) > 0
+    assert {p["share"] for p in report["peers_detail"]} == {0, 1}
+    assert all(p["rounds_completed"] == 4 and p["error"] is None for p in report["peers_detail"])
+
+
 # ----------------------------------------------------------------------------- two nodes
 
 
