@@ -185,6 +185,10 @@ def on_group(ctx: RoundContext, msg: SecaggGroup) -> SecaggDeal:
     if (group.weight_cap > 0) != (secure.weighting == "samples"):
         raise refuse(f"the group's weight rule (weight_cap {group.weight_cap}) is not our weighting "
                      f"{secure.weighting!r}")
+    wanted = secure.threshold_of(len(group.members))
+    if group.threshold < wanted:
+        raise refuse(f"the group's threshold is {group.threshold} of {len(group.members)}, our "
+                     f"secure_threshold ({secure.threshold}) asks for at least {wanted}")
     ctx.secure.policy(identity).join(group)
     member = Member(identity, group)
     dealing = member.deal()

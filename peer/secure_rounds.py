@@ -140,7 +140,8 @@ async def _aggregate(ctx: RoundContext, round: int, selected: list[str], deadlin
     cap = 0
     if secure.weighting == "samples":
         cap = weight_cap([ctx.learner.n_samples, *(ctx.secure.last_samples.get(n, 0) for n in selected)])
-    group = Group.of(identity.public_key, round, members, length, fp, weight_cap=cap)
+    group = Group.of(identity.public_key, round, members, length, fp,
+                     threshold=secure.threshold_of(len(members)), weight_cap=cap)
     digest = group.digest
     signature = sign_group(identity, group)
     audit(ctx, "", GROUP_KIND, round, digest, group_fields(group, sorted(selected)))

@@ -18,6 +18,7 @@ Both equal plain :func:`~.averaging.weighted_average` over the same survivors, w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -52,12 +53,24 @@ class SecureSum:
         ring_bits: 32 (the bytes of float32) or 64 (a far smaller error bound).
         fallback: With fewer than 2 neighbours selected, run a plain round instead of
             keeping the own model (the operator's explicit choice).
+        threshold: The share of a group's members whose shares unmask the sum
+            (:meth:`threshold_of`): as aggregator we name that threshold, as member we refuse
+            a group whose threshold is lower.
     """
 
     weighting: str
     clip: float
     ring_bits: int
     fallback: bool = False
+    threshold: float = 0.5
+
+    def threshold_of(self, members: int) -> int:
+        """Shares needed in a group of ``members``: ``max(floor(n/2) + 1, ceil(threshold * n))``.
+
+        At least a strict majority (what the core requires); a higher share tolerates more
+        members colluding with a lying aggregator (``2t - n - 1``) and fewer dropouts (``n - t``).
+        """
+        return max(members // 2 + 1, math.ceil(round(self.threshold * members, 9)))
 
 
 @dataclass(frozen=True)
@@ -71,12 +84,16 @@ class SecureParams:
             refusing to start (the operator's explicit choice: that neighbour sees our model).
         secure_clip: Values are clipped to ``[-secure_clip, secure_clip]`` before masking.
         secure_ring_bits: 32 (the bytes of float32) or 64 (a far smaller error bound).
+        secure_threshold: Share of a group's members (0.5 to 1) whose shares are needed to
+            unmask; 0.5 means a strict majority ``floor(n/2) + 1``, 1 means every member (no
+            dropout tolerated). Members refuse groups with a lower threshold than theirs.
     """
 
     secure_aggregation: bool = False
     secure_fallback: bool = False
     secure_clip: float = 8.0
     secure_ring_bits: int = 32
+    secure_threshold: float = 0.5
 
     def check_secure(self, robust: str, weighting: str, int_policy: str) -> None:
         """Refuse what cannot be combined with secure aggregation, saying why.
@@ -87,6 +104,7 @@ class SecureParams:
         check_range("secure_clip", self.secure_clip, 0.0, lo_open=True)
         if self.secure_ring_bits not in (32, 64):
             raise ValueError(f"parameter 'secure_ring_bits' must be 32 or 64, got {self.secure_ring_bits}")
+        check_range("secure_threshold", self.secure_threshold, 0.5, 1.0)
         if not self.secure_aggregation:
             return
         if robust != "none":
@@ -108,7 +126,7 @@ class SecureParams:
         if not self.secure_aggregation:
             return None
         return SecureSum(weighting=weighting, clip=self.secure_clip, ring_bits=self.secure_ring_bits,
-                         fallback=self.secure_fallback)
+                         fallback=self.secure_fallback, threshold=self.secure_threshold)
 
 
 def float_names(state: Mapping[str, np.ndarray]) -> list[str]:

@@ -236,6 +236,46 @@ async def test_a_neighbour_with_secure_aggregation_off_refuses_the_group_and_is_
         assert skip["peer"] == peers[3].peer_id and "secure aggregation is off on this peer" in skip["reason"]
 
 
+async def test_a_member_refuses_a_group_whose_threshold_is_below_its_secure_threshold(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Peer 3 asks for every member's shares (secure_threshold = 1): it names 3 of 3 in its own
+    group, which the others join, and refuses their groups of threshold 2 of 3."""
+    net = MemoryNetwork()
+    peers = _secure_peers(tmp_path, net, Timeline(net, 4))
+    strict = StrategyConfig("fedavg", {"secure_aggregation": True, "secure_threshold": 1.0})
+    peers[3] = Peer(dataclasses.replace(peers[3].config, strategy=strict), identity=peers[3].identity,
+                    serve_control_api=False, transport=net.open, compute=InlineCompute(), faults=peers[3]._faults)
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+        rows = {p.peer_id: (await p.operator.rounds())[0] for p in peers}
+        groups = {p.peer_id: [json.loads(e["reason"]) for e in p.audit_log.entries()
+                              if e["kind"] == "secagg-group" and e["peer"] == ""] for p in peers}
+    assert [g["threshold"] for g in groups[peers[3].peer_id]] == [3]
+    assert rows[peers[3].peer_id]["contributors"] == sorted(q.peer_id for q in peers[:3])
+    for p in peers[:3]:
+        assert [g["threshold"] for g in groups[p.peer_id]] == [2]
+        row = rows[p.peer_id]
+        assert row["contributors"] == sorted(q.peer_id for q in peers[:3] if q is not p)
+        (skip,) = row["skipped"]
+        assert skip["peer"] == peers[3].peer_id and "asks for at least 3" in skip["reason"], skip
+
+
+@pytest.mark.parametrize("share, members, want", [
+    (0.5, 2, 2), (0.5, 3, 2), (0.5, 5, 3), (0.5, 8, 5), (0.6, 5, 3), (0.75, 8, 6), (0.8, 5, 4), (1.0, 5, 5),
+])
+def test_secure_threshold_is_at_least_a_majority_and_rounds_up(share: float, members: int, want: int) -> None:
+    secure = FedAvgConfig.from_dict({"secure_aggregation": True, "secure_threshold": share}).secure_sum("samples")
+    assert secure is not None and secure.threshold_of(members) == want
+
+
+@pytest.mark.parametrize("share", [0.4, 1.01, float("nan")])
+def test_secure_threshold_outside_a_majority_to_all_is_refused(share: float) -> None:
+    with pytest.raises(ValueError, match="secure_threshold"):
+        FedAvgConfig.from_dict({"secure_aggregation": True, "secure_threshold": share})
+
+
 def test_config_refuses_secure_aggregation_with_one_neighbour_unless_the_fallback_is_allowed(tmp_path: Path) -> None:
     secure = {"strategy": {"name": "fedavg", "params": {"secure_aggregation": True}}}
     with pytest.raises(ConfigError, match="needs at least 2 trusted neighbours, got 1: the sum of one"):
