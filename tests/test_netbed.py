@@ -210,6 +210,11 @@ def _doctor(bed: NetBed, site: str, h: Hospital) -> dict[str, Any]:
     return report
 
 
+def _link(bed: NetBed, site: str, h: Hospital, neighbour: str) -> dict[str, Any]:
+    """What the running peer at ``site`` reports about its link to ``neighbour`` (doctor --json)."""
+    return next(nb for nb in _doctor(bed, site, h)["neighbours"] if nb["name"] == neighbour)
+
+
 def _circuit(relay_site_address: str, relay_id: str) -> str:
     return f"/ip4/{relay_site_address}/tcp/{PORT}/p2p/{relay_id}/p2p-circuit"
 
@@ -365,6 +370,10 @@ def test_link_down_longer_than_the_deadline_costs_one_neighbour_rounds_not_the_r
         _wait("two rounds at A without C", lambda: sum(
             1 for r in done_rounds(a) if r["round"] > cut_at + 1 and ids["c"] not in r["contributors"]) >= 2,
             90, everyone)
+        # Rounds without C can be quicker than A's ping-based detection of the dead link (three
+        # unanswered pings) plus one dial timeout: keep the link down until A has tried C and failed.
+        _wait("a failed dial to C in A's status", lambda: _link(bed, "a", a, "c")["dial_failures"] >= 1,
+              60, everyone)
         during = done_rounds(a)
         bed.link_up("c")
         back_at = max(r["round"] for r in during)
