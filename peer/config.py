@@ -265,8 +265,8 @@ def _secure_aggregation_refusal(strategy: StrategyConfig, neighbours: int) -> st
         return ("fedefm's train-request round returns the peer's own model trained on a neighbour's data: "
                 "it is not an aggregation, and secure aggregation does not cover it (DP-SGD does what can "
                 "be done there)")
-    if strategy.name not in ("fedavg", "segviz"):
-        return f"implemented for fedavg and segviz only so far, not for {strategy.name!r}"
+    if strategy.name not in ("fedavg", "segviz", "fedmix"):
+        return f"implemented for fedavg, segviz and fedmix, not for {strategy.name!r}"
     if neighbours < 2 and strategy.params.get("secure_fallback") is not True:
         return (f"needs at least 2 trusted neighbours, got {neighbours}: the sum of one neighbour's model "
                 "is that model. Set strategy.params.secure_fallback = true to run plain rounds instead")

@@ -41,7 +41,7 @@ from silomesh.protocol.secagg_messages import (
 )
 from silomesh.protocol.secagg_policy import ReleasePolicy
 from silomesh.strategies import StateDict
-from silomesh.strategies.secagg import flatten
+from silomesh.strategies.secagg import flatten, member_vector
 
 if TYPE_CHECKING:
     from silomesh.peer.context import RoundContext
@@ -62,6 +62,8 @@ class Trained:
     round: int
     state: StateDict
     n_samples: int
+    #: the round's mean training loss (fedmix weights by it; NaN when unknown)
+    loss: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -178,11 +180,12 @@ def on_group(ctx: RoundContext, msg: SecaggGroup) -> SecaggDeal:
     identity = ctx.endpoint.crypto
     group.index(identity.public_key)
     verify_group(group, msg.signature)
-    length = flatten(ctx.learner.shared(ctx.learner.state())).size
+    length = secure.vector_length(flatten(ctx.learner.shared(ctx.learner.state())).size)
     if group.length != length:
         raise RemoteProtocolError(ErrorCode.BAD_SHAPE,
-                                  f"the group expects {group.length} values, our model has {length}")
-    if (group.weight_cap > 0) != (secure.weighting == "samples"):
+                                  f"the group expects {group.length} values, we mask {length} "
+                                  f"({secure.weighting} weighting)")
+    if (group.weight_cap > 0) != secure.weighs_samples:
         raise refuse(f"the group's weight rule (weight_cap {group.weight_cap}) is not our weighting "
                      f"{secure.weighting!r}")
     wanted = secure.threshold_of(len(group.members))
@@ -213,6 +216,9 @@ async def on_shares(ctx: RoundContext, msg: SecaggShares) -> SecaggMasked:
             fewer than the threshold, a share missing or not opening, no model of ours
             before the round deadline, or a second vector for the group.
     """
+    secure = ctx.learner.strategy.secure_sum
+    if secure is None:
+        raise refuse("secure aggregation is off on this peer")
     joined = _joined(ctx, msg.group_digest)
     group, me = joined.group, ctx.endpoint.crypto.public_key
     dealers = frozenset(msg.dealers)
@@ -234,7 +240,9 @@ async def on_shares(ctx: RoundContext, msg: SecaggShares) -> SecaggMasked:
     if trained is None:
         raise refuse(f"no model of ours for round {group.round} before the deadline")
     n = min(trained.n_samples, group.weight_cap) if group.weight_cap else trained.n_samples
-    ring = joined.member.mask(flatten(trained.state), group.weight(n), dealers)
+    values, weight = member_vector(flatten(trained.state), secure, group.weight(n), trained.loss,
+                                   group.fixed_point.clip)
+    ring = joined.member.mask(values, weight, dealers)
     return SecaggMasked.of(ring, **ctx.endpoint.reply_routing(msg, round=msg.round), group_digest=group.digest,
                            n_samples=n)
 

@@ -61,7 +61,15 @@ from silomesh.protocol.secagg_messages import (
     SecaggShares,
 )
 from silomesh.strategies import StateDict
-from silomesh.strategies.secagg import SecureSum, combine, flatten, result_bound, weight_cap
+from silomesh.strategies.secagg import (
+    FEDMIX,
+    SecureSum,
+    combine,
+    combine_fedmix,
+    flatten,
+    result_bound,
+    weight_cap,
+)
 
 if TYPE_CHECKING:
     from silomesh.peer.rounds import RoundReport
@@ -108,7 +116,7 @@ async def secure_exchange_round(
     privacy.record_round(ctx.endpoint.journal.audit_log, ctx.learner.dp, round)  # before the model leaves
     report.train_loss = trained.mean_loss
     shared = ctx.faults.outgoing_state(ctx.peer_id, round, ctx.learner.shared(trained.state))
-    ctx.secure.offer(Trained(round, shared, ctx.learner.n_samples))
+    ctx.secure.offer(Trained(round, shared, ctx.learner.n_samples, trained.mean_loss))
     ctx.progress.phase = "exchanging"
     skipped = report.skipped
     if len(selected) < MIN_OTHER_MEMBERS:
@@ -119,7 +127,8 @@ async def secure_exchange_round(
     own_shared = ctx.learner.shared(trained.state)
     sent = _Counter()
     try:
-        mixed = await _aggregate(ctx, round, selected, deadline, secure, own_shared, skipped, report, sent)
+        mixed = await _aggregate(ctx, round, selected, deadline, secure, own_shared, trained.mean_loss, skipped,
+                                 report, sent)
     finally:  # what we sent as aggregator, and as a member of our neighbours' groups since the last round
         report.bytes_sent += sent.total + ctx.secure.take_member_bytes()
     return trained.state if mixed is None else {**trained.state, **mixed}
@@ -131,14 +140,14 @@ class _Counter:
 
 
 async def _aggregate(ctx: RoundContext, round: int, selected: list[str], deadline: float, secure: SecureSum,
-                     own: StateDict, skipped: dict[str, str], report: RoundReport, sent: _Counter
-                     ) -> StateDict | None:
+                     own: StateDict, own_loss: float, skipped: dict[str, str], report: RoundReport,
+                     sent: _Counter) -> StateDict | None:
     identity = ctx.endpoint.crypto
     members = {ctx.trust.public_key_of(n): _Member(n, ctx.trust.public_key_of(n)) for n in selected}
-    length = flatten(own).size
+    length = secure.vector_length(flatten(own).size)
     fp = FixedPoint.for_group(len(members), secure.clip, secure.ring_bits)
     cap = 0
-    if secure.weighting == "samples":
+    if secure.weighs_samples:
         cap = weight_cap([ctx.learner.n_samples, *(ctx.secure.last_samples.get(n, 0) for n in selected)])
     group = Group.of(identity.public_key, round, members, length, fp,
                      threshold=secure.threshold_of(len(members)), weight_cap=cap)
@@ -227,9 +236,13 @@ async def _aggregate(ctx: RoundContext, round: int, selected: list[str], deadlin
         samples = {members[k].peer_id: members[k].masked.n_samples for k in survivors}  # type: ignore[union-attr]
         for n, count in samples.items():
             ctx.secure.last_samples[n] = count
-        mixed = combine(own, float(ctx.learner.n_samples), total, list(samples.values()), secure.weighting, cap)
-        bound = result_bound(fp.error_bound(len(survivors)), float(ctx.learner.n_samples), list(samples.values()),
-                             secure.weighting, cap)
+        own_samples, counts, sum_bound = float(ctx.learner.n_samples), list(samples.values()), fp.error_bound(
+            len(survivors))
+        if secure.weighting == FEDMIX:
+            mixed, bound = combine_fedmix(own, own_samples, own_loss, total, counts, cap, secure, sum_bound)
+        else:
+            mixed = combine(own, own_samples, total, counts, secure.weighting, cap)
+            bound = result_bound(sum_bound, own_samples, counts, secure.weighting, cap)
         for k in dealers - survivors:
             skipped.setdefault(members[k].peer_id, "secure aggregation: dropped after dealing (its pairwise masks "
                                "were removed with the survivors' shares)")

@@ -42,6 +42,7 @@ from torch import nn
 
 from .base import AggregationResult, Contribution, StrategyConfig, check_range
 from .robust import aggregate_contributions
+from .secagg import FEDMIX, SecureParams, SecureSum
 from .strategy import Strategy
 from .training import Batch, BatchSource, PrivateSteps, run_steps, to_device
 from .workbench import LocalStep, Workbench
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FedMixConfig(StrategyConfig):
+class FedMixConfig(StrategyConfig, SecureParams):
     """Parameters of ``fedmix`` (defaults: the authors' released code).
 
     Attributes:
@@ -62,6 +63,9 @@ class FedMixConfig(StrategyConfig):
             (0.5; ``0`` disables the check).
         pseudo_weight: weight of the pseudo-label term next to the silo's own weak-label
             loss in the local step (ours: 1.0; ``0`` turns the pseudo-label step off).
+
+    The ``secure_*`` parameters are those of :class:`~.secagg.SecureParams`: members mask
+    their models weighted by size and by training loss (:func:`~.secagg.member_vector`).
     """
 
     lam: float = 10.0
@@ -81,6 +85,7 @@ class FedMixConfig(StrategyConfig):
         check_range("threshold", self.threshold, 0.0, 1.0, lo_open=True, hi_open=True)
         check_range("min_box_dice", self.min_box_dice, 0.0, 1.0)
         check_range("pseudo_weight", self.pseudo_weight, 0.0)
+        self.check_secure(self.robust, FEDMIX, self.int_policy)
 
 
 def fedmix_weights(
@@ -517,6 +522,10 @@ class FedMixStrategy(Strategy):
     @property
     def contribution_fields(self) -> frozenset[str]:
         return frozenset({"n_samples", "loss"})
+
+    @property
+    def secure_sum(self) -> SecureSum | None:
+        return self.config.secure_sum(FEDMIX, lam=self.config.lam, beta=self.config.beta)
 
     def pseudo_labels(self, prob_a: np.ndarray, prob_b: np.ndarray,
                       box: np.ndarray | None = None,

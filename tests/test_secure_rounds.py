@@ -29,6 +29,8 @@ from silomesh.peer.daemon import Peer
 from silomesh.protocol import state_digest
 from silomesh.strategies import Contribution
 from silomesh.strategies.fedavg import FedAvgConfig, FedAvgStrategy
+from silomesh.strategies.fedmix import FedMixConfig, FedMixStrategy
+from silomesh.strategies.secagg import FEDMIX_LOSS_CAP, combine_fedmix, flatten, member_vector, weight_cap
 
 FULL4 = [[j for j in range(4) if j != i] for i in range(4)]
 
@@ -104,6 +106,66 @@ async def test_segviz_secure_sum_averages_the_shared_body_and_keeps_each_head_lo
         ]).state
         _assert_within_bound(p, plain)
         assert p.learner.state().keys() == {*mine.state, *head}
+
+
+async def test_fedmix_secure_sum_equals_plain_fedmix_weights_within_the_stated_bound(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """fedmix weights by size and by training loss; members mask both weighted copies and
+    their loss score, and each peer's result is plain fedmix over the same models and losses."""
+    net = MemoryNetwork()
+    extra = {"strategy": {"name": "fedmix", "params": {"secure_aggregation": True}}}
+    peers = make(tmp_path, 4, net, Timeline(net, 4), rounds=1, deadline=30.0, neighbours=FULL4, extra=extra)
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+        rows = {p.peer_id: await p.operator.rounds() for p in peers}
+    trained = {p.peer_id: p.context.secure.trained[0] for p in peers}
+    losses = [t.loss for t in trained.values()]
+    assert all(np.isfinite(v) and 0 < v**1.5 < FEDMIX_LOSS_CAP for v in losses), losses
+    assert len(set(losses)) == 4  # the loss shares differ from the size shares
+    for p in peers:
+        (row,) = rows[p.peer_id]
+        assert row["status"] == "done" and row["contributors"] == sorted(q.peer_id for q in peers if q is not p)
+        mine = trained[p.peer_id]
+        # a member masks 2 * len + 1 values: its bytes per aggregator are twice fedavg's
+        ring_bytes = 4 * (2 * sum(v.size for v in mine.state.values()) + 1)
+        assert 3 * ring_bytes < row["bytes_sent"] < 4 * ring_bytes, row["bytes_sent"]
+        plain = p.learner.strategy.aggregate(mine.state, float(mine.n_samples), [
+            Contribution(q.peer_id, trained[q.peer_id].state, n_samples=trained[q.peer_id].n_samples,
+                         loss=trained[q.peer_id].loss) for q in peers if q is not p
+        ], own_loss=mine.loss).state
+        _assert_within_bound(p, plain)
+        # and it is not fedavg's size-weighted average (the loss shares changed it)
+        sizes = _plain_fedavg(p, [q for q in peers if q is not p])
+        assert any(not np.allclose(sizes[k], plain[k], rtol=0, atol=1e-6) for k in plain
+                   if np.issubdtype(plain[k].dtype, np.floating))
+
+
+def test_fedmix_combine_matches_fedmix_weights_with_dropouts_and_zero_losses() -> None:
+    """combine_fedmix on exact sums (no ring) is plain fedmix over own + survivors; with every
+    loss 0 it is the size-weighted average, as fedmix_weights says."""
+    rng = np.random.default_rng(5)
+    secure = FedMixStrategy(FedMixConfig.from_dict({"secure_aggregation": True})).secure_sum
+    assert secure is not None and secure.lam == 10.0 and secure.beta == 1.5
+    own = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    for losses in ([0.3, 0.9, 0.1, 1.2], [0.0, 0.0, 0.0, 0.0]):
+        members = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in own.items()} for _ in range(3)]
+        samples = [40, 7, 19]
+        cap = weight_cap([25, *samples])
+        total = np.zeros(2 * flatten(own).size + 1)
+        for m, n, loss in zip(members, samples, losses[1:], strict=True):
+            values, weight = member_vector(flatten(m), secure, n / cap, loss, secure.clip)
+            assert weight == 1.0
+            total += values
+        got, bound = combine_fedmix(own, 25.0, losses[0], total, samples, cap, secure, 1e-12)
+        want = FedMixStrategy(FedMixConfig()).aggregate(own, 25.0, [
+            Contribution(f"p{i}", m, n_samples=n, loss=loss)
+            for i, (m, n, loss) in enumerate(zip(members, samples, losses[1:], strict=True))
+        ], own_loss=losses[0]).state
+        assert 0 < bound < 1e-9
+        for k in own:
+            assert np.allclose(got[k], want[k], rtol=0, atol=2e-7), (losses, k)
 
 
 class SilentAfterDealing(Timeline):
@@ -290,8 +352,9 @@ def test_config_says_fedefm_is_not_covered_by_secure_aggregation(tmp_path: Path)
     with pytest.raises(ConfigError, match="not an aggregation, and secure aggregation does not cover it"):
         configs(tmp_path, 3, extra=fedefm)
     fedmix = {"strategy": {"name": "fedmix", "params": {"secure_aggregation": True}}}
-    with pytest.raises(ConfigError, match="implemented for fedavg and segviz only"):
-        configs(tmp_path, 3, extra=fedmix)
+    configs(tmp_path / "fedmix", 3, extra=fedmix)  # covered: its weighted average is a sum
+    with pytest.raises(ValueError, match="need each neighbour's model"):
+        FedMixConfig.from_dict({"secure_aggregation": True, "robust": "median"})
 
 
 async def test_reconcile_matches_commits_and_releases_and_catches_a_lying_or_equivocating_aggregator(
