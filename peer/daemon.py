@@ -22,6 +22,7 @@ import trio
 if TYPE_CHECKING:  # trio-typing's stubs, when installed, shadow trio's own TaskStatus
     from trio_typing import TaskStatus
 
+from silomesh.audit import secagg as secagg_audit
 from silomesh.models.data_io import DatasetError
 from silomesh.models.task import Silo
 from silomesh.peer import announces, dialer, handlers, privacy, rounds
@@ -48,6 +49,7 @@ from silomesh.peer.mesh import open_mesh
 from silomesh.peer.operations import PeerOperations
 from silomesh.peer.operator import OperatorError
 from silomesh.peer.safety import state_violation
+from silomesh.peer.secure_member import KEEP_ROUNDS
 from silomesh.peer.store import PERSONAL, ModelRecord, Store, StoreError
 from silomesh.peer.strangers import Strangers, serve_strangers
 from silomesh.peer.study import StudyGate, load_study
@@ -227,6 +229,9 @@ class Peer:
                 compute=self._compute,
                 personal=config.personal,
             )
+            # groups joined before a restart stay joined (their seeds are gone: refuse them again)
+            since = (resumed[0].round if resumed is not None else 0) - max(KEEP_ROUNDS, net.round_window)
+            ctx.secure.recall(store.local_audit_entries(secagg_audit.GROUP_KIND, since))
             self.operator = PeerOperations(config, self.identity, ctx)
             transport.set_handler(lambda stream: handlers.serve_stream(ctx, stream))
             async with trio.open_nursery() as nursery:

@@ -20,7 +20,7 @@ handler answers those with a signed ``error`` and the stream goes on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,9 +88,11 @@ class _Joined:
 class SecureState:
     """What a peer remembers between secure-aggregation messages (one per peer, in memory).
 
-    A restart forgets the groups joined: an aggregator's later requests for them are refused,
-    and the peer is a dropout in those rounds. The release policy's memory starts afresh too,
-    which is safe because the per-group seeds of the forgotten groups are gone with it.
+    A restart forgets the seeds and shares of the groups joined: an aggregator's later
+    requests for them are refused, and the peer is a dropout in those rounds. What it joined
+    is in its audit log (``secagg-group`` entries), and :meth:`recall` reads it back at start:
+    a group of the same aggregator and round, the same or another, is then refused, as before
+    the restart (two overlapping sums would reveal a member by their difference).
     """
 
     _policy: ReleasePolicy | None = None
@@ -102,6 +104,8 @@ class SecureState:
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     #: bytes sent as a member (deals, masked vectors, releases) not yet counted in a round's row
     member_bytes: int = 0
+    #: (aggregator PeerID, round) -> group digest (hex) joined before this process started
+    before_restart: dict[tuple[str, int], str] = field(default_factory=dict)
     _offered: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
     def policy(self, identity: Identity) -> ReleasePolicy:
@@ -116,8 +120,15 @@ class SecureState:
             del self.trained[old]
         self.joined = {d: j for d, j in self.joined.items() if j.group.round >= trained.round - KEEP_ROUNDS}
         self.outcomes = {r: o for r, o in self.outcomes.items() if r >= trained.round - KEEP_ROUNDS}
+        self.before_restart = {k: d for k, d in self.before_restart.items() if k[1] >= trained.round - KEEP_ROUNDS}
         self.policy_forget(trained.round - KEEP_ROUNDS)
         self._offered.unpark_all()
+
+    def recall(self, joined: Iterable[Mapping[str, Any]]) -> None:
+        """Remember the groups our audit log says we joined (``peer``: the aggregator, ``round``,
+        ``payload_digest``: the group digest), so that none of them is joined again."""
+        for row in joined:
+            self.before_restart[(str(row["peer"]), int(row["round"]))] = str(row["payload_digest"])
 
     def policy_forget(self, before_round: int) -> None:
         if self._policy is not None:
@@ -192,12 +203,15 @@ def on_group(ctx: RoundContext, msg: SecaggGroup) -> SecaggDeal:
     if group.threshold < wanted:
         raise refuse(f"the group's threshold is {group.threshold} of {len(group.members)}, our "
                      f"secure_threshold ({secure.threshold}) asks for at least {wanted}")
+    aggregator = peer_id_from_public_key(group.aggregator)
+    if (aggregator, group.round) in ctx.secure.before_restart:
+        raise refuse(f"we joined a group of this aggregator for round {group.round} before we restarted: its "
+                     "seeds are gone, and a second group of that round could reveal a member by difference")
     ctx.secure.policy(identity).join(group)
     member = Member(identity, group)
     dealing = member.deal()
     digest = group.digest
     ctx.secure.joined[digest] = _Joined(group, member)
-    aggregator = peer_id_from_public_key(group.aggregator)
     audit(ctx, aggregator, GROUP_KIND, group.round, digest, group_fields(group, len(group.members)))
     return SecaggDeal(
         **ctx.endpoint.reply_routing(msg, round=msg.round),

@@ -677,6 +677,13 @@ class Store:
         """Every audit entry row, oldest first."""
         return list(self.db.query("SELECT * FROM audit ORDER BY seq"))
 
+    def local_audit_entries(self, kind: str, min_round: int) -> list[dict[str, Any]]:
+        """``peer``, ``round`` and ``payload_digest`` of the ``local`` audit entries of ``kind``
+        naming a peer, from round ``min_round`` on, oldest first."""
+        return list(self.db.query(
+            "SELECT peer, round, payload_digest FROM audit WHERE direction = 'local' AND kind = ? "
+            "AND peer != '' AND round >= ? ORDER BY seq", [kind, min_round]))
+
     def latest_audit_entries(self, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` newest audit entry rows, newest first."""
         return list(self.db.query("SELECT * FROM audit ORDER BY seq DESC LIMIT ?", [limit]))

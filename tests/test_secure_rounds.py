@@ -26,7 +26,11 @@ from silomesh.audit.reconcile import reconcile
 from silomesh.peer.config import ConfigError, StrategyConfig
 from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
-from silomesh.protocol import state_digest
+from silomesh.peer.secure_member import on_group
+from silomesh.protocol import RemoteProtocolError, state_digest
+from silomesh.protocol.fixedpoint import FixedPoint
+from silomesh.protocol.secagg import Group, sign_group
+from silomesh.protocol.secagg_messages import SecaggGroup
 from silomesh.strategies import Contribution
 from silomesh.strategies.fedavg import FedAvgConfig, FedAvgStrategy
 from silomesh.strategies.fedmix import FedMixConfig, FedMixStrategy
@@ -166,6 +170,36 @@ def test_fedmix_combine_matches_fedmix_weights_with_dropouts_and_zero_losses() -
         assert 0 < bound < 1e-9
         for k in own:
             assert np.allclose(got[k], want[k], rtol=0, atol=2e-7), (losses, k)
+
+
+async def test_a_restarted_member_refuses_a_group_of_a_round_it_joined_before_the_restart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The seeds of a joined group die with the process; its audit log remembers the join, so
+    after a restart the member refuses that aggregator's round again, the same group or another
+    (two overlapping sums would reveal a member by difference)."""
+    net = MemoryNetwork()
+    peers = _secure_peers(tmp_path, net, Timeline(net, 4))
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+    aggregator, member = peers[0], peers[1]
+    again = Peer(member.config, identity=member.identity, serve_control_api=False, transport=net.open,
+                 compute=InlineCompute(), faults=member._faults)
+    async with running([again]):
+        await again.done.wait()
+    assert set(again.context.secure.before_restart) == {(q.peer_id, 0) for q in peers if q is not member}
+    agg_ctx = aggregator.context
+    keys = sorted(agg_ctx.trust.public_key_of(q.peer_id) for q in peers[1:3])  # another group: 2 members
+    fp = FixedPoint.for_group(2, 8.0, 32)
+    length = flatten(member.learner.shared(member.learner.state())).size
+    group = Group.of(agg_ctx.endpoint.crypto.public_key, 0, keys, length, fp, weight_cap=64)
+    msg = SecaggGroup.of(group, sign_group(agg_ctx.endpoint.crypto, group),
+                         **agg_ctx.endpoint.routing(agg_ctx.trust.public_key_of(member.peer_id), 0))
+    with pytest.raises(RemoteProtocolError, match="before we restarted"):
+        on_group(again.context, msg)
+    # a fresh member (no join in its log) would have dealt for the same group
+    assert not peers[2].context.secure.before_restart
 
 
 class SilentAfterDealing(Timeline):
