@@ -2,7 +2,8 @@
 
 ``silomesh peer run`` calls :func:`run_service`. SIGTERM or SIGINT cancel the peer; its
 shutdown is shielded (leave the topics, disconnect, close the store), so a stopped peer
-restarts from its last committed round. User mistakes (bad config, missing key file,
+restarts from its last committed round. SIGUSR1 writes what every task awaits to the log
+(:mod:`silomesh.peer.taskdump`) and changes nothing. User mistakes (bad config, missing key file,
 port in use) become one line on stderr and a non-zero exit status.
 """
 
@@ -56,6 +57,17 @@ async def _serve(config_path: Path) -> None:
                     return
 
             nursery.start_soon(stop_on_signal)
+            nursery.start_soon(_dump_tasks_on_signal)
+
+
+async def _dump_tasks_on_signal() -> None:
+    """SIGUSR1 writes every task and what it awaits to the log (peer/taskdump.py)."""
+    from silomesh.peer.taskdump import task_tree
+
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            lines = task_tree()
+            log.warning("SIGUSR1: %d tasks\n%s", len(lines), "\n".join(lines))
 
 
 def run_service(config_path: Path) -> int:
