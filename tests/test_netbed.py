@@ -224,6 +224,9 @@ def _circuit(relay_site_address: str, relay_id: str) -> str:
 # on the 2-core machine a run often gets fewer than 3 rounds with all neighbours in 170 s, with
 # nothing but the suite running (relay-only: B had 1 of 6 such rounds, C none; with DCUtR it
 # failed the same way once in two full-suite runs). It runs, and passes as XPASS when it can.
+# Relay-only also fails on an idle machine (12 of 12 runs on 2026-12-04): stream negotiations
+# on the connections to the relay time out (docs/NETWORK-NOTES.md, "Relay-only on an idle
+# machine").
 @pytest.mark.xfail(reason="the hospitals behind NAT miss most of A's rounds on 2 cores (issue 14)", strict=False)
 @pytest.mark.parametrize("hole_punch", [True, False], ids=["dcutr", "relay-only"])
 def test_four_hospitals_two_behind_nat_reach_everyone_through_a_relay(
@@ -316,18 +319,21 @@ def test_four_hospitals_two_behind_nat_reach_everyone_through_a_relay(
     )
     result = json.loads(reconcile.stdout)
     # The four run rounds until stopped, so the round in flight at the stop may be cut
-    # mid-exchange. Before every link is up, a link may also change under a message (a relayed
-    # connection that DCUtR upgrades, a reservation that is renewed): seen once, an ack sent
-    # in round 0 over the B-C link was never recorded by B. From the first round that every
-    # hospital ran with all its neighbours (the unbroken run up to the last round all four
-    # committed), the logs must reconcile exactly.
-    settled = min(max(r["round"] for r in _rounds(h) if r["status"] == "done") for h in everyone)
+    # mid-exchange, or committed by one hospital without another that had already stopped.
+    # Before every link is up, a link may also change under a message (a relayed connection
+    # that DCUtR upgrades, a reservation that is renewed): seen once, an ack sent in round 0
+    # over the B-C link was never recorded by B. The rounds every hospital ran with all its
+    # neighbours must form an unbroken run of at least three that reaches the last round all
+    # four committed or the one before it, and over that run the logs must reconcile exactly.
+    last_committed = min(max(r["round"] for r in _rounds(h) if r["status"] == "done") for h in everyone)
     everyone_full = set.intersection(*(set(full(n)) for n in hs))
+    settled = max(everyone_full, default=-1)
     linked = settled
     while linked - 1 in everyone_full:  # the unbroken run of rounds every hospital ran with all
         linked -= 1
     assert result["matched"] > 0 and result["unchecked_sends"] == 0, result
-    assert settled in everyone_full and settled - linked >= 2, (linked, settled, sorted(everyone_full))
+    assert settled >= last_committed - 1 and settled - linked >= 2, (linked, settled, last_committed,
+                                                                     sorted(everyone_full))
     assert [d for d in result["discrepancies"] if linked <= d["round"] <= settled] == [], result["discrepancies"]
     print("reconcile:", result["matched"], "matched; outside rounds", linked, "to", settled, ":",
           [(d["code"], d["kind"], d["round"]) for d in result["discrepancies"]])
