@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from netbed import NetBed, missing_requirements, open_netbed
+from netbed import NetBed, missing_requirements, open_netbed, stop_processes
 
 from silomesh.peer.identity import write_key_file
 
@@ -122,20 +121,6 @@ def _rounds(h: Hospital) -> list[dict[str, Any]]:
     ]
 
 
-def _stop(hospitals: list[Hospital]) -> None:
-    for h in hospitals:
-        if h.proc is not None and h.proc.poll() is None:
-            h.proc.send_signal(signal.SIGTERM)
-    for h in hospitals:
-        if h.proc is None:
-            continue
-        try:
-            h.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            h.proc.kill()
-            h.proc.wait(timeout=10)
-
-
 def run_one(bed: NetBed, root: Path, model: str, condition: str, rounds: int, timeout: float) -> dict[str, Any]:
     """One federation of four under one link condition; the per-round figures."""
     mbit, loss = CONDITIONS[condition]
@@ -180,7 +165,7 @@ def run_one(bed: NetBed, root: Path, model: str, condition: str, rounds: int, ti
             time.sleep(5)
     finally:
         wall = time.monotonic() - start
-        _stop(list(hospitals.values()))
+        stop_processes((h.proc for h in hospitals.values()), wait=60)
     per = {n: [r for r in _rounds(h) if r["round"] < rounds] for n, h in hospitals.items()}
     steady = [r for rs in per.values() for r in rs if r["round"] >= 1 and r["status"] == "done"]
     first = [r for rs in per.values() for r in rs if r["round"] == 0 and r["status"] == "done"]

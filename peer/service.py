@@ -3,8 +3,8 @@
 ``silomesh peer run`` calls :func:`run_service`. SIGTERM or SIGINT cancel the peer; its
 shutdown is shielded (leave the topics, disconnect, close the store), so a stopped peer
 restarts from its last committed round. SIGUSR1 writes what every task awaits to the log
-(:mod:`silomesh.peer.taskdump`) and changes nothing. User mistakes (bad config, missing key file,
-port in use) become one line on stderr and a non-zero exit status.
+(:mod:`silomesh.peer.taskdump`) and changes nothing. User mistakes (bad config, missing
+key file, port in use) become one line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations

@@ -38,4 +38,3 @@ def task_tree(root: trio.lowlevel.Task | None = None) -> list[str]:
 
     walk(root or trio.lowlevel.current_root_task(), 0)
     return lines
-

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -85,6 +86,21 @@ def kill_inside(ns: str) -> None:
         if pid.isdigit() and int(pid) != os.getpid():
             with suppress(ProcessLookupError, PermissionError):
                 os.kill(int(pid), 9)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes] | None], wait: float) -> None:
+    """SIGTERM every process still running (peers stop cleanly on it), then wait up to
+    ``wait`` s for each; one that does not exit by then is killed."""
+    procs = [p for p in procs if p is not None]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def clean_leftovers() -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netbed import NetBed, missing_requirements, open_netbed
+from netbed import NetBed, missing_requirements, open_netbed, stop_processes
 from peerkit import TINY_CATHETER
 
 from silomesh.peer.identity import load_key_file, write_key_file
@@ -155,17 +154,7 @@ def _start(bed: NetBed, site: str, h: Hospital) -> None:
 
 
 def _stop(hospitals: list[Hospital]) -> None:
-    for h in hospitals:
-        if h.proc is not None and h.proc.poll() is None:
-            h.proc.send_signal(signal.SIGTERM)
-    for h in hospitals:
-        if h.proc is None:
-            continue
-        try:
-            h.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            h.proc.kill()
-            h.proc.wait(timeout=10)
+    stop_processes((h.proc for h in hospitals), wait=30)
 
 
 def _rounds(h: Hospital) -> list[dict[str, Any]]:
