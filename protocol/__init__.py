@@ -33,7 +33,19 @@ from .envelope import (
     seal_envelope,
 )
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .frames import CLOSED, NEED_DATA, FrameDecoder, Signal, encode_frame, frame_prefix
+from .frames import (
+    CLOSED,
+    NEED_DATA,
+    FrameDecoder,
+    FrameOffer,
+    PartialFrame,
+    Signal,
+    body_digest,
+    decode_answer,
+    encode_frame,
+    encode_offer,
+    frame_prefix,
+)
 from .identity import Identity, verify_signature, x25519_public_key
 from .limits import (
     DEFAULT_LIMITS,
@@ -43,6 +55,7 @@ from .limits import (
     MAX_ANNOUNCE_SIZE,
     MAX_MSGPACK_DEPTH,
     PROTOCOL_VERSION,
+    RESUMABLE_EXCHANGE_PROTOCOL_ID,
     Limits,
 )
 from .messages import (
@@ -76,6 +89,7 @@ __all__ = [
     "MESSAGE_TYPES",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "RESUMABLE_EXCHANGE_PROTOCOL_ID",
     "WIRE_DTYPES",
     "Ack",
     "Announce",
@@ -87,6 +101,7 @@ __all__ = [
     "ErrorCode",
     "ErrorMessage",
     "FrameDecoder",
+    "FrameOffer",
     "Hello",
     "Identity",
     "Kind",
@@ -97,6 +112,7 @@ __all__ = [
     "NeedBase",
     "NewData",
     "OpenedEnvelope",
+    "PartialFrame",
     "PeerIdError",
     "ProtocolError",
     "ReceivedAnnounce",
@@ -116,10 +132,13 @@ __all__ = [
     "announce_topic",
     "apply_delta",
     "authenticate_envelope",
+    "body_digest",
     "decode_announce",
+    "decode_answer",
     "decode_tensors",
     "encode_announce",
     "encode_frame",
+    "encode_offer",
     "encode_tensors",
     "frame_prefix",
     "make_delta",

@@ -5,6 +5,21 @@ A frame is a 4-byte big-endian unsigned length ``n`` followed by ``n`` body byte
 into frames pulled with :meth:`FrameDecoder.next_frame`. A length prefix above the
 configured maximum is refused as soon as its 4 bytes arrive, before any body byte is
 buffered, and the body buffer only grows as bytes actually arrive.
+
+**Resumable frames** (stream protocol ``/silomesh/exchange/1.1.0``, PROTOCOL.md section
+4.1). A sender may *offer* a frame instead of writing it at once::
+
+    offer  := 0xFFFFFFFF (u32be) || digest (32 bytes, BLAKE2b-256 of the body) || length (u32be)
+    answer := have (u32be)          # written back by the receiver
+    then      body[have:]           # the sender writes the rest of the body
+
+The receiver answers with how many leading bytes of the body named by ``digest`` it
+still holds from an earlier stream that broke (0 if none), so a frame cut off by a
+dropped link is resumed, not sent again. The decoder reports the offer
+(:class:`FrameOffer`), the I/O layer answers it with :meth:`FrameDecoder.answer_offer`,
+and when the body is complete its digest is checked before the frame is handed out.
+:meth:`FrameDecoder.partial` gives what arrived of an offered frame, to keep when the
+stream breaks.
 """
 
 from __future__ import annotations
@@ -12,11 +27,28 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
+from dataclasses import dataclass
 
+from .crypto import Blake2b256
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .limits import DEFAULT_MAX_FRAME_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE_CEILING
+from .limits import DEFAULT_MAX_FRAME_SIZE, DIGEST_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE_CEILING
 
-__all__ = ["CLOSED", "NEED_DATA", "FrameDecoder", "Signal", "encode_frame", "frame_prefix"]
+__all__ = [
+    "ANSWER_SIZE",
+    "CLOSED",
+    "NEED_DATA",
+    "OFFER_MARKER",
+    "OFFER_SIZE",
+    "FrameDecoder",
+    "FrameOffer",
+    "PartialFrame",
+    "Signal",
+    "body_digest",
+    "decode_answer",
+    "encode_frame",
+    "encode_offer",
+    "frame_prefix",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +67,69 @@ class Signal(enum.Enum):
 
 NEED_DATA = Signal.NEED_DATA
 CLOSED = Signal.CLOSED
+
+OFFER_MARKER = 0xFFFFFFFF
+"""The length prefix that starts an offer on a resumable stream (no frame is that long there)."""
+
+OFFER_SIZE = FRAME_PREFIX_SIZE + DIGEST_SIZE + FRAME_PREFIX_SIZE
+"""marker || digest || length: 40 bytes."""
+
+ANSWER_SIZE = FRAME_PREFIX_SIZE
+"""The receiver's answer to an offer: the bytes it holds (u32be)."""
+
+
+@dataclass(frozen=True)
+class FrameOffer:
+    """A resumable frame announced by the sender: answer it with the bytes already held."""
+
+    digest: bytes
+    length: int
+
+
+@dataclass(frozen=True)
+class PartialFrame:
+    """The leading bytes of an offered frame whose stream broke before it was complete."""
+
+    digest: bytes
+    length: int
+    data: bytes
+
+
+def body_digest(*parts: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE2b-256 of the concatenated ``parts``: the name of a frame body in an offer."""
+    h = Blake2b256()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def encode_offer(digest: bytes, length: int, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
+    """The 40-byte offer of a body of ``length`` bytes named by ``digest``.
+
+    Raises:
+        LocalProtocolError: TOO_LARGE if ``length`` exceeds ``max_frame_size`` (or is the
+            marker value), BAD_FRAME if ``digest`` is not 32 bytes.
+    """
+    if len(digest) != DIGEST_SIZE:
+        raise LocalProtocolError(ErrorCode.BAD_FRAME, "an offer names its body by a 32-byte digest")
+    if length >= OFFER_MARKER:
+        raise LocalProtocolError(ErrorCode.TOO_LARGE, f"frame body of {length} bytes cannot be offered")
+    return OFFER_MARKER.to_bytes(FRAME_PREFIX_SIZE, "big") + digest + frame_prefix(length, max_frame_size)
+
+
+def decode_answer(data: bytes | bytearray, length: int) -> int:
+    """The ``have`` of a receiver's 4-byte answer to an offer of ``length`` bytes.
+
+    Raises:
+        RemoteProtocolError: BAD_FRAME if the answer is not 4 bytes or ``have >= length``
+            (a receiver never holds a whole frame it was offered: it would have it).
+    """
+    if len(data) != ANSWER_SIZE:
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"an answer to an offer is 4 bytes, not {len(data)}")
+    have = int.from_bytes(data, "big")
+    if have >= max(length, 1):
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"answer claims {have} of {length} bytes")
+    return have
 
 
 def _check_max(max_frame_size: int) -> int:
@@ -76,14 +171,25 @@ class FrameDecoder:
     frames are waiting is refused.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
-        """Create a decoder refusing bodies larger than ``max_frame_size`` bytes."""
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, resumable: bool = False) -> None:
+        """Create a decoder refusing bodies larger than ``max_frame_size`` bytes.
+
+        Args:
+            max_frame_size: The largest body accepted.
+            resumable: Accept offers (the stream is ``/silomesh/exchange/1.1.0``); without
+                it a prefix of 0xFFFFFFFF is just a length.
+        """
         self._max = _check_max(max_frame_size)
+        self._resumable = resumable
         self._prefix = bytearray()
+        self._prefix_size = FRAME_PREFIX_SIZE
         self._length: int | None = None
         self._body = bytearray()
         self._filled = 0
-        self._frames: deque[bytearray] = deque()
+        self._digest: bytes | None = None  # the offered digest of the frame in progress
+        self._offer: FrameOffer | None = None  # an offer not answered yet
+        self._offer_reported = False
+        self._frames: deque[tuple[bytearray, bytes | None]] = deque()
         self._queued = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -129,22 +235,37 @@ class FrameDecoder:
             self._eof = True
             return
         while view and self._error is None:
+            if self._offer is not None:
+                self._error = RemoteProtocolError(
+                    ErrorCode.BAD_FRAME, "bytes arrived before the offer was answered"
+                )
+                break
             if self._length is None:
-                take = min(FRAME_PREFIX_SIZE - len(self._prefix), len(view))
+                take = min(self._prefix_size - len(self._prefix), len(view))
                 self._prefix += view[:take]
                 view = view[take:]
-                if len(self._prefix) < FRAME_PREFIX_SIZE:
-                    break
-                length = int.from_bytes(self._prefix, "big")
-                if length > self._max:
+                if len(self._prefix) < self._prefix_size:
+                    continue
+                if (
+                    self._resumable
+                    and self._prefix_size == FRAME_PREFIX_SIZE
+                    and int.from_bytes(self._prefix, "big") == OFFER_MARKER
+                ):
+                    self._prefix_size = OFFER_SIZE  # an offer: its digest and length follow
+                    continue
+                length = int.from_bytes(self._prefix[-FRAME_PREFIX_SIZE:], "big")
+                if length > self._max or (self._resumable and length == OFFER_MARKER):
                     logger.debug("refusing frame length %d > %d", length, self._max)
                     self._error = RemoteProtocolError(
                         ErrorCode.TOO_LARGE, f"frame length {length} > max {self._max}"
                     )
                     break
-                self._length = length
-                self._body = bytearray(min(length, _INITIAL_BODY))
-                self._filled = 0
+                if self._prefix_size == OFFER_SIZE:
+                    digest = bytes(self._prefix[FRAME_PREFIX_SIZE : FRAME_PREFIX_SIZE + DIGEST_SIZE])
+                    self._offer = FrameOffer(digest, length)
+                    self._offer_reported = False
+                    continue  # the next bytes must wait for answer_offer
+                self._start(length, b"", None)
             else:
                 take = min(self._length - self._filled, len(view))
                 end = self._filled + take
@@ -157,33 +278,86 @@ class FrameDecoder:
                 self._body[self._filled : end] = view[:take]
                 self._filled = end
                 view = view[take:]
-            if self._length is not None and self._filled == self._length:
-                self._queue(self._body)
-                self._prefix = bytearray()
-                self._body = bytearray()
-                self._filled = 0
-                self._length = None
+            self._complete_if_full()
 
-    def _queue(self, frame: bytearray) -> None:
-        self._frames.append(frame)
-        self._queued += len(frame)
+    def _start(self, length: int, held: bytes | bytearray, digest: bytes | None) -> None:
+        self._length = length
+        self._body = bytearray(held)
+        if len(self._body) < min(length, _INITIAL_BODY):
+            self._body.extend(bytes(min(length, _INITIAL_BODY) - len(self._body)))
+        self._filled = len(held)
+        self._digest = digest
 
-    def next_frame(self) -> bytearray | Signal:
-        """Return the next complete frame body, :data:`NEED_DATA` or :data:`CLOSED`.
+    def _complete_if_full(self) -> None:
+        if self._length is not None and self._filled == self._length:
+            del self._body[self._length :]
+            self._frames.append((self._body, self._digest))
+            self._queued += len(self._body)
+            self._prefix = bytearray()
+            self._prefix_size = FRAME_PREFIX_SIZE
+            self._body = bytearray()
+            self._filled = 0
+            self._length = None
+            self._digest = None
+
+    def answer_offer(self, held: bytes | bytearray | None = None) -> bytes:
+        """Answer the pending offer: ``held`` are the leading bytes of its body kept from an
+        earlier stream (the caller matched the digest), None or empty for none.
+
+        Returns:
+            The 4-byte answer to write to the sender.
+
+        Raises:
+            LocalProtocolError: UNEXPECTED_MESSAGE if no offer is pending; BAD_FRAME if
+                ``held`` is not shorter than the offered body.
+        """
+        offer = self._offer
+        if offer is None:
+            raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "no offer to answer")
+        held = held or b""
+        if len(held) and len(held) >= offer.length:
+            raise LocalProtocolError(ErrorCode.BAD_FRAME, "held bytes must be fewer than the offered body")
+        self._offer = None
+        self._start(offer.length, held, offer.digest)
+        self._complete_if_full()
+        return len(held).to_bytes(ANSWER_SIZE, "big")
+
+    def partial(self) -> PartialFrame | None:
+        """What arrived of the offered frame in progress (None: no offered frame is in progress)."""
+        if self._length is None or self._digest is None:
+            return None
+        return PartialFrame(self._digest, self._length, bytes(self._body[: self._filled]))
+
+    def next_frame(self) -> bytearray | FrameOffer | Signal:
+        """Return the next complete frame body, an offer to answer, :data:`NEED_DATA` or :data:`CLOSED`.
 
         The returned ``bytearray`` belongs to the caller (the decoder keeps no
         reference), so it may be decrypted in place.
 
         Raises:
             RemoteProtocolError: TOO_LARGE for an oversize length prefix, BAD_FRAME if
-                the stream ended inside a frame. The error repeats on later calls.
+                the stream ended inside a frame, if bytes came before an offer was
+                answered, or if an offered frame does not match its digest. The error
+                repeats on later calls.
         """
-        if self._frames:
-            frame = self._frames.popleft()
-            self._queued -= len(frame)
-            return frame
-        if self._error is not None:
+        if self._error is not None and not self._frames:
             raise self._error
+        if self._frames:
+            frame, digest = self._frames.popleft()
+            self._queued -= len(frame)
+            if digest is not None and body_digest(frame) != digest:
+                self._frames.clear()
+                self._queued = 0
+                self._error = RemoteProtocolError(
+                    ErrorCode.BAD_FRAME, "the offered frame's bytes do not match its digest"
+                )
+                raise self._error
+            return frame
+        if self._offer is not None:
+            if not self._offer_reported:
+                self._offer_reported = True
+                return self._offer
+            return NEED_DATA
         if self._eof:
             if self._prefix:
                 self._error = RemoteProtocolError(

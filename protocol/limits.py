@@ -25,6 +25,7 @@ __all__ = [
     "MAX_MSGPACK_DEPTH",
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
+    "RESUMABLE_EXCHANGE_PROTOCOL_ID",
     "SIGNATURE_SIZE",
     "Limits",
 ]
@@ -33,7 +34,10 @@ PROTOCOL_VERSION = 2
 """The only wire version this package speaks (envelope headers and announces carry it)."""
 
 EXCHANGE_PROTOCOL_ID = "/silomesh/exchange/1.0.0"
-"""libp2p protocol id of the direct exchange stream."""
+"""libp2p protocol id of the direct exchange stream (frames of section 4 only)."""
+
+RESUMABLE_EXCHANGE_PROTOCOL_ID = "/silomesh/exchange/1.1.0"
+"""The same exchange, where a sender may also offer a frame and resume it (section 4.1)."""
 
 ANNOUNCE_TOPIC_PREFIX = "silomesh/"
 """GossipSub topic is ``silomesh/<federation>/announce``."""

@@ -51,7 +51,7 @@ from .envelope import (
     seal_envelope,
 )
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .frames import CLOSED, NEED_DATA, FrameDecoder, Signal
+from .frames import CLOSED, NEED_DATA, FrameDecoder, FrameOffer, PartialFrame, Signal
 from .identity import Identity
 from .limits import DEFAULT_LIMITS, MAX_ANNOUNCE_SIZE, Limits
 from .messages import MAX_TEXT, ErrorMessage, Hello, Kind, Message
@@ -165,6 +165,7 @@ class Session:
         max_skew_ms: int | None = None,
         clock_ms: Callable[[], int] | None = None,
         next_sequence: Callable[[], int] | None = None,
+        resumable: bool = False,
     ) -> None:
         """Create a session.
 
@@ -191,6 +192,9 @@ class Session:
                 timestamp of what this session seals.
             next_sequence: The peer's message counter, for the ``error`` that
                 :meth:`refusal` seals (or pass ``sequence=`` there).
+            resumable: The stream is ``/silomesh/exchange/1.1.0``: the peer may offer a
+                frame (:class:`~.frames.FrameOffer` from :meth:`next_event`, answered
+                with :meth:`answer_offer`) and resume it after a broken stream.
 
         Raises:
             LocalProtocolError: BAD_DTYPE if ``expected_dtypes`` names no numpy dtype.
@@ -212,7 +216,8 @@ class Session:
         self._max_skew_ms = max_skew_ms
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._state = State.IDLE
-        self._decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME_SIZE, limits.max_frame_size))
+        self.resumable = resumable
+        self._decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME_SIZE, limits.max_frame_size), resumable=resumable)
         self.peer_hello: Hello | None = None
         """The peer's hello once received."""
 
@@ -220,6 +225,12 @@ class Session:
     def state(self) -> State:
         """The current conversation state."""
         return self._state
+
+    @property
+    def peer_max_frame_size(self) -> int:
+        """The largest frame the peer accepts: its hello's ``max_frame_size``, or our own
+        limit before its hello arrived."""
+        return self.peer_hello.max_frame_size if self.peer_hello else self._limits.max_frame_size
 
     @property
     def ready_bytes(self) -> int:
@@ -300,6 +311,56 @@ class Session:
         self._advance(self.role, message.kind, LocalProtocolError)
         return sealed
 
+    def send_sealed(self, sealed: SealedEnvelope) -> None:
+        """Advance the state for an envelope sealed earlier, to send it again unchanged.
+
+        An envelope whose first sending broke off mid-frame may be offered again on a new
+        stream, so that the receiver resumes it (PROTOCOL.md section 4.1): the same bytes,
+        sequence and timestamp. The receiver opened none of it, so its replay guard has not
+        seen that sequence.
+
+        Raises:
+            LocalProtocolError: If the envelope is not ours, not addressed to the peer, too
+                large for the peer's advertised frame limit, or its kind not allowed now.
+        """
+        if self._state in (State.ERROR, State.CLOSED):
+            raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"session is {self._state.value}")
+        header = sealed.header
+        try:
+            if (
+                header.sender != self.identity.public_key
+                or header.recipient != self.peer
+                or header.federation != self.federation
+            ):
+                raise LocalProtocolError(
+                    ErrorCode.WRONG_RECIPIENT, "envelope is not ours or not addressed to this session's peer"
+                )
+            peer_max = self.peer_hello.max_frame_size if self.peer_hello else None
+            if peer_max is not None and sealed.size > peer_max:
+                raise LocalProtocolError(
+                    ErrorCode.TOO_LARGE, f"envelope of {sealed.size} bytes > peer limit {peer_max}"
+                )
+        except LocalProtocolError:
+            self._fail()
+            raise
+        self._advance(self.role, header.kind, LocalProtocolError)
+
+    def answer_offer(self, held: bytes | bytearray | None = None) -> bytes:
+        """Answer the peer's pending frame offer; ``held`` are the leading bytes of that body
+        kept from an earlier stream (the caller matched the offer's digest), or None.
+
+        Returns:
+            The 4-byte answer to write to the stream.
+
+        Raises:
+            LocalProtocolError: if no offer is pending.
+        """
+        return self._decoder.answer_offer(held)
+
+    def partial(self) -> PartialFrame | None:
+        """The leading bytes of an offered frame still in progress (keep them when the stream breaks)."""
+        return self._decoder.partial()
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the stream; ``b""`` signals end of stream."""
         if self._state is State.ERROR:
@@ -310,8 +371,11 @@ class Session:
             self._fail()
             raise
 
-    def next_event(self) -> OpenedEnvelope | Signal:
-        """Return the next verified envelope, :data:`NEED_DATA` or :data:`CLOSED`.
+    def next_event(self) -> OpenedEnvelope | FrameOffer | Signal:
+        """Return the next verified envelope, a frame offer, :data:`NEED_DATA` or :data:`CLOSED`.
+
+        A :class:`~.frames.FrameOffer` (resumable streams only) must be answered with
+        :meth:`answer_offer` before more bytes are fed.
 
         Raises:
             RemoteProtocolError: The peer violated the protocol (session -> ERROR); if
@@ -325,6 +389,10 @@ class Session:
             frame = self._decoder.next_frame()
             if frame is NEED_DATA:
                 return NEED_DATA
+            if isinstance(frame, FrameOffer):
+                if self._state is State.CLOSED:
+                    raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "offer after close")
+                return frame
             if frame is CLOSED:
                 if self._state not in EOF_STATES:
                     raise RemoteProtocolError(
