@@ -29,7 +29,7 @@ import trio
 
 from silomesh.models.architecture import model_id as architecture_model_id
 from silomesh.peer.config import PersonalConfig
-from silomesh.peer.exchange import AuditRecord, BufferBudget, Timeouts, Wire
+from silomesh.peer.exchange import AuditRecord, BufferBudget, Timeouts, Transfers, Wire
 from silomesh.peer.secure_member import SecureState
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
@@ -192,6 +192,8 @@ class Endpoint:
     expected_dtypes: Mapping[str, str] | None = None
     #: the study ``[study]`` names and its approval; None: no study (docs/PRIVACY.md)
     study: StudyGate | None = None
+    #: frames cut off by a broken stream, kept to resume them (PROTOCOL.md section 4.1)
+    transfers: Transfers = field(default_factory=Transfers)
 
     def announce_routing(self, round: int | None = None) -> dict[str, Any]:
         """Routing fields of a new announce (no recipient; default: the current round)."""
@@ -235,8 +237,11 @@ class Endpoint:
             complete=False,
             max_skew_ms=self.max_skew_ms,
             next_sequence=self.sequence.next,
+            resumable=stream.resumable,
         )
-        return Wire(session, stream, self.journal.record, timeouts=self.timeouts, budget=self.budget)
+        return Wire(
+            session, stream, self.journal.record, timeouts=self.timeouts, budget=self.budget, transfers=self.transfers
+        )
 
 
 @dataclass(frozen=True)

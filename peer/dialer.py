@@ -42,6 +42,7 @@ from silomesh.protocol import (
     NeedBase,
     OpenedEnvelope,
     Role,
+    SealedEnvelope,
     TrainRequest,
     TrainResult,
     Update,
@@ -160,6 +161,24 @@ class Outgoing:
     result: Base
 
 
+#: an update whose push broke off is offered again unchanged (to be resumed) while it is
+#: younger than this; older ones are sealed afresh (receivers refuse envelopes older than
+#: their clock skew limit, 15 minutes by default, as STALE)
+RESEND_MAX_AGE_MS = 10 * 60 * 1000
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """A sealed update whose push broke off: offered again as is, the receiver resumes it."""
+
+    out: Outgoing
+    sealed: SealedEnvelope
+    #: the base the delta was made against (None: a full snapshot)
+    base_digest: bytes | None
+    #: it was offered on a resumable stream: the neighbour keeps what arrived
+    resumable: bool
+
+
 class UpdateMaker:
     """Builds a round's update messages; the model's digest is computed once per round.
 
@@ -175,6 +194,8 @@ class UpdateMaker:
         self.metrics = metrics
         self._digest: bytes | None = None
         self._large = sum(a.nbytes for a in state.values()) > DELTA_THREAD_THRESHOLD
+        #: neighbour -> the update whose push to it broke off, to offer again (PROTOCOL.md 4.1)
+        self.unfinished: dict[str, Unfinished] = {}
 
     def _digest_of_state(self) -> bytes:
         if self._digest is None:
@@ -221,22 +242,30 @@ async def push_update(
     stage = functools.partial(ctx.progress.waiting_on.__setitem__, neighbour)  # what a stuck push is stuck on
     stage("push: dialling and hello")
     wire = await open_wire(ctx, neighbour)
-    timeout = ctx.endpoint.timeouts.reply
     try:
         recipient = ctx.trust.public_key_of(neighbour)
+        base = _agreed_base(ctx, wire, neighbour)
+        earlier = maker.unfinished.pop(neighbour, None)
+        hello = wire.session.peer_hello
+        if earlier is not None and hello is not None and hello.state_digest == earlier.out.result.digest:
+            # the broken push had delivered: only its ack was lost, and the hello says so
+            ctx.bases.acked[neighbour] = earlier.out.result
+            return wire.bytes_sent
         stage("push: sealing and sending our update")
-        out = await maker.make(recipient, _agreed_base(ctx, wire, neighbour))
-        await wire.send(out.message)
+        if earlier is not None and _resendable(earlier, base):
+            out = await _send(wire, maker, neighbour, earlier.out, earlier)
+        else:
+            out = await _send(wire, maker, neighbour, await maker.make(recipient, base), None)
         stage("push: waiting for its ack")
-        reply = await answer(ctx, wire, neighbour, timeout)
+        reply = await _await_ack(ctx, wire, maker, neighbour)
         if reply is not None and isinstance(reply.message, NeedBase):
             stage("push: sending a full snapshot (it lacked our base)")
-            out = await maker.make(recipient, None)
-            await wire.send(out.message)
+            out = await _send(wire, maker, neighbour, await maker.make(recipient, None), None)
             stage("push: waiting for its ack")
-            reply = await answer(ctx, wire, neighbour, timeout)
+            reply = await _await_ack(ctx, wire, maker, neighbour)
         if reply is None:
             raise ConversationError(f"{neighbour} closed the stream without answering")
+        maker.unfinished.pop(neighbour, None)
         if isinstance(reply.message, Ack):
             ctx.bases.acked[neighbour] = out.result
         return wire.bytes_sent
@@ -244,6 +273,33 @@ async def push_update(
         if count is not None:
             count(wire.bytes_sent)
         await wire.close()
+
+
+def _resendable(earlier: Unfinished, base: Base | None) -> bool:
+    """The broken push's envelope may be offered again: same base, and not near STALE."""
+    same_base = earlier.base_digest == (base.digest if base is not None else None)
+    return same_base and time.time() * 1000 - earlier.sealed.header.timestamp < RESEND_MAX_AGE_MS
+
+
+async def _send(wire: Wire, maker: UpdateMaker, neighbour: str, out: Outgoing, earlier: Unfinished | None) -> Outgoing:
+    """Write ``out`` (``earlier``'s sealed envelope again, unchanged, when given); if the stream
+    breaks, remember the sealed envelope so that the next attempt offers it for resuming."""
+    sealed = earlier.sealed if earlier is not None else await wire.seal(out.message)
+    kept = Unfinished(out, sealed, out.message.base_digest, wire.offers(sealed))
+    try:
+        await wire.send_sealed(sealed, fresh=earlier is None)
+    finally:
+        maker.unfinished[neighbour] = kept  # until acked
+    return out
+
+
+async def _await_ack(ctx: RoundContext, wire: Wire, maker: UpdateMaker, neighbour: str) -> OpenedEnvelope | None:
+    """The neighbour's reply to our update; a refusal forgets the envelope (it was opened)."""
+    try:
+        return await answer(ctx, wire, neighbour, ctx.endpoint.timeouts.reply)
+    except Refused:
+        maker.unfinished.pop(neighbour, None)
+        raise
 
 
 def _agreed_base(ctx: RoundContext, wire: Wire, neighbour: str) -> Base | None:

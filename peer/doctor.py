@@ -41,6 +41,8 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     neighbours: list[dict[str, Any]] = field(default_factory=list)
     peer_id: str | None = None
+    #: the running peer's resumed-transfer counters (its status's ``transfers``)
+    transfers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -55,6 +57,7 @@ class Report:
             "peer_id": self.peer_id,
             "checks": [asdict(c) for c in self.checks],
             "neighbours": self.neighbours,
+            "transfers": self.transfers,
         }
 
 
@@ -110,6 +113,7 @@ def diagnose(
     _check_reachability(report, config, status)
     _check_relay(report, config, status)
     _check_strangers(report, status)
+    _check_transfers(report, status)
     for row in neighbours:
         trusted = next((t for t in config.trusted if t.peer_id == row.get("peer_id")), None)
         if trusted is not None:
@@ -180,6 +184,18 @@ def _check_strangers(report: Report, status: dict[str, Any]) -> None:
             f"{status.get('strangers_refused')} connections refused from PeerIDs we do not trust: "
             + ", ".join(strangers[:3]),
             "if one of these is a neighbour, its key changed: put its new PeerID in [[trusted]] peer_id",
+        )
+
+
+def _check_transfers(report: Report, status: dict[str, Any]) -> None:
+    t = status.get("transfers") or {}
+    report.transfers = dict(t)
+    if t.get("partials_kept") or t.get("resumed_sends"):
+        report.add(
+            "transfers", OK,
+            f"links broke mid-transfer: {t.get('partials_kept', 0)} incoming updates kept to resume, "
+            f"{t.get('resumed_receives', 0)} resumed ({t.get('bytes_resumed', 0) / 1e6:.1f} MB not sent again); "
+            f"{t.get('resumed_sends', 0)} of our updates resumed ({t.get('bytes_not_resent', 0) / 1e6:.1f} MB)",
         )
 
 

@@ -17,6 +17,13 @@ A neighbour cannot hold a stream or our memory hostage (PROTOCOL.md section 12):
 A tensor message is audited once it is settled: as ``received`` when the handler
 answers it (or moves on), as ``refused``, with the envelope's header and the reason,
 when the handler declines it (:meth:`Wire.decline`).
+
+On a resumable stream (``/silomesh/exchange/1.1.0``, PROTOCOL.md section 4.1) an envelope
+of :data:`RESUME_THRESHOLD` bytes or more is *offered* (named by the BLAKE2b-256 of its
+bytes) and the receiver answers how much of it it already holds: when a link drops
+mid-transfer, the receiver keeps what arrived (:class:`Transfers`), the sender offers the
+same sealed envelope again on a new stream (:meth:`Wire.resend`), and only the rest
+travels.
 """
 
 from __future__ import annotations
@@ -34,12 +41,18 @@ from silomesh.peer.transport import Stream, StreamClosed
 from silomesh.protocol import (
     NEED_DATA,
     ErrorCode,
+    FrameOffer,
     OpenedEnvelope,
+    PartialFrame,
     ProtocolError,
     RemoteProtocolError,
     SealedEnvelope,
     Session,
+    body_digest,
+    decode_answer,
+    encode_offer,
 )
+from silomesh.protocol.frames import ANSWER_SIZE
 from silomesh.protocol.messages import Message, TensorMessage
 
 log = logging.getLogger(__name__)
@@ -52,6 +65,15 @@ WRITE_CHUNK = 1 << 20
 #: envelopes larger than this are sealed/opened in a worker thread
 THREAD_THRESHOLD = 1 << 20
 
+
+#: envelopes of at least this size are offered on a resumable stream (smaller ones are
+#: cheaper to send again than a round trip)
+RESUME_THRESHOLD = 1 << 20
+#: a kept partial frame is dropped after this long (an envelope older than the default
+#: clock skew of 15 minutes would be refused as STALE anyway)
+PARTIAL_TTL = 15 * 60.0
+#: partial frames kept for all neighbours together (the oldest go first)
+MAX_PARTIAL_BYTES = 1 << 30
 
 #: the per-neighbour and total buffer budgets never go below these
 MIN_PEER_BUDGET = 64 << 20
@@ -114,6 +136,74 @@ class BufferBudget:
             del self.held[peer]
 
 
+@dataclass
+class TransferStatistics:
+    """What resumable frames saved, since the peer started (status and dashboard show it)."""
+
+    #: envelopes we offered, and how many of them the receiver had partly
+    offered: int = 0
+    resumed_sends: int = 0
+    #: bytes of our offered envelopes the receiver already held (not sent again)
+    bytes_not_resent: int = 0
+    #: partial frames we kept when a neighbour's stream broke, and how many were resumed
+    partials_kept: int = 0
+    resumed_receives: int = 0
+    #: bytes of kept partial frames that a resumed transfer did not need again
+    bytes_resumed: int = 0
+    #: kept partial frames dropped unused (expired, replaced, or over the memory cap)
+    partials_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class Transfers:
+    """Frames cut off mid-transfer, kept per neighbour (the latest one each), so that the
+    neighbour's next offer of the same frame resumes where the broken stream stopped."""
+
+    def __init__(self, ttl: float = PARTIAL_TTL, max_bytes: int = MAX_PARTIAL_BYTES) -> None:
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self.stats = TransferStatistics()
+        self._kept: dict[str, tuple[float, PartialFrame]] = {}
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(p.data) for _, p in self._kept.values())
+
+    def keep(self, peer: str, partial: PartialFrame | None) -> None:
+        """Keep what arrived of ``peer``'s offered frame (replacing an older one of ``peer``)."""
+        if partial is None or not partial.data:
+            return
+        if self._kept.pop(peer, None) is not None:
+            self.stats.partials_dropped += 1
+        self._kept[peer] = (trio.current_time(), partial)
+        self.stats.partials_kept += 1
+        while self.held_bytes > self.max_bytes:
+            oldest = min(self._kept, key=lambda p: self._kept[p][0])
+            del self._kept[oldest]
+            self.stats.partials_dropped += 1
+        log.info("kept %d of %d bytes of a frame from %s, to resume", len(partial.data), partial.length, peer)
+
+    def take(self, peer: str, offer: FrameOffer) -> bytes | None:
+        """The bytes kept of the frame ``offer`` names, if any (they are handed over once)."""
+        entry = self._kept.pop(peer, None)
+        if entry is None:
+            return None
+        at, partial = entry
+        if (
+            trio.current_time() - at > self.ttl
+            or partial.digest != offer.digest
+            or partial.length != offer.length
+            or len(partial.data) >= offer.length
+        ):
+            self.stats.partials_dropped += 1
+            return None
+        self.stats.resumed_receives += 1
+        self.stats.bytes_resumed += len(partial.data)
+        return partial.data
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     """What the audit log keeps of one envelope: never its content."""
@@ -152,14 +242,18 @@ class Wire:
         *,
         timeouts: Timeouts | None = None,
         budget: BufferBudget | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         self.session = session
         self.stream = stream
         self.audit = audit
         self.timeouts = timeouts or Timeouts()
         self.budget = budget
+        self.transfers = transfers if transfers is not None else Transfers()
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: bytes of envelopes we offered that the receiver already held from a broken stream
+        self.bytes_not_resent = 0
         self._held = 0  # bytes charged to the budget
         self._unsettled: AuditRecord | None = None  # a received tensor message, not yet answered
 
@@ -199,23 +293,95 @@ class Wire:
         await self.stream.reset()
 
     async def send(self, message: Message) -> SealedEnvelope:
-        """Seal ``message``, write it, and audit it as sent."""
+        """Seal ``message``, write it, and audit it as sent.
+
+        Raises:
+            ConversationError: the stream broke (or stalled) before the whole envelope was
+                written; the envelope is returned nowhere, so a caller that wants to resume
+                it seals with :meth:`seal` and sends with :meth:`send_sealed` instead.
+        """
+        return await self.send_sealed(await self.seal(message), fresh=True)
+
+    async def seal(self, message: Message) -> SealedEnvelope:
+        """Seal ``message`` for this stream's peer (in a worker thread when large) and advance
+        the session; write it with :meth:`send_sealed` (``fresh=True``)."""
         self._settle()
         if isinstance(message, TensorMessage) and sum(a.nbytes for a in message.tensors.values()) > THREAD_THRESHOLD:
-            sealed = await trio.to_thread.run_sync(self.session.send, message)
-        else:
-            sealed = self.session.send(message)
-        head, body = sealed.frame_parts()
+            return await trio.to_thread.run_sync(self.session.send, message)
+        return self.session.send(message)
+
+    async def send_sealed(self, sealed: SealedEnvelope, *, fresh: bool = False) -> SealedEnvelope:
+        """Write ``sealed`` and audit it as sent. ``fresh``: :meth:`seal` made it for this
+        stream; otherwise it was sealed for an earlier stream that broke, and is sent again
+        unchanged, so that the receiver can resume it (PROTOCOL.md section 4.1).
+
+        Raises:
+            ConversationError: the stream broke or stalled before the envelope was written.
+        """
+        self._settle()
+        if not fresh:
+            self.session.send_sealed(sealed)
         try:
-            await self._write(head)
-            view = memoryview(body)
-            for start in range(0, len(view), WRITE_CHUNK):
-                await self._write(view[start : start + WRITE_CHUNK])
+            if self.offers(sealed):
+                await self._offer(sealed)
+            else:
+                head, body = sealed.frame_parts()
+                await self._write_counted(head, len(sealed.head))  # the prefix is not envelope bytes
+                await self._write_body(memoryview(body))
         except StreamClosed as exc:
             raise ConversationError(str(exc)) from None
-        self.bytes_sent += sealed.size
         self._audit_sent(sealed)
         return sealed
+
+    def offers(self, sealed: SealedEnvelope) -> bool:
+        """Whether :meth:`send_sealed` offers ``sealed`` (so that a broken transfer resumes)."""
+        return self.session.resumable and sealed.size >= RESUME_THRESHOLD
+
+    async def _write_counted(self, data: bytes | memoryview, counted: int) -> None:
+        # counted when handed to the stream: a write the link breaks off used it too, and the
+        # receiver cannot hold more of an envelope than was handed over
+        self.bytes_sent += counted
+        await self._write(data)
+
+    async def _write_body(self, view: memoryview) -> None:
+        for start in range(0, len(view), WRITE_CHUNK):
+            piece = view[start : start + WRITE_CHUNK]
+            await self._write_counted(piece, len(piece))
+
+    async def _offer(self, sealed: SealedEnvelope) -> None:
+        """Offer ``sealed`` (its digest and size), read how much the receiver holds, send the rest."""
+        head = sealed.head
+        if sealed.size > THREAD_THRESHOLD:
+            digest = await trio.to_thread.run_sync(body_digest, head, sealed.ciphertext)
+        else:
+            digest = body_digest(head, sealed.ciphertext)
+        await self._write(encode_offer(digest, sealed.size, self.session.peer_max_frame_size))
+        have = decode_answer(await self._read_exact(ANSWER_SIZE), sealed.size)
+        self.transfers.stats.offered += 1
+        if have:
+            self.transfers.stats.resumed_sends += 1
+            self.transfers.stats.bytes_not_resent += have
+            self.bytes_not_resent += have
+            log.info("%s holds %d of our %d-byte envelope: sending the rest", self.stream.remote, have, sealed.size)
+        if have < len(head):
+            await self._write_counted(head[have:], len(head) - have)
+            await self._write_body(memoryview(sealed.ciphertext))
+        else:
+            await self._write_body(memoryview(sealed.ciphertext)[have - len(head) :])
+
+    async def _read_exact(self, n: int) -> bytes:
+        """Exactly ``n`` raw bytes (the answer to an offer), each read within ``timeouts.stall``."""
+        data = b""
+        while len(data) < n:
+            got: bytes | None = None
+            with trio.move_on_after(self.timeouts.stall):
+                got = await self.stream.read_some(n - len(data))
+            if got is None:
+                await self.reset()
+                raise Silent(f"{self.stream.remote} did not answer our offer for {self.timeouts.stall:.0f} s")
+            data += got
+        self.bytes_received += len(data)
+        return data
 
     async def _write(self, data: bytes | memoryview) -> None:
         """Write one piece; a neighbour that accepts none of it within ``timeouts.stall`` is silent.
@@ -275,6 +441,9 @@ class Wire:
             if event is NEED_DATA:
                 await self._read_more(timeout)
                 continue
+            if isinstance(event, FrameOffer):
+                await self._answer_offer(event)
+                continue
             if not isinstance(event, OpenedEnvelope):
                 return None
             header = event.header
@@ -295,6 +464,22 @@ class Wire:
                 self.audit(record)
             return event
 
+    async def _answer_offer(self, offer: FrameOffer) -> None:
+        held = self.transfers.take(self.stream.remote, offer)
+        answer = self.session.answer_offer(held)
+        if held:
+            log.info("resuming a %d-byte frame from %s at byte %d", offer.length, self.stream.remote, len(held))
+        try:
+            await self._write(answer)
+        except StreamClosed as exc:
+            self.transfers.keep(self.stream.remote, self.session.partial())
+            raise ConversationError(str(exc)) from None
+        self._account()
+
+    def _keep_partial(self) -> None:
+        """The stream broke: keep what arrived of an offered frame, for the neighbour's retry."""
+        self.transfers.keep(self.stream.remote, self.session.partial())
+
     def _refused_unopened(self, reason: str) -> None:
         self.audit(AuditRecord("refused", self.stream.remote, "unknown", -1, "", 0, "", reason))
 
@@ -311,8 +496,11 @@ class Wire:
             what = "stalled mid-frame" if mid_frame else "sent nothing"
             reason = f"{what} for {wait:.0f} s"
             if mid_frame:  # a started frame that stops is the neighbour's doing: audit it
+                self._keep_partial()
                 self._refused_unopened(f"TIMEOUT: {reason}")
             raise Silent(f"{self.stream.remote} {reason}")
+        if not data:
+            self._keep_partial()
         self.bytes_received += len(data)
         try:
             self.session.receive_data(data)

@@ -51,10 +51,14 @@ from silomesh.peer.config import RelaySettings
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.relaying import RTT_INTERVAL, Links, Reachability, Relaying, check_reachability, is_circuit
 from silomesh.peer.transport import Stream, StreamClosed, TransportStatistics
+from silomesh.protocol import EXCHANGE_PROTOCOL_ID, RESUMABLE_EXCHANGE_PROTOCOL_ID
 
 log = logging.getLogger(__name__)
 
-EXCHANGE_PROTOCOL = TProtocol("/silomesh/exchange/1.0.0")
+#: the exchange stream where a frame cut off by a broken link is resumed (PROTOCOL.md 4.1)
+EXCHANGE_PROTOCOL = TProtocol(RESUMABLE_EXCHANGE_PROTOCOL_ID)
+#: the same exchange without resumable frames, still served for peers that offer only it
+LEGACY_EXCHANGE_PROTOCOL = TProtocol(EXCHANGE_PROTOCOL_ID)
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 READ_CHUNK = 256 * 1024
 #: the py-libp2p release whose inbound handler :class:`InboundGuard` replaces
@@ -77,9 +81,11 @@ class FramedStream:
     of ``silomesh.protocol`` decides when a frame is complete and how large it may be.
     """
 
-    def __init__(self, stream: INetStream, remote: str) -> None:
+    def __init__(self, stream: INetStream, remote: str, resumable: bool = False) -> None:
         self.stream = stream
         self.remote = remote
+        #: negotiated /silomesh/exchange/1.1.0: frames may be offered and resumed
+        self.resumable = resumable
 
     async def read_some(self, max_bytes: int = READ_CHUNK) -> bytes:
         try:
@@ -416,11 +422,18 @@ class Mesh:
                 log.exception("on_refused hook failed")
 
     def set_handler(self, handler: StreamHandler, protocol: TProtocol = EXCHANGE_PROTOCOL) -> None:
-        """Serve ``protocol`` with ``handler``; untrusted streams never reach it."""
+        """Serve ``protocol`` with ``handler``; untrusted streams never reach it.
 
+        The exchange is served under both its ids: 1.1.0 (resumable frames) and 1.0.0.
+        """
+        protocols = [EXCHANGE_PROTOCOL, LEGACY_EXCHANGE_PROTOCOL] if protocol == EXCHANGE_PROTOCOL else [protocol]
+        for served in protocols:
+            self._set_handler(handler, served)
+
+    def _set_handler(self, handler: StreamHandler, protocol: TProtocol) -> None:
         async def guarded(stream: INetStream) -> None:
             remote = str(stream.muxed_conn.peer_id)
-            framed = FramedStream(stream, remote)
+            framed = FramedStream(stream, remote, resumable=protocol == EXCHANGE_PROTOCOL)
             if remote not in self.trusted:
                 self.stats.refused_streams += 1
                 held = self._stream_warning.ready()
@@ -493,11 +506,12 @@ class Mesh:
         """
         if peer_id not in self.trusted:
             raise ValueError(f"{peer_id} is not a trusted peer")
+        offered = [EXCHANGE_PROTOCOL, LEGACY_EXCHANGE_PROTOCOL] if protocol == EXCHANGE_PROTOCOL else [protocol]
         try:
-            stream = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+            stream = await self.host.new_stream(ID.from_base58(peer_id), offered)
         except Exception as exc:  # noqa: BLE001 - libp2p raises many types for "could not open"
             raise StreamClosed(f"cannot open a stream to {peer_id}: {exc}") from None
-        return FramedStream(stream, peer_id)
+        return FramedStream(stream, peer_id, resumable=stream.get_protocol() == EXCHANGE_PROTOCOL)
 
     async def publish(self, topic: str, data: bytes) -> None:
         await self.pubsub.publish(topic, data)
@@ -634,6 +648,7 @@ async def _serve_reachability(mesh: Mesh) -> Reachability:
 
 __all__ = [
     "EXCHANGE_PROTOCOL",
+    "LEGACY_EXCHANGE_PROTOCOL",
     "MAX_INBOUND",
     "PATCHED_LIBP2P",
     "FramedStream",

@@ -87,6 +87,11 @@ class PeerOperations:
             # can neighbours dial us (AutoNAT), and our relay reservations (docs/PEER.md section 5)
             "reachability": network["reachability"],
             "relay": network["relay"],
+            # transfers cut off by a broken link and resumed (PROTOCOL.md 4.1; docs/PEER.md section 5)
+            "transfers": {
+                **self.ctx.endpoint.transfers.stats.as_dict(),
+                "partial_bytes_held": self.ctx.endpoint.transfers.held_bytes,
+            },
             # DP-SGD budget (docs/PRIVACY.md); None when the peer trains without [privacy]
             "privacy": privacy.budget_status(self.ctx.learner.dp, progress.phase == privacy.PHASE_EXHAUSTED),
             # the study manifest and whether our operator approved it (docs/PRIVACY.md); None without [study]

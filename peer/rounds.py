@@ -48,6 +48,7 @@ from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import (
     DIAL_TIMEOUT,
+    MAX_BACKOFF,
     Dropped,
     Expert,
     Refused,
@@ -73,6 +74,9 @@ UNDELIVERED = (ConversationError, StreamClosed, ProtocolError)
 MAX_CONCURRENT_PUSHES = 4
 #: a push that fails while the neighbour can still be dialled is tried this often in a round
 PUSH_ATTEMPTS = 3
+#: ... and this often when it broke off mid-envelope on a resumable stream (each try resumes
+#: where the last one stopped, so a link that flaps costs little)
+RESUMABLE_PUSH_ATTEMPTS = 8
 #: the pause before the second try (seconds), doubled before each further one
 PUSH_RETRY_PAUSE = 1.0
 #: after this many failed rounds in a row the peer reports itself degraded and pauses between tries
@@ -172,18 +176,34 @@ async def round_loop(ctx: RoundContext) -> None:
         round += 1
 
 
-async def _worth_retrying(ctx: RoundContext, n: str, exc: Exception, deadline: float, attempt: int) -> bool:
+async def _worth_retrying(
+    ctx: RoundContext, n: str, exc: Exception, deadline: float, attempt: int, resumable: bool = False
+) -> bool:
     """After a failed push: pause, then True if the round's deadline leaves room and ``n`` can
-    be dialled again (a connection that broke mid-push, not a neighbour that is down or refused)."""
-    if isinstance(exc, Refused | Dropped | Silent):  # an answer, a message simnet meant to lose, or a
-        return False  # neighbour that stopped answering (it already cost a timeout: not another)
-    pause = PUSH_RETRY_PAUSE * 2**attempt
-    if trio.current_time() + pause >= deadline:
-        return False
-    ctx.progress.waiting_on[n] = f"push failed ({str(exc)[:80]}); trying again in {pause:.0f} s"
-    await trio.sleep(pause)
-    ctx.transport.forget(n)  # the failed connection may still be listed: dial afresh
-    return await ctx.transport.connect(n, timeout=min(DIAL_TIMEOUT, max(deadline - trio.current_time(), 0.0)))
+    be dialled again (a connection that broke mid-push, not a neighbour that is down or refused).
+
+    ``resumable``: the push broke off mid-envelope and the neighbour keeps what arrived
+    (PROTOCOL.md 4.1); then the link is dialled with backoff until the deadline, so that a
+    link that comes back within the round resumes the transfer instead of losing it.
+    """
+    if isinstance(exc, Refused | Dropped) or (isinstance(exc, Silent) and not resumable):
+        return False  # an answer, a message simnet meant to lose, or a neighbour that stopped answering
+    pause = min(PUSH_RETRY_PAUSE * 2**attempt, MAX_BACKOFF)
+    if resumable:
+        # the link broke under a transfer: its connection is suspect (libp2p may keep a dead one
+        # for the length of three pings, and a redial would reuse it), so close it and dial anew
+        ctx.transport.drop_connection(n)
+    while trio.current_time() + pause < deadline:
+        ctx.progress.waiting_on[n] = f"push failed ({str(exc)[:80]}); trying again in {pause:.0f} s"
+        await trio.sleep(pause)
+        ctx.transport.forget(n)  # the failed connection may still be listed: dial afresh
+        left = max(deadline - trio.current_time(), 0.0)
+        if await ctx.transport.connect(n, timeout=min(DIAL_TIMEOUT, left)):
+            return True
+        if not resumable:
+            return False
+        pause = min(pause * 2, MAX_BACKOFF)
+    return False
 
 
 def waiting_report(ctx: RoundContext) -> dict[str, str]:
@@ -268,13 +288,16 @@ async def exchange_round(
 
     async def push(n: str) -> None:
         try:
-            for attempt in range(PUSH_ATTEMPTS):
+            for attempt in range(RESUMABLE_PUSH_ATTEMPTS):
                 try:
                     ctx.progress.waiting_on[n] = "push: queued behind our other pushes"
                     async with pushing:
                         await push_update(ctx, n, maker, count)
                 except UNDELIVERED as exc:
-                    if attempt + 1 < PUSH_ATTEMPTS and await _worth_retrying(ctx, n, exc, deadline, attempt):
+                    broken = maker.unfinished.get(n)  # it keeps what arrived: worth waiting for the link
+                    resumable = broken is not None and broken.resumable
+                    attempts = RESUMABLE_PUSH_ATTEMPTS if resumable else PUSH_ATTEMPTS
+                    if attempt + 1 < attempts and await _worth_retrying(ctx, n, exc, deadline, attempt, resumable):
                         log.info("%s: push to %s in round %d failed (%s); the link is up, pushing again",
                                  ctx.peer_id[-8:], n[-8:], round, exc)
                         continue

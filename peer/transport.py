@@ -46,6 +46,10 @@ class Stream(Protocol):
     def remote(self) -> str:
         """The neighbour's PeerID."""
 
+    @property
+    def resumable(self) -> bool:
+        """The stream speaks ``/silomesh/exchange/1.1.0``: a frame may be offered and resumed."""
+
     async def read_some(self, max_bytes: int = ...) -> bytes:
         """At most ``max_bytes`` bytes (never empty).
 

@@ -13,6 +13,7 @@ use libp2p (:mod:`silomesh.peer.mesh`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -32,10 +33,15 @@ log = logging.getLogger(__name__)
 class MemoryStream:
     """One end of an in-memory stream pair."""
 
-    def __init__(self, inner: trio.abc.Stream, remote: str) -> None:
+    def __init__(self, inner: trio.abc.Stream, remote: str, resumable: bool = True) -> None:
         self._inner = inner
         self.remote = remote
+        self.resumable = resumable
         self.closed = False
+        self.written = 0
+        #: the link breaks once this many bytes were written (MemoryNetwork.break_next_stream)
+        self.cut_at: int | None = None
+        self.on_cut: Callable[[], None] | None = None
 
     async def read_some(self, max_bytes: int = 256 * 1024) -> bytes:
         if self.closed:
@@ -49,10 +55,19 @@ class MemoryStream:
         return bytes(data)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        data = bytes(data)
+        if self.cut_at is not None and self.written + len(data) > self.cut_at:
+            data = data[: self.cut_at - self.written]  # what got through before the link broke
         try:
-            await self._inner.send_all(bytes(data))
+            await self._inner.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise StreamClosed(f"stream with {self.remote} ended: {exc}") from None
+        self.written += len(data)
+        if self.cut_at is not None and self.written >= self.cut_at:
+            await trio.testing.wait_all_tasks_blocked()  # the other end reads what got through
+            assert self.on_cut is not None
+            self.on_cut()
+            raise StreamClosed(f"link to {self.remote} broke after {self.written} bytes")
 
     async def close(self) -> None:
         self.closed = True
@@ -117,6 +132,11 @@ class MemoryTransport:
             raise StreamClosed(f"{peer_id} serves no exchange protocol")
         ours, theirs = trio.testing.memory_stream_pair()
         mine, other = MemoryStream(ours, peer_id), MemoryStream(theirs, self.peer_id)
+        trip = self.network.tripwires.pop((self.peer_id, peer_id), None)
+        if trip is not None:
+            after, down_for = trip
+            mine.cut_at = after
+            mine.on_cut = functools.partial(self.network.cut_for, self.peer_id, peer_id, down_for)
         self.streams.append(mine)
         remote.streams.append(other)
         remote.nursery.start_soon(remote.serve, other)
@@ -176,6 +196,10 @@ class MemoryNetwork:
     cuts: set[frozenset[str]] = field(default_factory=set)
     #: every dial: (virtual time, dialler, dialled, succeeded)
     dials: list[tuple[float, str, str, bool]] = field(default_factory=list)
+    #: (dialler, dialled) -> (bytes, seconds): break_next_stream's pending breaks
+    tripwires: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    #: every break: (virtual time, a, b, seconds down)
+    outages: list[tuple[float, str, str, float]] = field(default_factory=list)
     _joined: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
 
     async def wait_for_hosts(self, count: int) -> None:
@@ -197,6 +221,22 @@ class MemoryNetwork:
 
     def heal(self, a: str, b: str) -> None:
         self.cuts.discard(frozenset((a, b)))
+
+    def break_next_stream(self, a: str, b: str, after: int, down_for: float) -> None:
+        """The next stream ``a`` opens to ``b`` breaks after ``after`` bytes written: the link
+        goes down (connections drop, dials fail) for ``down_for`` seconds, then comes back."""
+        self.tripwires[(a, b)] = (after, down_for)
+
+    def cut_for(self, a: str, b: str, down_for: float) -> None:
+        self.cut(a, b)
+        self.outages.append((trio.current_time(), a, b, down_for))
+        host = self.hosts.get(a)
+        if host is not None:
+            host.nursery.start_soon(self._heal_after, a, b, down_for)
+
+    async def _heal_after(self, a: str, b: str, down_for: float) -> None:
+        await trio.sleep(down_for)
+        self.heal(a, b)
 
     @asynccontextmanager
     async def open(
