@@ -41,10 +41,11 @@ from silomesh.peer.context import (
     model_id,
 )
 from silomesh.peer.control import TOKEN_FILE_NAME, serve_control
-from silomesh.peer.exchange import BufferBudget, Timeouts
+from silomesh.peer.exchange import BufferBudget, Timeouts, Transfers
 from silomesh.peer.faults import FaultHooks, NoFaults
 from silomesh.peer.identity import PeerIdentity, load_key_file
 from silomesh.peer.learner import Learner, build_task, federation_seed, load_silo
+from silomesh.peer.linklog import watch_links
 from silomesh.peer.mesh import open_mesh
 from silomesh.peer.operations import PeerOperations
 from silomesh.peer.operator import OperatorError
@@ -212,7 +213,9 @@ class Peer:
                     net.hello_timeout_seconds, net.stall_timeout_seconds, net.idle_timeout_seconds,
                     net.reply_timeout_seconds,
                 ),
-                budget=BufferBudget.for_model(_model_bytes(self.learner.shapes)),
+                budget=(budget := BufferBudget.for_model(_model_bytes(self.learner.shapes))),
+                # partial frames kept to resume: as much as all neighbours' streams may buffer
+                transfers=Transfers(max_bytes=budget.total),
                 max_skew_ms=int(net.max_clock_skew_seconds * 1000) or None,
                 round_window=net.round_window,
                 expected_dtypes={k: v.dtype.name for k, v in self.learner.state().items()},
@@ -238,6 +241,7 @@ class Peer:
                 nursery.start_soon(announces.listen_announces, ctx)
                 nursery.start_soon(serve_checkpoints, self.audit_log)  # no entry unsigned for long
                 nursery.start_soon(serve_strangers, strangers)  # bounded counts of refused strangers
+                nursery.start_soon(watch_links, transport, self.audit_log)  # links lost and back, audited
                 if self.serve_control_api:
                     await self._start_control(nursery)
                 nursery.start_soon(dialer.connect_loop, ctx)

@@ -254,6 +254,7 @@ class Wire:
         self.bytes_received = 0
         #: bytes of envelopes we offered that the receiver already held from a broken stream
         self.bytes_not_resent = 0
+        self._kept = 0  # bytes of a cut-off frame kept to resume when the stream ended
         self._held = 0  # bytes charged to the budget
         self._unsettled: AuditRecord | None = None  # a received tensor message, not yet answered
 
@@ -436,7 +437,7 @@ class Wire:
                     event = self.session.next_event()
                 self._account()
             except RemoteProtocolError as exc:
-                self._refused_unopened(f"{exc.code.value}: {exc.message}")
+                self._refused_unopened(f"{exc.code.value}: {exc.message}{_kept_note(self._kept)}")
                 raise
             if event is NEED_DATA:
                 await self._read_more(timeout)
@@ -476,9 +477,12 @@ class Wire:
             raise ConversationError(str(exc)) from None
         self._account()
 
-    def _keep_partial(self) -> None:
-        """The stream broke: keep what arrived of an offered frame, for the neighbour's retry."""
-        self.transfers.keep(self.stream.remote, self.session.partial())
+    def _keep_partial(self) -> int:
+        """The stream broke: keep what arrived of an offered frame, for the neighbour's retry
+        (the bytes kept; 0: none)."""
+        partial = self.session.partial()
+        self.transfers.keep(self.stream.remote, partial)
+        return len(partial.data) if partial is not None else 0
 
     def _refused_unopened(self, reason: str) -> None:
         self.audit(AuditRecord("refused", self.stream.remote, "unknown", -1, "", 0, "", reason))
@@ -496,11 +500,11 @@ class Wire:
             what = "stalled mid-frame" if mid_frame else "sent nothing"
             reason = f"{what} for {wait:.0f} s"
             if mid_frame:  # a started frame that stops is the neighbour's doing: audit it
-                self._keep_partial()
-                self._refused_unopened(f"TIMEOUT: {reason}")
+                kept = self._keep_partial()
+                self._refused_unopened(f"TIMEOUT: {reason}{_kept_note(kept)}")
             raise Silent(f"{self.stream.remote} {reason}")
-        if not data:
-            self._keep_partial()
+        if not data:  # the stream ended: the session reports a frame it cut off (audited as refused)
+            self._kept = self._keep_partial()
         self.bytes_received += len(data)
         try:
             self.session.receive_data(data)
@@ -536,6 +540,10 @@ class Wire:
             else:
                 self._audit_sent(sealed)
         await self.close()
+
+
+def _kept_note(kept: int) -> str:
+    return f"; kept {kept} bytes to resume" if kept else ""
 
 
 def is_unknown_base(error: ProtocolError) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class MemoryTransport:
     streams: list[MemoryStream] = field(default_factory=list)
     refused_connections: int = 0
     handler_errors: int = 0
+    #: per neighbour: connections made and lost (network_status reports them like the mesh)
+    connects: Counter[str] = field(default_factory=Counter)
+    disconnects: Counter[str] = field(default_factory=Counter)
 
     @property
     def addrs(self) -> list[str]:
@@ -108,8 +112,13 @@ class MemoryTransport:
         ok = remote is not None and remote.accept(self.peer_id)
         self.network.dials.append((trio.current_time(), self.peer_id, peer_id, ok))
         if ok:
-            self.connected.add(peer_id)
+            self._up(peer_id)
         return ok
+
+    def _up(self, peer_id: str) -> None:
+        if peer_id not in self.connected:
+            self.connects[peer_id] += 1
+        self.connected.add(peer_id)
 
     def accept(self, dialler: str) -> bool:
         if dialler not in self.trusted:
@@ -117,7 +126,7 @@ class MemoryTransport:
             if self.on_refused is not None:
                 self.on_refused(dialler, "untrusted-connection")
             return False
-        self.connected.add(dialler)
+        self._up(dialler)
         return True
 
     def forget(self, peer_id: str) -> None:
@@ -175,13 +184,16 @@ class MemoryTransport:
         return TransportStatistics(self.refused_connections, 0, self.handler_errors)
 
     def network_status(self) -> dict[str, Any]:
-        links = [{"peer_id": p, "connected": p in self.connected, "kind": "direct" if p in self.connected else None}
+        links = [{"peer_id": p, "connected": p in self.connected, "kind": "direct" if p in self.connected else None,
+                  "reconnects": max(0, self.connects[p] - 1), "disconnects": self.disconnects[p]}
                  for p in self.trusted]
         return {"links": links, "relay": {"serving": False, "reservations": []},
                 "reachability": {"status": "unknown", "verdicts": {}, "checked_at": None}}
 
     def drop_connection(self, peer_id: str) -> None:
         """The link to ``peer_id`` broke: forget it and break its open streams."""
+        if peer_id in self.connected:
+            self.disconnects[peer_id] += 1
         self.connected.discard(peer_id)
         for s in self.streams:
             if s.remote == peer_id and not s.closed:

@@ -80,6 +80,10 @@ class FakeOperator:
                 "samples": 120,
                 "last_seen": 1_700_000_050.0,
                 "refused": 0,
+                "connection": "relayed",
+                "rtt_ms": 12.34,
+                "reconnects": 2,
+                "dial_failures": 3,
             },
         ]
         self.datasets_: list[dict[str, Any]] = []

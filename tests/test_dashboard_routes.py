@@ -77,7 +77,11 @@ async def test_every_page_renders_from_the_operator_with_security_headers(operat
             assert response.headers["x-frame-options"] == "DENY"
         models = (await client.get("/dashboard/models")).text
         audit = (await client.get("/dashboard/audit")).text
+        neighbours = (await client.get("/dashboard/neighbours")).text
+        overview = (await client.get("/dashboard/")).text
     assert "baseline" in models and "aa" * 8 in models
+    # how each neighbour is reached, and how often its link came back (issue 14)
+    assert "relayed, 12.3 ms, 2 reconnects" in neighbours and "relayed, 12.3 ms, 2 reconnects" in overview
     assert "received" in audit and ("audit", (200,)) in operator.calls
 
 
@@ -135,6 +139,7 @@ async def test_live_snapshot_leaves_out_the_ever_changing_uptime(operator: FakeO
     assert snapshot["status"]["round"] == 2
     assert [m["digest"] for m in snapshot["models"]] == ["aa" * 32, "bb" * 32]
     assert snapshot["neighbours"][0]["name"] == "st-x"
+    assert snapshot["neighbours"][0]["reconnects"] == 2 and snapshot["neighbours"][0]["connection"] == "relayed"
 
 
 def test_sessions_expire_and_codes_are_single_use() -> None:

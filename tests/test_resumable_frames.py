@@ -328,7 +328,13 @@ async def test_a_link_that_drops_mid_update_resumes_within_the_round(
         rows = {p.peer_id: await p.operator.rounds() for p in peers}
         stats = {p.peer_id: p.context.endpoint.transfers.stats for p in peers}
         sent = [e for e in peers[0].store.audit_entries() if e["direction"] == "sent" and e["kind"] == "update"]
+        audit_b = peers[1].store.audit_entries()
+        links_a = [(e["kind"], e["peer"]) for e in peers[0].store.audit_entries() if e["direction"] == "local"]
     assert len(net.outages) == 1
+    # the audit logs: B refused the cut-off frame, saying what it kept; A saw the link go and come back
+    cut = [e for e in audit_b if e["direction"] == "refused" and "to resume" in e["reason"]]
+    assert len(cut) == 1 and "ended inside a frame" in cut[0]["reason"], cut
+    assert ("link-lost", b) in links_a and ("link-back", b) in links_a, links_a
     for p in peers:
         assert [r["status"] for r in rows[p.peer_id]] == ["done", "done"]
         assert all(len(r["contributors"]) == 1 for r in rows[p.peer_id]), rows[p.peer_id]
@@ -340,3 +346,40 @@ async def test_a_link_that_drops_mid_update_resumes_within_the_round(
     # rest, less the bytes peer 1 kept; hellos add a few hundred bytes per stream
     resent = 2 * update_size - stats[b].bytes_resumed
     assert resent <= first_round["bytes_sent"] <= resent + 2048, (first_round, update_size)
+
+
+# ---------------------------------------------------------------- links lost and back, audited
+
+
+def test_links_lost_and_back_are_written_to_the_audit_log(tmp_path: Path) -> None:
+    """The watcher learns the links on its first look (no entry), then writes one entry when a
+    link drops and one when it is back, with how long it was down; the log still verifies."""
+    from peerkit import identity
+
+    from silomesh.audit.verify import verify_chain
+    from silomesh.peer.audit import AuditLog
+    from silomesh.peer.linklog import BACK_KIND, LOST_KIND, LinkWatch
+    from silomesh.peer.store import Store
+
+    me, b, c = identity("link-a"), identity("link-b"), identity("link-c")
+    store = Store(tmp_path / "store.sqlite")
+    log = AuditLog(store, me.signing_key)
+    watch = LinkWatch()
+
+    def links(b_up: bool, reconnects: int = 0) -> list[dict[str, object]]:
+        return [
+            {"peer_id": b.peer_id_text, "connected": b_up, "kind": "direct" if b_up else None,
+             "reconnects": reconnects, "dial_failures": 0 if b_up else 3, "last_error": None if b_up else "timed out"},
+            {"peer_id": c.peer_id_text, "connected": True, "kind": "relayed", "reconnects": 0},
+        ]
+
+    assert watch.look(log, links(True), 100.0) == 0
+    assert watch.look(log, links(True), 102.0) == 0
+    assert watch.look(log, links(False), 104.0) == 1
+    assert watch.look(log, links(False), 106.0) == 0
+    assert watch.look(log, links(True, reconnects=1), 130.5) == 1
+    entries = [e for e in store.audit_entries() if e["direction"] == "local"]
+    assert [(e["kind"], e["peer"]) for e in entries] == [(LOST_KIND, b.peer_id_text), (BACK_KIND, b.peer_id_text)]
+    assert '"last_error":"timed out"' in entries[0]["reason"]
+    assert entries[1]["reason"] == '{"connection":"direct","down_seconds":26.5,"reconnects":1}'
+    assert verify_chain(store.audit_entries(), me.signing_key.verify_key.encode()) == []

@@ -92,6 +92,19 @@ def _bytes(value: object) -> str:
     return str(value)
 
 
+def _link(n: dict[str, Any]) -> str:
+    """How a neighbour is reached: "direct, 3.1 ms, 2 reconnects" ("—" when not connected)."""
+    reconnects = int(n.get("reconnects") or 0)
+    tail = f"{reconnects} reconnect{'s' if reconnects != 1 else ''}"
+    if not n.get("connected"):
+        return f"— ({tail})" if reconnects else "—"
+    rtt = n.get("rtt_ms")
+    parts = [str(n.get("connection") or "direct")]
+    if isinstance(rtt, int | float):
+        parts.append(f"{rtt:.1f} ms")
+    return ", ".join([*parts, tail])
+
+
 def make_environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]), enable_async=False
@@ -99,6 +112,7 @@ def make_environment() -> Environment:
     env.filters["when"] = _when
     env.filters["short"] = _short
     env.filters["bytes"] = _bytes
+    env.filters["link"] = _link
     return env
 
 
@@ -113,7 +127,8 @@ async def live_snapshot(operator: Operator) -> dict[str, Any]:
     status = await operator.status()
     status.pop("uptime_seconds", None)
     neighbours = [
-        {k: n.get(k) for k in ("peer_id", "name", "connected", "selected", "samples", "refused", "last_seen")}
+        {k: n.get(k) for k in ("peer_id", "name", "connected", "selected", "samples", "refused", "last_seen",
+                               "connection", "rtt_ms", "reconnects")}
         for n in await operator.neighbours()
     ]
     models = [{k: m.get(k) for k in ("digest", "name", "round")} for m in await operator.models()]

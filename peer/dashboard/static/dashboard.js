@@ -146,6 +146,17 @@ if (roundsData && window.Chart) {
 
 // ---------------------------------------------------------------- live updates
 
+// how a neighbour is reached, as the server renders it (pages.py, _link)
+function linkText(n) {
+  const reconnects = n.reconnects || 0;
+  const tail = `${reconnects} reconnect${reconnects === 1 ? "" : "s"}`;
+  if (!n.connected) return reconnects ? `— (${tail})` : "—";
+  const parts = [n.connection || "direct"];
+  if (typeof n.rtt_ms === "number") parts.push(`${n.rtt_ms.toFixed(1)} ms`);
+  parts.push(tail);
+  return parts.join(", ");
+}
+
 function cell(text) {
   const td = document.createElement("td");
   td.textContent = text;
@@ -168,7 +179,8 @@ function showState(state) {
       const tr = document.createElement("tr");
       tr.append(cell(n.name || ""), cell(n.peer_id.length > 16 ? n.peer_id.slice(0, 16) + "…" : n.peer_id),
         cell(n.connected ? "yes" : "no"), cell(n.selected ? "yes" : "no"),
-        cell(n.samples === null || n.samples === undefined ? "—" : String(n.samples)), cell(String(n.refused || 0)));
+        cell(n.samples === null || n.samples === undefined ? "—" : String(n.samples)), cell(String(n.refused || 0)),
+        cell(linkText(n)));
       tr.cells[1].className = "mono";
       return tr;
     }));
