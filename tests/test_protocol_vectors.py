@@ -13,7 +13,9 @@ from silomesh.protocol import (
     Identity,
     Update,
     UpdateAvailable,
+    body_digest,
     encode_announce,
+    encode_offer,
     open_envelope,
     peer_id_from_public_key,
     seal_envelope,
@@ -82,6 +84,8 @@ VECTORS = {
         "70cf0000018bcfe56800a6646967657374c420cb0b8a6bd1eb7f9f34efd2061da7be3adc6cd144863a2f"
         "85d1b9234c7651f3e4a473697a651c"
     ),
+    # section 4.1: the offer of the ack frame's body (0xFFFFFFFF, its BLAKE2b-256, its length)
+    "ack_offer": "ffffffff63abc1a6adb224cce083ea7e9a893ca29b590b581292d98e446158b299c3641500000173",
 }
 
 
@@ -122,6 +126,7 @@ def _computed() -> dict[str, str]:
         "update_payload": payload.hex(),
         "update_frame": update.to_frame().hex(),
         "announce": announce.hex(),
+        "ack_offer": encode_offer(body_digest(ack.to_bytes()), ack.size).hex(),
     }
 
 
@@ -142,3 +147,20 @@ def test_published_update_vector_opens_to_the_original_message() -> None:
 def test_protocol_doc_publishes_the_vector(name: str) -> None:
     doc = re.sub(r"\s+", "", DOC.read_text(encoding="utf-8"))
     assert VECTORS[name] in doc
+
+
+def test_the_published_answers_resume_the_offered_ack() -> None:
+    """A receiver holding nothing answers 00000000; one that kept 100 bytes answers 00000064,
+    and the body completed from those 100 bytes and the rest is the ack, digest checked."""
+    from silomesh.protocol import FrameDecoder, FrameOffer
+
+    body = bytes.fromhex(VECTORS["ack_frame"])[4:]
+    for held, answer in ((b"", "00000000"), (body[:100], "00000064")):
+        decoder = FrameDecoder(1 << 20, resumable=True)
+        decoder.receive_data(bytes.fromhex(VECTORS["ack_offer"]))
+        assert isinstance(decoder.next_frame(), FrameOffer)
+        assert decoder.answer_offer(held).hex() == answer
+        decoder.receive_data(body[len(held) :])
+        assert decoder.next_frame() == body
+    doc = re.sub(r"\s+", "", DOC.read_text(encoding="utf-8"))
+    assert VECTORS["ack_offer"] + "0000000000000064" in doc
