@@ -15,6 +15,19 @@ The fix: frames the reader writes go to a queue served by a writer task of the s
 connection, so the reader never blocks on the socket. They are small control frames
 (ACK, pong, RST) written in order; data frames written by the stream tasks are
 unchanged. :func:`install` patches the class once; it is idempotent.
+
+**Window updates.** py-libp2p 0.8.1's Yamux by default grants the sender a window update
+for the bytes of *every* read (``PY_YAMUX_RELEASE_ON_READ=1``), however small, instead of
+batching them to half the window as go-yamux does. A reader that falls behind then reads
+small pieces, grants small windows, and is sent small frames: each costs a Noise message,
+a syscall and a TCP segment, so it falls further behind (silly window syndrome). Over a
+circuit relay, where a relayed connection's Yamux runs inside a stream of the relay's
+Yamux, it never recovered: measured in the namespace test bed (three hospitals, two
+behind NAT reaching each other only through the third's relay, tiny models), 2-3 rounds
+in 60 s, 57-76 bytes per TCP segment and 1.6-1.9 MB unread in the relay's socket queues;
+with batched updates 138 rounds, about 950 bytes per segment and empty queues, as fast
+as with no relay (docs/NETWORK-NOTES.md). :func:`install` turns batching on
+(``PY_YAMUX_RELEASE_ON_READ=0``) unless the environment already sets it.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import contextlib
 import contextvars
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -37,6 +51,8 @@ _READER_QUEUE: contextvars.ContextVar[trio.MemorySendChannel[bytes] | None] = co
 _installed = False
 #: after its reader ended, how long a connection's queued control frames may take to go out
 DRAIN_SECONDS = 5.0
+#: py-libp2p's switch for a window update on every read (module docstring, "Window updates")
+RELEASE_ON_READ = "PY_YAMUX_RELEASE_ON_READ"
 
 
 async def _serve_queue(write: Callable[[bytes], Awaitable[None]], frames: trio.MemoryReceiveChannel[bytes]) -> None:
@@ -53,6 +69,8 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    # batched window updates (see the module docstring); read by py-libp2p at every read
+    os.environ.setdefault(RELEASE_ON_READ, "0")
     original_read_loop = Yamux.handle_incoming
     original_write_frame = Yamux._write_frame
 
