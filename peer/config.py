@@ -103,6 +103,13 @@ class RoundConfig:
     max_weight_factor: float = 1e4
     #: a neighbour's model further than this many times its usual distance is dropped (0: no check)
     max_update_growth: float = 20.0
+    #: how updates travel (PEER.md section 3): float32 (exact), float16 (deltas in half
+    #: precision) or int8 (deltas and snapshots quantized per tensor); lossy codecs carry their
+    #: error into the next delta, which is always made against what the neighbour holds
+    codec: str = "float32"
+
+
+UPDATE_CODECS = ("float32", "float16", "int8")
 
 
 @dataclass(frozen=True)
@@ -465,7 +472,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         r,
         {
             "count", "deadline_seconds", "local_steps", "batch_size", "lr",
-            "max_update_ratio", "max_weight_factor", "max_update_growth",
+            "max_update_ratio", "max_weight_factor", "max_update_growth", "codec",
         },
         "rounds.",
     )
@@ -478,7 +485,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         max_update_ratio=_get(r, "max_update_ratio", "rounds.", float, 10.0),
         max_weight_factor=_get(r, "max_weight_factor", "rounds.", float, 1e4),
         max_update_growth=_get(r, "max_update_growth", "rounds.", float, 20.0),
+        codec=_get(r, "codec", "rounds.", str, "float32"),
     )
+    if rounds.codec not in UPDATE_CODECS:
+        raise ConfigError(f"rounds.codec: must be one of {', '.join(UPDATE_CODECS)}, got {rounds.codec!r}")
     for name, value in (
         ("count", rounds.count),
         ("local_steps", rounds.local_steps),

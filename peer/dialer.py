@@ -36,6 +36,7 @@ from silomesh.peer.study import study_refusal
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import (
     Ack,
+    Codec,
     ErrorCode,
     ErrorMessage,
     Hello,
@@ -50,6 +51,7 @@ from silomesh.protocol import (
     make_delta,
     state_digest,
 )
+from silomesh.protocol.codec import received_as
 from silomesh.protocol.study import split_hello_model
 from silomesh.strategies import StateDict
 
@@ -187,12 +189,18 @@ class UpdateMaker:
     neighbour holds) is that of the reconstruction, not of ``state``.
     """
 
-    def __init__(self, ctx: RoundContext, round: int, state: StateDict, metrics: dict[str, float]) -> None:
+    def __init__(
+        self, ctx: RoundContext, round: int, state: StateDict, metrics: dict[str, float], codec: str = "float32"
+    ) -> None:
         self.ctx = ctx
         self.round = round
         self.state = state
         self.metrics = metrics
+        #: ``[rounds] codec``: float16 and int8 are lossy; the base of the next delta is what the
+        #: neighbour decoded, so the loss is carried into that delta (error feedback)
+        self.codec = Codec(codec)
         self._digest: bytes | None = None
+        self._received_full: tuple[StateDict, bytes] | None = None  # an int8 snapshot, as decoded
         self._large = sum(a.nbytes for a in state.values()) > DELTA_THREAD_THRESHOLD
         #: neighbour -> the update whose push to it broke off, to offer again (PROTOCOL.md 4.1)
         self.unfinished: dict[str, Unfinished] = {}
@@ -202,28 +210,46 @@ class UpdateMaker:
             self._digest = state_digest(self.state)
         return self._digest
 
-    def _make(self, recipient: bytes, base: Base | None) -> Outgoing:
+    def _make(self, recipient: bytes, base: Base | None, codecs: tuple[str, ...]) -> Outgoing:
+        lossy = self.codec if self.codec is not Codec.FLOAT32 and self.codec.value in codecs else None
         if base is not None and set(base.state) == set(self.state):
+            codec = lossy or Codec.FLOAT32
             delta = make_delta(self.state, base.state)
-            result = apply_delta(base.state, delta)
+            result = apply_delta(base.state, delta if lossy is None else received_as(delta, lossy))
             tensors, base_digest, digest = delta, base.digest, state_digest(result)
+        elif lossy is Codec.INT8:  # a snapshot too (float16 ones would stay float16 at the receiver)
+            codec = lossy
+            result, digest = self._int8_snapshot()
+            tensors, base_digest = self.state, None
         else:
+            codec = Codec.FLOAT32
             result, tensors, base_digest, digest = self.state, self.state, None, self._digest_of_state()
         msg = Update(
             **self.ctx.endpoint.routing(recipient, self.round),
             tensors=tensors,
             base_digest=base_digest,
+            codec=codec,
             n_samples=self.ctx.learner.n_samples,
             state_digest=digest,
             metrics=self.metrics,
         )
         return Outgoing(msg, Base(digest, result))
 
-    async def make(self, recipient: bytes, base: Base | None) -> Outgoing:
-        """The update for ``recipient`` (a delta against ``base`` if given), off the loop when large."""
+    def _int8_snapshot(self) -> tuple[StateDict, bytes]:
+        if self._received_full is None:
+            decoded = received_as(self.state, Codec.INT8)
+            self._received_full = (decoded, state_digest(decoded))
+        return self._received_full
+
+    async def make(self, recipient: bytes, base: Base | None, codecs: tuple[str, ...] = ("float32",)) -> Outgoing:
+        """The update for ``recipient`` (a delta against ``base`` if given), off the loop when large.
+
+        ``codecs``: what the recipient's hello says it decodes; a lossy ``[rounds] codec`` it
+        does not list is replaced by float32.
+        """
         if self._large:
-            return await trio.to_thread.run_sync(functools.partial(self._make, recipient, base))
-        return self._make(recipient, base)
+            return await trio.to_thread.run_sync(functools.partial(self._make, recipient, base, codecs))
+        return self._make(recipient, base, codecs)
 
 
 async def push_update(
@@ -251,16 +277,17 @@ async def push_update(
             # the broken push had delivered: only its ack was lost, and the hello says so
             ctx.bases.acked[neighbour] = earlier.out.result
             return wire.bytes_sent
+        codecs = hello.codecs if hello is not None else ("float32",)
         stage("push: sealing and sending our update")
         if earlier is not None and _resendable(earlier, base):
             out = await _send(wire, maker, neighbour, earlier.out, earlier)
         else:
-            out = await _send(wire, maker, neighbour, await maker.make(recipient, base), None)
+            out = await _send(wire, maker, neighbour, await maker.make(recipient, base, codecs), None)
         stage("push: waiting for its ack")
         reply = await _await_ack(ctx, wire, maker, neighbour)
         if reply is not None and isinstance(reply.message, NeedBase):
             stage("push: sending a full snapshot (it lacked our base)")
-            out = await _send(wire, maker, neighbour, await maker.make(recipient, None), None)
+            out = await _send(wire, maker, neighbour, await maker.make(recipient, None, codecs), None)
             stage("push: waiting for its ack")
             reply = await _await_ack(ctx, wire, maker, neighbour)
         if reply is None:

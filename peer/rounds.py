@@ -277,7 +277,7 @@ async def exchange_round(
     if math.isfinite(trained.mean_loss):
         metrics["loss"] = trained.mean_loss
     shared = ctx.faults.outgoing_state(ctx.peer_id, round, ctx.learner.shared(trained.state))
-    maker = UpdateMaker(ctx, round, shared, metrics)
+    maker = UpdateMaker(ctx, round, shared, metrics, ctx.rounds.codec)
 
     def count(sent: int) -> None:
         # a callback, not `report.bytes_sent += await ...`: that reads the sum before the

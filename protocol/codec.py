@@ -41,6 +41,7 @@ __all__ = [
     "encode_tensors",
     "int8_scale",
     "is_finite_array",
+    "received_as",
 ]
 
 logger = logging.getLogger(__name__)
@@ -423,3 +424,18 @@ def decode_tensors(
         if missing:
             raise _remote(ErrorCode.BAD_TABLE, f"missing tensors: {sorted(missing)[:5]}")
     return out
+
+
+def received_as(
+    state: Mapping[str, np.ndarray], codec: Codec | str, *, limits: Limits = DEFAULT_LIMITS
+) -> dict[str, np.ndarray]:
+    """The tensors a receiver decodes from ``state`` sent under ``codec`` (writable copies).
+
+    A sender that tracks what its neighbour holds (the base of its next delta) applies
+    this to what it sends, so that a lossy codec's error is carried into the next delta
+    instead of being lost: error feedback.
+    """
+    encoded = encode_tensors(state, codec, limits=limits)
+    blob = encoded.to_bytes()
+    decoded = decode_tensors(encoded.table, blob, codec=encoded.codec, limits=limits)
+    return {name: np.array(arr) for name, arr in decoded.items()}

@@ -69,6 +69,8 @@ def simnet() -> None:
 @click.option("--deadline", type=float, help="Seconds a peer waits for neighbours per round (default 30).")
 @click.option("--batch-size", type=int, help="Batch size (default 8).")
 @click.option("--lr", type=float, help="Learning rate (default 0.001).")
+@click.option("--codec", type=click.Choice(["float32", "float16", "int8"]),
+              help="How updates travel (default float32; float16 and int8 are lossy, with error feedback).")
 @click.option("--personal-steps", type=int,
               help="Each peer also keeps a personal model: the shared one fine-tuned K steps on its data (default 0).")
 @click.option("--timeout", type=float, help="Stop the whole run after this many seconds.")

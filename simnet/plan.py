@@ -257,7 +257,7 @@ def build_plan(scenario: Scenario, out: Path, endpoints: Sequence[tuple[str, int
             "strategy": {"name": scenario.strategy, "params": dict(scenario.strategy_params)},
             "rounds": {"count": scenario.rounds, "deadline_seconds": float(scenario.deadline),
                        "local_steps": scenario.local_steps, "batch_size": scenario.batch_size,
-                       "lr": float(scenario.lr)},
+                       "lr": float(scenario.lr), "codec": scenario.codec},
             "personal": {"steps": scenario.personal_steps},
             **({"privacy": dict(scenario.privacy)} if scenario.privacy else {}),
             "control": {"host": "127.0.0.1", "port": 0},

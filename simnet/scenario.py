@@ -17,6 +17,7 @@ Scenario files hold the same settings as the flags (flags override the file)::
     deadline = 30.0               # seconds per round before late neighbours are skipped
     batch_size = 8
     lr = 0.001
+    codec = "float32"             # how updates travel: float32 | float16 | int8 (peer.toml [rounds] codec)
     faults = "drop=0.05,intruder=1"   # or a table, see below
 
     [faults]                      # alternative to the string form
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from silomesh.peer.config import UPDATE_CODECS
 from silomesh.simnet.faultspec import FaultSpec, FaultSpecError, parse_fault_table, parse_faults
 from silomesh.simnet.topology import BUILTIN
 
@@ -94,6 +96,8 @@ class Scenario:
     deadline: float = 30.0
     batch_size: int = 8
     lr: float = 1e-3
+    #: every peer's ``[rounds] codec``: float32, float16 or int8 (lossy ones with error feedback)
+    codec: str = "float32"
     #: fine-tune steps of each peer's personal model after every round (0: none; peer.toml [personal])
     personal_steps: int = 0
     timeout: float | None = None
@@ -154,7 +158,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "compare_local": (bool,),
     "procs": (int,), "backend": (str,), "ray_address": (str,),
     "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
-    "lr": (int, float), "personal_steps": (int,), "timeout": (int, float), "task_options": (dict,),
+    "lr": (int, float), "codec": (str,), "personal_steps": (int,), "timeout": (int, float), "task_options": (dict,),
     "strategy_params": (dict,), "privacy": (dict,),
 }
 
@@ -256,6 +260,8 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
         raise ScenarioError(f"deadline: must be > 0 seconds, got {s.deadline}")
     if not s.lr > 0:
         raise ScenarioError(f"lr: must be > 0, got {s.lr}")
+    if s.codec not in UPDATE_CODECS:
+        raise ScenarioError(f"codec: must be one of {', '.join(UPDATE_CODECS)}, got {s.codec!r}")
     if s.personal_steps < 0:
         raise ScenarioError(f"personal_steps: must be >= 0 (0: no personal models), got {s.personal_steps}")
     if s.timeout is not None and not s.timeout > 0:
