@@ -1,0 +1,113 @@
+"""Bytes against the final metric for the update codecs (float32, float16, int8).
+
+Each run is a fresh ``silomesh simnet run`` (4 peers, ring, fedavg, 3 rounds, the default
+small model and data) with every peer's ``[rounds] codec`` set; tasks and seeds are
+paired, so a codec's metric is compared with float32 on the same seed. float16 sends
+deltas in half precision; int8 sends deltas and snapshots quantized per tensor. Both
+carry the quantization error into the next delta: a peer's next delta is made against
+what the neighbour decoded (error feedback).
+
+Prints one JSON document and writes it, with a Markdown table, to ``--out``:
+
+    python bench/bench_update_codecs.py                       # catheter and lesion, seeds 0,1,2
+    python bench/bench_update_codecs.py --tasks catheter --seeds 0 --codecs float32,int8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_one(task: str, seed: int, codec: str, rounds: int, work: Path) -> dict[str, Any]:
+    out = work / f"{task}-{seed}-{codec}"
+    cmd = [sys.executable, "-m", "silomesh.simnet.cli", "run", "--peers", "4", "--topology", "ring",
+           "--strategy", "fedavg", "--task", task, "--rounds", str(rounds), "--seed", str(seed),
+           "--codec", codec, "--out", str(out), "--json", "--quiet"]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    if proc.returncode != 0:
+        return {"task": task, "seed": seed, "codec": codec, "error": proc.stderr.strip().splitlines()[-3:]}
+    r = json.loads(proc.stdout)
+    return {
+        "task": task, "seed": seed, "codec": codec, "rounds": rounds,
+        "seconds": round(time.time() - started, 1),
+        "bytes_sent": r["bytes_sent_total"],
+        "metric": r["metric"],
+        "final": r["final"]["federated_mean"],
+        "round_success_rate": r["round_success_rate"],
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task and codec: bytes and metric relative to float32 on the same seeds."""
+    ok = [r for r in runs if "error" not in r]
+    base = {(r["task"], r["seed"]): r for r in ok if r["codec"] == "float32"}
+    rows = []
+    for task in sorted({r["task"] for r in ok}):
+        for codec in ("float32", "float16", "int8"):
+            mine = [r for r in ok if r["task"] == task and r["codec"] == codec and (task, r["seed"]) in base]
+            if not mine:
+                continue
+            ratios = [r["bytes_sent"] / base[(task, r["seed"])]["bytes_sent"] for r in mine]
+            rel = [(r["final"] - base[(task, r["seed"])]["final"]) / abs(base[(task, r["seed"])]["final"])
+                   for r in mine if base[(task, r["seed"])]["final"]]
+            rows.append({
+                "task": task, "codec": codec, "seeds": [r["seed"] for r in mine],
+                "metric": mine[0]["metric"],
+                "final_mean": round(statistics.fmean(r["final"] for r in mine), 4),
+                "final_per_seed": [round(r["final"], 4) for r in mine],
+                "bytes_mean": round(statistics.fmean(r["bytes_sent"] for r in mine)),
+                "bytes_vs_float32": round(statistics.fmean(ratios), 4),
+                "metric_change_vs_float32": round(statistics.fmean(rel), 4) if rel else None,
+                "metric_change_per_seed": [round(x, 4) for x in rel],
+            })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| task | codec | bytes vs float32 | final metric (mean; per seed) | change vs float32 (mean; per seed) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        change = "—" if r["metric_change_vs_float32"] is None else (
+            f"{100 * r['metric_change_vs_float32']:+.2f}%; "
+            + ", ".join(f"{100 * x:+.2f}%" for x in r["metric_change_per_seed"]))
+        lines.append(f"| {r['task']} | {r['codec']} | {r['bytes_vs_float32']:.3f} | "
+                     f"{r['metric']} {r['final_mean']:.4f}; {', '.join(f'{x:.4f}' for x in r['final_per_seed'])} | "
+                     f"{change} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="catheter,lesion")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--codecs", default="float32,float16,int8")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "codecs")
+    args = ap.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-codecs-") as tmp:
+        for task in args.tasks.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                for codec in args.codecs.split(","):
+                    runs.append(run_one(task, seed, codec, args.rounds, Path(tmp)))
+                    print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    doc = {"runs": runs, "summary": summarise(runs)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_update_codecs.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (args.out / "bench_update_codecs.md").write_text(markdown(doc["summary"]))
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
