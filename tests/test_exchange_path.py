@@ -240,3 +240,17 @@ async def test_a_push_that_fails_while_the_link_comes_back_is_sent_again_within_
         (row,) = seen[p.peer_id]
         assert row["contributors"] == [other.peer_id], row
         assert row["skipped"] == []
+
+
+def test_yamux_window_updates_are_batched_once_the_muxer_fix_is_installed() -> None:
+    """silomesh.peer.muxer turns off py-libp2p's window update on every read (the relay-only
+    failure: docs/NETWORK-NOTES.md, "Relay-only: the cause, and the fix"). The switch is an
+    environment variable py-libp2p reads at every read; if an upgrade renames or drops it,
+    this fails instead of the relay silently slowing down again."""
+    import os
+
+    from libp2p.stream_muxer.yamux import yamux
+
+    muxer.install()
+    assert os.environ[muxer.RELEASE_ON_READ] == "0"
+    assert yamux._yamux_release_on_read() is False
