@@ -13,7 +13,7 @@ from peerkit import configs
 from silomesh.peer.daemon import Peer
 from silomesh.peer.mesh import StreamClosed, open_mesh
 from silomesh.peer.transport import Stream
-from silomesh.protocol import Ack, ErrorMessage, OpenedEnvelope, ProtocolError, Session
+from silomesh.protocol import Ack, ErrorMessage, OpenedEnvelope, ProtocolError, Session, encode_offer
 
 pytestmark = pytest.mark.slow
 
@@ -68,11 +68,20 @@ async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps
                 assert await _refused(session, stream) == "DIGEST_MISMATCH"
 
                 # 4. a length prefix far above the limit is refused before any body arrives,
-                #    without a word (nothing authenticated)
+                #    without a word (nothing authenticated). (0xFFFFFFFF itself starts an offer
+                #    on the resumable stream this mesh negotiates, PROTOCOL.md 4.1: case 4b.)
+                assert stream.resumable
                 stream = await mesh.open_stream(ids[0].peer_id_text)
                 session, _ = await neighbour.hello(stream)
                 session.send(neighbour.update(state))
-                await stream.write((0xFFFFFFFF).to_bytes(4, "big"))
+                await stream.write((0xFFFFFFF0).to_bytes(4, "big"))
+                assert await _refused(session, stream) == "reset"
+
+                # 4b. so is an offer of a frame above the limit, at the offer
+                stream = await mesh.open_stream(ids[0].peer_id_text)
+                session, _ = await neighbour.hello(stream)
+                session.send(neighbour.update(state))
+                await stream.write(encode_offer(b"\x07" * 32, 0xFFFFFFF0, 0xFFFFFFFE))
                 assert await _refused(session, stream) == "reset"
 
                 # 5. the peer still serves: a fresh, valid update is acknowledged
@@ -86,4 +95,4 @@ async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps
             nursery.cancel_scope.cancel()
     assert any(r.startswith("REPLAY") for r in reasons), reasons
     assert any(r.startswith("DIGEST_MISMATCH") for r in reasons), reasons
-    assert any(r.startswith("TOO_LARGE") for r in reasons), reasons
+    assert sum(r.startswith("TOO_LARGE") for r in reasons) >= 2, reasons
