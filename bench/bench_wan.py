@@ -36,12 +36,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from netbed import NetBed, missing_requirements, open_netbed, stop_processes
+from netbed import Hospital, NetBed, missing_requirements, open_netbed, stop_processes
 
 from silomesh.peer.identity import write_key_file
 
@@ -63,18 +62,6 @@ CONDITIONS: dict[str, tuple[float | None, float]] = {
     "20mbit-1pct": (20.0, 1.0),
 }
 TASK_OPTIONS = "image_size = 32, n_train = 16, n_test = 8, n_test_source = 8"
-
-
-@dataclass
-class Hospital:
-    name: str
-    dir: Path
-    peer_id: str
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def store(self) -> Path:
-        return self.dir / "state" / "store.sqlite"
 
 
 def _config(h: Hospital, index: int, others: dict[str, tuple[str, str]], model: str, rounds: int) -> str:

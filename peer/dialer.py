@@ -175,8 +175,6 @@ class Unfinished:
 
     out: Outgoing
     sealed: SealedEnvelope
-    #: the base the delta was made against (None: a full snapshot)
-    base_digest: bytes | None
     #: it was offered on a resumable stream: the neighbour keeps what arrived
     resumable: bool
 
@@ -304,7 +302,7 @@ async def push_update(
 
 def _resendable(earlier: Unfinished, base: Base | None) -> bool:
     """The broken push's envelope may be offered again: same base, and not near STALE."""
-    same_base = earlier.base_digest == (base.digest if base is not None else None)
+    same_base = earlier.out.message.base_digest == (base.digest if base is not None else None)
     return same_base and time.time() * 1000 - earlier.sealed.header.timestamp < RESEND_MAX_AGE_MS
 
 
@@ -312,7 +310,7 @@ async def _send(wire: Wire, maker: UpdateMaker, neighbour: str, out: Outgoing, e
     """Write ``out`` (``earlier``'s sealed envelope again, unchanged, when given); if the stream
     breaks, remember the sealed envelope so that the next attempt offers it for resuming."""
     sealed = earlier.sealed if earlier is not None else await wire.seal(out.message)
-    kept = Unfinished(out, sealed, out.message.base_digest, wire.offers(sealed))
+    kept = Unfinished(out, sealed, wire.offers(sealed))
     try:
         await wire.send_sealed(sealed, fresh=earlier is None)
     finally:

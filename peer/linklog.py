@@ -12,13 +12,13 @@ broke off is in the log already: a ``refused`` entry for the stream that ended m
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from silomesh.audit.secagg import canonical
 from silomesh.peer.audit import AuditLog
 from silomesh.peer.transport import Transport
 
@@ -28,10 +28,6 @@ LOST_KIND = "link-lost"
 BACK_KIND = "link-back"
 #: how often the links are compared (seconds)
 WATCH_SECONDS = 2.0
-
-
-def canonical(fields: dict[str, Any]) -> str:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass

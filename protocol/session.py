@@ -300,16 +300,19 @@ class Session:
                 limits=self._limits,
                 timestamp_ms=self._clock_ms() if timestamp_ms is None else timestamp_ms,
             )
-            peer_max = self.peer_hello.max_frame_size if self.peer_hello else None
-            if peer_max is not None and sealed.size > peer_max:
-                raise LocalProtocolError(
-                    ErrorCode.TOO_LARGE, f"envelope of {sealed.size} bytes > peer limit {peer_max}"
-                )
+            self._check_peer_limit(sealed)
         except LocalProtocolError:
             self._fail()
             raise
         self._advance(self.role, message.kind, LocalProtocolError)
         return sealed
+
+    def _check_peer_limit(self, sealed: SealedEnvelope) -> None:
+        peer_max = self.peer_hello.max_frame_size if self.peer_hello else None
+        if peer_max is not None and sealed.size > peer_max:
+            raise LocalProtocolError(
+                ErrorCode.TOO_LARGE, f"envelope of {sealed.size} bytes > peer limit {peer_max}"
+            )
 
     def send_sealed(self, sealed: SealedEnvelope) -> None:
         """Advance the state for an envelope sealed earlier, to send it again unchanged.
@@ -335,11 +338,7 @@ class Session:
                 raise LocalProtocolError(
                     ErrorCode.WRONG_RECIPIENT, "envelope is not ours or not addressed to this session's peer"
                 )
-            peer_max = self.peer_hello.max_frame_size if self.peer_hello else None
-            if peer_max is not None and sealed.size > peer_max:
-                raise LocalProtocolError(
-                    ErrorCode.TOO_LARGE, f"envelope of {sealed.size} bytes > peer limit {peer_max}"
-                )
+            self._check_peer_limit(sealed)
         except LocalProtocolError:
             self._fail()
             raise

@@ -34,6 +34,7 @@ import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 #: every namespace this bed makes is called PREFIX<creator pid>-<name>
 PREFIX = "smnb"
@@ -273,6 +274,24 @@ class NetBed:
             kill_inside(ns)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self.namespaces.clear()
+
+
+@dataclass
+class Hospital:
+    """One hospital's peer in the bed: its folder (key, ``peer.toml``, store) and process."""
+
+    name: str
+    dir: Path
+    peer_id: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "peer.toml"
+
+    @property
+    def store(self) -> Path:
+        return self.dir / "state" / "store.sqlite"
 
 
 @contextmanager

@@ -15,12 +15,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from netbed import NetBed, missing_requirements, open_netbed, stop_processes
+from netbed import Hospital, NetBed, missing_requirements, open_netbed, stop_processes
 from peerkit import TINY_CATHETER
 
 from silomesh.peer.identity import load_key_file, write_key_file
@@ -76,22 +75,6 @@ def test_bed_removes_its_namespaces(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- real peers
-
-
-@dataclass
-class Hospital:
-    name: str
-    dir: Path
-    peer_id: str
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def config(self) -> Path:
-        return self.dir / "peer.toml"
-
-    @property
-    def store(self) -> Path:
-        return self.dir / "state" / "store.sqlite"
 
 
 def _hospitals(root: Path, names: list[str]) -> dict[str, Hospital]:
