@@ -202,8 +202,10 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
             "mesh": dict(slot.mesh), "error": slot.error,
             "privacy": _privacy(rec.audit) if sc.privacy else None,
         })
-    processes = [{"share": s.share, "pid": s.pid, "peers": len(s.peers), "rss_bytes": s.rss_bytes} for s in shares]
+    processes = [{"share": s.share, "pid": s.pid, "peers": len(s.peers), "rss_bytes": s.rss_bytes,
+                  "peak_rss_bytes": s.peak_rss_bytes, "cpu_seconds": s.cpu_seconds} for s in shares]
     rss_total = sum(x["rss_bytes"] for x in processes)
+    peak_total = sum(x["peak_rss_bytes"] for x in processes)
     return {
         "schema": SCHEMA_NAME,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -223,7 +225,8 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
         "graph": plan.topology.to_json(),
         "settings": sc.to_settings(),
         "resources": {"processes": processes, "rss_total_bytes": rss_total,
-                      "rss_per_peer_bytes": rss_total // n},
+                      "rss_per_peer_bytes": rss_total // n, "peak_rss_total_bytes": peak_total,
+                      "cpu_seconds": round(sum(x["cpu_seconds"] for x in processes), 3)},
         "files": {},
     }
 

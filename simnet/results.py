@@ -71,6 +71,10 @@ class ShareResult:
     #: or its index and error)
     intruders: tuple[dict[str, Any], ...] = ()
     timed_out: bool = False  # the coordinator stopped the run at its timeout
+    #: CPU seconds (all threads) this process used from the start of its peers to the end
+    cpu_seconds: float = 0.0
+    #: the process's peak resident set size (``ru_maxrss``; 0 where unknown)
+    peak_rss_bytes: int = 0
 
     @property
     def peers(self) -> list[int]:
@@ -82,6 +86,7 @@ class ShareResult:
             "barrier_released_at": self.barrier_released_at, "started_at": self.started_at,
             "finished_at": self.finished_at, "slots": {str(i): s.to_json() for i, s in sorted(self.slots.items())},
             "intruders": [dict(x) for x in self.intruders], "timed_out": self.timed_out,
+            "cpu_seconds": self.cpu_seconds, "peak_rss_bytes": self.peak_rss_bytes,
         }
 
     @classmethod
@@ -93,4 +98,5 @@ class ShareResult:
             finished_at=float(d["finished_at"]),
             slots={int(i): SlotResult.from_json(s) for i, s in d["slots"].items()},
             intruders=tuple(dict(x) for x in d["intruders"]), timed_out=bool(d["timed_out"]),
+            cpu_seconds=float(d.get("cpu_seconds", 0.0)), peak_rss_bytes=int(d.get("peak_rss_bytes", 0)),
         )

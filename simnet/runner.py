@@ -99,6 +99,8 @@ class ShareRunner:
         self.intruders: list[dict[str, Any]] = []
         self.started_at = time.time()
         self.finished_at = 0.0
+        self.cpu_started = time.process_time()
+        self.cpu_finished = 0.0
         self.compute: trio.CapacityLimiter | None = None
 
     # -- whole share -----------------------------------------------------------------
@@ -118,6 +120,7 @@ class ShareRunner:
                 nursery.start_soon(self._intruders)
             nursery.start_soon(self._watch, nursery.cancel_scope)
         self.finished_at = time.time()
+        self.cpu_finished = time.process_time()
 
     def _warm_data(self) -> None:
         """Generate the synthetic federation once per process (peers then hit the cache)."""
@@ -321,6 +324,8 @@ class ShareRunner:
             finished_at=self.finished_at or time.time(),
             slots={i: self._slot_result(s) for i, s in self.slots.items()},
             intruders=tuple(self.intruders),
+            cpu_seconds=round((self.cpu_finished or time.process_time()) - self.cpu_started, 3),
+            peak_rss_bytes=peak_rss_bytes(),
         )
 
 
@@ -362,12 +367,17 @@ def describe_stuck(peers: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (``ru_maxrss``, KiB on Linux)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def rss_bytes() -> int:
     """This process's resident set size (Linux /proc; peak RSS elsewhere)."""
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return peak_rss_bytes()
