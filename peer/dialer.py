@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,7 +185,10 @@ class UpdateMaker:
 
     A delta is ``state - base``; float rounding makes ``base + delta`` differ from
     ``state`` in the last bit, so the announced digest (and our record of what the
-    neighbour holds) is that of the reconstruction, not of ``state``.
+    neighbour holds) is that of the reconstruction, not of ``state``. Neighbours that hold
+    the same base (all of them, in a steady round) get one delta and one reconstruction,
+    made once and shared: their acknowledged bases are then one copy of the model, not one
+    each.
     """
 
     def __init__(
@@ -200,6 +204,9 @@ class UpdateMaker:
         self._digest: bytes | None = None
         self._received_full: tuple[StateDict, bytes] | None = None  # an int8 snapshot, as decoded
         self._large = sum(a.nbytes for a in state.values()) > DELTA_THREAD_THRESHOLD
+        #: (base digest, codec) -> the delta against that base and what it reconstructs
+        self._deltas: dict[tuple[bytes, Codec], tuple[StateDict, Base]] = {}
+        self._lock = threading.Lock()  # pushes make their updates in worker threads at once
         #: neighbour -> the update whose push to it broke off, to offer again (PROTOCOL.md 4.1)
         self.unfinished: dict[str, Unfinished] = {}
 
@@ -212,9 +219,8 @@ class UpdateMaker:
         lossy = self.codec if self.codec is not Codec.FLOAT32 and self.codec.value in codecs else None
         if base is not None and set(base.state) == set(self.state):
             codec = lossy or Codec.FLOAT32
-            delta = make_delta(self.state, base.state)
-            result = apply_delta(base.state, delta if lossy is None else received_as(delta, lossy))
-            tensors, base_digest, digest = delta, base.digest, state_digest(result)
+            tensors, made = self._delta(base, codec)
+            result, base_digest, digest = made.state, base.digest, made.digest
         elif lossy is Codec.INT8:  # a snapshot too (float16 ones would stay float16 at the receiver)
             codec = lossy
             result, digest = self._int8_snapshot()
@@ -233,11 +239,25 @@ class UpdateMaker:
         )
         return Outgoing(msg, Base(digest, result))
 
+    def _delta(self, base: Base, codec: Codec) -> tuple[StateDict, Base]:
+        """The delta against ``base`` and the state it reconstructs, made once per base."""
+        with self._lock:
+            made = self._deltas.get((base.digest, codec))
+            if made is None:
+                delta = make_delta(self.state, base.state)
+                lossy = codec is not Codec.FLOAT32
+                result = apply_delta(base.state, received_as(delta, codec) if lossy else delta)
+                if not lossy:
+                    result = _share_exact(result, self.state)
+                made = self._deltas[(base.digest, codec)] = (delta, Base(state_digest(result), result))
+            return made
+
     def _int8_snapshot(self) -> tuple[StateDict, bytes]:
-        if self._received_full is None:
-            decoded = received_as(self.state, Codec.INT8)
-            self._received_full = (decoded, state_digest(decoded))
-        return self._received_full
+        with self._lock:
+            if self._received_full is None:
+                decoded = received_as(self.state, Codec.INT8)
+                self._received_full = (decoded, state_digest(decoded))
+            return self._received_full
 
     async def make(self, recipient: bytes, base: Base | None, codecs: tuple[str, ...] = ("float32",)) -> Outgoing:
         """The update for ``recipient`` (a delta against ``base`` if given), off the loop when large.
@@ -248,6 +268,24 @@ class UpdateMaker:
         if self._large:
             return await trio.to_thread.run_sync(functools.partial(self._make, recipient, base, codecs))
         return self._make(recipient, base, codecs)
+
+
+def _share_exact(result: StateDict, state: StateDict) -> StateDict:
+    """``result`` with each tensor that is bitwise ``state``'s replaced by ``state``'s array.
+
+    Most tensors of a float32 reconstruction ``base + (state - base)`` are exact (the
+    subtraction is exact where base and state are within a factor of two), so the bases
+    that every neighbour acknowledged share the round's model instead of holding a copy
+    each: in a full topology that is the difference between one model and N - 1.
+    """
+    out = {}
+    for name, value in result.items():
+        own = state.get(name)
+        same = (own is not None and own.dtype == value.dtype and own.shape == value.shape
+                and np.array_equal(np.ascontiguousarray(own).view(np.uint8),
+                                   np.ascontiguousarray(value).view(np.uint8)))
+        out[name] = own if same else value
+    return out
 
 
 async def push_update(

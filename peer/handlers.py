@@ -150,15 +150,14 @@ def reconstruct(ctx: RoundContext, sender: str, message: Update | TrainRequest) 
         Declined: the delta does not apply (``NON_FINITE``, ``BAD_SHAPE``...), or the
             state's digest is not the ``state_digest`` the update announced (``STATE_MISMATCH``).
     """
-    tensors = {k: np.array(v) for k, v in message.tensors.items()}  # own copies, writable
     if message.base_digest is None:
-        state = tensors
+        state = {k: np.array(v) for k, v in message.tensors.items()}  # own copies, writable
     else:
         known = ctx.bases.received.get(sender)
         if known is None or known.digest != message.base_digest:
             return None
-        try:
-            state = apply_delta(known.state, tensors)
+        try:  # new arrays: the decoded delta (views of the plaintext) is not kept
+            state = apply_delta(known.state, message.tensors)
         except ProtocolError as exc:
             raise Declined(exc.code, f"the delta does not apply to its base: {exc.message}") from None
     expected = message.state_digest if isinstance(message, Update) else None

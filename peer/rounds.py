@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from silomesh.peer import privacy
+from silomesh.peer import memory, privacy
 from silomesh.peer.announces import publish
 from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import (
@@ -173,6 +173,7 @@ async def round_loop(ctx: RoundContext) -> None:
                 await trio.sleep(pause)
         finally:  # a rolled-back round spent its privacy too (whatever was not logged yet)
             account_privacy(ctx, this_round)
+            memory.trim()  # the round's buffers are garbage now: give their pages back
         round += 1
 
 

@@ -74,6 +74,9 @@ def run_service(config_path: Path) -> int:
     """Run the peer described by ``config_path`` until a signal; return the exit status."""
     import torch
 
+    from silomesh.peer.memory import lean_malloc
+
+    lean_malloc()  # before the threads and buffers it governs
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         trio.run(_serve, config_path)
