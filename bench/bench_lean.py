@@ -19,8 +19,9 @@ their peers), total CPU of the command, peak PSS of the process tree (sampled ev
 from ``/proc/PID/smaps_rollup``), and the final metric. The JSON also gives, per N, the ratios
 to the floor, the peak PSS per peer above an idle interpreter that imported the same modules
 (``import_pss``), and what a peer must hold that depends on the model (``model_state``: its
-model, gradients and AdamW state, its data, and one delta base per neighbour in each
-direction) so that the rest, ``excess_per_peer``, is what silomesh adds.
+model, gradients and AdamW state, its data, the last model received from each neighbour
+and the one of ours they all acknowledged) so that the rest, ``excess_per_peer``, is what
+silomesh adds.
 
 Prints one JSON document on stdout and, with ``--out DIR``, writes ``DIR/bench_lean.json``
 and ``DIR/bench_lean.md``::
@@ -217,17 +218,31 @@ def shared_args(args: argparse.Namespace) -> list[str]:
             "--seed", str(args.seed), "--n-train", str(args.n_train)]
 
 
-def model_state_bytes(args: argparse.Namespace, n: int) -> dict[str, int]:
-    """What one peer of a full topology must hold that depends on the model and its data."""
+def model_sizes(args: argparse.Namespace, n: int) -> dict[str, int]:
+    """Bytes of the model's parameters and of one silo's data (train and test)."""
     from silomesh.models.registry import get_task
     from silomesh.peer.learner import synthetic_silo
 
     task = get_task(args.task, **task_options(args))
     params = sum(v.numel() * v.element_size() for v in task.make_model(args.size, seed=0).state_dict().values())
     silo = synthetic_silo(args.task, n, 0, args.seed, **task_options(args))
-    data = sum(a.nbytes for part in (silo.train, silo.test) for a in part.arrays.values())
-    # model + gradients + AdamW's two moments; one base per neighbour in each direction
-    return {"params": params, "data": data, "per_peer": params * 4 + data + 2 * (n - 1) * params}
+    return {"params": params, "data": sum(a.nbytes for part in (silo.train, silo.test) for a in part.arrays.values())}
+
+
+def derive(doc: dict[str, Any]) -> None:
+    """(Re)compute each run's model state, excess per peer and CPU ratio from what was measured."""
+    for row in doc["configs"]:
+        n, params = row["peers"], row["params_bytes"]
+        # model + gradients + AdamW's two moments, its data; the last model received from each
+        # neighbour, and the last of ours they acknowledged (one, when they are in step)
+        row["model_state_per_peer_bytes"] = params * 4 + row["data_per_silo_bytes"] + n * params
+        for s in row["silomesh"]:
+            if "error" in s:
+                continue
+            if "cpu_per_round" in row["floor"]:
+                s["cpu_ratio"] = round(s["cpu_per_round"] / row["floor"]["cpu_per_round"], 3)
+            s["excess_per_peer_bytes"] = ((s["peak_pss_bytes"] - s["procs"] * doc["import_pss_bytes"]) // n
+                                          - row["model_state_per_peer_bytes"])
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -278,8 +293,16 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=600.0, help="simnet's per-round deadline (s)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="fail a run that takes longer (s)")
     parser.add_argument("--out", type=Path, help="also write bench_lean.json and bench_lean.md here")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only recompute the derived figures of a bench_lean.json and rewrite its .md")
     parser.add_argument("--child", choices=["floor", "imports"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        doc = json.loads(args.render.read_text(encoding="utf-8"))
+        derive(doc)
+        args.render.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        args.render.with_suffix(".md").write_text(markdown(doc), encoding="utf-8")
+        return
     if args.child:
         args.peers = int(args.peers.split(",")[0])
         print(json.dumps(floor_run(args) if args.child == "floor" else import_run(args)))
@@ -291,19 +314,17 @@ def main() -> None:
     configs = []
     with tempfile.TemporaryDirectory(prefix="bench-lean-") as tmp:
         for n in peers:
-            state = model_state_bytes(args, n)
-            row: dict[str, Any] = {"peers": n, "model_state_per_peer_bytes": state["per_peer"],
-                                   "params_bytes": state["params"], "data_per_silo_bytes": state["data"],
+            sizes = model_sizes(args, n)
+            row: dict[str, Any] = {"peers": n, "model_state_per_peer_bytes": 0,
+                                   "params_bytes": sizes["params"], "data_per_silo_bytes": sizes["data"],
                                    "floor": floor_side(args, n), "silomesh": []}
             print(json.dumps({"peers": n, "floor": row["floor"]}), file=sys.stderr, flush=True)
             for p in procs:
                 s = silomesh_side(args, n, p, Path(tmp) / f"n{n}-p{p}")
-                if "error" not in s:
-                    if "cpu_per_round" in row["floor"]:
-                        s["cpu_ratio"] = round(s["cpu_per_round"] / row["floor"]["cpu_per_round"], 3)
-                    s["excess_per_peer_bytes"] = (s["peak_pss_bytes"] - p * base) // n - state["per_peer"]
                 row["silomesh"].append(s)
+                derive({"configs": [row], "import_pss_bytes": base})
                 print(json.dumps({"peers": n, "silomesh": s}), file=sys.stderr, flush=True)
+            derive({"configs": [row], "import_pss_bytes": base})
             configs.append(row)
     doc = {"bench": "lean", "task": args.task, "size": args.size, "rounds": args.rounds,
            "local_steps": args.local_steps, "batch_size": args.batch_size, "n_train": args.n_train,
