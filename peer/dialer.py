@@ -284,7 +284,7 @@ def _share_exact(result: StateDict, state: StateDict) -> StateDict:
         same = (own is not None and own.dtype == value.dtype and own.shape == value.shape
                 and np.array_equal(np.ascontiguousarray(own).view(np.uint8),
                                    np.ascontiguousarray(value).view(np.uint8)))
-        out[name] = own if same else value
+        out[name] = own if own is not None and same else value
     return out
 
 
