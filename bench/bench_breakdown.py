@@ -1,7 +1,7 @@
 """Where a simnet's CPU goes: py-spy samples of one run, sorted into what a round does.
 
-Runs ``silomesh simnet run --topology full --strategy fedavg`` (the settings of
-``bench_lean.py``) under ``py-spy record`` and sorts every sampled stack into one category,
+Runs ``silomesh simnet run --topology full --strategy fedavg`` (the settings and options
+of ``bench_lean.py``) under ``py-spy record`` and sorts every sampled stack into one category,
 the first that matches, in this order:
 
 * ``idle``: threads blocked on a lock, a condition or epoll (py-spy counts some as busy); left out;
@@ -34,6 +34,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from bench_lean import add_run_options, simnet_command  # this script's folder is on sys.path
 
 IDLE_LEAVES = ("_thread_cache.py:211", "Condition.wait", "Event.wait", "get_events", "lock.acquire")
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -78,22 +80,14 @@ def main() -> None:
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy executable")
     parser.add_argument("--peers", type=int, default=8)
     parser.add_argument("--procs", type=int, default=1)
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--n-train", type=int, default=64)
+    add_run_options(parser)
     parser.add_argument("--rate", type=int, default=50, help="samples per second")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-breakdown-") as tmp:
         raw = Path(tmp) / "profile.txt"
         cmd = [args.py_spy, "record", "--subprocesses", "-r", str(args.rate), "-f", "raw", "-o", str(raw), "--",
-               sys.executable, "-m", "silomesh.simnet.cli", "run", "--peers", str(args.peers),
-               "--procs", str(args.procs), "--topology", "full", "--strategy", "fedavg", "--task", "catheter",
-               "--size", args.size, "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
-               "--batch-size", str(args.batch_size), "--task-option", f"n_train={args.n_train}",
-               "--deadline", "600", "--seed", "0", "--out", str(Path(tmp) / "run"), "--json", "--quiet"]
+               *simnet_command(args, args.peers, args.procs, Path(tmp) / "run")]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not raw.is_file():
             sys.exit(f"the profiled run failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")

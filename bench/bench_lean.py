@@ -183,14 +183,32 @@ def floor_side(args: argparse.Namespace, n: int) -> dict[str, Any]:
     }
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The model, data and training options both sides share (bench_breakdown.py uses them too)."""
+    parser.add_argument("--task", default="catheter")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--n-train", type=int, default=64, help="training images per silo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--codec", default="float32")
+    parser.add_argument("--deadline", type=float, default=600.0, help="simnet's per-round deadline (s)")
+
+
+def simnet_command(args: argparse.Namespace, n: int, procs: int, out: Path) -> list[str]:
+    """``silomesh simnet run`` as decentralised FedAvg (full topology) with the run options."""
+    return [sys.executable, "-m", "silomesh.simnet.cli", "run", "--peers", str(n), "--procs", str(procs),
+            "--topology", "full", "--strategy", "fedavg", "--task", args.task, "--size", args.size,
+            "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
+            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
+            "--deadline", str(args.deadline), "--codec", args.codec,
+            "--task-option", f"n_train={args.n_train}", "--out", str(out), "--json", "--quiet"]
+
+
 def silomesh_side(args: argparse.Namespace, n: int, procs: int, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "silomesh.simnet.cli", "run", "--peers", str(n), "--procs", str(procs),
-           "--topology", "full", "--strategy", "fedavg", "--task", args.task, "--size", args.size,
-           "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
-           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
-           "--deadline", str(args.deadline), "--codec", args.codec,
-           "--task-option", f"n_train={args.n_train}", "--out", str(out), "--json", "--quiet"]
-    m = measured(cmd, args.timeout)
+    m = measured(simnet_command(args, n, procs, out), args.timeout)
     if "error" in m:
         return {"procs": procs, "error": m["error"], "rc": m["rc"]}
     r = m["output"]
@@ -281,16 +299,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", default="4,8,16,24", help="comma-separated peer counts")
     parser.add_argument("--procs", default="1", help="comma-separated simnet process counts per N")
-    parser.add_argument("--task", default="catheter")
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--n-train", type=int, default=64, help="training images per silo")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--codec", default="float32")
-    parser.add_argument("--deadline", type=float, default=600.0, help="simnet's per-round deadline (s)")
+    add_run_options(parser)
     parser.add_argument("--timeout", type=float, default=3600.0, help="fail a run that takes longer (s)")
     parser.add_argument("--out", type=Path, help="also write bench_lean.json and bench_lean.md here")
     parser.add_argument("--render", type=Path, metavar="JSON",

@@ -281,10 +281,11 @@ def _share_exact(result: StateDict, state: StateDict) -> StateDict:
     out = {}
     for name, value in result.items():
         own = state.get(name)
-        same = (own is not None and own.dtype == value.dtype and own.shape == value.shape
+        if (own is not None and own.dtype == value.dtype and own.shape == value.shape
                 and np.array_equal(np.ascontiguousarray(own).view(np.uint8),
-                                   np.ascontiguousarray(value).view(np.uint8)))
-        out[name] = own if own is not None and same else value
+                                   np.ascontiguousarray(value).view(np.uint8))):
+            value = own
+        out[name] = value
     return out
 
 
