@@ -86,12 +86,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _configs(root: Path, n: int, options: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-    """Identities and configs of ``n`` idle peers (participation manual) on a ring."""
+def _configs(
+    root: Path, n: int, options: dict[str, Any], ports: list[int] | None = None
+) -> tuple[list[Any], list[Any]]:
+    """Identities and configs of ``n`` idle peers (participation manual) on a ring.
+
+    ``ports``: their listening ports (default: free ones), for peers in several processes.
+    """
     from silomesh.peer.config import parse_config
 
     ids = [_identity(f"p{i}") for i in range(n)]
-    ports = [_free_port() for _ in range(n)]
+    ports = ports or [_free_port() for _ in range(n)]
     graph = [[1 - i] for i in range(n)] if n == 2 else [sorted({(i - 1) % n, (i + 1) % n}) for i in range(n)]
     cfgs = []
     for i in range(n):

@@ -151,7 +151,9 @@ def reconstruct(ctx: RoundContext, sender: str, message: Update | TrainRequest) 
             state's digest is not the ``state_digest`` the update announced (``STATE_MISMATCH``).
     """
     if message.base_digest is None:
-        state = {k: np.array(v) for k, v in message.tensors.items()}  # own copies, writable
+        # kept as the read-only views of the decrypted frame they are: a copy would hold the
+        # model twice while the frame lives on underneath (the frame is this message's alone)
+        state = dict(message.tensors)
     else:
         known = ctx.bases.received.get(sender)
         if known is None or known.digest != message.base_digest:

@@ -80,3 +80,36 @@ def test_lean_malloc_applies_on_glibc_and_trim_is_rate_limited(monkeypatch: obje
     memory.trim()  # within TRIM_EVERY of the first: skipped
     assert calls == [0]
     assert isinstance(libc, ctypes.CDLL)
+
+
+def _buffer_of(arr: np.ndarray) -> object:
+    """The object that owns an array's memory (through views and memoryviews)."""
+    owner: object = arr
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    while isinstance(owner, memoryview):
+        owner = owner.obj
+    return owner
+
+
+async def test_a_received_snapshot_is_kept_as_views_of_its_frame(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A full snapshot is not copied out of the frame it was decrypted in: what the peer
+    keeps of each neighbour (its delta base and its inbox entry) is that frame's memory."""
+    net = MemoryNetwork()
+    table = {"count": 1, "deadline_seconds": 30.0, "local_steps": 2, "batch_size": 8}
+    peers = make(tmp_path, 3, net, extra={"rounds": table})
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+        for p in peers:
+            assert [r["status"] for r in await p.operator.rounds()] == ["done"]
+            for neighbour, base in p.context.bases.received.items():
+                owners = {id(_buffer_of(a)) for a in base.state.values()}
+                frame = _buffer_of(next(iter(base.state.values())))
+                assert isinstance(frame, bytearray) and len(owners) == 1
+                model = sum(a.nbytes for a in base.state.values())
+                assert model <= len(frame) < model + 4096  # the envelope's header, table and tag
+                assert not any(a.flags.writeable for a in base.state.values())
+                assert p.context.inbox.get(neighbour, 0).state is base.state
