@@ -9,7 +9,10 @@ A block in the doc looks like::
 and is replaced by the regenerating command, seeds, the table (mean ± std over seeds,
 rendered by ``silomesh.simnet.experiment.render_table``) and the experiment's wall time,
 read from ``RUNS/NAME/results.json``. ``persilo=1`` adds the per-silo gains table of a
-``per_silo`` experiment. ``--only PREFIX`` regenerates only the blocks whose NAME starts
+``per_silo`` experiment. ``include=PATH`` pastes a Markdown file a probe wrote instead (its
+first heading dropped), e.g.
+``<!-- results: training_catheter include=bench/results/training/catheter-4/probe_training.md -->``.
+``--only PREFIX`` regenerates only the blocks whose NAME starts
 with PREFIX (and not the wall-time table), so one experiment can be rerun on its own.
 
 Usage::
@@ -29,9 +32,18 @@ from silomesh.simnet.experiment import per_silo_table, render_table
 BLOCK = re.compile(r"<!-- results: (?P<args>[^>]*?) -->\n.*?<!-- /results -->", re.S)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def render_block(runs: Path, args: str) -> str:
     parts = args.split()
     name, opts = parts[0], dict(p.split("=", 1) for p in parts[1:])
+    if "include" in opts:
+        source = ROOT / opts["include"]
+        if not source.exists():
+            return f"<!-- results: {args} -->\n_(not run yet: {opts['include']})_\n<!-- /results -->"
+        body = [line for line in source.read_text(encoding="utf-8").splitlines() if not line.startswith("# ")]
+        return "\n".join([f"<!-- results: {args} -->", *body, "<!-- /results -->"])
     path = runs / name / "results.json"
     if not path.exists():
         return f"<!-- results: {args} -->\n_(not run yet: {path})_\n<!-- /results -->"
