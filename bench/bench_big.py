@@ -137,24 +137,8 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _width(mb: float) -> tuple[int, int]:
-    """The U-Net width whose float32 weights are closest to ``mb`` MB, and their bytes."""
-    import torch
-
-    from silomesh.models.unet import UNet, UNetConfig
-
-    def size(w: int) -> int:
-        with torch.device("meta"):
-            return sum(p.numel() for p in UNet(UNetConfig(width=w, depth=3, out_channels=3)).parameters()) * 4
-
-    target = mb * 1e6
-    w = max(4, round(16 * (target / size(16)) ** 0.5))
-    best = min(range(max(4, w - 3), w + 4), key=lambda k: abs(size(k) - target))
-    return best, size(best)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    width, nbytes = _width(args.mb)
+    width = bench_exchange._unet_width(int(args.mb * 1e6))
     with tempfile.TemporaryDirectory(prefix="silomesh-bench-big-") as tmp:
         root = Path(tmp)
         (root / "ports.json").write_text(json.dumps([bench_exchange._free_port() for _ in range(2)]))
@@ -172,6 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if failed:
             raise RuntimeError("\n".join(failed))
         peers = [json.loads(out) for out, _ in outputs]
+    nbytes = peers[0]["model_bytes"]
     worst = max(p["peak_over_model"] for p in peers)
     return {
         "model": {"unet_width": width, "parameters": nbytes // 4, "float32_bytes": nbytes},

@@ -120,10 +120,13 @@ def _configs(
 
 def _unet_width(target_bytes: int) -> int:
     """Width of a 3-level 2D U-Net whose float32 weights are closest to ``target_bytes``."""
+    import torch
+
     from silomesh.models.unet import UNet, UNetConfig
 
     def size(w: int) -> int:
-        return sum(p.numel() for p in UNet(UNetConfig(width=w, depth=3, out_channels=3)).parameters()) * 4
+        with torch.device("meta"):  # shapes only: no memory for a 400 MB candidate
+            return sum(p.numel() for p in UNet(UNetConfig(width=w, depth=3, out_channels=3)).parameters()) * 4
 
     # parameters grow ~ width^2: start from the width-16 size and refine locally
     w = max(4, round(16 * (target_bytes / size(16)) ** 0.5))

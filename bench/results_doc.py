@@ -35,18 +35,22 @@ BLOCK = re.compile(r"<!-- results: (?P<args>[^>]*?) -->\n.*?<!-- /results -->", 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _not_run(args: str, source: object) -> str:
+    return f"<!-- results: {args} -->\n_(not run yet: {source})_\n<!-- /results -->"
+
+
 def render_block(runs: Path, args: str) -> str:
     parts = args.split()
     name, opts = parts[0], dict(p.split("=", 1) for p in parts[1:])
     if "include" in opts:
         source = ROOT / opts["include"]
         if not source.exists():
-            return f"<!-- results: {args} -->\n_(not run yet: {opts['include']})_\n<!-- /results -->"
+            return _not_run(args, opts["include"])
         body = [line for line in source.read_text(encoding="utf-8").splitlines() if not line.startswith("# ")]
         return "\n".join([f"<!-- results: {args} -->", *body, "<!-- /results -->"])
     path = runs / name / "results.json"
     if not path.exists():
-        return f"<!-- results: {args} -->\n_(not run yet: {path})_\n<!-- /results -->"
+        return _not_run(args, path)
     results = json.loads(path.read_text(encoding="utf-8"))
     columns = opts["columns"].split(",") if "columns" in opts else None
     table = render_table(results, columns, int(opts.get("digits", 3)))
