@@ -18,6 +18,11 @@ also writes it)::
 
     python bench/bench_big.py                       # 400 MB, simultaneous
     python bench/bench_big.py --mb 50 --order sequential
+    python bench/bench_big.py --whole               # sealed whole, as before streaming
+
+By default the update travels streamed (PROTOCOL.md section 4.2: sealed and opened in 1 MiB
+chunks, as the peer does for updates of ``[network] stream_threshold_mb`` = 64 MB or more);
+``--whole`` seals it as one envelope (``stream_threshold_mb = 0``).
 """
 
 from __future__ import annotations
@@ -100,6 +105,9 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             assert budget is not None
             budget.per_peer, budget.total = fresh.per_peer, fresh.total
             peer.context.endpoint.transfers.max_bytes = fresh.total
+            if args.whole:
+                object.__setattr__(peer.context.endpoint, "stream_threshold", 0)
+            out["stream_threshold"] = peer.context.endpoint.stream_threshold
             digest = state_digest(state)
             (root / f"digest{me}").write_text(digest.hex())
             gc.collect()
@@ -144,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (root / "ports.json").write_text(json.dumps([bench_exchange._free_port() for _ in range(2)]))
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         base = [sys.executable, __file__, "--root", tmp, "--width", str(width), "--order", args.order,
-                "--timeout", str(args.timeout)]
+                "--timeout", str(args.timeout), *(["--whole"] if args.whole else [])]
         procs = [
             subprocess.Popen([*base, "--child-index", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
@@ -161,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": {"unet_width": width, "parameters": nbytes // 4, "float32_bytes": nbytes},
         "order": args.order,
+        "envelope": "whole" if args.whole else "streamed",
         "peers": peers,
         "worst_peak_over_model": worst,
         "target_peak_over_model": 2.5,
@@ -173,6 +182,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=400.0, help="model size in MB (float32 U-Net weights)")
     parser.add_argument("--order", choices=("simultaneous", "sequential"), default="simultaneous")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a peer process may take")
+    parser.add_argument("--whole", action="store_true", help="seal the update whole, not streamed")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, help=argparse.SUPPRESS)

@@ -131,6 +131,11 @@ class NetworkConfig:
     #: every connected neighbour is pinged this often; three unanswered pings in a row close the
     #: connection so the connect loop redials it (a link that went down without a reset)
     ping_interval_seconds: float = 15.0
+    #: updates with at least this many MB (10^6 bytes) of tensors are streamed to neighbours
+    #: that speak /silomesh/exchange/1.2.0: sealed in 1 MiB chunks while they travel, so no
+    #: sealed copy of the model is held, but a broken transfer starts again (PROTOCOL.md 4.2);
+    #: 0: never stream
+    stream_threshold_mb: float = 64.0
 
 
 @dataclass(frozen=True)
@@ -625,7 +630,7 @@ def _network(table: Mapping[str, Any]) -> NetworkConfig:
         if name == "round_window":
             continue
         value = _get(table, name, "network.", float, getattr(defaults, name))
-        positive = name != "max_clock_skew_seconds"
+        positive = name not in ("max_clock_skew_seconds", "stream_threshold_mb")
         if not (value > 0 if positive else value >= 0) or value != value:
             raise ConfigError(f"network.{name}: must be {'> 0' if positive else '>= 0'}, got {value}")
         seconds[name] = float(value)

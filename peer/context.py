@@ -29,7 +29,7 @@ import trio
 
 from silomesh.models.architecture import model_id as architecture_model_id
 from silomesh.peer.config import PersonalConfig
-from silomesh.peer.exchange import AuditRecord, BufferBudget, Timeouts, Transfers, Wire
+from silomesh.peer.exchange import STREAM_THRESHOLD, AuditRecord, BufferBudget, Timeouts, Transfers, Wire
 from silomesh.peer.secure_member import SecureState
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
@@ -184,6 +184,8 @@ class Endpoint:
     progress: Progress
     timeouts: Timeouts = field(default_factory=Timeouts)
     budget: BufferBudget | None = None
+    #: tensor bytes from which an update is streamed on a 1.2.0 stream (0: never)
+    stream_threshold: int = STREAM_THRESHOLD
     #: envelopes further than this from our clock are refused (STALE); None: no check
     max_skew_ms: int | None = None
     #: tensor messages of rounds outside ``current +- round_window`` are refused (BAD_ROUND)
@@ -238,9 +240,16 @@ class Endpoint:
             max_skew_ms=self.max_skew_ms,
             next_sequence=self.sequence.next,
             resumable=stream.resumable,
+            streamed=stream.streamed,
         )
         return Wire(
-            session, stream, self.journal.record, timeouts=self.timeouts, budget=self.budget, transfers=self.transfers
+            session,
+            stream,
+            self.journal.record,
+            timeouts=self.timeouts,
+            budget=self.budget,
+            transfers=self.transfers,
+            stream_threshold=self.stream_threshold,
         )
 
 

@@ -217,6 +217,7 @@ class Peer:
                 # partial frames kept to resume: as much as all neighbours' streams may buffer
                 transfers=Transfers(max_bytes=budget.total),
                 max_skew_ms=int(net.max_clock_skew_seconds * 1000) or None,
+                stream_threshold=int(net.stream_threshold_mb * 1e6),
                 round_window=net.round_window,
                 expected_dtypes={k: v.dtype.name for k, v in self.learner.state().items()},
                 study=gate,

@@ -175,7 +175,8 @@ class Unfinished:
     """A sealed update whose push broke off: offered again as is, the receiver resumes it."""
 
     out: Outgoing
-    sealed: SealedEnvelope
+    #: None: it was streamed (PROTOCOL.md 4.2), so it is sealed afresh next time
+    sealed: SealedEnvelope | None
     #: it was offered on a resumable stream: the neighbour keeps what arrived
     resumable: bool
 
@@ -341,14 +342,23 @@ async def push_update(
 
 def _resendable(earlier: Unfinished, base: Base | None) -> bool:
     """The broken push's envelope may be offered again: same base, and not near STALE."""
+    if earlier.sealed is None:
+        return False
     same_base = earlier.out.message.base_digest == (base.digest if base is not None else None)
     return same_base and time.time() * 1000 - earlier.sealed.header.timestamp < RESEND_MAX_AGE_MS
 
 
 async def _send(wire: Wire, maker: UpdateMaker, neighbour: str, out: Outgoing, earlier: Unfinished | None) -> Outgoing:
     """Write ``out`` (``earlier``'s sealed envelope again, unchanged, when given); if the stream
-    breaks, remember the sealed envelope so that the next attempt offers it for resuming."""
-    sealed = earlier.sealed if earlier is not None else await wire.seal(out.message)
+    breaks, remember the sealed envelope so that the next attempt offers it for resuming.
+    A large update on a 1.2.0 stream is streamed instead: no sealed copy to keep."""
+    if (earlier is None or earlier.sealed is None) and wire.streams(out.message):
+        try:
+            await wire.send(out.message)
+        finally:
+            maker.unfinished[neighbour] = Unfinished(out, None, False)  # until acked
+        return out
+    sealed = earlier.sealed if earlier is not None and earlier.sealed is not None else await wire.seal(out.message)
     kept = Unfinished(out, sealed, wire.offers(sealed))
     try:
         await wire.send_sealed(sealed, fresh=earlier is None)

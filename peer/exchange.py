@@ -18,12 +18,17 @@ A tensor message is audited once it is settled: as ``received`` when the handler
 answers it (or moves on), as ``refused``, with the envelope's header and the reason,
 when the handler declines it (:meth:`Wire.decline`).
 
-On a resumable stream (``/silomesh/exchange/1.1.0``, PROTOCOL.md section 4.1) an envelope
-of :data:`RESUME_THRESHOLD` bytes or more is *offered* (named by the BLAKE2b-256 of its
-bytes) and the receiver answers how much of it it already holds: when a link drops
+On a resumable stream (``/silomesh/exchange/1.1.0`` or later, PROTOCOL.md section 4.1) an
+envelope of :data:`RESUME_THRESHOLD` bytes or more is *offered* (named by the BLAKE2b-256 of
+its bytes) and the receiver answers how much of it it already holds: when a link drops
 mid-transfer, the receiver keeps what arrived (:class:`Transfers`), the sender offers the
-same sealed envelope again on a new stream (:meth:`Wire.resend`), and only the rest
+same sealed envelope again on a new stream (:meth:`Wire.send_sealed`), and only the rest
 travels.
+
+On ``/silomesh/exchange/1.2.0`` a tensor message of :attr:`Wire.stream_threshold` bytes or
+more is *streamed* instead (section 4.2): sealed in 1 MiB chunks by worker threads while
+the chunks before are written, so no sealed copy of the model exists; the receiving
+session decrypts each chunk as it arrives. A streamed transfer that breaks is not resumed.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from silomesh.protocol import (
     ProtocolError,
     RemoteProtocolError,
     SealedEnvelope,
+    SealedHeader,
     Session,
     body_digest,
     decode_answer,
@@ -65,6 +71,14 @@ WRITE_CHUNK = 1 << 20
 #: envelopes larger than this are sealed/opened in a worker thread
 THREAD_THRESHOLD = 1 << 20
 
+
+#: tensor messages of at least this many tensor bytes are streamed on a 1.2.0 stream
+#: (``network.stream_threshold_mb``): sealed chunk by chunk while they are written, so
+#: the sender never holds a sealed copy, but a broken transfer starts again from scratch
+STREAM_THRESHOLD = 64 << 20
+#: chunks sealed per worker-thread hop, and chunks sealed ahead of the writes
+STREAM_BATCH = 4
+STREAM_AHEAD = 4
 
 #: envelopes of at least this size are offered on a resumable stream (smaller ones are
 #: cheaper to send again than a round trip)
@@ -243,8 +257,11 @@ class Wire:
         timeouts: Timeouts | None = None,
         budget: BufferBudget | None = None,
         transfers: Transfers | None = None,
+        stream_threshold: int = STREAM_THRESHOLD,
     ) -> None:
         self.session = session
+        #: tensor bytes from which a message is streamed (0: never)
+        self.stream_threshold = stream_threshold
         self.stream = stream
         self.audit = audit
         self.timeouts = timeouts or Timeouts()
@@ -293,15 +310,67 @@ class Wire:
         self.release()
         await self.stream.reset()
 
-    async def send(self, message: Message) -> SealedEnvelope:
-        """Seal ``message``, write it, and audit it as sent.
+    async def send(self, message: Message) -> SealedEnvelope | SealedHeader:
+        """Seal ``message``, write it, and audit it as sent; streamed when :meth:`streams` says so.
 
         Raises:
             ConversationError: the stream broke (or stalled) before the whole envelope was
                 written; the envelope is returned nowhere, so a caller that wants to resume
                 it seals with :meth:`seal` and sends with :meth:`send_sealed` instead.
         """
+        if self.streams(message):
+            return await self._send_streamed(message)
         return await self.send_sealed(await self.seal(message), fresh=True)
+
+    def streams(self, message: Message) -> bool:
+        """Whether :meth:`send` streams ``message`` (PROTOCOL.md section 4.2): the stream is
+        1.2.0 and its tensors hold at least :attr:`stream_threshold` bytes."""
+        return (
+            self.session.streamed
+            and self.stream_threshold > 0
+            and isinstance(message, TensorMessage)
+            and sum(a.nbytes for a in message.tensors.values()) >= self.stream_threshold
+        )
+
+    async def _send_streamed(self, message: Message) -> SealedHeader:
+        """Seal ``message`` chunk by chunk in worker threads while the chunks before are written.
+
+        At most ``STREAM_BATCH + STREAM_AHEAD`` chunks (1 MiB each) exist at once: no sealed
+        copy of the payload is made, only the tensors the message refers to are read.
+        """
+        self._settle()
+        assert isinstance(message, TensorMessage)
+        # worker threads only when it pays: a thread hop costs more than sealing a small message
+        threaded = sum(a.nbytes for a in message.tensors.values()) > THREAD_THRESHOLD
+        if threaded:
+            sealer = await trio.to_thread.run_sync(self.session.send_streamed, message)
+        else:
+            sealer = self.session.send_streamed(message)
+        chunks = sealer.chunks()
+        to_writer, from_sealer = trio.open_memory_channel[bytearray](STREAM_AHEAD)
+
+        def take() -> list[bytearray]:
+            return [c for _, c in zip(range(STREAM_BATCH), chunks, strict=False)]
+
+        async def seal_ahead() -> None:
+            async with to_writer:
+                while batch := (await trio.to_thread.run_sync(take)) if threaded else take():
+                    for chunk in batch:
+                        await to_writer.send(chunk)
+
+        try:
+            await self._write_counted(sealer.prelude, 0)  # the prelude is not envelope bytes
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(seal_ahead)
+                async with from_sealer:
+                    async for chunk in from_sealer:
+                        await self._write_counted(chunk, len(chunk))
+            trailer = sealer.trailer
+            await self._write_counted(trailer, len(trailer))
+        except StreamClosed as exc:
+            raise ConversationError(str(exc)) from None
+        self._audit_sent(sealer.sealed)
+        return sealer.sealed
 
     async def seal(self, message: Message) -> SealedEnvelope:
         """Seal ``message`` for this stream's peer (in a worker thread when large) and advance
@@ -338,7 +407,7 @@ class Wire:
         """Whether :meth:`send_sealed` offers ``sealed`` (so that a broken transfer resumes)."""
         return self.session.resumable and sealed.size >= RESUME_THRESHOLD
 
-    async def _write_counted(self, data: bytes | memoryview, counted: int) -> None:
+    async def _write_counted(self, data: bytes | bytearray | memoryview, counted: int) -> None:
         # counted when handed to the stream: a write the link breaks off used it too, and the
         # receiver cannot hold more of an envelope than was handed over
         self.bytes_sent += counted
@@ -384,7 +453,7 @@ class Wire:
         self.bytes_received += len(data)
         return data
 
-    async def _write(self, data: bytes | memoryview) -> None:
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
         """Write one piece; a neighbour that accepts none of it within ``timeouts.stall`` is silent.
 
         Raises:
@@ -396,7 +465,7 @@ class Wire:
         await self.reset()
         raise Silent(f"{self.stream.remote} accepted no data for {self.timeouts.stall:.0f} s")
 
-    def _audit_sent(self, sealed: SealedEnvelope) -> None:
+    def _audit_sent(self, sealed: SealedEnvelope | SealedHeader) -> None:
         header = sealed.header
         self.audit(
             AuditRecord(

@@ -51,14 +51,19 @@ from silomesh.peer.config import RelaySettings
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.relaying import RTT_INTERVAL, Links, Reachability, Relaying, check_reachability, is_circuit
 from silomesh.peer.transport import Stream, StreamClosed, TransportStatistics
-from silomesh.protocol import EXCHANGE_PROTOCOL_ID, RESUMABLE_EXCHANGE_PROTOCOL_ID
+from silomesh.protocol import EXCHANGE_PROTOCOL_ID, RESUMABLE_EXCHANGE_PROTOCOL_ID, STREAMED_EXCHANGE_PROTOCOL_ID
 
 log = logging.getLogger(__name__)
 
-#: the exchange stream where a frame cut off by a broken link is resumed (PROTOCOL.md 4.1)
-EXCHANGE_PROTOCOL = TProtocol(RESUMABLE_EXCHANGE_PROTOCOL_ID)
-#: the same exchange without resumable frames, still served for peers that offer only it
+#: the exchange stream where a large envelope may travel streamed (PROTOCOL.md 4.2) and a
+#: frame cut off by a broken link is resumed (4.1)
+EXCHANGE_PROTOCOL = TProtocol(STREAMED_EXCHANGE_PROTOCOL_ID)
+#: the same exchange without streamed envelopes, still served for peers that offer only it
+RESUMABLE_EXCHANGE_PROTOCOL = TProtocol(RESUMABLE_EXCHANGE_PROTOCOL_ID)
+#: the same exchange without resumable frames either
 LEGACY_EXCHANGE_PROTOCOL = TProtocol(EXCHANGE_PROTOCOL_ID)
+#: the exchange's ids, preferred first
+EXCHANGE_PROTOCOLS = [EXCHANGE_PROTOCOL, RESUMABLE_EXCHANGE_PROTOCOL, LEGACY_EXCHANGE_PROTOCOL]
 GOSSIP_PROTOCOLS = [TProtocol("/meshsub/1.1.0"), TProtocol("/meshsub/1.0.0")]
 READ_CHUNK = 256 * 1024
 #: the py-libp2p release whose inbound handler :class:`InboundGuard` replaces
@@ -81,11 +86,13 @@ class FramedStream:
     of ``silomesh.protocol`` decides when a frame is complete and how large it may be.
     """
 
-    def __init__(self, stream: INetStream, remote: str, resumable: bool = False) -> None:
+    def __init__(self, stream: INetStream, remote: str, protocol: TProtocol | None = None) -> None:
         self.stream = stream
         self.remote = remote
-        #: negotiated /silomesh/exchange/1.1.0: frames may be offered and resumed
-        self.resumable = resumable
+        #: negotiated /silomesh/exchange/1.1.0 or later: frames may be offered and resumed
+        self.resumable = protocol in (EXCHANGE_PROTOCOL, RESUMABLE_EXCHANGE_PROTOCOL)
+        #: negotiated /silomesh/exchange/1.2.0: envelopes may be streamed
+        self.streamed = protocol == EXCHANGE_PROTOCOL
 
     async def read_some(self, max_bytes: int = READ_CHUNK) -> bytes:
         try:
@@ -424,16 +431,17 @@ class Mesh:
     def set_handler(self, handler: StreamHandler, protocol: TProtocol = EXCHANGE_PROTOCOL) -> None:
         """Serve ``protocol`` with ``handler``; untrusted streams never reach it.
 
-        The exchange is served under both its ids: 1.1.0 (resumable frames) and 1.0.0.
+        The exchange is served under all its ids: 1.2.0 (streamed envelopes), 1.1.0
+        (resumable frames) and 1.0.0.
         """
-        protocols = [EXCHANGE_PROTOCOL, LEGACY_EXCHANGE_PROTOCOL] if protocol == EXCHANGE_PROTOCOL else [protocol]
+        protocols = EXCHANGE_PROTOCOLS if protocol == EXCHANGE_PROTOCOL else [protocol]
         for served in protocols:
             self._set_handler(handler, served)
 
     def _set_handler(self, handler: StreamHandler, protocol: TProtocol) -> None:
         async def guarded(stream: INetStream) -> None:
             remote = str(stream.muxed_conn.peer_id)
-            framed = FramedStream(stream, remote, resumable=protocol == EXCHANGE_PROTOCOL)
+            framed = FramedStream(stream, remote, protocol)
             if remote not in self.trusted:
                 self.stats.refused_streams += 1
                 held = self._stream_warning.ready()
@@ -506,12 +514,12 @@ class Mesh:
         """
         if peer_id not in self.trusted:
             raise ValueError(f"{peer_id} is not a trusted peer")
-        offered = [EXCHANGE_PROTOCOL, LEGACY_EXCHANGE_PROTOCOL] if protocol == EXCHANGE_PROTOCOL else [protocol]
+        offered = EXCHANGE_PROTOCOLS if protocol == EXCHANGE_PROTOCOL else [protocol]
         try:
             stream = await self.host.new_stream(ID.from_base58(peer_id), offered)
         except Exception as exc:  # noqa: BLE001 - libp2p raises many types for "could not open"
             raise StreamClosed(f"cannot open a stream to {peer_id}: {exc}") from None
-        return FramedStream(stream, peer_id, resumable=stream.get_protocol() == EXCHANGE_PROTOCOL)
+        return FramedStream(stream, peer_id, stream.get_protocol())
 
     async def publish(self, topic: str, data: bytes) -> None:
         await self.pubsub.publish(topic, data)

@@ -48,7 +48,11 @@ class Stream(Protocol):
 
     @property
     def resumable(self) -> bool:
-        """The stream speaks ``/silomesh/exchange/1.1.0``: a frame may be offered and resumed."""
+        """The stream speaks ``/silomesh/exchange/1.1.0`` or later: a frame may be offered and resumed."""
+
+    @property
+    def streamed(self) -> bool:
+        """The stream speaks ``/silomesh/exchange/1.2.0``: an envelope may be streamed."""
 
     async def read_some(self, max_bytes: int = ...) -> bytes:
         """At most ``max_bytes`` bytes (never empty).

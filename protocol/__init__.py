@@ -26,6 +26,8 @@ from .envelope import (
     EnvelopeHeader,
     OpenedEnvelope,
     SealedEnvelope,
+    SealedHeader,
+    StreamedPayload,
     authenticate_envelope,
     open_authenticated,
     open_envelope,
@@ -40,6 +42,7 @@ from .frames import (
     FrameOffer,
     PartialFrame,
     Signal,
+    StreamedFrame,
     body_digest,
     decode_answer,
     encode_frame,
@@ -56,6 +59,7 @@ from .limits import (
     MAX_MSGPACK_DEPTH,
     PROTOCOL_VERSION,
     RESUMABLE_EXCHANGE_PROTOCOL_ID,
+    STREAMED_EXCHANGE_PROTOCOL_ID,
     Limits,
 )
 from .messages import (
@@ -75,6 +79,7 @@ from .peerid import PeerIdError, peer_id_from_public_key, public_key_from_peer_i
 from .replay import ReplayGuard, ReplayStatistics
 from .session import Role, Session, State
 from .state import apply_delta, make_delta, state_digest
+from .streamed import StreamOpener, StreamSealer, seal_streamed
 
 __all__ = [
     "ANNOUNCE_SIGNING_DOMAIN",
@@ -90,6 +95,7 @@ __all__ = [
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "RESUMABLE_EXCHANGE_PROTOCOL_ID",
+    "STREAMED_EXCHANGE_PROTOCOL_ID",
     "WIRE_DTYPES",
     "Ack",
     "Announce",
@@ -121,9 +127,14 @@ __all__ = [
     "ReplayStatistics",
     "Role",
     "SealedEnvelope",
+    "SealedHeader",
     "Session",
     "Signal",
     "State",
+    "StreamOpener",
+    "StreamSealer",
+    "StreamedFrame",
+    "StreamedPayload",
     "TensorMessage",
     "TrainRequest",
     "TrainResult",
@@ -148,6 +159,7 @@ __all__ = [
     "public_key_from_peer_id",
     "read_header",
     "seal_envelope",
+    "seal_streamed",
     "state_digest",
     "verify_signature",
     "x25519_public_key",

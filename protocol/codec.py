@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,28 +135,49 @@ class EncodedTensors:
         if len(view) != self.nbytes or view.readonly:
             raise LocalProtocolError(ErrorCode.BAD_TABLE, "output buffer has the wrong size")
         for src in self._sources:
-            count = src.array.size
-            if count == 0:
+            if src.array.size:
+                _write_source(src, np.frombuffer(view, dtype=src.wire, count=src.array.size, offset=src.offset))
+
+    def pieces(self) -> Iterator[memoryview]:
+        """The blob as consecutive pieces, one per non-empty tensor, in table order.
+
+        A tensor that already has its wire layout (C-ordered, little-endian, the wire
+        dtype) is a view of its own memory; any other is encoded into a buffer of its own
+        size. So the whole blob never exists at once (a streamed envelope, PROTOCOL.md
+        section 4.2).
+        """
+        for src in self._sources:
+            arr = src.array
+            if not arr.size:
                 continue
-            dst = np.frombuffer(view, dtype=src.wire, count=count, offset=src.offset)
-            dst = dst.reshape(src.array.shape)
-            if src.scale is None:
-                np.copyto(dst, src.array, casting="unsafe")
-            elif src.scale == 0.0:
-                dst[...] = 0
-            else:
-                # an explicit output array: for a 0-d tensor numpy would return a scalar
-                q = np.empty(src.array.shape, dtype=np.float32)
-                np.multiply(src.array, np.float32(1.0 / src.scale), out=q, dtype=np.float32)
-                np.rint(q, out=q)
-                np.clip(q, -127, 127, out=q)
-                np.copyto(dst, q, casting="unsafe")
+            if src.scale is None and arr.dtype == src.wire and arr.flags.c_contiguous:
+                yield arr.reshape(-1).data.cast("B")
+                continue
+            dst = np.empty(arr.size, dtype=src.wire)
+            _write_source(src, dst)
+            yield dst.data.cast("B")
 
     def to_bytes(self) -> bytes:
         """The blob as a new ``bytes`` object."""
         buf = bytearray(self.nbytes)
         self.write_into(buf)
         return bytes(buf)
+
+
+def _write_source(src: _Source, flat: np.ndarray) -> None:
+    """Encode one tensor into ``flat`` (its wire dtype, ``src.array.size`` elements)."""
+    dst = flat.reshape(src.array.shape)
+    if src.scale is None:
+        np.copyto(dst, src.array, casting="unsafe")
+    elif src.scale == 0.0:
+        dst[...] = 0
+    else:
+        # an explicit output array: for a 0-d tensor numpy would return a scalar
+        q = np.empty(src.array.shape, dtype=np.float32)
+        np.multiply(src.array, np.float32(1.0 / src.scale), out=q, dtype=np.float32)
+        np.rint(q, out=q)
+        np.clip(q, -127, 127, out=q)
+        np.copyto(dst, q, casting="unsafe")
 
 
 def _check_name(name: object, limits: Limits) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Container, Mapping
+from collections.abc import Container, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +62,15 @@ __all__ = [
     "MODEL_KINDS",
     "TENSOR_KINDS",
     "AuthenticatedEnvelope",
+    "EncodedPayload",
     "EnvelopeHeader",
     "OpenedEnvelope",
     "SealedEnvelope",
+    "SealedHeader",
+    "StreamedPayload",
     "authenticate_envelope",
+    "authenticate_trailer",
+    "encode_payload",
     "open_authenticated",
     "open_envelope",
     "read_header",
@@ -235,6 +240,28 @@ class SealedEnvelope:
 
 
 @dataclass(frozen=True, eq=False)
+class SealedHeader:
+    """The signed header of a streamed envelope (PROTOCOL.md section 4.2), what is audited of it.
+
+    Attributes:
+        header: The signed header.
+        header_bytes: Its exact msgpack encoding.
+        signature: The 64-byte Ed25519 signature.
+        size: The envelope's size (its chunks and the trailer).
+    """
+
+    header: EnvelopeHeader
+    header_bytes: bytes
+    signature: bytes
+    size: int
+
+    @property
+    def head(self) -> bytes:
+        """``u16be header_len || header || signature``: the streamed envelope's trailer."""
+        return b"".join((len(self.header_bytes).to_bytes(_LEN, "big"), self.header_bytes, self.signature))
+
+
+@dataclass(frozen=True, eq=False)
 class OpenedEnvelope:
     """A verified, decrypted, decoded envelope.
 
@@ -258,6 +285,69 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclass(frozen=True, eq=False)
+class EncodedPayload:
+    """A message's payload (``u32be body_len || body || blob``), laid out but not yet copied.
+
+    Attributes:
+        body: The body's msgpack bytes (with the tensor table for tensor kinds).
+        tensors: The tensors, for tensor kinds.
+        base_digest: The header's ``base_digest``.
+        codec: The header's ``codec``.
+    """
+
+    body: bytes
+    tensors: EncodedTensors | None
+    base_digest: bytes | None
+    codec: Codec
+
+    @property
+    def size(self) -> int:
+        """The payload's length in bytes."""
+        return _PAYLOAD_LEN + len(self.body) + (self.tensors.nbytes if self.tensors is not None else 0)
+
+    def pieces(self) -> Iterator[bytes | memoryview]:
+        """The payload as consecutive pieces (the tensors as views where they can be)."""
+        yield len(self.body).to_bytes(_PAYLOAD_LEN, "big")
+        yield self.body
+        if self.tensors is not None:
+            yield from self.tensors.pieces()
+
+    def write_into(self, out: memoryview) -> None:
+        """Write the payload into ``out`` (exactly :attr:`size` writable bytes)."""
+        start = _PAYLOAD_LEN + len(self.body)
+        out[:_PAYLOAD_LEN] = len(self.body).to_bytes(_PAYLOAD_LEN, "big")
+        out[_PAYLOAD_LEN:start] = self.body
+        if self.tensors is not None:
+            self.tensors.write_into(out[start:])
+
+
+def encode_payload(message: Message, identity: Identity, limits: Limits = DEFAULT_LIMITS) -> EncodedPayload:
+    """Check ``message`` for sending and lay out its payload (nothing large is copied).
+
+    Raises:
+        LocalProtocolError: SENDER_MISMATCH, UNKNOWN_KIND, TOO_LARGE (the body), NON_FINITE,
+            BAD_DTYPE, ... for anything this side should not send.
+    """
+    if message.sender != identity.public_key:
+        raise LocalProtocolError(ErrorCode.SENDER_MISMATCH, "message.sender is not this identity")
+    if message.kind not in MESSAGE_TYPES:
+        raise LocalProtocolError(ErrorCode.UNKNOWN_KIND, f"{message.kind} cannot be sealed")
+    body = message.body()
+    encoded: EncodedTensors | None = None
+    base_digest: bytes | None = None
+    codec = Codec.NONE
+    if isinstance(message, TensorMessage):
+        encoded = encode_tensors(message.tensors, message.codec, limits=limits)
+        body["tensors"] = encoded.table
+        base_digest = message.base_digest
+        codec = message.codec
+    body_bytes = packb(body)
+    if len(body_bytes) > limits.max_body_size:
+        raise LocalProtocolError(ErrorCode.TOO_LARGE, f"body is {len(body_bytes)} bytes")
+    return EncodedPayload(body_bytes, encoded, base_digest, codec)
+
+
 def seal_envelope(
     message: Message,
     identity: Identity,
@@ -279,35 +369,13 @@ def seal_envelope(
         LocalProtocolError: SENDER_MISMATCH, TOO_LARGE, NON_FINITE, BAD_DTYPE, ... for
             anything this side should not send.
     """
-    if message.sender != identity.public_key:
-        raise LocalProtocolError(ErrorCode.SENDER_MISMATCH, "message.sender is not this identity")
-    if message.kind not in MESSAGE_TYPES:
-        raise LocalProtocolError(ErrorCode.UNKNOWN_KIND, f"{message.kind} cannot be sealed")
-    body = message.body()
-    encoded: EncodedTensors | None = None
-    base_digest: bytes | None = None
-    codec = Codec.NONE
-    if isinstance(message, TensorMessage):
-        encoded = encode_tensors(message.tensors, message.codec, limits=limits)
-        body["tensors"] = encoded.table
-        base_digest = message.base_digest
-        codec = message.codec
-    body_bytes = packb(body)
-    if len(body_bytes) > limits.max_body_size:
-        raise LocalProtocolError(ErrorCode.TOO_LARGE, f"body is {len(body_bytes)} bytes")
-    blob_size = encoded.nbytes if encoded is not None else 0
-    payload_size = _PAYLOAD_LEN + len(body_bytes) + blob_size
-    if _LEN + SIGNATURE_SIZE + MAC_SIZE + payload_size > limits.max_frame_size:
+    payload = encode_payload(message, identity, limits)
+    if _LEN + SIGNATURE_SIZE + MAC_SIZE + payload.size > limits.max_frame_size:
         raise LocalProtocolError(
-            ErrorCode.TOO_LARGE, f"payload of {payload_size} bytes > frame limit"
+            ErrorCode.TOO_LARGE, f"payload of {payload.size} bytes > frame limit"
         )
-
-    buf = bytearray(MAC_SIZE + payload_size)
-    start = MAC_SIZE + _PAYLOAD_LEN
-    buf[MAC_SIZE:start] = len(body_bytes).to_bytes(_PAYLOAD_LEN, "big")
-    buf[start : start + len(body_bytes)] = body_bytes
-    if encoded is not None:
-        encoded.write_into(memoryview(buf)[start + len(body_bytes) :])
+    buf = bytearray(MAC_SIZE + payload.size)
+    payload.write_into(memoryview(buf)[MAC_SIZE:])
     if nonce is None:
         nonce = nacl.bindings.randombytes(NONCE_SIZE)
     encrypt_in_place(buf, identity.shared_key(message.recipient), nonce)
@@ -321,9 +389,9 @@ def seal_envelope(
         round=message.round,
         sequence=message.sequence,
         timestamp=_now_ms() if timestamp_ms is None else timestamp_ms,
-        base_digest=base_digest,
+        base_digest=payload.base_digest,
         payload_digest=blake2b256(buf),
-        codec=codec,
+        codec=payload.codec,
         nonce=nonce,
     )
     header_bytes = packb(header.to_map())
@@ -419,6 +487,78 @@ class AuthenticatedEnvelope:
     signature: bytes
     ciphertext: memoryview
     size: int
+    stream: StreamedPayload | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class StreamedPayload:
+    """What a streamed frame (PROTOCOL.md section 4.2) delivered before its header.
+
+    Attributes:
+        digest: BLAKE2b-256 of every chunk's ciphertext, in order (the header's
+            ``payload_digest`` must equal it).
+        nonce: The stream header from the prelude (the header's ``nonce`` must equal it).
+        plaintext: The decrypted payload.
+    """
+
+    digest: bytes
+    nonce: bytes
+    plaintext: memoryview
+
+
+def _authenticate(
+    header_bytes: bytes,
+    signature: bytes,
+    trusted: Container[bytes] | None,
+    expected_sender: bytes | None,
+) -> EnvelopeHeader:
+    """Steps 2-4 of PROTOCOL.md section 10: header, trust, signature."""
+    header = _parse_header(header_bytes)
+    if trusted is not None and header.sender not in trusted:
+        raise RemoteProtocolError(ErrorCode.UNTRUSTED_SENDER, f"sender {header.sender.hex()[:16]}")
+    if expected_sender is not None and header.sender != expected_sender:
+        raise RemoteProtocolError(ErrorCode.SENDER_MISMATCH, "sender is not the stream's peer")
+    if not verify_signature(header.sender, ENVELOPE_SIGNING_DOMAIN + header_bytes, signature):
+        raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "envelope signature does not verify")
+    return header
+
+
+def authenticate_trailer(
+    trailer: bytes,
+    stream: StreamedPayload,
+    *,
+    size: int,
+    trusted: Container[bytes] | None,
+    expected_sender: bytes | None = None,
+) -> AuthenticatedEnvelope:
+    """Steps 2-4 of PROTOCOL.md section 10 for a streamed frame's trailer
+    (``u16be header_len || header || signature``, section 4.2).
+
+    Args:
+        trailer: The trailer's bytes exactly (the frame decoder checked ``header_len``).
+        stream: What the frame's chunks delivered.
+        size: The envelope's size (ciphertext chunks and trailer).
+        trusted: Public keys we accept messages from; ``None`` accepts any signer.
+        expected_sender: The authenticated remote peer of this stream, if known.
+
+    Raises:
+        RemoteProtocolError: BAD_FRAME, BAD_MSGPACK, BAD_TYPE, UNKNOWN_VERSION,
+            UNKNOWN_KIND, UNTRUSTED_SENDER, SENDER_MISMATCH, BAD_SIGNATURE.
+    """
+    header_len = int.from_bytes(trailer[:_LEN], "big")
+    if len(trailer) != _LEN + header_len + SIGNATURE_SIZE:
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, "trailer length does not match its header length")
+    header_bytes = bytes(trailer[_LEN : _LEN + header_len])
+    signature = bytes(trailer[_LEN + header_len :])
+    header = _authenticate(header_bytes, signature, trusted, expected_sender)
+    return AuthenticatedEnvelope(
+        header=header,
+        header_bytes=header_bytes,
+        signature=signature,
+        ciphertext=memoryview(b""),
+        size=size,
+        stream=stream,
+    )
 
 
 def authenticate_envelope(
@@ -445,13 +585,7 @@ def authenticate_envelope(
     header_bytes = bytes(view[_LEN : _LEN + header_len])
     sig_end = _LEN + header_len + SIGNATURE_SIZE
     signature = bytes(view[_LEN + header_len : sig_end])
-    header = _parse_header(header_bytes)
-    if trusted is not None and header.sender not in trusted:
-        raise RemoteProtocolError(ErrorCode.UNTRUSTED_SENDER, f"sender {header.sender.hex()[:16]}")
-    if expected_sender is not None and header.sender != expected_sender:
-        raise RemoteProtocolError(ErrorCode.SENDER_MISMATCH, "sender is not the stream's peer")
-    if not verify_signature(header.sender, ENVELOPE_SIGNING_DOMAIN + header_bytes, signature):
-        raise RemoteProtocolError(ErrorCode.BAD_SIGNATURE, "envelope signature does not verify")
+    header = _authenticate(header_bytes, signature, trusted, expected_sender)
     return AuthenticatedEnvelope(
         header=header,
         header_bytes=header_bytes,
@@ -498,20 +632,27 @@ def open_authenticated(
     ):
         raise RemoteProtocolError(ErrorCode.STALE, f"timestamp {header.timestamp} vs now {now_ms}")
     ciphertext = envelope.ciphertext
-    if blake2b256(ciphertext) != header.payload_digest:
+    stream = envelope.stream
+    digest = stream.digest if stream is not None else blake2b256(ciphertext)
+    if digest != header.payload_digest:
         raise RemoteProtocolError(ErrorCode.DIGEST_MISMATCH, "payload digest does not match")
+    if stream is not None and stream.nonce != header.nonce:
+        raise RemoteProtocolError(ErrorCode.DIGEST_MISMATCH, "header nonce is not the stream's header")
     if replay is not None:
         replay.accept(header.sender, header.round, header.sequence)
 
-    with as_remote():
-        key = identity.shared_key(header.sender)
-    target: bytearray | memoryview = (
-        ciphertext if in_place and not ciphertext.readonly else bytearray(ciphertext)
-    )
-    try:
-        payload = decrypt_in_place(target, key, header.nonce)
-    except DecryptError:
-        raise RemoteProtocolError(ErrorCode.DECRYPT_FAILED, "payload does not decrypt") from None
+    if stream is not None:  # its chunks were authenticated and decrypted as they arrived
+        payload = stream.plaintext
+    else:
+        with as_remote():
+            key = identity.shared_key(header.sender)
+        target: bytearray | memoryview = (
+            ciphertext if in_place and not ciphertext.readonly else bytearray(ciphertext)
+        )
+        try:
+            payload = decrypt_in_place(target, key, header.nonce)
+        except DecryptError:
+            raise RemoteProtocolError(ErrorCode.DECRYPT_FAILED, "payload does not decrypt") from None
     message = _decode_payload(payload, header, limits, expected_shapes, expected_dtypes, complete)
     logger.debug(
         "opened %s seq=%d round=%d from %s: %d bytes",

@@ -27,11 +27,13 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from .crypto import Blake2b256
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .limits import DEFAULT_MAX_FRAME_SIZE, DIGEST_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE_CEILING
+from .limits import DEFAULT_MAX_FRAME_SIZE, DIGEST_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE_CEILING, MAX_HEADER_SIZE
 
 __all__ = [
     "ANSWER_SIZE",
@@ -39,15 +41,23 @@ __all__ = [
     "NEED_DATA",
     "OFFER_MARKER",
     "OFFER_SIZE",
+    "PRELUDE_SIZE",
+    "STREAM_CHUNK_SIZE",
+    "STREAM_HEADER_SIZE",
+    "STREAM_MARKER",
+    "STREAM_TAG_SIZE",
+    "ChunkSink",
     "FrameDecoder",
     "FrameOffer",
     "PartialFrame",
     "Signal",
+    "StreamedFrame",
     "body_digest",
     "decode_answer",
     "encode_frame",
     "encode_offer",
     "frame_prefix",
+    "stream_chunks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +103,60 @@ class PartialFrame:
     digest: bytes
     length: int
     data: bytes
+
+
+STREAM_MARKER = 0xFFFFFFFE
+"""The length prefix that starts a streamed envelope on ``/silomesh/exchange/1.2.0`` (section 4.2)."""
+
+STREAM_HEADER_SIZE = 24
+"""The secretstream header in a streamed envelope's prelude."""
+
+STREAM_CHUNK_SIZE = 1 << 20
+"""Payload bytes per chunk of a streamed envelope (the last chunk holds the rest)."""
+
+STREAM_TAG_SIZE = 17
+"""What secretstream adds to each chunk (``crypto_secretstream_xchacha20poly1305_ABYTES``)."""
+
+PRELUDE_SIZE = FRAME_PREFIX_SIZE + 4 + STREAM_HEADER_SIZE
+"""marker || payload_len (u32be) || stream header: 32 bytes."""
+
+_SIGNATURE_SIZE = 64
+_TRAILER_LEN = 2
+
+
+class ChunkSink(Protocol):
+    """What opens a streamed envelope's chunks (:class:`~.streamed.StreamOpener`)."""
+
+    payload_len: int
+    filled: int
+
+    def next_chunk_size(self) -> int: ...
+
+    def open_chunk(self, chunk: bytearray) -> None: ...
+
+    def result(self) -> object: ...
+
+
+@dataclass(frozen=True, eq=False)
+class StreamedFrame:
+    """A streamed envelope whose chunks all arrived, authenticated and decrypted, and its trailer.
+
+    Attributes:
+        payload: What the chunks delivered (a :class:`~.envelope.StreamedPayload`).
+        trailer: ``u16be header_len || header || signature``, exactly.
+        size: The envelope's size (chunks and trailer).
+        payload_len: The decrypted payload's size.
+    """
+
+    payload: Any
+    trailer: bytes
+    size: int
+    payload_len: int
+
+
+def stream_chunks(payload_len: int) -> int:
+    """How many chunks carry a streamed payload of ``payload_len`` bytes (at least one)."""
+    return max(1, -(-payload_len // STREAM_CHUNK_SIZE))
 
 
 def body_digest(*parts: bytes | bytearray | memoryview) -> bytes:
@@ -171,16 +235,31 @@ class FrameDecoder:
     frames are waiting is refused.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, resumable: bool = False) -> None:
+    def __init__(
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        *,
+        resumable: bool = False,
+        streamed: Callable[[int, bytes], ChunkSink] | None = None,
+    ) -> None:
         """Create a decoder refusing bodies larger than ``max_frame_size`` bytes.
 
         Args:
             max_frame_size: The largest body accepted.
-            resumable: Accept offers (the stream is ``/silomesh/exchange/1.1.0``); without
-                it a prefix of 0xFFFFFFFF is just a length.
+            resumable: Accept offers (the stream is ``/silomesh/exchange/1.1.0`` or later);
+                without it a prefix of 0xFFFFFFFF is just a length.
+            streamed: Accept streamed envelopes (``/silomesh/exchange/1.2.0``): called with
+                the prelude's payload length and stream header, it returns what opens the
+                chunks (it may raise :class:`RemoteProtocolError`). Without it a prefix of
+                0xFFFFFFFE is just a length.
         """
         self._max = _check_max(max_frame_size)
         self._resumable = resumable
+        self._streamed = streamed
+        self._opener: ChunkSink | None = None  # the streamed envelope in progress
+        self._chunk = bytearray()
+        self._trailer = bytearray()
+        self._trailer_need = _TRAILER_LEN
         self._prefix = bytearray()
         self._prefix_size = FRAME_PREFIX_SIZE
         self._length: int | None = None
@@ -189,7 +268,7 @@ class FrameDecoder:
         self._digest: bytes | None = None  # the offered digest of the frame in progress
         self._offer: FrameOffer | None = None  # an offer not answered yet
         self._offer_reported = False
-        self._frames: deque[tuple[bytearray, bytes | None]] = deque()
+        self._frames: deque[tuple[bytearray | StreamedFrame, bytes | None]] = deque()
         self._queued = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
@@ -211,7 +290,10 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes currently held (partial frame plus queued frames)."""
-        return len(self._prefix) + self._filled + self._queued
+        held = len(self._prefix) + self._filled + self._queued
+        if self._opener is not None:
+            held += self._opener.filled + len(self._chunk) + len(self._trailer)
+        return held
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the stream; ``b""`` means the stream ended (EOF).
@@ -240,6 +322,9 @@ class FrameDecoder:
                     ErrorCode.BAD_FRAME, "bytes arrived before the offer was answered"
                 )
                 break
+            if self._opener is not None:
+                view = self._stream_data(view)
+                continue
             if self._length is None:
                 take = min(self._prefix_size - len(self._prefix), len(view))
                 self._prefix += view[:take]
@@ -252,6 +337,16 @@ class FrameDecoder:
                     and int.from_bytes(self._prefix, "big") == OFFER_MARKER
                 ):
                     self._prefix_size = OFFER_SIZE  # an offer: its digest and length follow
+                    continue
+                if (
+                    self._streamed is not None
+                    and self._prefix_size == FRAME_PREFIX_SIZE
+                    and int.from_bytes(self._prefix, "big") == STREAM_MARKER
+                ):
+                    self._prefix_size = PRELUDE_SIZE  # a streamed envelope: its length and header follow
+                    continue
+                if self._prefix_size == PRELUDE_SIZE:
+                    self._start_stream()
                     continue
                 length = int.from_bytes(self._prefix[-FRAME_PREFIX_SIZE:], "big")
                 if length > self._max or (self._resumable and length == OFFER_MARKER):
@@ -279,6 +374,55 @@ class FrameDecoder:
                 self._filled = end
                 view = view[take:]
             self._complete_if_full()
+
+    def _start_stream(self) -> None:
+        assert self._streamed is not None
+        payload_len = int.from_bytes(self._prefix[FRAME_PREFIX_SIZE : 2 * FRAME_PREFIX_SIZE], "big")
+        if payload_len + STREAM_TAG_SIZE * stream_chunks(payload_len) > self._max:
+            logger.debug("refusing a streamed payload of %d bytes > %d", payload_len, self._max)
+            self._error = RemoteProtocolError(
+                ErrorCode.TOO_LARGE, f"streamed payload of {payload_len} bytes > max {self._max}"
+            )
+            return
+        try:
+            self._opener = self._streamed(payload_len, bytes(self._prefix[2 * FRAME_PREFIX_SIZE :]))
+        except RemoteProtocolError as exc:
+            self._error = exc
+
+    def _stream_data(self, view: memoryview) -> memoryview:
+        """Feed a streamed envelope's chunks to its opener, then collect its trailer."""
+        opener = self._opener
+        assert opener is not None
+        need = opener.next_chunk_size()
+        if need:
+            take = min(need - len(self._chunk), len(view))
+            self._chunk += view[:take]
+            if len(self._chunk) == need:
+                try:
+                    opener.open_chunk(self._chunk)
+                except RemoteProtocolError as exc:
+                    self._error = exc
+                self._chunk = bytearray()
+            return view[take:]
+        take = min(self._trailer_need - len(self._trailer), len(view))
+        self._trailer += view[:take]
+        if len(self._trailer) == self._trailer_need == _TRAILER_LEN:
+            header_len = int.from_bytes(self._trailer, "big")
+            if header_len > MAX_HEADER_SIZE:
+                self._error = RemoteProtocolError(ErrorCode.TOO_LARGE, f"header of {header_len} bytes")
+                return view[take:]
+            self._trailer_need = _TRAILER_LEN + header_len + _SIGNATURE_SIZE
+        elif len(self._trailer) == self._trailer_need:
+            size = opener.payload_len + STREAM_TAG_SIZE * stream_chunks(opener.payload_len) + len(self._trailer)
+            frame = StreamedFrame(opener.result(), bytes(self._trailer), size, opener.payload_len)
+            self._frames.append((frame, None))
+            self._queued += frame.payload_len
+            self._opener = None
+            self._trailer = bytearray()
+            self._trailer_need = _TRAILER_LEN
+            self._prefix = bytearray()
+            self._prefix_size = FRAME_PREFIX_SIZE
+        return view[take:]
 
     def _start(self, length: int, held: bytes | bytearray, digest: bytes | None) -> None:
         self._length = length
@@ -328,7 +472,7 @@ class FrameDecoder:
             return None
         return PartialFrame(self._digest, self._length, bytes(self._body[: self._filled]))
 
-    def next_frame(self) -> bytearray | FrameOffer | Signal:
+    def next_frame(self) -> bytearray | StreamedFrame | FrameOffer | Signal:
         """Return the next complete frame body, an offer to answer, :data:`NEED_DATA` or :data:`CLOSED`.
 
         The returned ``bytearray`` belongs to the caller (the decoder keeps no
@@ -344,6 +488,9 @@ class FrameDecoder:
             raise self._error
         if self._frames:
             frame, digest = self._frames.popleft()
+            if isinstance(frame, StreamedFrame):
+                self._queued -= frame.payload_len
+                return frame
             self._queued -= len(frame)
             if digest is not None and body_digest(frame) != digest:
                 self._frames.clear()
@@ -359,6 +506,13 @@ class FrameDecoder:
                 return self._offer
             return NEED_DATA
         if self._eof:
+            if self._opener is not None:
+                self._error = RemoteProtocolError(
+                    ErrorCode.BAD_FRAME,
+                    f"stream ended inside a streamed envelope ({self._opener.filled} of "
+                    f"{self._opener.payload_len} payload bytes, {len(self._trailer)} trailer bytes)",
+                )
+                raise self._error
             if self._prefix:
                 self._error = RemoteProtocolError(
                     ErrorCode.BAD_FRAME,

@@ -27,6 +27,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "RESUMABLE_EXCHANGE_PROTOCOL_ID",
     "SIGNATURE_SIZE",
+    "STREAMED_EXCHANGE_PROTOCOL_ID",
     "Limits",
 ]
 
@@ -38,6 +39,9 @@ EXCHANGE_PROTOCOL_ID = "/silomesh/exchange/1.0.0"
 
 RESUMABLE_EXCHANGE_PROTOCOL_ID = "/silomesh/exchange/1.1.0"
 """The same exchange, where a sender may also offer a frame and resume it (section 4.1)."""
+
+STREAMED_EXCHANGE_PROTOCOL_ID = "/silomesh/exchange/1.2.0"
+"""1.1.0, where an envelope may also be streamed: sealed and opened in chunks (section 4.2)."""
 
 ANNOUNCE_TOPIC_PREFIX = "silomesh/"
 """GossipSub topic is ``silomesh/<federation>/announce``."""

@@ -43,19 +43,23 @@ from dataclasses import dataclass
 
 from .codec import check_model_dtypes
 from .envelope import (
+    AuthenticatedEnvelope,
     EnvelopeHeader,
     OpenedEnvelope,
     SealedEnvelope,
+    StreamedPayload,
     authenticate_envelope,
+    authenticate_trailer,
     open_authenticated,
     seal_envelope,
 )
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .frames import CLOSED, NEED_DATA, FrameDecoder, FrameOffer, PartialFrame, Signal
+from .frames import CLOSED, NEED_DATA, FrameDecoder, FrameOffer, PartialFrame, Signal, StreamedFrame
 from .identity import Identity
 from .limits import DEFAULT_LIMITS, MAX_ANNOUNCE_SIZE, Limits
 from .messages import MAX_TEXT, ErrorMessage, Hello, Kind, Message
 from .replay import ReplayGuard
+from .streamed import StreamOpener, StreamSealer, seal_streamed
 
 __all__ = ["EOF_STATES", "HANDSHAKE_MAX_FRAME_SIZE", "TRANSITIONS", "Role", "Session", "State"]
 
@@ -166,6 +170,7 @@ class Session:
         clock_ms: Callable[[], int] | None = None,
         next_sequence: Callable[[], int] | None = None,
         resumable: bool = False,
+        streamed: bool = False,
     ) -> None:
         """Create a session.
 
@@ -195,6 +200,9 @@ class Session:
             resumable: The stream is ``/silomesh/exchange/1.1.0``: the peer may offer a
                 frame (:class:`~.frames.FrameOffer` from :meth:`next_event`, answered
                 with :meth:`answer_offer`) and resume it after a broken stream.
+            streamed: The stream is ``/silomesh/exchange/1.2.0``: envelopes may travel
+                streamed (PROTOCOL.md section 4.2; :meth:`send_streamed`), and the peer's
+                are opened chunk by chunk as they arrive.
 
         Raises:
             LocalProtocolError: BAD_DTYPE if ``expected_dtypes`` names no numpy dtype.
@@ -216,8 +224,13 @@ class Session:
         self._max_skew_ms = max_skew_ms
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._state = State.IDLE
-        self.resumable = resumable
-        self._decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME_SIZE, limits.max_frame_size), resumable=resumable)
+        self.resumable = resumable or streamed
+        self.streamed = streamed
+        self._decoder = FrameDecoder(
+            min(HANDSHAKE_MAX_FRAME_SIZE, limits.max_frame_size),
+            resumable=self.resumable,
+            streamed=self._open_stream if streamed else None,
+        )
         self.peer_hello: Hello | None = None
         """The peer's hello once received."""
 
@@ -273,6 +286,9 @@ class Session:
     def _fail(self) -> None:
         self._state = State.ERROR
 
+    def _open_stream(self, payload_len: int, stream_header: bytes) -> StreamOpener:
+        return StreamOpener(self.identity.shared_key(self.peer), stream_header, payload_len)
+
     def send(self, message: Message, *, timestamp_ms: int | None = None) -> SealedEnvelope:
         """Seal ``message`` for the peer and advance the state.
 
@@ -283,6 +299,28 @@ class Session:
             LocalProtocolError: If the message is invalid, not addressed to the peer,
                 too large for the peer's advertised frame limit, or not allowed now.
         """
+        sealed = self._send(message, timestamp_ms, streamed=False)
+        assert isinstance(sealed, SealedEnvelope)
+        return sealed
+
+    def send_streamed(self, message: Message, *, timestamp_ms: int | None = None) -> StreamSealer:
+        """Start sealing ``message`` as a streamed envelope (PROTOCOL.md section 4.2) and advance the state.
+
+        Returns:
+            The sealer: write its ``prelude``, each of its ``chunks()`` as it comes, then its
+            ``trailer``, with nothing else on the stream in between.
+
+        Raises:
+            LocalProtocolError: As :meth:`send`; UNEXPECTED_MESSAGE on a stream that is not
+                ``/silomesh/exchange/1.2.0``.
+        """
+        if not self.streamed:
+            raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "this stream does not carry streamed envelopes")
+        sealer = self._send(message, timestamp_ms, streamed=True)
+        assert isinstance(sealer, StreamSealer)
+        return sealer
+
+    def _send(self, message: Message, timestamp_ms: int | None, *, streamed: bool) -> SealedEnvelope | StreamSealer:
         if self._state in (State.ERROR, State.CLOSED):
             raise LocalProtocolError(
                 ErrorCode.UNEXPECTED_MESSAGE, f"session is {self._state.value}"
@@ -294,12 +332,12 @@ class Session:
                 )
             if (self._state, self.role, message.kind) not in TRANSITIONS:
                 self._advance(self.role, message.kind, LocalProtocolError)
-            sealed = seal_envelope(
-                message,
-                self.identity,
-                limits=self._limits,
-                timestamp_ms=self._clock_ms() if timestamp_ms is None else timestamp_ms,
-            )
+            now = self._clock_ms() if timestamp_ms is None else timestamp_ms
+            sealed: SealedEnvelope | StreamSealer
+            if streamed:
+                sealed = seal_streamed(message, self.identity, limits=self._limits, timestamp_ms=now)
+            else:
+                sealed = seal_envelope(message, self.identity, limits=self._limits, timestamp_ms=now)
             self._check_peer_limit(sealed)
         except LocalProtocolError:
             self._fail()
@@ -307,7 +345,7 @@ class Session:
         self._advance(self.role, message.kind, LocalProtocolError)
         return sealed
 
-    def _check_peer_limit(self, sealed: SealedEnvelope) -> None:
+    def _check_peer_limit(self, sealed: SealedEnvelope | StreamSealer) -> None:
         peer_max = self.peer_hello.max_frame_size if self.peer_hello else None
         if peer_max is not None and sealed.size > peer_max:
             raise LocalProtocolError(
@@ -399,13 +437,11 @@ class Session:
                     )
                 self._state = State.CLOSED
                 return CLOSED
-            assert isinstance(frame, bytearray)
+            assert isinstance(frame, bytearray | StreamedFrame)
             if self._state is State.CLOSED:
                 raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "data after close")
             # steps 1-4 of PROTOCOL.md section 10: lengths, header, trust, signature
-            authenticated = authenticate_envelope(
-                frame, trusted=self._trusted, expected_sender=self.peer, limits=self._limits
-            )
+            authenticated = self._authenticate(frame)
             # step 5: the session state
             kind = authenticated.header.kind
             if (self._state, self.role.other, kind) not in TRANSITIONS:
@@ -436,6 +472,14 @@ class Session:
             self.peer_hello = opened.message
         self._advance(self.role.other, kind, RemoteProtocolError)
         return opened
+
+    def _authenticate(self, frame: bytearray | StreamedFrame) -> AuthenticatedEnvelope:
+        if isinstance(frame, StreamedFrame):
+            assert isinstance(frame.payload, StreamedPayload)
+            return authenticate_trailer(
+                frame.trailer, frame.payload, size=frame.size, trusted=self._trusted, expected_sender=self.peer
+            )
+        return authenticate_envelope(frame, trusted=self._trusted, expected_sender=self.peer, limits=self._limits)
 
     def refusal(
         self,

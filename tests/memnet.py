@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 class MemoryStream:
     """One end of an in-memory stream pair."""
 
-    def __init__(self, inner: trio.abc.Stream, remote: str, resumable: bool = True) -> None:
+    def __init__(self, inner: trio.abc.Stream, remote: str, resumable: bool = True, streamed: bool = True) -> None:
         self._inner = inner
         self.remote = remote
-        self.resumable = resumable
+        self.resumable = resumable or streamed
+        self.streamed = streamed
         self.closed = False
         self.written = 0
         #: the link breaks once this many bytes were written (MemoryNetwork.break_next_stream)
