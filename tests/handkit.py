@@ -39,12 +39,17 @@ class Neighbour:
             "sequence": self.seq(),
         }
 
-    def session(self) -> Session:
-        return Session(Role.DIALER, identity=self.crypto, peer=self.victim_key, federation=self.federation)
+    def session(self, *, streamed: bool = False) -> Session:
+        return Session(
+            Role.DIALER, identity=self.crypto, peer=self.victim_key, federation=self.federation, streamed=streamed
+        )
 
-    async def hello(self, stream: Stream, state_digest: bytes | None = None) -> tuple[Session, Hello]:
-        """Exchange hellos; returns the session and the victim's hello."""
-        session = self.session()
+    async def hello(
+        self, stream: Stream, state_digest: bytes | None = None, *, streamed: bool = False
+    ) -> tuple[Session, Hello]:
+        """Exchange hellos; returns the session and the victim's hello (``streamed``: the
+        session may stream envelopes, on a 1.2.0 stream)."""
+        session = self.session(streamed=streamed)
         sealed = session.send(
             Hello(
                 **self.routing(),

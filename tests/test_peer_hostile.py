@@ -84,6 +84,30 @@ async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps
                 await stream.write(encode_offer(b"\x07" * 32, 0xFFFFFFF0, 0xFFFFFFFE))
                 assert await _refused(session, stream) == "reset"
 
+                # 4c. on the 1.2.0 stream this mesh negotiates, a streamed update (PROTOCOL.md 4.2)
+                #     is acknowledged; one with a flipped chunk byte is refused as the chunk
+                #     arrives, without a word (the header comes last: nothing is authenticated);
+                #     so is a prelude announcing more than the frame limit
+                assert stream.streamed
+                stream = await mesh.open_stream(ids[0].peer_id_text)
+                session, _ = await neighbour.hello(stream, streamed=True)
+                sealer = session.send_streamed(neighbour.update(state))
+                await stream.write(sealer.prelude + b"".join(sealer.chunks()) + sealer.trailer)
+                reply = await neighbour.next(session, stream)
+                assert isinstance(reply, OpenedEnvelope) and isinstance(reply.message, Ack)
+                stream = await mesh.open_stream(ids[0].peer_id_text)
+                session, _ = await neighbour.hello(stream, streamed=True)
+                sealer = session.send_streamed(neighbour.update(state))
+                chunks = bytearray(b"".join(sealer.chunks()))
+                chunks[len(chunks) // 2] ^= 0x01
+                await stream.write(sealer.prelude + bytes(chunks) + sealer.trailer)
+                assert await _refused(session, stream) == "reset"
+                stream = await mesh.open_stream(ids[0].peer_id_text)
+                session, _ = await neighbour.hello(stream, streamed=True)
+                session.send(neighbour.update(state))
+                await stream.write((0xFFFFFFFE).to_bytes(4, "big") + (0xFFFFFFF0).to_bytes(4, "big") + bytes(24))
+                assert await _refused(session, stream) == "reset"
+
                 # 5. the peer still serves: a fresh, valid update is acknowledged
                 stream = await mesh.open_stream(ids[0].peer_id_text)
                 session, _ = await neighbour.hello(stream)
@@ -95,4 +119,5 @@ async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps
             nursery.cancel_scope.cancel()
     assert any(r.startswith("REPLAY") for r in reasons), reasons
     assert any(r.startswith("DIGEST_MISMATCH") for r in reasons), reasons
-    assert sum(r.startswith("TOO_LARGE") for r in reasons) >= 2, reasons
+    assert any(r.startswith("DECRYPT_FAILED") for r in reasons), reasons
+    assert sum(r.startswith("TOO_LARGE") for r in reasons) >= 3, reasons
