@@ -20,8 +20,8 @@ also writes it)::
     python bench/bench_big.py --mb 50 --order sequential
     python bench/bench_big.py --whole               # sealed whole, as before streaming
 
-By default the update travels streamed (PROTOCOL.md section 4.2: sealed and opened in 1 MiB
-chunks, as the peer does for updates of ``[network] stream_threshold_mb`` = 64 MB or more);
+By default the update travels streamed (PROTOCOL.md section 4.2: sealed and opened in 64 KiB
+chunks, as the peer does for updates of ``[network] stream_threshold_mb`` = 1 MB or more);
 ``--whole`` seals it as one envelope (``stream_threshold_mb = 0``).
 """
 

@@ -24,7 +24,7 @@ What is timed (all in one process, both ends on 127.0.0.1, one trio loop):
   ``new - base`` against the last acknowledged model, as every round after a peer's
   first does (same float32 size on the wire). Each is timed twice: sealed whole
   (section 5; offered on the 1.2.0 stream) and ``_streamed`` (section 4.2: sealed and
-  opened in 1 MiB chunks while they travel, as the peer streams updates of
+  opened in 64 KiB chunks while they travel, as the peer streams updates of
   ``[network] stream_threshold_mb`` or more).
 * ``raw_libp2p``: the same number of bytes over a stream of a second pair of hosts from
   ``silomesh.peer.mesh.open_mesh`` (Noise + Yamux, the same configuration): a new

@@ -132,10 +132,9 @@ class NetworkConfig:
     #: connection so the connect loop redials it (a link that went down without a reset)
     ping_interval_seconds: float = 15.0
     #: updates with at least this many MB (10^6 bytes) of tensors are streamed to neighbours
-    #: that speak /silomesh/exchange/1.2.0: sealed in 1 MiB chunks while they travel, so no
-    #: sealed copy of the model is held, but a broken transfer starts again (PROTOCOL.md 4.2);
-    #: 0: never stream
-    stream_threshold_mb: float = 64.0
+    #: that speak /silomesh/exchange/1.2.0: sealed in 64 KiB chunks while they travel, so no
+    #: sealed copy of the model is held (PROTOCOL.md 4.2); 0: always seal whole
+    stream_threshold_mb: float = 1.0
 
 
 @dataclass(frozen=True)

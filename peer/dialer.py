@@ -45,6 +45,7 @@ from silomesh.protocol import (
     OpenedEnvelope,
     Role,
     SealedEnvelope,
+    StreamSealer,
     TrainRequest,
     TrainResult,
     Update,
@@ -175,9 +176,9 @@ class Unfinished:
     """A sealed update whose push broke off: offered again as is, the receiver resumes it."""
 
     out: Outgoing
-    #: None: it was streamed (PROTOCOL.md 4.2), so it is sealed afresh next time
-    sealed: SealedEnvelope | None
-    #: it was offered on a resumable stream: the neighbour keeps what arrived
+    #: sealed whole, or streamed (PROTOCOL.md 4.2: sent again from the chunk the neighbour asks for)
+    sealed: SealedEnvelope | StreamSealer
+    #: it was offered or streamed on a resumable stream: the neighbour keeps what arrived
     resumable: bool
 
 
@@ -317,7 +318,7 @@ async def push_update(
             return wire.bytes_sent
         codecs = hello.codecs if hello is not None else ("float32",)
         stage("push: sealing and sending our update")
-        if earlier is not None and _resendable(earlier, base):
+        if earlier is not None and _resendable(earlier, base, wire):
             out = await _send(wire, maker, neighbour, earlier.out, earlier)
         else:
             out = await _send(wire, maker, neighbour, await maker.make(recipient, base, codecs), None)
@@ -340,9 +341,9 @@ async def push_update(
         await wire.close()
 
 
-def _resendable(earlier: Unfinished, base: Base | None) -> bool:
+def _resendable(earlier: Unfinished, base: Base | None, wire: Wire) -> bool:
     """The broken push's envelope may be offered again: same base, and not near STALE."""
-    if earlier.sealed is None:
+    if isinstance(earlier.sealed, StreamSealer) and not wire.session.streamed:
         return False
     same_base = earlier.out.message.base_digest == (base.digest if base is not None else None)
     return same_base and time.time() * 1000 - earlier.sealed.header.timestamp < RESEND_MAX_AGE_MS
@@ -351,14 +352,19 @@ def _resendable(earlier: Unfinished, base: Base | None) -> bool:
 async def _send(wire: Wire, maker: UpdateMaker, neighbour: str, out: Outgoing, earlier: Unfinished | None) -> Outgoing:
     """Write ``out`` (``earlier``'s sealed envelope again, unchanged, when given); if the stream
     breaks, remember the sealed envelope so that the next attempt offers it for resuming.
-    A large update on a 1.2.0 stream is streamed instead: no sealed copy to keep."""
-    if (earlier is None or earlier.sealed is None) and wire.streams(out.message):
+    A large update on a 1.2.0 stream is streamed (PROTOCOL.md 4.2): what is kept then is the
+    sealer, which seals the same chunks again from where the neighbour's copy broke off."""
+    streamed = isinstance(earlier.sealed, StreamSealer) if earlier is not None else wire.streams(out.message)
+    if streamed:
+        sealer = earlier.sealed if earlier is not None else await wire.seal_streamed(out.message)
+        assert isinstance(sealer, StreamSealer)
         try:
-            await wire.send(out.message)
+            await wire.send_streamed(sealer, fresh=earlier is None)
         finally:
-            maker.unfinished[neighbour] = Unfinished(out, None, False)  # until acked
+            maker.unfinished[neighbour] = Unfinished(out, sealer, True)  # until acked
         return out
-    sealed = earlier.sealed if earlier is not None and earlier.sealed is not None else await wire.seal(out.message)
+    sealed = earlier.sealed if earlier is not None else await wire.seal(out.message)
+    assert isinstance(sealed, SealedEnvelope)
     kept = Unfinished(out, sealed, wire.offers(sealed))
     try:
         await wire.send_sealed(sealed, fresh=earlier is None)

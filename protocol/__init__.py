@@ -43,6 +43,7 @@ from .frames import (
     PartialFrame,
     Signal,
     StreamedFrame,
+    StreamOffer,
     body_digest,
     decode_answer,
     encode_frame,
@@ -79,7 +80,7 @@ from .peerid import PeerIdError, peer_id_from_public_key, public_key_from_peer_i
 from .replay import ReplayGuard, ReplayStatistics
 from .session import Role, Session, State
 from .state import apply_delta, make_delta, state_digest
-from .streamed import StreamOpener, StreamSealer, seal_streamed
+from .streamed import PartialStream, StreamOpener, StreamSealer, seal_streamed
 
 __all__ = [
     "ANNOUNCE_SIGNING_DOMAIN",
@@ -119,6 +120,7 @@ __all__ = [
     "NewData",
     "OpenedEnvelope",
     "PartialFrame",
+    "PartialStream",
     "PeerIdError",
     "ProtocolError",
     "ReceivedAnnounce",
@@ -131,6 +133,7 @@ __all__ = [
     "Session",
     "Signal",
     "State",
+    "StreamOffer",
     "StreamOpener",
     "StreamSealer",
     "StreamedFrame",

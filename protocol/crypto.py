@@ -120,6 +120,19 @@ class Blake2b256:
         if rc != 0:  # pragma: no cover
             raise RuntimeError("crypto_generichash init failed")
 
+    def state(self) -> bytes:
+        """A snapshot of the hash state (no pointers inside: it may be restored anywhere)."""
+        return bytes(ffi.buffer(self._state))
+
+    @classmethod
+    def restore(cls, state: bytes) -> Blake2b256:
+        """A hash that goes on from a :meth:`state` snapshot."""
+        h = cls()
+        if len(state) != len(ffi.buffer(h._state)):
+            raise ValueError("not a BLAKE2b state")
+        ffi.memmove(h._state, state, len(state))
+        return h
+
     def update(self, data: bytes | bytearray | memoryview) -> None:
         """Absorb ``data`` (any contiguous buffer)."""
         view = data if isinstance(data, bytes) else memoryview(data).cast("B")

@@ -51,6 +51,7 @@ __all__ = [
     "FrameOffer",
     "PartialFrame",
     "Signal",
+    "StreamOffer",
     "StreamedFrame",
     "body_digest",
     "decode_answer",
@@ -111,7 +112,7 @@ STREAM_MARKER = 0xFFFFFFFE
 STREAM_HEADER_SIZE = 24
 """The secretstream header in a streamed envelope's prelude."""
 
-STREAM_CHUNK_SIZE = 1 << 20
+STREAM_CHUNK_SIZE = 1 << 16
 """Payload bytes per chunk of a streamed envelope (the last chunk holds the rest)."""
 
 STREAM_TAG_SIZE = 17
@@ -122,6 +123,7 @@ PRELUDE_SIZE = FRAME_PREFIX_SIZE + 4 + STREAM_HEADER_SIZE
 
 _SIGNATURE_SIZE = 64
 _TRAILER_LEN = 2
+_MIN_STREAMED_PAYLOAD = 4  # body_len
 
 
 class ChunkSink(Protocol):
@@ -129,12 +131,23 @@ class ChunkSink(Protocol):
 
     payload_len: int
     filled: int
+    opened: int
 
     def next_chunk_size(self) -> int: ...
 
     def open_chunk(self, chunk: bytearray) -> None: ...
 
     def result(self) -> object: ...
+
+    def keep(self) -> object: ...
+
+
+@dataclass(frozen=True)
+class StreamOffer:
+    """A streamed envelope's prelude: answer it with the chunks already held (section 4.2)."""
+
+    payload_len: int
+    stream_header: bytes
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,7 +253,7 @@ class FrameDecoder:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         *,
         resumable: bool = False,
-        streamed: Callable[[int, bytes], ChunkSink] | None = None,
+        streamed: Callable[[int, bytes, Any], ChunkSink] | None = None,
     ) -> None:
         """Create a decoder refusing bodies larger than ``max_frame_size`` bytes.
 
@@ -248,15 +261,16 @@ class FrameDecoder:
             max_frame_size: The largest body accepted.
             resumable: Accept offers (the stream is ``/silomesh/exchange/1.1.0`` or later);
                 without it a prefix of 0xFFFFFFFF is just a length.
-            streamed: Accept streamed envelopes (``/silomesh/exchange/1.2.0``): called with
-                the prelude's payload length and stream header, it returns what opens the
-                chunks (it may raise :class:`RemoteProtocolError`). Without it a prefix of
-                0xFFFFFFFE is just a length.
+            streamed: Accept streamed envelopes (``/silomesh/exchange/1.2.0``): called by
+                :meth:`answer_stream` with the prelude's payload length and stream header and
+                what is kept of the envelope (or None), it returns what opens the chunks.
+                Without it a prefix of 0xFFFFFFFE is just a length.
         """
         self._max = _check_max(max_frame_size)
         self._resumable = resumable
         self._streamed = streamed
         self._opener: ChunkSink | None = None  # the streamed envelope in progress
+        self._stream_offer: StreamOffer | None = None  # a prelude not answered yet
         self._chunk = bytearray()
         self._trailer = bytearray()
         self._trailer_need = _TRAILER_LEN
@@ -317,7 +331,7 @@ class FrameDecoder:
             self._eof = True
             return
         while view and self._error is None:
-            if self._offer is not None:
+            if self._offer is not None or self._stream_offer is not None:
                 self._error = RemoteProtocolError(
                     ErrorCode.BAD_FRAME, "bytes arrived before the offer was answered"
                 )
@@ -384,10 +398,36 @@ class FrameDecoder:
                 ErrorCode.TOO_LARGE, f"streamed payload of {payload_len} bytes > max {self._max}"
             )
             return
-        try:
-            self._opener = self._streamed(payload_len, bytes(self._prefix[2 * FRAME_PREFIX_SIZE :]))
-        except RemoteProtocolError as exc:
-            self._error = exc
+        if payload_len < _MIN_STREAMED_PAYLOAD:
+            self._error = RemoteProtocolError(ErrorCode.BAD_FRAME, f"a streamed payload of {payload_len} bytes")
+            return
+        self._stream_offer = StreamOffer(payload_len, bytes(self._prefix[2 * FRAME_PREFIX_SIZE :]))
+        self._offer_reported = False
+
+    def answer_stream(self, kept: object = None) -> bytes:
+        """Answer the pending streamed envelope's prelude: ``kept`` is what arrived of that
+        envelope on an earlier stream of the same peer (the caller matched its stream header
+        and length), or None.
+
+        Returns:
+            The 4-byte answer to write to the sender: the chunks held.
+
+        Raises:
+            LocalProtocolError: UNEXPECTED_MESSAGE if no prelude is pending.
+        """
+        offer = self._stream_offer
+        if offer is None or self._streamed is None:
+            raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "no streamed envelope to answer")
+        self._stream_offer = None
+        self._opener = self._streamed(offer.payload_len, offer.stream_header, kept)
+        return self._opener.opened.to_bytes(ANSWER_SIZE, "big")
+
+    def partial_stream(self) -> object:
+        """What arrived of the streamed envelope in progress, to keep when the stream broke (None:
+        none, or no whole chunk). The decoder must not be used afterwards."""
+        if self._opener is None:
+            return None
+        return self._opener.keep()
 
     def _stream_data(self, view: memoryview) -> memoryview:
         """Feed a streamed envelope's chunks to its opener, then collect its trailer."""
@@ -472,7 +512,7 @@ class FrameDecoder:
             return None
         return PartialFrame(self._digest, self._length, bytes(self._body[: self._filled]))
 
-    def next_frame(self) -> bytearray | StreamedFrame | FrameOffer | Signal:
+    def next_frame(self) -> bytearray | StreamedFrame | FrameOffer | StreamOffer | Signal:
         """Return the next complete frame body, an offer to answer, :data:`NEED_DATA` or :data:`CLOSED`.
 
         The returned ``bytearray`` belongs to the caller (the decoder keeps no
@@ -500,10 +540,11 @@ class FrameDecoder:
                 )
                 raise self._error
             return frame
-        if self._offer is not None:
+        pending = self._offer if self._offer is not None else self._stream_offer
+        if pending is not None:
             if not self._offer_reported:
                 self._offer_reported = True
-                return self._offer
+                return pending
             return NEED_DATA
         if self._eof:
             if self._opener is not None:

@@ -54,12 +54,12 @@ from .envelope import (
     seal_envelope,
 )
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .frames import CLOSED, NEED_DATA, FrameDecoder, FrameOffer, PartialFrame, Signal, StreamedFrame
+from .frames import CLOSED, NEED_DATA, FrameDecoder, FrameOffer, PartialFrame, Signal, StreamedFrame, StreamOffer
 from .identity import Identity
 from .limits import DEFAULT_LIMITS, MAX_ANNOUNCE_SIZE, Limits
 from .messages import MAX_TEXT, ErrorMessage, Hello, Kind, Message
 from .replay import ReplayGuard
-from .streamed import StreamOpener, StreamSealer, seal_streamed
+from .streamed import PartialStream, StreamOpener, StreamSealer, seal_streamed
 
 __all__ = ["EOF_STATES", "HANDSHAKE_MAX_FRAME_SIZE", "TRANSITIONS", "Role", "Session", "State"]
 
@@ -286,8 +286,8 @@ class Session:
     def _fail(self) -> None:
         self._state = State.ERROR
 
-    def _open_stream(self, payload_len: int, stream_header: bytes) -> StreamOpener:
-        return StreamOpener(self.identity.shared_key(self.peer), stream_header, payload_len)
+    def _open_stream(self, payload_len: int, stream_header: bytes, kept: PartialStream | None) -> StreamOpener:
+        return StreamOpener(self.identity.shared_key(self.peer), stream_header, payload_len, kept)
 
     def send(self, message: Message, *, timestamp_ms: int | None = None) -> SealedEnvelope:
         """Seal ``message`` for the peer and advance the state.
@@ -352,13 +352,14 @@ class Session:
                 ErrorCode.TOO_LARGE, f"envelope of {sealed.size} bytes > peer limit {peer_max}"
             )
 
-    def send_sealed(self, sealed: SealedEnvelope) -> None:
+    def send_sealed(self, sealed: SealedEnvelope | StreamSealer) -> None:
         """Advance the state for an envelope sealed earlier, to send it again unchanged.
 
         An envelope whose first sending broke off mid-frame may be offered again on a new
         stream, so that the receiver resumes it (PROTOCOL.md section 4.1): the same bytes,
         sequence and timestamp. The receiver opened none of it, so its replay guard has not
-        seen that sequence.
+        seen that sequence. A streamed envelope (a :class:`~.streamed.StreamSealer`) is sent
+        again from the chunk the receiver asks for, on a 1.2.0 stream only.
 
         Raises:
             LocalProtocolError: If the envelope is not ours, not addressed to the peer, too
@@ -368,6 +369,8 @@ class Session:
             raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, f"session is {self._state.value}")
         header = sealed.header
         try:
+            if isinstance(sealed, StreamSealer) and not self.streamed:
+                raise LocalProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "this stream does not carry streamed envelopes")
             if (
                 header.sender != self.identity.public_key
                 or header.recipient != self.peer
@@ -398,6 +401,26 @@ class Session:
         """The leading bytes of an offered frame still in progress (keep them when the stream breaks)."""
         return self._decoder.partial()
 
+    def answer_stream(self, kept: PartialStream | None = None) -> bytes:
+        """Answer the peer's pending streamed envelope (:class:`~.frames.StreamOffer`): ``kept``
+        is what arrived of it on an earlier stream (the caller matched its stream header and
+        length), or None.
+
+        Returns:
+            The 4-byte answer to write to the stream (the chunks held).
+
+        Raises:
+            LocalProtocolError: if no streamed envelope is pending.
+        """
+        return self._decoder.answer_stream(kept)
+
+    def partial_stream(self) -> PartialStream | None:
+        """What arrived of a streamed envelope still in progress, to keep when the stream broke
+        (its whole chunks; None if none). The session must not be used afterwards."""
+        kept = self._decoder.partial_stream()
+        assert kept is None or isinstance(kept, PartialStream)
+        return kept
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the stream; ``b""`` signals end of stream."""
         if self._state is State.ERROR:
@@ -408,7 +431,7 @@ class Session:
             self._fail()
             raise
 
-    def next_event(self) -> OpenedEnvelope | FrameOffer | Signal:
+    def next_event(self) -> OpenedEnvelope | FrameOffer | StreamOffer | Signal:
         """Return the next verified envelope, a frame offer, :data:`NEED_DATA` or :data:`CLOSED`.
 
         A :class:`~.frames.FrameOffer` (resumable streams only) must be answered with
@@ -426,7 +449,7 @@ class Session:
             frame = self._decoder.next_frame()
             if frame is NEED_DATA:
                 return NEED_DATA
-            if isinstance(frame, FrameOffer):
+            if isinstance(frame, FrameOffer | StreamOffer):
                 if self._state is State.CLOSED:
                     raise RemoteProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "offer after close")
                 return frame

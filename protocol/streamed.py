@@ -5,10 +5,11 @@ carries the digest of the whole ciphertext: a sender holds a sealed copy of the 
 large as the model. On ``/silomesh/exchange/1.2.0`` a large envelope may instead be
 *streamed*::
 
-    streamed := 0xFFFFFFFE (u32be) || payload_len (u32be) || stream_header (24)    prelude
-                || chunk_0 || ... || chunk_{n-1}                                    n = ceil(payload_len / 2^20)
+    prelude  := 0xFFFFFFFE (u32be) || payload_len (u32be) || stream_header (24)
+    answer   := have (u32be)                          receiver -> sender: chunks kept from a broken stream
+    then        chunk_have || ... || chunk_{n-1}      n = max(1, ceil(payload_len / 2^16))
                 || header_len (u16be) || header || signature (64)                  trailer
-    chunk_i  := crypto_secretstream_xchacha20poly1305_push(payload[i*2^20 : (i+1)*2^20],
+    chunk_i  := crypto_secretstream_xchacha20poly1305_push(payload[i*2^16 : (i+1)*2^16],
                                                            tag = FINAL for the last, MESSAGE otherwise)
 
 The chunks are the payload of section 5.4 encrypted with libsodium's secretstream under a
@@ -18,7 +19,10 @@ and signature exactly as in section 5, with ``nonce`` = the stream header and
 chunk, writes it and forgets it (:class:`StreamSealer`: it never holds more than one
 chunk of ciphertext), and the receiver authenticates and decrypts each chunk as it
 arrives, into the buffer the payload is then decoded from (:class:`StreamOpener`). The
-signed header comes last, and what was received is used only once it verified.
+signed header comes last, and what was received is used only once it verified. A stream
+that breaks leaves the receiver its whole chunks (:class:`PartialStream`); the sender
+sends the same envelope again from the first chunk the receiver lacks
+(:meth:`StreamSealer.chunks` with ``start``).
 
 No cryptography is implemented here: libsodium (through PyNaCl's cffi handle) does it.
 """
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import nacl.bindings
 from nacl._sodium import ffi, lib
@@ -54,6 +58,7 @@ __all__ = [
     "STREAM_HEADER_SIZE",
     "STREAM_MARKER",
     "STREAM_TAG_SIZE",
+    "PartialStream",
     "StreamOpener",
     "StreamSealer",
     "seal_streamed",
@@ -110,7 +115,9 @@ class StreamSealer:
         key = stream_key(identity.shared_key(message.recipient))
         if lib.crypto_secretstream_xchacha20poly1305_init_push(self._state, stream_header, key) != 0:
             raise RuntimeError("crypto_secretstream init_push failed")  # pragma: no cover
+        self._initial_state = bytes(ffi.buffer(self._state))
         self.stream_header = bytes(ffi.buffer(stream_header, STREAM_HEADER_SIZE))
+        self.chunk_count = stream_chunks(payload.size)
         self.payload_len = payload.size
         self._unsigned = EnvelopeHeader(
             version=message.version,
@@ -134,7 +141,9 @@ class StreamSealer:
             raise LocalProtocolError(ErrorCode.TOO_LARGE, f"envelope of {self.size} bytes > frame limit")
         self._hash = Blake2b256()
         self._sealed: SealedHeader | None = None
-        self._started = False
+        #: the digest state after each chunk handed out so far: a resumed sending checks that
+        #: the chunks it skips are the ones the receiver holds
+        self._hash_states: list[bytes] = []
 
     @property
     def header(self) -> EnvelopeHeader:
@@ -148,15 +157,29 @@ class StreamSealer:
             (STREAM_MARKER.to_bytes(FRAME_PREFIX_SIZE, "big"), self.payload_len.to_bytes(4, "big"), self.stream_header)
         )
 
-    def chunks(self) -> Iterator[bytearray]:
-        """Encrypt and hand out the chunks in order (call once)."""
-        if self._started:
-            raise LocalProtocolError(ErrorCode.BAD_FRAME, "a streamed envelope's chunks are sealed once")
-        self._started = True
+    def chunks(self, start: int = 0) -> Iterator[bytearray]:
+        """Encrypt and hand out the chunks in order, from chunk ``start`` on.
+
+        May be called again to send the envelope again, from the chunk a receiver asks for
+        (PROTOCOL.md section 4.2, resuming): the chunks before ``start`` are encrypted again
+        (the same key, stream header and plaintext give the same bytes) but not handed out,
+        and the digest state they leave must be the one the first sending left there.
+
+        Raises:
+            LocalProtocolError: BAD_FRAME if ``start`` is not a chunk index, or if the skipped
+                chunks differ from the ones sent before (the message's tensors changed).
+        """
+        if not 0 <= start < self.chunk_count:
+            raise LocalProtocolError(ErrorCode.BAD_FRAME, f"no chunk {start} in {self.chunk_count}")
+        if start and len(self._hash_states) < start:
+            raise LocalProtocolError(ErrorCode.BAD_FRAME, f"chunk {start} was never sent")
+        ffi.memmove(self._state, self._initial_state, _STATE_BYTES)
+        self._hash = Blake2b256()
         plain = bytearray(min(CHUNK_SIZE, self.payload_len))
         view = memoryview(plain)
         filled = 0
         left = self.payload_len
+        index = 0
         for piece in self._payload.pieces():
             src = memoryview(piece).cast("B")
             while len(src):
@@ -166,8 +189,20 @@ class StreamSealer:
                 src = src[take:]
                 if filled == len(plain) or filled == left:
                     left -= filled
-                    yield self._push(view[:filled], final=left == 0)
+                    chunk = self._push(view[:filled], final=left == 0)
                     filled = 0
+                    state = self._hash.state()
+                    if index < len(self._hash_states):
+                        if index < start and state != self._hash_states[index]:
+                            raise LocalProtocolError(
+                                ErrorCode.BAD_FRAME, "the message changed since its chunks were first sent"
+                            )
+                        self._hash_states[index] = state
+                    else:
+                        self._hash_states.append(state)
+                    index += 1
+                    if index > start:
+                        yield chunk
         if left:  # pragma: no cover - the payload's pieces add up to its size
             raise LocalProtocolError(ErrorCode.BAD_FRAME, "payload shorter than its size")
         header = replace(self._unsigned, payload_digest=self._hash.digest())
@@ -226,6 +261,29 @@ def seal_streamed(
     return StreamSealer(message, identity, payload, now, limits)
 
 
+@dataclass(frozen=True, eq=False)
+class PartialStream:
+    """What arrived of a streamed envelope whose stream broke: enough to go on from its next chunk.
+
+    Attributes:
+        stream_header: The envelope's stream header (it names the envelope, with ``payload_len``).
+        payload_len: Its payload's size.
+        opened: Chunks authenticated and decrypted.
+        ciphertext_bytes: Their size on the wire.
+        plaintext: Their plaintext (the payload's first bytes).
+        pull_state: The secretstream state after them.
+        hash_state: The digest state after them.
+    """
+
+    stream_header: bytes
+    payload_len: int
+    opened: int
+    ciphertext_bytes: int
+    plaintext: bytearray
+    pull_state: bytes
+    hash_state: bytes
+
+
 class StreamOpener:
     """The receiving end of one streamed envelope: authenticates and decrypts chunk by chunk.
 
@@ -233,12 +291,16 @@ class StreamOpener:
     much), and the digest of the chunks' bytes is computed on the way.
     """
 
-    def __init__(self, box_key: bytes, stream_header: bytes, payload_len: int) -> None:
-        """Start opening a stream whose prelude announced ``payload_len`` and ``stream_header``.
+    def __init__(
+        self, box_key: bytes, stream_header: bytes, payload_len: int, kept: PartialStream | None = None
+    ) -> None:
+        """Start opening a stream whose prelude announced ``payload_len`` and ``stream_header``,
+        or go on from ``kept`` (the same envelope's first chunks, from a stream that broke).
 
         Raises:
             RemoteProtocolError: BAD_FRAME for a payload shorter than its length prefix;
                 DECRYPT_FAILED if libsodium refuses the stream header.
+            ValueError: ``kept`` is of another envelope.
         """
         if payload_len < _MIN_PAYLOAD:
             raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"a streamed payload of {payload_len} bytes")
@@ -246,6 +308,17 @@ class StreamOpener:
         self.stream_header = bytes(stream_header)
         self.chunks = stream_chunks(payload_len)
         self._state = ffi.new("unsigned char[]", _STATE_BYTES)
+        if kept is not None:
+            same = (kept.stream_header, kept.payload_len) == (self.stream_header, payload_len)
+            if not same or kept.opened >= self.chunks:
+                raise ValueError("the kept chunks are of another envelope")
+            ffi.memmove(self._state, kept.pull_state, _STATE_BYTES)
+            self._hash = Blake2b256.restore(kept.hash_state)
+            self.plaintext = kept.plaintext
+            self.filled = len(kept.plaintext)
+            self.opened = kept.opened
+            self.ciphertext_bytes = kept.ciphertext_bytes
+            return
         key = stream_key(box_key)
         if lib.crypto_secretstream_xchacha20poly1305_init_pull(self._state, self.stream_header, key) != 0:
             raise RemoteProtocolError(ErrorCode.DECRYPT_FAILED, "bad stream header")  # pragma: no cover
@@ -254,6 +327,22 @@ class StreamOpener:
         self.filled = 0
         self.opened = 0
         self.ciphertext_bytes = 0
+
+    def keep(self) -> PartialStream | None:
+        """What arrived, to go on from on a new stream (None: no whole chunk arrived, or all did).
+        The opener must not be used afterwards (its buffer is handed over)."""
+        if not 0 < self.opened < self.chunks:
+            return None
+        del self.plaintext[self.filled :]
+        return PartialStream(
+            self.stream_header,
+            self.payload_len,
+            self.opened,
+            self.ciphertext_bytes,
+            self.plaintext,
+            bytes(ffi.buffer(self._state)),
+            self._hash.state(),
+        )
 
     def next_chunk_size(self) -> int:
         """The ciphertext size of the next chunk (0: every chunk arrived)."""

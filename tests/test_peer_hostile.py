@@ -30,6 +30,15 @@ async def _refused(session: Session, stream: Stream) -> str:
     return "answered"
 
 
+async def _answer(stream: Stream) -> int:
+    """The victim's answer to a streamed envelope's prelude (PROTOCOL.md 4.2)."""
+    data = b""
+    with trio.fail_after(10):
+        while len(data) < 4:
+            data += await stream.read_some(4 - len(data))
+    return int.from_bytes(data, "big")
+
+
 async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps_serving(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     ids, cfgs = configs(tmp_path, 2, rounds=1)
@@ -92,7 +101,9 @@ async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps
                 stream = await mesh.open_stream(ids[0].peer_id_text)
                 session, _ = await neighbour.hello(stream, streamed=True)
                 sealer = session.send_streamed(neighbour.update(state))
-                await stream.write(sealer.prelude + b"".join(sealer.chunks()) + sealer.trailer)
+                await stream.write(sealer.prelude)
+                assert await _answer(stream) == 0  # the chunks it holds from an earlier stream
+                await stream.write(b"".join(sealer.chunks()) + sealer.trailer)
                 reply = await neighbour.next(session, stream)
                 assert isinstance(reply, OpenedEnvelope) and isinstance(reply.message, Ack)
                 stream = await mesh.open_stream(ids[0].peer_id_text)
@@ -100,7 +111,9 @@ async def test_tampered_replayed_and_oversized_frames_are_refused_and_peer_keeps
                 sealer = session.send_streamed(neighbour.update(state))
                 chunks = bytearray(b"".join(sealer.chunks()))
                 chunks[len(chunks) // 2] ^= 0x01
-                await stream.write(sealer.prelude + bytes(chunks) + sealer.trailer)
+                await stream.write(sealer.prelude)
+                assert await _answer(stream) == 0
+                await stream.write(bytes(chunks) + sealer.trailer)
                 assert await _refused(session, stream) == "reset"
                 stream = await mesh.open_stream(ids[0].peer_id_text)
                 session, _ = await neighbour.hello(stream, streamed=True)
