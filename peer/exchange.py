@@ -215,40 +215,41 @@ class Transfers:
 
     def take_stream(self, peer: str, offer: StreamOffer) -> PartialStream | None:
         """The chunks kept of the streamed envelope ``offer`` names, if any (handed over once)."""
-        entry = self._kept.pop(peer, None)
-        if entry is None:
-            return None
-        at, partial = entry
-        if (
-            trio.current_time() - at > self.ttl
-            or not isinstance(partial, PartialStream)
-            or partial.stream_header != offer.stream_header
-            or partial.payload_len != offer.payload_len
-        ):
-            self.stats.partials_dropped += 1
-            return None
-        self.stats.resumed_receives += 1
-        self.stats.bytes_resumed += partial.ciphertext_bytes
+        partial = self._take(
+            peer,
+            lambda p: isinstance(p, PartialStream)
+            and (p.stream_header, p.payload_len) == (offer.stream_header, offer.payload_len),
+        )
+        assert partial is None or isinstance(partial, PartialStream)
         return partial
 
     def take(self, peer: str, offer: FrameOffer) -> bytes | None:
         """The bytes kept of the frame ``offer`` names, if any (they are handed over once)."""
+        partial = self._take(
+            peer,
+            lambda p: isinstance(p, PartialFrame)
+            and (p.digest, p.length) == (offer.digest, offer.length)
+            and len(p.data) < offer.length,
+        )
+        assert partial is None or isinstance(partial, PartialFrame)
+        return partial.data if partial is not None else None
+
+    def _take(
+        self, peer: str, fits: Callable[[PartialFrame | PartialStream], bool]
+    ) -> PartialFrame | PartialStream | None:
+        """``peer``'s kept partial if it is young enough and ``fits`` the offer; dropped otherwise."""
         entry = self._kept.pop(peer, None)
         if entry is None:
             return None
         at, partial = entry
-        if (
-            trio.current_time() - at > self.ttl
-            or not isinstance(partial, PartialFrame)
-            or partial.digest != offer.digest
-            or partial.length != offer.length
-            or len(partial.data) >= offer.length
-        ):
+        if trio.current_time() - at > self.ttl or not fits(partial):
             self.stats.partials_dropped += 1
             return None
         self.stats.resumed_receives += 1
-        self.stats.bytes_resumed += len(partial.data)
-        return partial.data
+        self.stats.bytes_resumed += (
+            partial.ciphertext_bytes if isinstance(partial, PartialStream) else len(partial.data)
+        )
+        return partial
 
 
 def _tensor_bytes(message: Message) -> int:

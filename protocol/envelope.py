@@ -216,9 +216,7 @@ class SealedEnvelope:
     @property
     def head(self) -> bytes:
         """``u16be header_len || header || signature``: everything before the ciphertext."""
-        return b"".join(
-            (len(self.header_bytes).to_bytes(_LEN, "big"), self.header_bytes, self.signature)
-        )
+        return _head(self.header_bytes, self.signature)
 
     @property
     def size(self) -> int:
@@ -258,7 +256,11 @@ class SealedHeader:
     @property
     def head(self) -> bytes:
         """``u16be header_len || header || signature``: the streamed envelope's trailer."""
-        return b"".join((len(self.header_bytes).to_bytes(_LEN, "big"), self.header_bytes, self.signature))
+        return _head(self.header_bytes, self.signature)
+
+
+def _head(header_bytes: bytes, signature: bytes) -> bytes:
+    return b"".join((len(header_bytes).to_bytes(_LEN, "big"), header_bytes, signature))
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,6 +314,23 @@ class EncodedPayload:
         yield self.body
         if self.tensors is not None:
             yield from self.tensors.pieces()
+
+    def header(self, message: Message, *, timestamp: int, payload_digest: bytes, nonce: bytes) -> EnvelopeHeader:
+        """The header of ``message`` sealed with this payload."""
+        return EnvelopeHeader(
+            version=message.version,
+            kind=message.kind,
+            federation=message.federation,
+            sender=message.sender,
+            recipient=message.recipient,
+            round=message.round,
+            sequence=message.sequence,
+            timestamp=timestamp,
+            base_digest=self.base_digest,
+            payload_digest=payload_digest,
+            codec=self.codec,
+            nonce=nonce,
+        )
 
     def write_into(self, out: memoryview) -> None:
         """Write the payload into ``out`` (exactly :attr:`size` writable bytes)."""
@@ -380,18 +399,10 @@ def seal_envelope(
         nonce = nacl.bindings.randombytes(NONCE_SIZE)
     encrypt_in_place(buf, identity.shared_key(message.recipient), nonce)
 
-    header = EnvelopeHeader(
-        version=message.version,
-        kind=message.kind,
-        federation=message.federation,
-        sender=message.sender,
-        recipient=message.recipient,
-        round=message.round,
-        sequence=message.sequence,
+    header = payload.header(
+        message,
         timestamp=_now_ms() if timestamp_ms is None else timestamp_ms,
-        base_digest=payload.base_digest,
         payload_digest=blake2b256(buf),
-        codec=payload.codec,
         nonce=nonce,
     )
     header_bytes = packb(header.to_map())

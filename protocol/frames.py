@@ -33,7 +33,14 @@ from typing import Any, Protocol
 
 from .crypto import Blake2b256
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .limits import DEFAULT_MAX_FRAME_SIZE, DIGEST_SIZE, FRAME_PREFIX_SIZE, MAX_FRAME_SIZE_CEILING, MAX_HEADER_SIZE
+from .limits import (
+    DEFAULT_MAX_FRAME_SIZE,
+    DIGEST_SIZE,
+    FRAME_PREFIX_SIZE,
+    MAX_FRAME_SIZE_CEILING,
+    MAX_HEADER_SIZE,
+    SIGNATURE_SIZE,
+)
 
 __all__ = [
     "ANSWER_SIZE",
@@ -59,6 +66,7 @@ __all__ = [
     "encode_offer",
     "frame_prefix",
     "stream_chunks",
+    "stream_ciphertext_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,7 +129,6 @@ STREAM_TAG_SIZE = 17
 PRELUDE_SIZE = FRAME_PREFIX_SIZE + 4 + STREAM_HEADER_SIZE
 """marker || payload_len (u32be) || stream header: 32 bytes."""
 
-_SIGNATURE_SIZE = 64
 _TRAILER_LEN = 2
 _MIN_STREAMED_PAYLOAD = 4  # body_len
 
@@ -170,6 +177,11 @@ class StreamedFrame:
 def stream_chunks(payload_len: int) -> int:
     """How many chunks carry a streamed payload of ``payload_len`` bytes (at least one)."""
     return max(1, -(-payload_len // STREAM_CHUNK_SIZE))
+
+
+def stream_ciphertext_size(payload_len: int) -> int:
+    """The bytes of all the chunks of a streamed payload of ``payload_len`` bytes."""
+    return payload_len + STREAM_TAG_SIZE * stream_chunks(payload_len)
 
 
 def body_digest(*parts: bytes | bytearray | memoryview) -> bytes:
@@ -392,7 +404,7 @@ class FrameDecoder:
     def _start_stream(self) -> None:
         assert self._streamed is not None
         payload_len = int.from_bytes(self._prefix[FRAME_PREFIX_SIZE : 2 * FRAME_PREFIX_SIZE], "big")
-        if payload_len + STREAM_TAG_SIZE * stream_chunks(payload_len) > self._max:
+        if stream_ciphertext_size(payload_len) > self._max:
             logger.debug("refusing a streamed payload of %d bytes > %d", payload_len, self._max)
             self._error = RemoteProtocolError(
                 ErrorCode.TOO_LARGE, f"streamed payload of {payload_len} bytes > max {self._max}"
@@ -451,9 +463,9 @@ class FrameDecoder:
             if header_len > MAX_HEADER_SIZE:
                 self._error = RemoteProtocolError(ErrorCode.TOO_LARGE, f"header of {header_len} bytes")
                 return view[take:]
-            self._trailer_need = _TRAILER_LEN + header_len + _SIGNATURE_SIZE
+            self._trailer_need = _TRAILER_LEN + header_len + SIGNATURE_SIZE
         elif len(self._trailer) == self._trailer_need:
-            size = opener.payload_len + STREAM_TAG_SIZE * stream_chunks(opener.payload_len) + len(self._trailer)
+            size = stream_ciphertext_size(opener.payload_len) + len(self._trailer)
             frame = StreamedFrame(opener.result(), bytes(self._trailer), size, opener.payload_len)
             self._frames.append((frame, None))
             self._queued += frame.payload_len

@@ -46,7 +46,15 @@ from .envelope import (
     encode_payload,
 )
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from .frames import PRELUDE_SIZE, STREAM_CHUNK_SIZE, STREAM_HEADER_SIZE, STREAM_MARKER, STREAM_TAG_SIZE, stream_chunks
+from .frames import (
+    PRELUDE_SIZE,
+    STREAM_CHUNK_SIZE,
+    STREAM_HEADER_SIZE,
+    STREAM_MARKER,
+    STREAM_TAG_SIZE,
+    stream_chunks,
+    stream_ciphertext_size,
+)
 from .identity import Identity
 from .limits import DEFAULT_LIMITS, DIGEST_SIZE, FRAME_PREFIX_SIZE, KEY_SIZE, MAX_HEADER_SIZE, SIGNATURE_SIZE, Limits
 from .messages import Message
@@ -93,7 +101,7 @@ def stream_key(box_key: bytes) -> bytes:
 
 def streamed_size(payload_len: int, header_len: int) -> int:
     """The envelope's size (chunks and trailer; the prelude excluded), as audited."""
-    return payload_len + STREAM_TAG_SIZE * stream_chunks(payload_len) + _LEN + header_len + SIGNATURE_SIZE
+    return stream_ciphertext_size(payload_len) + _LEN + header_len + SIGNATURE_SIZE
 
 
 class StreamSealer:
@@ -119,19 +127,9 @@ class StreamSealer:
         self.stream_header = bytes(ffi.buffer(stream_header, STREAM_HEADER_SIZE))
         self.chunk_count = stream_chunks(payload.size)
         self.payload_len = payload.size
-        self._unsigned = EnvelopeHeader(
-            version=message.version,
-            kind=message.kind,
-            federation=message.federation,
-            sender=message.sender,
-            recipient=message.recipient,
-            round=message.round,
-            sequence=message.sequence,
-            timestamp=timestamp_ms,
-            base_digest=payload.base_digest,
-            payload_digest=bytes(DIGEST_SIZE),  # the same length as the real one
-            codec=payload.codec,
-            nonce=self.stream_header,
+        # the real digest is known after the last chunk; it has the same length
+        self._unsigned = payload.header(
+            message, timestamp=timestamp_ms, payload_digest=bytes(DIGEST_SIZE), nonce=self.stream_header
         )
         header_len = len(packb(self._unsigned.to_map()))
         if header_len > MAX_HEADER_SIZE:  # pragma: no cover - fields are bounded

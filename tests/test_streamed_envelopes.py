@@ -20,6 +20,7 @@ import trio.testing
 from memnet import MemoryNetwork, MemoryStream
 from nacl._sodium import ffi, lib
 from test_exchange_path import make
+from test_resumable_frames import _Cut
 from test_round_loop import running
 
 from silomesh.protocol import (
@@ -438,24 +439,6 @@ def test_kept_chunks_are_used_only_for_the_same_envelope_and_a_stream_cut_inside
         assert transfers.take_stream("alice", StreamOffer(kept.payload_len, kept.stream_header)) is None  # once
 
     trio.run(check)
-
-
-class _Cut(MemoryStream):
-    """Writes stop and the stream ends once ``limit`` bytes went through."""
-
-    def __init__(self, inner: trio.abc.Stream, remote: str, limit: int) -> None:
-        super().__init__(inner, remote)
-        self.limit = limit
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        room = self.limit - self.written
-        await super().write(bytes(data)[:room])
-        if self.written >= self.limit:
-            await trio.testing.wait_all_tasks_blocked()
-            await self.close()
-            from silomesh.peer.exchange import StreamClosed
-
-            raise StreamClosed("cut")
 
 
 async def test_a_wire_resumes_a_broken_streamed_transfer_and_counts_what_it_did_not_resend() -> None:
