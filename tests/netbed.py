@@ -27,6 +27,7 @@ with that reason.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -256,6 +257,12 @@ class NetBed:
 
     def link_up(self, name: str) -> None:
         self.exec_quiet(self.wan_ns, ["ip", "link", "set", self.sites[name].wan_port, "up"])
+
+    def traffic(self, name: str) -> tuple[int, int]:
+        """Bytes (from ``name``, to ``name``) through its WAN port so far, headers included."""
+        out = self.exec_quiet(self.wan_ns, ["ip", "-j", "-s", "link", "show", "dev", self.sites[name].wan_port])
+        stats = json.loads(out)[0]["stats64"]
+        return int(stats["rx"]["bytes"]), int(stats["tx"]["bytes"])  # the WAN end receives what it sends
 
     def can_connect(self, src: str, dst_ip: str, port: int, timeout: float = 2.0) -> bool:
         """Whether a TCP connection from ``src``'s host to ``dst_ip:port`` gets through."""

@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +375,38 @@ _SLOW_LINK = (
 )
 
 
+def _cut_while_both_push(
+    bed: NetBed, site: str, hospitals: list[Hospital], done_rounds: Callable[[Hospital], list[dict[str, Any]]]
+) -> int:
+    """Take ``site``'s link down while updates travel both ways on it, and return the last
+    round every peer had finished (the cut hits the next one's pushes).
+
+    A fixed pause after one side's round is not enough: the other side may finish that round
+    seconds later (it received the update later, or trained slower), start its push after the
+    cut, find the link down at once and go on without us. Only updates fill a 1 Mbit/s link
+    (pings, hellos and acks are a few hundred bytes): at least 40 KB each way within one second
+    means both pushes are under way. A round whose pushes did not overlap is let pass."""
+    def last_done(h: Hospital) -> int:
+        return max((r["round"] for r in done_rounds(h)), default=-1)
+
+    end = time.monotonic() + 180
+    before = bed.traffic(site)
+    while time.monotonic() < end:
+        time.sleep(1.0)
+        now = bed.traffic(site)
+        moved = [n - b for n, b in zip(now, before, strict=True)]
+        before = now
+        finished = {last_done(h) for h in hospitals}
+        if min(moved) >= 40_000 and len(finished) == 1:
+            bed.link_down(site)
+            return finished.pop()
+        for h in hospitals:
+            if h.proc is not None and h.proc.poll() is not None:
+                raise AssertionError(f"{h.name} exited with {h.proc.returncode}: {_tail(h)}")
+    raise AssertionError(f"no moment with updates travelling both ways on {site}'s link: "
+                         + "; ".join(f"{h.name} {_rounds(h)[-4:]}" for h in hospitals))
+
+
 def _sent_update_sizes(h: Hospital, round: int) -> list[int]:
     """Sizes of the updates ``h``'s audit log says it sent in ``round``."""
     with sqlite3.connect(f"file:{h.store}?mode=ro", uri=True, timeout=5) as conn:
@@ -411,9 +443,7 @@ def test_link_down_mid_transfer_for_less_than_the_deadline_resumes_the_update(
             _start(bed, n, h)
         _wait("a first round with both", lambda: any(ids["b"] in r["contributors"] for r in done_rounds(a)),
               120, everyone)
-        first = max(r["round"] for r in done_rounds(a))
-        time.sleep(6)  # the next round's pushes start after a second or two of training and take ~16 s
-        bed.link_down("b")
+        first = _cut_while_both_push(bed, "b", everyone, done_rounds)
         time.sleep(25)  # past the stall timeout, so that both ends give the broken streams up
         bed.link_up("b")
         _wait("a round at A with B after the outage", lambda: any(
