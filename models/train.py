@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -74,6 +75,8 @@ def train_local(
     weight_decay: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     label: str = "train",
+    anchor: Mapping[str, torch.Tensor] | None = None,
+    anchor_weight: float = 0.0,
 ) -> list[float]:
     """Train ``model`` on ``data`` with ``task.loss`` for ``steps`` optimiser steps.
 
@@ -90,6 +93,10 @@ def train_local(
         optimizer: use this optimiser instead of a fresh AdamW (e.g. to keep its state
             across federated rounds).
         label: progress-bar label.
+        anchor: parameter name -> tensor; with ``anchor_weight`` > 0 the loss gets the
+            proximal term ``anchor_weight / 2 * sum ||p - anchor||^2`` over the model's
+            parameters named in it (Ditto's personal objective, Li et al. 2021).
+        anchor_weight: the proximal term's weight (lambda).
 
     Returns:
         The loss of every step.
@@ -102,6 +109,10 @@ def train_local(
         raise ValueError("cannot train on an empty dataset")
     if batch_size < 1 or steps < 0:
         raise ValueError(f"need batch_size >= 1 and steps >= 0, got {batch_size} and {steps}")
+    if anchor_weight < 0 or not math.isfinite(anchor_weight):
+        raise ValueError(f"anchor_weight must be finite and >= 0, got {anchor_weight}")
+    pulled = [(p, anchor[name].detach()) for name, p in model.named_parameters()
+              if anchor is not None and name in anchor] if anchor_weight > 0 else []
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -113,6 +124,8 @@ def train_local(
         for step in range(steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
             loss = task.loss(model, batch)
+            if pulled:
+                loss = loss + 0.5 * anchor_weight * sum(((p - a) ** 2).sum() for p, a in pulled)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)

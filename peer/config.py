@@ -174,6 +174,17 @@ class PersonalConfig:
     steps: int = 0
     #: learning rate of the fine-tune (default: ``[rounds] lr``)
     lr: float | None = None
+    #: ``finetune``: each round's personal model is the shared one fine-tuned ``steps`` steps;
+    #: ``head``: the same with only the task head trained (the body stays the shared one);
+    #: ``ditto``: one personal model lives across rounds, trained ``steps`` steps after each
+    #: round on its own data with a pull of ``ditto_lambda`` towards the shared model
+    method: str = "finetune"
+    #: Ditto's lambda: ``ditto_lambda / 2 * ||personal - shared||^2`` is added to the loss
+    ditto_lambda: float = 0.1
+
+
+#: ``[personal] method`` values
+PERSONAL_METHODS = ("finetune", "head", "ditto")
 
 
 @dataclass(frozen=True)
@@ -576,14 +587,20 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
 
 
 def _personal(table: Mapping[str, Any]) -> PersonalConfig:
-    _check_unknown(table, {"steps", "lr"}, "personal.")
+    _check_unknown(table, {"steps", "lr", "method", "ditto_lambda"}, "personal.")
     steps = _get(table, "steps", "personal.", int, 0)
     if steps < 0:
         raise ConfigError(f"personal.steps: must be >= 0 (0: no personal model), got {steps}")
     lr = _get(table, "lr", "personal.", float, None)
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"personal.lr: must be > 0, got {lr}")
-    return PersonalConfig(steps=steps, lr=lr)
+    method = _get(table, "method", "personal.", str, "finetune")
+    if method not in PERSONAL_METHODS:
+        raise ConfigError(f"personal.method: one of {', '.join(PERSONAL_METHODS)}, got {method!r}")
+    lam = _get(table, "ditto_lambda", "personal.", float, 0.1)
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise ConfigError(f"personal.ditto_lambda: must be finite and >= 0, got {lam}")
+    return PersonalConfig(steps=steps, lr=lr, method=method, ditto_lambda=lam)
 
 
 def parse_privacy(table: object, rounds: RoundConfig) -> PrivacyConfig:

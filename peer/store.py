@@ -406,7 +406,12 @@ class Store:
         )
 
     def load_model(self, ref: str) -> dict[str, np.ndarray]:
-        return dict(load_file(str(self.model(ref).file)))
+        return self.read_model_file(self.model(ref))
+
+    @staticmethod
+    def read_model_file(record: ModelRecord) -> dict[str, np.ndarray]:
+        """The tensors of ``record``'s file (no database access: safe from a worker thread)."""
+        return dict(load_file(str(record.file)))
 
     def models(self) -> list[ModelRecord]:
         return [

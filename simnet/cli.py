@@ -72,7 +72,11 @@ def simnet() -> None:
 @click.option("--codec", type=click.Choice(["float32", "float16", "int8"]),
               help="How updates travel (default float32; float16 and int8 are lossy, with error feedback).")
 @click.option("--personal-steps", type=int,
-              help="Each peer also keeps a personal model: the shared one fine-tuned K steps on its data (default 0).")
+              help="Each peer also keeps a personal model, trained K steps on its data after every round (default 0).")
+@click.option("--personal-method", type=click.Choice(["finetune", "head", "ditto"]),
+              help="finetune: the shared model fine-tuned each round (default); head: only its task head "
+                   "fine-tuned; ditto: one personal model across rounds, pulled towards the shared one.")
+@click.option("--personal-lambda", type=float, help="Ditto's pull towards the shared model (default 0.1).")
 @click.option("--timeout", type=float, help="Stop the whole run after this many seconds.")
 @click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
               help="Task data option, e.g. --task-option image_size=48 (repeatable).")
@@ -238,7 +242,9 @@ def _summary(report: dict[str, Any]) -> None:
     mean = final["federated_mean"]
     click.echo(f"  federated {m:<9} {mean:.4f}" if mean is not None else f"  federated {m}: no rounds")
     if final.get("personal_mean") is not None:
-        click.echo(f"  personal {m:<10} {final['personal_mean']:.4f} (shared model fine-tuned on each silo)")
+        hows = {"ditto": "Ditto, pulled towards the shared model", "head": "shared model, head fine-tuned on each silo"}
+        how = hows.get(report.get("settings", {}).get("personal_method", ""), "shared model fine-tuned on each silo")
+        click.echo(f"  personal {m:<10} {final['personal_mean']:.4f} ({how})")
     if "local_only_mean" in final:
         click.echo(f"  local-only {m:<8} {final['local_only_mean']:.4f} (best silo "
                    f"{final['local_only_best']:.4f})")

@@ -216,7 +216,7 @@ def eval_per_silo(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
                                                      "personal_common", "personal_unseen")}
     # the peers' own personal models (scenario personal_steps), else fine-tuned here (option)
     stored = run.scenario.personal_steps > 0
-    personal_steps = run.scenario.personal_steps if stored else int(options.get("personal_steps", 0))
+    personal_steps = run.scenario.personal_total_steps if stored else int(options.get("personal_steps", 0))
     personal_models = run.personal_models() if stored else None
     for i, (silo, model) in enumerate(zip(run.federation.silos, run.final_models(), strict=True)):
         alone = run.train_alone(i)

@@ -315,8 +315,9 @@ def per_silo_table(results: dict[str, Any]) -> list[str]:
         return []
     kinds_shown = [k for k in GAIN_KINDS if any(k in kinds for kinds in gains.values())]
     lines = ["Paired per silo: its peer's final model minus the same silo trained alone on the same "
-             "budget (a personal model: the final model fine-tuned on the silo's own data, against the "
-             "silo alone with as many more steps), mean ± std over seeds (n). Plot: `per_silo_gains.png`.", "",
+             "budget (a personal model, trained on the silo's own data as `personal_method` says, against "
+             "the silo alone with as many more steps as it had), mean ± std over seeds (n). "
+             "Plot: `per_silo_gains.png`.", "",
              "| arm | silo | " + " | ".join(GAIN_KINDS[k] for k in kinds_shown) + " |",
              "|---|---|" + "---|" * len(kinds_shown)]
     for name, kinds in gains.items():

@@ -4,8 +4,9 @@ Every silo trains the same initial model (the federation's shared seed) on its o
 data for ``rounds x local_steps`` optimiser steps, in the same per-round chunks with
 the same optimiser settings as a peer (a fresh AdamW with the run's ``lr`` and
 ``batch_size`` per round), and is evaluated on its own test set after every round —
-the same set its peer is evaluated on. With ``personal_steps`` each silo trains that many
-more steps at the end, as many as a peer's personal model has had.
+the same set its peer is evaluated on. With ``personal_steps`` each silo trains as many
+more steps at the end as a peer's personal model has had (``Scenario.personal_total_steps``:
+every round's for Ditto).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def compare_local(plan: Plan) -> dict[str, Any]:
             history[r][p.name] = value
         per_peer[p.name] = history[-1][p.name]
         if sc.personal_steps > 0:  # as many steps as a personal model has had
-            train_local(task, model, silo.train, sc.personal_steps, sc.batch_size, sc.lr,
+            train_local(task, model, silo.train, sc.personal_total_steps, sc.batch_size, sc.lr,
                         seed=init_seed + plan.rounds + 1)
             per_peer[p.name] = float(task.evaluate(model, silo.test)[metric])
         log.info("local-only %s: %s=%.4f", p.name, metric, per_peer[p.name])
@@ -56,5 +57,5 @@ def compare_local(plan: Plan) -> dict[str, Any]:
                     for r, h in enumerate(history)],
         "mean": float(np.mean(values)),
         "best": float(np.max(values)),
-        "steps": plan.rounds * sc.local_steps + sc.personal_steps,
+        "steps": plan.rounds * sc.local_steps + sc.personal_total_steps,
     }

@@ -42,6 +42,7 @@ from there on the harness passes the object itself, and ``plan.json`` carries it
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import tomllib
 from collections.abc import Mapping
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silomesh.peer.config import UPDATE_CODECS
+from silomesh.peer.config import PERSONAL_METHODS, UPDATE_CODECS
 from silomesh.simnet.faultspec import FaultSpec, FaultSpecError, parse_fault_table, parse_faults
 from silomesh.simnet.topology import BUILTIN
 
@@ -100,6 +101,12 @@ class Scenario:
     codec: str = "float32"
     #: fine-tune steps of each peer's personal model after every round (0: none; peer.toml [personal])
     personal_steps: int = 0
+    #: peer.toml ``[personal] method``: ``finetune`` (each round's shared model fine-tuned),
+    #: ``head`` (only its task head fine-tuned) or ``ditto`` (one personal model across
+    #: rounds, pulled towards the shared one)
+    personal_method: str = "finetune"
+    #: peer.toml ``[personal] ditto_lambda``: the weight of Ditto's pull
+    personal_lambda: float = 0.1
     timeout: float | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     strategy_params: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +121,13 @@ class Scenario:
     def effective_task_options(self) -> dict[str, Any]:
         """The task's small defaults overridden by ``task_options``."""
         return {**SMALL_TASK_OPTIONS.get(self.task, {}), **self.task_options}
+
+    @property
+    def personal_total_steps(self) -> int:
+        """Steps a peer's newest personal model has been trained on its own data beyond the
+        shared model's: ``personal_steps`` for a fine-tune, every round's for Ditto (the silo
+        alone gets as many more, so that the pair costs the same compute)."""
+        return self.personal_steps * (self.rounds if self.personal_method == "ditto" else 1)
 
     @property
     def effective_timeout(self) -> float:
@@ -158,7 +172,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "compare_local": (bool,),
     "procs": (int,), "backend": (str,), "ray_address": (str,),
     "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
-    "lr": (int, float), "codec": (str,), "personal_steps": (int,), "timeout": (int, float), "task_options": (dict,),
+    "lr": (int, float), "codec": (str,), "personal_steps": (int,),
+    "personal_method": (str,), "personal_lambda": (int, float), "timeout": (int, float), "task_options": (dict,),
     "strategy_params": (dict,), "privacy": (dict,),
 }
 
@@ -264,6 +279,10 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
         raise ScenarioError(f"codec: must be one of {', '.join(UPDATE_CODECS)}, got {s.codec!r}")
     if s.personal_steps < 0:
         raise ScenarioError(f"personal_steps: must be >= 0 (0: no personal models), got {s.personal_steps}")
+    if s.personal_method not in PERSONAL_METHODS:
+        raise ScenarioError(f"personal_method: one of {', '.join(PERSONAL_METHODS)}, got {s.personal_method!r}")
+    if not (s.personal_lambda >= 0 and math.isfinite(s.personal_lambda)):
+        raise ScenarioError(f"personal_lambda: must be finite and >= 0, got {s.personal_lambda}")
     if s.timeout is not None and not s.timeout > 0:
         raise ScenarioError(f"timeout: must be > 0 seconds, got {s.timeout}")
     if s.privacy:

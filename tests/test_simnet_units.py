@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from silomesh.peer.config import PersonalConfig, parse_config
 from silomesh.simnet.cli import simnet
 from silomesh.simnet.faultspec import (
     FaultPlan,
@@ -211,11 +212,26 @@ def test_scenario_file_is_overridden_by_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("layer", "message"), [
     ({"peers": 0}, "peers"), ({"procs": 9, "peers": 4}, "procs"), ({"rounds": "3"}, "rounds: expected int"),
     ({"faults": "drop=2"}, "probability"), ({"deadline": -1.0}, "deadline"), ({"bogus": 1}, "bogus"),
-    ({"compare_local": 1}, "compare_local"),
+    ({"compare_local": 1}, "compare_local"), ({"personal_method": "fedrep"}, "personal_method"),
+    ({"personal_lambda": -1}, "personal_lambda"), ({"personal_lambda": float("nan")}, "personal_lambda"),
 ])
 def test_bad_scenarios_are_refused_naming_the_setting(layer: dict[str, object], message: str) -> None:
     with pytest.raises(ScenarioError, match=message):
         make_scenario(layer)
+
+
+def test_the_silo_alone_gets_as_many_more_steps_as_the_personal_model_had(tmp_path: Path) -> None:
+    """A fine-tune (of the whole model or its head) has ``personal_steps``; Ditto's one model has
+    had that many after every round. The plan hands method and lambda to every peer."""
+    base = {"rounds": 4, "personal_steps": 3}
+    assert make_scenario(base).personal_total_steps == 3
+    assert make_scenario({**base, "personal_method": "head"}).personal_total_steps == 3
+    ditto = make_scenario({**base, "personal_method": "ditto", "personal_lambda": 1})
+    assert ditto.personal_total_steps == 12
+    assert Scenario.from_json(json.loads(json.dumps(ditto.to_json()))) == ditto
+    plan = build_plan(ditto, tmp_path / "run")
+    config = parse_config(tomllib.loads(plan.peers[0].config_path.read_text(encoding="utf-8")), tmp_path)
+    assert config.personal == PersonalConfig(3, None, "ditto", 1.0)
 
 
 def test_the_scenario_example_in_the_docs_is_valid(tmp_path: Path) -> None:

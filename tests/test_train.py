@@ -134,3 +134,25 @@ def test_cli_train_unknown_task_is_a_clear_error() -> None:
 def test_cli_train_help_has_a_usage_example() -> None:
     result = CliRunner().invoke(train_command, ["--help"])
     assert result.exit_code == 0 and "silomesh train --task catheter" in result.output
+
+
+def _distance(model: torch.nn.Module, anchor: dict[str, torch.Tensor]) -> float:
+    return float(sum(((p.detach() - anchor[n]) ** 2).sum() for n, p in model.named_parameters()))
+
+
+def test_an_anchor_pulls_the_trained_weights_towards_it(task: CatheterTask, data: ArrayDataset) -> None:
+    """Ditto's proximal term: lambda 0 changes nothing, a strong pull stays near the anchor."""
+    start = task.make_model("tiny", seed=0)
+    anchor = {n: p.detach().clone() for n, p in start.named_parameters()}
+    trained = {}
+    for weight in (None, 0.0, 100.0):
+        model = task.make_model("tiny", seed=0)
+        kwargs = {} if weight is None else {"anchor": anchor, "anchor_weight": weight}
+        train_local(task, model, data, steps=8, batch_size=4, lr=0.01, seed=3, **kwargs)
+        trained[weight] = model
+    assert all(torch.equal(a, b) for a, b in zip(_weights(trained[None]), _weights(trained[0.0]), strict=True))
+    free, pulled = _distance(trained[0.0], anchor), _distance(trained[100.0], anchor)
+    assert free > 0 and pulled < 0.5 * free, (free, pulled)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="anchor_weight"):
+            train_local(task, task.make_model("tiny", seed=0), data, steps=1, anchor=anchor, anchor_weight=bad)
