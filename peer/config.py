@@ -526,6 +526,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     network = _network(_get(data, "network", "", dict, {}))
     relay = _relay(_get(data, "relay", "", dict, {}))
     personal = _personal(_get(data, "personal", "", dict, {}))
+    if task.spec is not None and personal.method == "head":  # a MONAI network names no head
+        raise ConfigError('personal.method: "head" needs the task\'s own network (a named head); '
+                          'with task.model use "finetune" or "ditto"')
     privacy = parse_privacy(data.get("privacy"), rounds)
     st = _get(data, "study", "", dict, {})
     _check_unknown(st, {"manifest"}, "study.")

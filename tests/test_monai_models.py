@@ -128,6 +128,10 @@ def test_strategies_that_need_the_tasks_own_network_are_refused_at_start_up(tmp_
     cfg = parse_config({**_raw(monai), "strategy": {"name": "segviz", "params": {"head_prefixes": ["final_conv."]}}},
                        tmp_path)
     assert cfg.strategy.name == "segviz"
+    with pytest.raises(ConfigError, match=r'^personal\.method: "head" needs the task\'s own network'):
+        parse_config({**_raw(monai), "personal": {"steps": 5, "method": "head"}}, tmp_path)
+    ditto = parse_config({**_raw(monai), "personal": {"steps": 5, "method": "ditto"}}, tmp_path)
+    assert ditto.personal.method == "ditto"
 
 
 def test_a_network_whose_outputs_do_not_fit_the_task_is_refused_before_training(tmp_path: Path) -> None:
