@@ -173,7 +173,7 @@ def _run_experiment(path: Path, task_options: tuple[str, ...], strategy_params: 
         overrides["task_options"] = _key_values(task_options, "--task-option") or None
         overrides["strategy_params"] = _key_values(strategy_params, "--strategy-param") or None
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        command = command_line(path, scale, seed_list, None)
+        command = command_line(path, scale, seed_list, None, overrides)
         results = run_experiment(exp, out, scale=scale, seeds=seed_list, overrides=overrides, command=command,
                                  echo=None if as_json else lambda line: click.echo(line, err=True))
     except (ScenarioError, SimnetError) as exc:

@@ -34,7 +34,7 @@ import math
 import shlex
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,13 +334,26 @@ def per_silo_table(results: dict[str, Any]) -> list[str]:
 # -- running -------------------------------------------------------------------------------
 
 
-def command_line(path: Path, scale: int, seeds: tuple[int, ...] | None, out: Path | None) -> str:
-    """The command that regenerates an experiment (printed at the top of results.md)."""
+def command_line(path: Path, scale: int, seeds: tuple[int, ...] | None, out: Path | None,
+                 overrides: Mapping[str, Any] | None = None) -> str:
+    """The command that regenerates an experiment (printed at the top of results.md), with the
+    command-line ``overrides`` of every arm as the flags that set them (``personal_method`` is
+    ``--personal-method``; task options and strategy parameters one ``KEY=VALUE`` each)."""
     parts = ["silomesh", "simnet", "run", str(path)]
     if scale != 1:
         parts += ["--scale", str(scale)]
     if seeds is not None:
         parts += ["--seeds", ",".join(str(s) for s in seeds)]
+    for key, value in sorted((overrides or {}).items()):
+        flag = "--" + key.replace("_", "-")
+        if key in ("task_options", "strategy_params"):
+            each = "--task-option" if key == "task_options" else "--strategy-param"
+            for k, v in value.items():
+                parts += [each, f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+        elif isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts += [flag, str(value)]
     if out is not None:
         parts += ["--out", str(out)]
     return shlex.join(parts)
@@ -365,7 +378,7 @@ def run_experiment(exp: Experiment, out: Path, *, scale: int = 1, seeds: tuple[i
     t0 = time.time()
     results: dict[str, Any] = {
         "schema": SCHEMA, "name": exp.name, "file": str(exp.path), "description": exp.description,
-        "command": command or command_line(exp.path, scale, None if seeds == exp.seeds else seeds, None),
+        "command": command or command_line(exp.path, scale, None if seeds == exp.seeds else seeds, None, overrides),
         "seeds": list(seeds), "scale": scale, "evaluate": list(exp.evaluate), "columns": list(exp.columns),
         "arms": {},
     }

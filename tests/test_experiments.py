@@ -131,6 +131,30 @@ def test_command_line_regenerates_the_run() -> None:
     assert command_line(Path("experiments/x.toml"), 2, (0, 1), None) == \
         "silomesh simnet run experiments/x.toml --scale 2 --seeds 0,1"
     assert command_line(Path("experiments/x.toml"), 1, None, None) == "silomesh simnet run experiments/x.toml"
+    # flags that changed every arm are part of the command, or the printed one would run another experiment
+    overrides = {"personal_method": "head", "lr": 0.01, "compare_local": False,
+                 "task_options": {"n_train": 8, "sources": ["a", "b"]}, "strategy_params": {"robust": "median"}}
+    assert command_line(Path("x.toml"), 1, None, None, overrides) == (
+        "silomesh simnet run x.toml --no-compare-local --lr 0.01 --personal-method head "
+        "--strategy-param robust=median --task-option n_train=8 --task-option 'sources=[\"a\", \"b\"]'")
+
+
+def test_the_regenerate_command_of_a_run_carries_its_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import silomesh.simnet.experiment as experiment
+
+    seen: dict[str, Any] = {}
+
+    def fake(exp: Experiment, out: Path, **kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs)
+        raise ScenarioError("stop here")
+
+    monkeypatch.setattr(experiment, "run_experiment", fake)
+    result = CliRunner().invoke(simnet, ["run", str(_write(tmp_path, BASE + "\n[experiment]\n" + ARM)),
+                                         "--lr", "0.02", "--task-option", "n_train=8", "--personal-method", "head",
+                                         "--out", str(tmp_path / "out")])
+    assert "stop here" in result.output
+    assert seen["overrides"] == {"lr": 0.02, "personal_method": "head", "task_options": {"n_train": 8}}
+    assert seen["command"].endswith("--lr 0.02 --personal-method head --task-option n_train=8"), seen["command"]
 
 
 def test_scale_flag_on_a_plain_scenario_is_refused(tmp_path: Path) -> None:
