@@ -597,10 +597,10 @@ def _personal(table: Mapping[str, Any]) -> PersonalConfig:
     lr = _get(table, "lr", "personal.", float, None)
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise ConfigError(f"personal.lr: must be > 0, got {lr}")
-    method = _get(table, "method", "personal.", str, "finetune")
+    method = _get(table, "method", "personal.", str, PersonalConfig.method)
     if method not in PERSONAL_METHODS:
         raise ConfigError(f"personal.method: one of {', '.join(PERSONAL_METHODS)}, got {method!r}")
-    lam = _get(table, "ditto_lambda", "personal.", float, 0.1)
+    lam = _get(table, "ditto_lambda", "personal.", float, PersonalConfig.ditto_lambda)
     if not (lam >= 0 and math.isfinite(lam)):
         raise ConfigError(f"personal.ditto_lambda: must be finite and >= 0, got {lam}")
     return PersonalConfig(steps=steps, lr=lr, method=method, ditto_lambda=lam)

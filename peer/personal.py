@@ -76,10 +76,7 @@ def fine_tune(
         data, size = learner.silo.train, learner.batch_size
         finetune_head(model, lambda: data.batches(size, rng), lambda m, b: learner.task.loss(m, dict(b)), prefixes,
                       config.steps, lr)
-        metrics = learner.task.evaluate(model, learner.silo.test)
-        return to_numpy(model), {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    anchor = None
-    if config.method == "ditto":
+    elif config.method == "ditto":
         anchor = {name: p.detach().clone() for name, p in learner.model.named_parameters()}
         own = model.state_dict()
         if previous is not None and (previous.keys() != own.keys()
@@ -88,8 +85,10 @@ def fine_tune(
                         "Ditto starts again from the shared model", round)
         elif previous is not None:
             load_numpy(model, previous)
-    train_local(learner.task, model, learner.silo.train, config.steps, learner.batch_size, lr, seed=seed,
-                anchor=anchor, anchor_weight=config.ditto_lambda if anchor is not None else 0.0)
+        train_local(learner.task, model, learner.silo.train, config.steps, learner.batch_size, lr, seed=seed,
+                    anchor=anchor, anchor_weight=config.ditto_lambda)
+    else:
+        train_local(learner.task, model, learner.silo.train, config.steps, learner.batch_size, lr, seed=seed)
     metrics = learner.task.evaluate(model, learner.silo.test)
     return to_numpy(model), {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from silomesh.peer.config import PERSONAL_METHODS, UPDATE_CODECS
+from silomesh.peer.config import PERSONAL_METHODS, UPDATE_CODECS, PersonalConfig
 from silomesh.simnet.faultspec import FaultSpec, FaultSpecError, parse_fault_table, parse_faults
 from silomesh.simnet.topology import BUILTIN
 
@@ -104,9 +104,9 @@ class Scenario:
     #: peer.toml ``[personal] method``: ``finetune`` (each round's shared model fine-tuned),
     #: ``head`` (only its task head fine-tuned) or ``ditto`` (one personal model across
     #: rounds, pulled towards the shared one)
-    personal_method: str = "finetune"
+    personal_method: str = PersonalConfig.method
     #: peer.toml ``[personal] ditto_lambda``: the weight of Ditto's pull
-    personal_lambda: float = 0.1
+    personal_lambda: float = PersonalConfig.ditto_lambda
     timeout: float | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
     strategy_params: dict[str, Any] = field(default_factory=dict)
