@@ -375,6 +375,11 @@ _SLOW_LINK = (
 )
 
 
+#: bytes each push must have carried before the cut: about three 64 KiB chunks, 2 s at 1 Mbit/s
+#: of a 16 s transfer
+_CUT_AFTER = 200_000
+
+
 def _cut_while_both_push(
     bed: NetBed, site: str, hospitals: list[Hospital], done_rounds: Callable[[Hospital], list[dict[str, Any]]]
 ) -> int:
@@ -385,12 +390,16 @@ def _cut_while_both_push(
     seconds later (it received the update later, or trained slower), start its push after the
     cut, find the link down at once and go on without us. Only updates fill a 1 Mbit/s link
     (pings, hellos and acks are a few hundred bytes): at least 40 KB each way within one second
-    means both pushes are under way. A round whose pushes did not overlap is let pass."""
+    means both pushes are under way. The cut waits until each way has carried
+    :data:`_CUT_AFTER` bytes of them, so that each receiver holds whole chunks to keep (a cut
+    in the first second of both pushes left one side with none in CI). A round whose pushes
+    did not overlap is let pass."""
     def last_done(h: Hospital) -> int:
         return max((r["round"] for r in done_rounds(h)), default=-1)
 
     end = time.monotonic() + 180
     before = bed.traffic(site)
+    carried = [0, 0]  # bytes each way since both pushes were seen under way
     while time.monotonic() < end:
         time.sleep(1.0)
         now = bed.traffic(site)
@@ -398,6 +407,10 @@ def _cut_while_both_push(
         before = now
         finished = {last_done(h) for h in hospitals}
         if min(moved) >= 40_000 and len(finished) == 1:
+            carried = [c + m for c, m in zip(carried, moved, strict=True)]
+        else:
+            carried = [0, 0]
+        if min(carried) >= _CUT_AFTER:
             bed.link_down(site)
             return finished.pop()
         for h in hospitals:
