@@ -442,6 +442,8 @@ async def commit_round(
                     store.record_metric(round, name, float(value))
             if report.train_loss is not None and math.isfinite(report.train_loss):
                 store.record_metric(round, "train_loss", report.train_loss)
+            if report.expert_weights:  # how far the strategy's expert weighting is from uniform (1/n)
+                store.record_metric(round, "expert_weight_max", max(report.expert_weights.values()))
             store.record_round(
                 round,
                 status="done",

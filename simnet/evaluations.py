@@ -24,6 +24,9 @@ AdamW steps in per-round chunks with the run's ``lr`` and ``batch_size``.
   ``silos_gain_own`` / ``silos_gain_common`` (how many silos gain, ``>= 0``).
 - ``unseen_sources`` (catheter): Dice of each peer on the ``source:<s>`` test sets of the
   training sources it never saw (``unseen_dice``) and of those it saw (``seen_dice``).
+- ``expert_weights`` (train-request strategies: fedefm): ``expert_weight_max``, the largest
+  expert weight of each committed round (the peers' metric of that name), averaged over
+  rounds and peers: 1/n is uniform over n experts, 1 one-hot.
 - ``downstream_finetune`` (catheter with ``holdout_source``): the plain average of the
   peers' final models (FedEFM's foundation model) and a fresh model are each fine-tuned
   on the held-out source for ``options.finetune_steps`` steps; Dice / IoU on its test set.
@@ -274,6 +277,19 @@ def eval_unseen_sources(run: RunModels, options: dict[str, Any]) -> dict[str, fl
     return {"seen_dice": _mean(seen_d), "unseen_dice": _mean(unseen_d)}
 
 
+def eval_expert_weights(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
+    """How far a train-request strategy's expert weighting (fedefm's EMD weights) is from
+    uniform: the largest expert weight of each committed round (the peers' ``expert_weight_max``
+    metric), averaged over rounds and peers. With n experts, uniform is 1/n and one-hot 1."""
+    from silomesh.simnet.stores import read_store
+
+    out = Path(run.report["out"])
+    values = [m["expert_weight_max"] for name in run.peer_names
+              for m in read_store(out / "peers" / name / "store.sqlite").metrics.values()
+              if "expert_weight_max" in m]
+    return {"expert_weight_max": _mean(values)}
+
+
 def eval_downstream_finetune(run: RunModels, options: dict[str, Any]) -> dict[str, float]:
     from silomesh.models.train import train_local
     from silomesh.peer.learner import load_numpy, to_numpy
@@ -404,6 +420,7 @@ EVALUATIONS: dict[str, Evaluation] = {
     "vs_best_silo": eval_vs_best_silo,
     "per_silo": eval_per_silo,
     "unseen_sources": eval_unseen_sources,
+    "expert_weights": eval_expert_weights,
     "downstream_finetune": eval_downstream_finetune,
     "per_organ": eval_per_organ,
     "mixed_labels": eval_mixed_labels,

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 EMD_METHODS = ("exact", "sinkhorn")
-WEIGHTINGS = ("softmax", "linear")
+WEIGHTINGS = ("softmax", "relative", "linear")
+#: which experts weigh more: the ones closest to the student (the paper) or the farthest
+PREFERENCES = ("similar", "dissimilar")
 
 
 def cosine_cost(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> npt.NDArray[np.float64]:
@@ -128,26 +130,39 @@ def similarity_weights(
     distances: Sequence[float] | np.ndarray,
     weighting: str = "softmax",
     temperature: float = 0.1,
+    prefer: str = "similar",
 ) -> np.ndarray:
     """Turn per-expert EMDs into weights that sum to 1 (closer experts weigh more).
 
     ``softmax``: ``w_j ∝ exp(-EMD_j / temperature)`` (similarity ``exp(-EMD)`` sharpened
-    by the temperature); ``linear``: ``w_j ∝ max(0, 1 - EMD_j)`` (uniform if all are 0).
+    by the temperature); ``relative``: the same on ``EMD_j / mean_k EMD_k``, so that the
+    temperature acts on how much closer an expert is than the others, whatever the scale
+    of the distances (an output-layer EMD is ~1e-4, a feature-layer one ~0.1; uniform if
+    all are 0); ``linear``: ``w_j ∝ max(0, 1 - EMD_j)`` (uniform if all are 0).
+    ``prefer = "dissimilar"`` turns the ranking round (the farthest expert weighs most;
+    with ``linear``, ``w_j ∝ EMD_j``).
 
     Raises:
-        ValueError: for an unknown weighting, a non-positive temperature, or no distances.
+        ValueError: for an unknown weighting or preference, a non-positive temperature, or
+            no distances.
     """
     d = np.asarray(distances, np.float64)
     if d.ndim != 1 or d.size == 0:
         raise ValueError("similarity_weights: need a non-empty 1-D list of distances")
-    if weighting == "softmax":
+    if prefer not in PREFERENCES:
+        raise ValueError(f"parameter 'prefer' must be one of {list(PREFERENCES)}, got {prefer!r}")
+    sign = 1.0 if prefer == "similar" else -1.0
+    if weighting in ("softmax", "relative"):
         if temperature <= 0:
             raise ValueError("parameter 'weight_temperature' must be > 0")
-        z = -d / temperature
+        if weighting == "relative":
+            mean = float(d.mean())
+            d = d / mean if mean > 0 else np.zeros_like(d)
+        z = -sign * d / temperature
         z -= z.max()
         e: npt.NDArray[np.float64] = np.exp(z)
         return e / float(e.sum())
     if weighting == "linear":
-        return _to_distribution(np.maximum(1.0 - d, 0.0))
+        return _to_distribution(np.maximum(1.0 - d, 0.0) if sign > 0 else np.maximum(d, 0.0))
     raise ValueError(f"parameter 'weighting' must be one of {list(WEIGHTINGS)}, "
                      f"got {weighting!r}")

@@ -53,7 +53,7 @@ from .base import (
     check_choice,
     check_range,
 )
-from .emd import EMD_METHODS, WEIGHTINGS, feature_map_emd, similarity_weights
+from .emd import EMD_METHODS, PREFERENCES, WEIGHTINGS, feature_map_emd, similarity_weights
 from .robust import aggregate_contributions
 from .strategy import RoundShape, Strategy
 from .training import (
@@ -83,6 +83,8 @@ class _SplitForward(Protocol):
 
 
 DISTILL_LOSSES = ("kl", "mse")
+#: what the expert-weighting EMD compares (FedEFMConfig.emd_layer)
+EMD_LAYERS = ("features", "output")
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,18 @@ class FedEFMConfig(StrategyConfig):
         emd_reg: Sinkhorn's entropic regularisation.
         emd_grid: feature maps are average-pooled to at most ``grid x grid`` nodes
             before the EMD (``0``: no pooling).
-        weighting: ``"softmax"`` (``w_j ∝ exp(-EMD_j / weight_temperature)``) or
-            ``"linear"`` (``w_j ∝ max(0, 1 - EMD_j)``).
+        weighting: ``"softmax"`` (``w_j ∝ exp(-EMD_j / weight_temperature)``),
+            ``"relative"`` (the same on ``EMD_j / mean EMD``: scale-free) or ``"linear"``
+            (``w_j ∝ max(0, 1 - EMD_j)``).
         weight_temperature: temperature of the softmax weighting (cosine EMDs lie in
-            ``[0, 2]``; 0.1 makes a 0.1 EMD difference worth a factor e).
+            ``[0, 2]``; 0.1 makes a 0.1 EMD difference worth a factor e; under
+            ``relative``, an expert 10 % closer than the mean).
+        emd_layer: what the EMD compares: ``"features"`` (the intermediate feature maps,
+            ``forward_features``; the paper) or ``"output"`` (the class-probability maps,
+            ``softmax`` of the logits over the class dimension; needs ``distill_loss =
+            "kl"``: a one-channel regression output has no class vector to compare).
+        prefer: ``"similar"`` (the closest experts weigh most; the paper) or
+            ``"dissimilar"`` (the farthest: the ones that saw data least like one's own).
         mix: ``theta <- (1 - mix) theta + mix * mean(experts)`` after distillation;
             ``0`` is the paper's pure distillation, ``0.5`` the authors' code; ``0.75``
             (our default) did best on unseen sources in bench/bench_strategies.py (see
@@ -128,6 +138,8 @@ class FedEFMConfig(StrategyConfig):
     emd_grid: int = 8
     weighting: str = "softmax"
     weight_temperature: float = 0.1
+    emd_layer: str = "features"
+    prefer: str = "similar"
     mix: float = 0.75
 
     strategy_name: ClassVar[str] = "fedefm"
@@ -146,6 +158,11 @@ class FedEFMConfig(StrategyConfig):
         check_range("emd_grid", self.emd_grid, 0)
         check_choice("weighting", self.weighting, WEIGHTINGS)
         check_range("weight_temperature", self.weight_temperature, 0.0, lo_open=True)
+        check_choice("emd_layer", self.emd_layer, EMD_LAYERS)
+        check_choice("prefer", self.prefer, PREFERENCES)
+        if self.emd_layer == "output" and self.distill_loss != "kl":
+            raise ValueError("parameter 'emd_layer' = 'output' needs distill_loss = 'kl' (class-probability "
+                             "maps); a regression output has no class vector to compare")
         check_range("mix", self.mix, 0.0, 1.0)
 
 
@@ -218,7 +235,21 @@ def expert_weights(
                               reg=config.emd_reg, grid=grid).mean())
         for f in expert_features
     ])
-    return similarity_weights(emds, config.weighting, config.weight_temperature), emds
+    return similarity_weights(emds, config.weighting, config.weight_temperature, config.prefer), emds
+
+
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class-probability maps ``(B, K, H, W)`` of logits: softmax over the class dimension,
+    or ``[1 - p, p]`` for a single Bernoulli logit channel (as :func:`distillation_term`)."""
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1.0 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def emd_input(output: torch.Tensor, features: torch.Tensor, config: FedEFMConfig) -> torch.Tensor:
+    """What the expert-weighting EMD compares under ``config.emd_layer`` (no gradient)."""
+    return (class_probabilities(output) if config.emd_layer == "output" else features).detach()
 
 
 def distill(
@@ -233,7 +264,8 @@ def distill(
     """Distil the ``experts`` into ``student`` on the peer's own batches (in place).
 
     Each step computes the expert weights from the EMD between the student's and each
-    expert's feature maps on that batch, then takes one optimiser step on
+    expert's feature maps (or class-probability maps, ``emd_layer = "output"``) on that
+    batch, then takes one optimiser step on
     ``beta * sum_j w_j * term_j + (1 - beta) * task_loss`` (see :func:`distillation_term`).
     Experts run in eval mode without gradients, the student in train mode; all modes
     are restored afterwards.
@@ -273,7 +305,8 @@ def distill(
             s_out, s_feat = forward(student, batch)
             with torch.no_grad():
                 e_outs = [forward(e, batch) for e in experts]
-            w, emds = expert_weights(s_feat, [f for _, f in e_outs], cfg)
+            w, emds = expert_weights(emd_input(s_out, s_feat, cfg),
+                                     [emd_input(eo, ef, cfg) for eo, ef in e_outs], cfg)
             w_sum += w
             emd_sum += emds
             weighed += 1

@@ -115,6 +115,24 @@ def test_strategy_runs_end_to_end(tmp_path: Path, strategy: str, task: str, para
     assert r["faults"]["observed"]["peer_errors"] == 0
     contributors = [x for d in r["peers_detail"] for x in _audit(d["audit_log"]) if x["direction"] == "received"]
     assert contributors, "peers exchanged nothing"
+    if strategy == "fedefm":  # every committed round records its largest expert weight, in [1/n, 1]
+        from types import SimpleNamespace
+
+        from silomesh.simnet.evaluations import eval_expert_weights
+        from silomesh.simnet.stores import read_store
+
+        names = [d["name"] for d in r["peers_detail"]]
+        seen = []
+        for name in names:
+            rec = read_store(Path(r["out"]) / "peers" / name / "store.sqlite")
+            for row in rec.rounds:
+                if row["status"] == "done" and row["contributors"]:
+                    w = rec.metrics[row["round"]]["expert_weight_max"]
+                    assert 1 / len(row["contributors"]) - 1e-9 <= w <= 1.0, (name, row, w)
+                    seen.append(w)
+        assert seen
+        run = SimpleNamespace(report=r, peer_names=names)
+        assert eval_expert_weights(run, {})["expert_weight_max"] == pytest.approx(sum(seen) / len(seen))  # type: ignore[arg-type]
 
 
 @pytest.mark.timeout(240)

@@ -29,7 +29,7 @@ from silomesh.strategies import (
     similarity_weights,
 )
 from silomesh.strategies.emd import cosine_cost, node_weights
-from silomesh.strategies.fedefm import expert_weights
+from silomesh.strategies.fedefm import class_probabilities, expert_weights
 from silomesh.strategies.training import Batch
 
 
@@ -133,6 +133,79 @@ def test_similarity_weights_hand_values() -> None:
     np.testing.assert_allclose(w, [1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1))])
     np.testing.assert_allclose(similarity_weights([0.2, 0.6], "linear"), [2 / 3, 1 / 3])
     np.testing.assert_allclose(similarity_weights([1.5, 2.0], "linear"), [0.5, 0.5])
+
+
+def test_relative_weights_depend_on_the_ratio_of_the_distances_not_their_scale() -> None:
+    # d / mean(d) = [2/3, 4/3]: at T = 0.5 the closer expert is worth exp(4/3) times the other
+    expect = [1 / (1 + math.exp(-4 / 3)), math.exp(-4 / 3) / (1 + math.exp(-4 / 3))]
+    for scale in (1e-4, 0.1, 1.0):
+        np.testing.assert_allclose(similarity_weights([scale, 2 * scale], "relative", 0.5), expect)
+    np.testing.assert_allclose(similarity_weights([0.0, 0.0], "relative", 0.5), [0.5, 0.5])
+    # the plain softmax at the default temperature cannot tell output-layer EMDs (~1e-4) apart
+    np.testing.assert_allclose(similarity_weights([1e-4, 2e-4], "softmax", 0.1), [0.5, 0.5], atol=1e-3)
+
+
+def test_dissimilar_preference_turns_the_ranking_round() -> None:
+    for weighting in ("softmax", "relative"):
+        near_first = similarity_weights([0.1, 0.3], weighting, 0.1)
+        far_first = similarity_weights([0.1, 0.3], weighting, 0.1, prefer="dissimilar")
+        assert near_first[0] > near_first[1] and far_first[1] > far_first[0]
+        np.testing.assert_allclose(far_first, near_first[::-1])
+    np.testing.assert_allclose(similarity_weights([0.2, 0.6], "linear", prefer="dissimilar"), [0.25, 0.75])
+    with pytest.raises(ValueError, match="prefer"):
+        similarity_weights([0.1], "softmax", 0.1, prefer="closest")
+
+
+def test_config_refuses_an_output_layer_emd_on_a_regression_output_and_unknown_choices() -> None:
+    with pytest.raises(ValueError, match="emd_layer"):
+        FedEFMConfig(emd_layer="output", distill_loss="mse")
+    with pytest.raises(ValueError, match="emd_layer"):
+        FedEFMConfig(emd_layer="logits")
+    with pytest.raises(ValueError, match="prefer"):
+        FedEFMConfig(prefer="nearest")
+    with pytest.raises(ValueError, match="weighting"):
+        FedEFMConfig(weighting="rank")
+    assert FedEFMConfig(emd_layer="output", weighting="relative", prefer="dissimilar").emd_layer == "output"
+
+
+def test_class_probabilities_sum_to_one_and_a_single_logit_is_bernoulli() -> None:
+    torch.manual_seed(4)
+    p = class_probabilities(torch.randn(2, 3, 5, 5))
+    torch.testing.assert_close(p.sum(1), torch.ones(2, 5, 5))
+    logit = torch.randn(2, 1, 5, 5)
+    q = class_probabilities(logit)
+    assert q.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(q[:, 1:], torch.sigmoid(logit))
+    torch.testing.assert_close(q.sum(1), torch.ones(2, 5, 5))
+
+
+def test_output_layer_weighting_sees_a_head_the_feature_layer_cannot() -> None:
+    """Two experts with the student's body (identical feature maps): one also has its head,
+    the other a different head. The feature-layer EMD cannot tell them apart (uniform
+    weights); the output-layer EMD ranks the one that predicts like the student first (or
+    last, preferring the dissimilar). The student's first step sees its own body, so both
+    feature EMDs are equal."""
+    torch.manual_seed(5)
+    student = TinySeg()
+    same = copy.deepcopy(student)
+    other_head = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in other_head.head.parameters():
+            p.copy_(torch.randn_like(p))
+    batches = make_batches(8, n=2)
+    features = distill(copy.deepcopy(student), [other_head, same], batches, seg_loss,
+                       FedEFMConfig(distill_steps=1, beta=1.0))
+    np.testing.assert_allclose(features.weights, [0.5, 0.5], atol=1e-6)
+    output = distill(copy.deepcopy(student), [other_head, same], batches, seg_loss,
+                     FedEFMConfig(distill_steps=1, beta=1.0, emd_layer="output", weighting="relative",
+                                  weight_temperature=0.5))
+    # not 0: the student trains in batch-norm train mode, the experts run in eval mode
+    assert output.emd[1] < output.emd[0] / 10
+    assert output.weights[1] > 0.8
+    dissimilar = distill(copy.deepcopy(student), [other_head, same], batches, seg_loss,
+                         FedEFMConfig(distill_steps=1, beta=1.0, emd_layer="output", weighting="relative",
+                                      weight_temperature=0.5, prefer="dissimilar"))
+    assert dissimilar.weights[0] > 0.8
 
 
 # --- distillation --------------------------------------------------------------------
