@@ -1,4 +1,4 @@
-"""Probe: is the federation's shortfall against the best silo the federation's, or the data's?
+"""Probe: is the federation's shortfall against the best silo the federation's, or the budget's?
 
 Issue "worth joining": on catheter the federation never beats the best single silo (chosen on
 validation) on the shared test set, and at ``--scale 2`` one silo loses 0.26-0.31 Dice on its
@@ -17,6 +17,9 @@ shared test set into a validation and a test half:
   trains its chunk, then all adopt the sample-weighted mean).
 * ``pooled``: one model on all silos' training images, the same steps as one silo.
 * ``pooled_total``: the same, with as many steps as all silos together (``silos x`` as many).
+* ``cyclic``: cyclic weight transfer (Chang et al., JAMIA 2018): one model visits the silos
+  in turn each round, each training it ``local_steps`` steps (a fresh AdamW per visit). Each
+  silo spends what it spends alone; the model gets the sequential steps of ``pooled_total``.
 * ``fedavg_step<g>`` (``--server-steps g,...``): FedAvg whose round moves ``g`` times the
   averaged change from the round's start (a server learning rate; ``g = 1`` is FedAvg).
 
@@ -48,7 +51,7 @@ from silomesh.simnet.experiment import load_experiment, run_scenario
 from silomesh.simnet.scenario import Scenario
 
 
-def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = ()) -> dict[str, Any]:
+def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = (), pool: bool = True) -> dict[str, Any]:
     """Every model of the probe for one seed: test-half scores and per-silo own-test scores."""
     from silomesh.models.registry import get_task
 
@@ -93,23 +96,34 @@ def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = ()) -> 
 
     models = fedavg(1.0)
     stepped = {f"fedavg_step{g:g}": fedavg(g) for g in server_steps}
-    union = concat([s.train for s in silos])
-    pooled = trained(union, sc.rounds)
-    pooled_total = trained(union, sc.rounds * len(silos))
+    # cyclic weight transfer: one model visits the silos in turn, each training its round's chunk
+    cyclic = task.make_model(sc.size, seed=init)
+    for r in range(sc.rounds):
+        for i, silo in enumerate(silos):
+            train_local(task, cyclic, silo.train, sc.local_steps, sc.batch_size, sc.lr,
+                        seed=init + (r + 1) * len(silos) + i)
+    if pool:
+        union = concat([s.train for s in silos])
+        pooled = trained(union, sc.rounds)
+        pooled_total = trained(union, sc.rounds * len(silos))
 
     best = int(np.argmax([score(m, val) for m in alone]))
     out: dict[str, Any] = {
         "seed": seed, "best_silo": best,
         "alone_common_test": [score(m, test) for m in alone],
         "fedavg_common_test": float(np.mean([score(m, test) for m in models])),
-        "pooled_common_test": score(pooled, test),
-        "pooled_total_common_test": score(pooled_total, test),
+        "cyclic_common_test": score(cyclic, test),
     }
+    if pool:
+        out["pooled_common_test"] = score(pooled, test)
+        out["pooled_total_common_test"] = score(pooled_total, test)
     out["best_silo_common_test"] = out["alone_common_test"][best]
     own_alone = [score(m, s.test) for m, s in zip(alone, silos, strict=True)]
     out["own_alone"] = own_alone
-    for name, per_silo in (("fedavg", models), *stepped.items(), ("pooled", [pooled] * len(silos)),
-                           ("pooled_total", [pooled_total] * len(silos))):
+    compared = [("fedavg", models), *stepped.items(), ("cyclic", [cyclic] * len(silos))]
+    if pool:
+        compared += [("pooled", [pooled] * len(silos)), ("pooled_total", [pooled_total] * len(silos))]
+    for name, per_silo in compared:
         if name in stepped:
             out[f"{name}_common_test"] = float(np.mean([score(m, test) for m in per_silo]))
         out[f"gain_own_{name}"] = [score(m, s.test) - a for m, s, a in zip(per_silo, silos, own_alone, strict=True)]
@@ -123,7 +137,8 @@ def _ms(values: list[float]) -> list[float]:
 def model_names(run: dict[str, Any]) -> list[str]:
     """The compared models of a run, in order: FedAvg, any stepped FedAvg, the pooled ones."""
     stepped = [k[: -len("_common_test")] for k in run if k.startswith("fedavg_step") and k.endswith("_common_test")]
-    return ["fedavg", *stepped, "pooled", "pooled_total"]
+    pooled = ["pooled", "pooled_total"] if "pooled_common_test" in run else []
+    return ["fedavg", *stepped, *pooled, "cyclic"]
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -141,13 +156,14 @@ def _label(name: str) -> str:
     if name.startswith("fedavg_step"):
         return f"FedAvg, {name[len('fedavg_step'):]}x the averaged change"
     return {"fedavg": "FedAvg (in-process)", "pooled": "pooled, one silo's steps",
-            "pooled_total": "pooled, all silos' steps"}[name]
+            "pooled_total": "pooled, all silos' steps", "cyclic": "cyclic (one model visits every silo)"}[name]
 
 
 def markdown(doc: dict[str, Any]) -> str:
     s = doc["summary"]
     lines = [
-        f"# Pooled data against the best silo ({doc['experiment']}, arm {doc['arm']!r}, scale {doc['scale']}, "
+        "# Pooled data and cyclic weight transfer against the best silo "
+        f"({doc['experiment']}, arm {doc['arm']!r}, scale {doc['scale']}, "
         f"seeds {doc['seeds']})", "",
         f"{doc['silos']} silos, {doc['rounds']} rounds x {doc['local_steps']} steps. Test half of the shared test set "
         "(the best silo chosen on the validation half); mean ± std over seeds. Written by `bench/probe_pooled.py`.", "",
@@ -175,6 +191,8 @@ def main() -> None:
     parser.add_argument("--seeds", help="comma-separated (default: the experiment's)")
     parser.add_argument("--server-steps", default="",
                         help="comma-separated steps > 1 along each round's averaged change (extra FedAvg arms)")
+    parser.add_argument("--no-pooled", action="store_true",
+                        help="leave out the pooled models (tasks whose silos label differently: organs, lesion)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -189,9 +207,10 @@ def main() -> None:
     runs = []
     for seed in seeds:
         sc, _ = run_scenario(exp, arm, seed, args.scale, Path("/nonexistent"))
-        runs.append(one(sc, seed, steps))
+        runs.append(one(sc, seed, steps, not args.no_pooled))
         print(json.dumps({"seed": seed, "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     doc = {"experiment": exp.name, "arm": arm.name, "scale": args.scale, "seeds": seeds, "task": sc.task,
+           "pooled": not args.no_pooled,
            "server_steps": list(steps),
            "silos": sc.peers, "rounds": sc.rounds, "local_steps": sc.local_steps, "runs": runs,
            "summary": summary(runs), "seconds": round(time.perf_counter() - t0, 1)}
