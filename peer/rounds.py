@@ -63,7 +63,7 @@ from silomesh.peer.safety import UpdateBound, UpdateGuard, state_violation
 from silomesh.peer.secure_rounds import secure_exchange_round
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
-from silomesh.strategies import Contribution, RoundShape, StateDict
+from silomesh.strategies import Contribution, CyclicConfig, RoundShape, StateDict
 
 log = logging.getLogger(__name__)
 
@@ -377,11 +377,83 @@ async def train_request_round(
     return aggregate(ctx, ctx.learner.state(), accepted, report)
 
 
+async def relay_round(
+    ctx: RoundContext, round: int, selected: list[str], deadline: float, report: RoundReport, guard: UpdateGuard
+) -> StateDict:
+    """Cyclic weight transfer: take the predecessor's model, train it, pass it to the successor.
+
+    The first peer of the ring starts round 0 from its own model and afterwards waits for the
+    last peer's model of the round before; every other peer waits for its predecessor's model
+    of this round. One that does not come by the deadline (or a predecessor not selected this
+    round) is skipped and the peer goes on from its own model. The trained model is pushed to
+    the successor (with the exchange's retries) and is the round's model.
+    """
+    cfg = ctx.learner.strategy.config
+    assert isinstance(cfg, CyclicConfig)
+    before, after = cfg.neighbours(ctx.peer_id)
+    own = ctx.learner.state()
+    contributions: list[Contribution] = []
+    opens = cfg.first(ctx.peer_id) and ctx.store.last_committed_round() < 0
+    if not opens:
+        wanted = round - 1 if cfg.first(ctx.peer_id) else round
+        if before in selected:
+            ctx.progress.waiting_on[before] = "the model its predecessor in the ring passes on"
+            with trio.move_on_at(deadline):
+                await ctx.inbox.wait_for({before}, wanted)
+            ctx.progress.waiting_on.pop(before, None)
+        got = ctx.inbox.get(before, wanted)
+        if got is None:
+            report.skipped[before] = "missed the deadline" if before in selected else "not selected this round"
+            log.info("%s: no model from %s for round %d: going on from our own", ctx.peer_id[-8:], before[-8:],
+                     round)
+        else:
+            why = guard.check(before, own, got.state)
+            if why is not None:
+                _refuse_dropped(ctx, report, {before: f"update bound: {why}"}, "update", "safety")
+            else:
+                contributions.append(Contribution(peer_id=before, state=got.state, n_samples=max(got.n_samples, 1)))
+    start = aggregate(ctx, own, contributions, report)
+    await ctx.compute.run(ctx.learner.load, start)
+    ctx.progress.phase = "training"
+    trained = await ctx.compute.run(ctx.learner.train, ctx.rounds.local_steps)
+    account_privacy(ctx, round)  # logged before the trained model can leave the peer
+    report.train_loss = trained.mean_loss
+    ctx.progress.phase = "exchanging"
+    metrics = {"degree": float(len(ctx.trust))}
+    if math.isfinite(trained.mean_loss):
+        metrics["loss"] = trained.mean_loss
+    if after in selected:
+        shared = ctx.faults.outgoing_state(ctx.peer_id, round, ctx.learner.shared(trained.state))
+        maker = UpdateMaker(ctx, round, shared, metrics, ctx.rounds.codec)
+
+        def count(sent: int) -> None:
+            report.bytes_sent += sent
+
+        retry_until = trio.current_time() + ctx.rounds.deadline_seconds  # the wait may have used the round's
+        for attempt in range(PUSH_ATTEMPTS):
+            try:
+                ctx.progress.waiting_on[after] = "push: passing the model on"
+                await push_update(ctx, after, maker, count)
+                break
+            except UNDELIVERED as exc:
+                if attempt + 1 < PUSH_ATTEMPTS and await _worth_retrying(ctx, after, exc, retry_until, attempt):
+                    continue
+                log.warning("%s: could not pass the model on to %s in round %d: %s", ctx.peer_id[-8:], after[-8:],
+                            round, exc)
+                report.skipped[after] = skip_reason(exc)
+            finally:
+                ctx.progress.waiting_on.pop(after, None)
+    else:
+        report.skipped[after] = "not selected this round"
+    return trained.state
+
+
 #: the round each shape runs; a strategy picks one with its ``shape``
 SHAPES: dict[RoundShape, RoundShapeFn] = {
     RoundShape.EXCHANGE: exchange_round,
     RoundShape.TRAIN_REQUEST: train_request_round,
     RoundShape.SECURE_EXCHANGE: functools.partial(secure_exchange_round, plain=exchange_round),
+    RoundShape.RELAY: relay_round,
 }
 
 

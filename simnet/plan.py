@@ -240,6 +240,13 @@ def build_plan(scenario: Scenario, out: Path, endpoints: Sequence[tuple[str, int
     names = [peer_name(i, n) for i in range(n)]
     nbrs = topology.neighbours
     options = scenario.effective_task_options
+    params = dict(scenario.strategy_params)
+    if scenario.strategy == "cyclic" and "order" not in params:  # the ring: the peers in index order
+        missing = [i for i in range(n) if (i + 1) % n not in nbrs[i]]
+        if n < 2 or missing:
+            raise ScenarioError(f"strategy cyclic passes the model from peer i to peer i+1: topology "
+                                f"{scenario.topology} does not connect peer {missing[0] if missing else 0} to the next")
+        params["order"] = [ids[i].peer_id_text for i in range(n)]
     plans = []
     for i in range(n):
         pp = PeerPlan(index=i, name=names[i], peer_id=ids[i].peer_id_text, share=share_of(i, n, scenario.procs),
@@ -254,7 +261,7 @@ def build_plan(scenario: Scenario, out: Path, endpoints: Sequence[tuple[str, int
             "participation": "auto",
             "task": {"name": scenario.task, "size": scenario.size,
                      "options": {"silos": n, "silo": i, "seed": scenario.seed, **options}},
-            "strategy": {"name": scenario.strategy, "params": dict(scenario.strategy_params)},
+            "strategy": {"name": scenario.strategy, "params": params},
             "rounds": {"count": scenario.rounds, "deadline_seconds": float(scenario.deadline),
                        "local_steps": scenario.local_steps, "batch_size": scenario.batch_size,
                        "lr": float(scenario.lr), "codec": scenario.codec},

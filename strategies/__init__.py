@@ -26,6 +26,7 @@ from .base import (
     StateDict,
     StrategyConfig,
 )
+from .cyclic import CyclicConfig, CyclicStrategy
 from .emd import feature_map_emd, node_emd, similarity_weights
 from .fedavg import FedAvgConfig, FedAvgStrategy
 from .fedefm import (
@@ -62,6 +63,8 @@ __all__ = [
     "SELF",
     "AggregationResult",
     "Contribution",
+    "CyclicConfig",
+    "CyclicStrategy",
     "DistillResult",
     "FedAvgConfig",
     "FedAvgStrategy",

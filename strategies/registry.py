@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from .cyclic import CyclicStrategy
 from .fedavg import FedAvgStrategy
 from .fedefm import FedEFMStrategy
 from .fedmix import FedMixStrategy
@@ -21,7 +22,7 @@ from .strategy import Strategy
 logger = logging.getLogger(__name__)
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvgStrategy, FedEFMStrategy, SegVizStrategy, FedMixStrategy)
+    cls.name: cls for cls in (FedAvgStrategy, FedEFMStrategy, SegVizStrategy, FedMixStrategy, CyclicStrategy)
 }
 
 

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 
 class RoundShape(enum.Enum):
-    """The two shapes a round can take on the wire."""
+    """The shapes a round can take on the wire."""
 
     #: train locally, push an ``update`` to each neighbour, gather theirs, aggregate
     EXCHANGE = "exchange"
@@ -61,12 +61,15 @@ class RoundShape(enum.Enum):
     #: train locally; as aggregator, collect the neighbours' masked vectors and learn only their
     #: sum; as member, mask our model for each neighbour (``secure_aggregation``, fedavg)
     SECURE_EXCHANGE = "secure-exchange"
+    #: wait for the predecessor's model, train it, push it to the successor (``cyclic``)
+    RELAY = "relay"
 
 
 #: message kinds each round shape uses, in the order they flow
 SHAPE_KINDS: dict[RoundShape, tuple[str, ...]] = {
     RoundShape.EXCHANGE: (KIND_UPDATE,),
     RoundShape.TRAIN_REQUEST: (KIND_TRAIN_REQUEST, KIND_TRAIN_RESULT),
+    RoundShape.RELAY: (KIND_UPDATE,),
     RoundShape.SECURE_EXCHANGE: (
         "secagg-group", "secagg-deal", "secagg-shares", "secagg-masked", "secagg-commit", "secagg-release",
     ),

@@ -106,6 +106,7 @@ def test_metrics_db_holds_one_row_per_peer_round(fedavg_run: dict[str, Any]) -> 
     ("fedefm", "catheter", {"distill_steps": 2}),
     ("segviz", "organs", {}),
     ("fedmix", "lesion", {}),
+    ("cyclic", "catheter", {}),
 ])
 def test_strategy_runs_end_to_end(tmp_path: Path, strategy: str, task: str, params: dict[str, Any]) -> None:
     r = _run(tmp_path / "run", strategy=strategy, task=task, strategy_params=params)

@@ -334,8 +334,8 @@ def test_aggregation_is_invariant_to_neighbour_order(seed: int, perm_seed: int, 
 # --- configs and registry ------------------------------------------------------------
 
 
-def test_registry_lists_the_four_strategies() -> None:
-    assert available_strategies() == ["fedavg", "fedefm", "fedmix", "segviz"]
+def test_registry_lists_the_five_strategies() -> None:
+    assert available_strategies() == ["cyclic", "fedavg", "fedefm", "fedmix", "segviz"]
 
 
 def test_unknown_strategy_name_raises_value_error() -> None:
