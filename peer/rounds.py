@@ -401,7 +401,7 @@ async def relay_round(
             with trio.move_on_at(deadline):
                 await ctx.inbox.wait_for({before}, wanted)
             ctx.progress.waiting_on.pop(before, None)
-        got = ctx.inbox.get(before, wanted)
+        got = ctx.inbox.get(before, wanted) if before in selected else None  # an unselected one is not used
         if got is None:
             report.skipped[before] = "missed the deadline" if before in selected else "not selected this round"
             log.info("%s: no model from %s for round %d: going on from our own", ctx.peer_id[-8:], before[-8:],
