@@ -197,9 +197,13 @@ def test_ray_instance_on_this_machine_matches_one_process(tmp_path: Path) -> Non
 @needs_netbed
 @pytest.mark.timeout(600)
 def test_faults_run_on_ray_actors(tmp_path: Path) -> None:
-    """crash + restart, a partition, an intruder and a byzantine peer, with the peers in two actors."""
+    """crash + restart, a partition, an intruder and a byzantine peer, with the peers in two actors.
+
+    Every message waits 1 s, so the rounds the crashes hit (1 or 2, 0.2-1.0 s in) are still
+    running when they fire: on a fast machine the tiny rounds took less than that, a peer
+    finished its rounds first and its crash was skipped as due after it was done."""
     settings = {**BASE, "peers": 6, "procs": 2, "rounds": 4, "deadline": 10, "seed": 1, "backend": "ray",
-                "faults": "crash=0.34,restart=after:1,partition=1-2,intruder=1,byzantine=1:noise"}
+                "faults": "crash=0.34,restart=after:1,partition=1-2,intruder=1,byzantine=1:noise,delay=1s"}
     with open_netbed() as bed:
         bed.add_public("solo")
         ran = subprocess.run(bed.command("solo", _simnet_argv(tmp_path / "run", settings)), env=RAY_ENV,
