@@ -157,6 +157,7 @@ class ModelTask(Task):
         self.weights = weights
         self.name = task.name
         self.metric = task.metric
+        self.distills = task.distills
 
     def make_federation(self, n_silos: int, seed: int, **options: Any) -> Federation:
         return self.inner.make_federation(n_silos, seed, **options)

@@ -246,17 +246,44 @@ class OrgansTask(Task):
             image_size=cfg.image_size, head_bias=-2.0,
         )  # fmt: skip
 
+    distills = True
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """BCE + soft Dice on the annotated organ channels only."""
+        """BCE + soft Dice on the annotated organ channels only (:meth:`targets`).
+
+        With ``batch["teacher_logits"]`` (see :attr:`Task.distills`) the organs the batch
+        does not annotate are trained too, with the teacher's probabilities as soft targets
+        under the same BCE + soft Dice: what the model knew of the other silos' organs when
+        it arrived is kept rather than left to drift. The Dice term does not stop at the
+        teacher's probabilities but sharpens them (soft pseudo-labels); BCE alone on those
+        channels, a plain distillation, did far worse in ``bench/probe_pooled.py --distill``
+        (docs/RESULTS.md, "Organs: keeping what a silo does not label").
+        """
         logits = model(batch["image"])  # (B, K, *S)
-        k = logits.shape[1]
-        organ_ids = torch.arange(1, k + 1, device=logits.device).view(1, k, *([1] * (logits.dim() - 2)))
-        target = (batch["mask"].unsqueeze(1) == organ_ids).to(logits.dtype)  # (B, K, *S)
+        target, valid = self.targets(batch, logits.shape[1], logits.dim() - 2)
+        return binary_loss(logits, target.to(logits.dtype), valid)
+
+    @staticmethod
+    def targets(batch: dict[str, torch.Tensor], organs: int, spatial: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-channel targets ``(B, K, *S)`` and pixel weights (None: every pixel counts).
+
+        Annotated organs: the mask. Without a teacher the other channels weigh nothing.
+        With ``teacher_logits`` they count everywhere, towards the teacher's probability,
+        except on pixels annotated as another organ, where they are 0 (organs do not overlap).
+        """
+        mask = batch["mask"]
+        organ_ids = torch.arange(1, organs + 1, device=mask.device).view(1, organs, *([1] * spatial))
+        target = (mask.unsqueeze(1) == organ_ids).float()  # (B, K, *S)
         labelled = batch.get("labelled")
         if labelled is None:
-            return binary_loss(logits, target)
-        valid = labelled.to(logits.dtype).view(*labelled.shape, *([1] * (logits.dim() - 2)))
-        return binary_loss(logits, target, valid)
+            return target, None
+        valid = labelled.float().view(*labelled.shape, *([1] * spatial))
+        teacher = batch.get("teacher_logits")
+        if teacher is None:
+            return target, valid
+        taken = (target * valid).amax(dim=1, keepdim=True)  # pixels annotated as some organ
+        soft = torch.sigmoid(teacher.float()) * (1 - taken)
+        return valid * target + (1 - valid) * soft, None
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:

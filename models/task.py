@@ -91,6 +91,10 @@ class Task(ABC):
     name: str = ""
     #: headline metric reported by simnet; higher is better (e.g. ``"dice"``, ``"psnr"``)
     metric: str = ""
+    #: whether :meth:`loss` uses ``batch["teacher_logits"]`` when the batch carries it: the
+    #: outputs of a frozen earlier model (``train_local(teacher=...)``), kept as soft targets
+    #: for what the batch's own labels leave unannotated (learning without forgetting)
+    distills: bool = False
 
     @abstractmethod
     def make_federation(self, n_silos: int, seed: int, **options: Any) -> Federation:

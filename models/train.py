@@ -77,6 +77,7 @@ def train_local(
     label: str = "train",
     anchor: Mapping[str, torch.Tensor] | None = None,
     anchor_weight: float = 0.0,
+    teacher: nn.Module | None = None,
 ) -> list[float]:
     """Train ``model`` on ``data`` with ``task.loss`` for ``steps`` optimiser steps.
 
@@ -97,12 +98,17 @@ def train_local(
             proximal term ``anchor_weight / 2 * sum ||p - anchor||^2`` over the model's
             parameters named in it (Ditto's personal objective, Li et al. 2021).
         anchor_weight: the proximal term's weight (lambda).
+        teacher: a frozen model (in eval mode, never updated) whose outputs on each batch
+            go to the loss as ``batch["teacher_logits"]``; only for tasks that
+            :attr:`~Task.distills` (their loss keeps the teacher's outputs where the
+            batch's labels say nothing).
 
     Returns:
         The loss of every step.
 
     Raises:
-        ValueError: for empty data or non-positive batch size.
+        ValueError: for empty data, non-positive batch size, or a teacher for a task
+            that does not distill.
         FloatingPointError: if the loss becomes NaN or infinite.
     """
     if len(data) == 0:
@@ -111,6 +117,10 @@ def train_local(
         raise ValueError(f"need batch_size >= 1 and steps >= 0, got {batch_size} and {steps}")
     if anchor_weight < 0 or not math.isfinite(anchor_weight):
         raise ValueError(f"anchor_weight must be finite and >= 0, got {anchor_weight}")
+    if teacher is not None and not task.distills:
+        raise ValueError(f"task {task.name!r} does not learn from a teacher's outputs")
+    if teacher is not None:
+        teacher.eval()
     pulled = [(p, anchor[name].detach()) for name, p in model.named_parameters()
               if anchor is not None and name in anchor] if anchor_weight > 0 else []
     torch.manual_seed(seed)
@@ -123,6 +133,9 @@ def train_local(
     with _progress_bar(progress, steps, label) as advance:
         for step in range(steps):
             batch = {k: v.to(device) for k, v in next(batches).items()}
+            if teacher is not None:
+                with torch.no_grad():
+                    batch["teacher_logits"] = teacher(batch["image"])
             loss = task.loss(model, batch)
             if pulled:
                 loss = loss + 0.5 * anchor_weight * sum(((p - a) ** 2).sum() for p, a in pulled)

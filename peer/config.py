@@ -107,6 +107,10 @@ class RoundConfig:
     #: precision) or int8 (deltas and snapshots quantized per tensor); lossy codecs carry their
     #: error into the next delta, which is always made against what the neighbour holds
     codec: str = "float32"
+    #: every training on this silo's data also trains what its labels leave unannotated
+    #: (another silo's organs) towards the model as that training began, instead of leaving it
+    #: to drift (learning without forgetting; tasks that :attr:`~Task.distills`: organs)
+    keep_unlabelled: bool = False
 
 
 UPDATE_CODECS = ("float32", "float16", "int8")
@@ -487,7 +491,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         r,
         {
             "count", "deadline_seconds", "local_steps", "batch_size", "lr",
-            "max_update_ratio", "max_weight_factor", "max_update_growth", "codec",
+            "max_update_ratio", "max_weight_factor", "max_update_growth", "codec", "keep_unlabelled",
         },
         "rounds.",
     )
@@ -501,6 +505,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         max_weight_factor=_get(r, "max_weight_factor", "rounds.", float, 1e4),
         max_update_growth=_get(r, "max_update_growth", "rounds.", float, 20.0),
         codec=_get(r, "codec", "rounds.", str, "float32"),
+        keep_unlabelled=_get(r, "keep_unlabelled", "rounds.", bool, False),
     )
     if rounds.codec not in UPDATE_CODECS:
         raise ConfigError(f"rounds.codec: must be one of {', '.join(UPDATE_CODECS)}, got {rounds.codec!r}")

@@ -102,6 +102,9 @@ class Peer:
             self.task = build_task(config.task)
         except (ValueError, TypeError) as exc:
             raise OperatorError(f"task: {exc}") from None
+        if config.rounds.keep_unlabelled and not self.task.distills:
+            raise OperatorError(f"rounds.keep_unlabelled: task {self.task.name!r} has nothing unannotated to keep "
+                                "(it applies to tasks whose silos label part of the classes: organs)")
         try:
             self.strategy: Strategy = get_strategy(config.strategy.name, config.strategy.params)
             if isinstance(self.strategy.config, CyclicConfig):  # the ring must run through trusted peers
@@ -179,6 +182,7 @@ class Peer:
                     strategy=self.strategy,
                     privacy=privacy.dp_settings(config.privacy),
                     spent_history=spent,
+                    keep_unlabelled=config.rounds.keep_unlabelled,
                 )
             )
         except ValueError as exc:

@@ -68,6 +68,15 @@ def load_numpy(model: nn.Module, state: Mapping[str, np.ndarray], *, strict: boo
     model.load_state_dict(tensors, strict=strict)
 
 
+def with_teacher(batch: Mapping[str, torch.Tensor], teacher: nn.Module | None) -> dict[str, torch.Tensor]:
+    """``batch`` as a dict, with ``teacher_logits`` (the frozen teacher's outputs) when there is a teacher."""
+    out = dict(batch)
+    if teacher is not None:
+        with torch.no_grad():
+            out["teacher_logits"] = teacher(out["image"])
+    return out
+
+
 class Learner:
     """A task, this silo's data, and the current model: the strategies' :class:`Workbench`.
 
@@ -90,8 +99,15 @@ class Learner:
         strategy: Strategy,
         privacy: DPSettings | None = None,
         spent_history: Sequence[tuple[float, float, int]] = (),
+        keep_unlabelled: bool = False,
     ) -> None:
+        if keep_unlabelled and not task.distills:
+            raise ValueError(f"rounds.keep_unlabelled: task {task.name!r} has nothing unannotated to keep "
+                             "(it applies to tasks whose silos label part of the classes: organs)")
         self.task = task
+        #: ``[rounds] keep_unlabelled``: every training on this silo's data keeps the model's
+        #: outputs as it began, where this silo's labels say nothing (``train_local(teacher=)``)
+        self.keep_unlabelled = keep_unlabelled
         self.silo = silo
         self.batch_size = batch_size
         self.lr = lr
@@ -167,15 +183,21 @@ class Learner:
             else:
                 log.warning("state without the %r network: keeping the current one", prefix)
 
+    def teacher(self, model: nn.Module) -> nn.Module | None:
+        """A frozen copy of ``model`` to keep what this silo does not label (``keep_unlabelled``), else None."""
+        return copy.deepcopy(model).eval() if self.keep_unlabelled else None
+
     def _train(self, model: nn.Module, steps: int) -> list[float]:
         seed = self.next_seed()
+        teacher = self.teacher(model)
         if self.dp is None:
-            return train_local(self.task, model, self.silo.train, steps, self.batch_size, self.lr, seed=seed)
+            return train_local(self.task, model, self.silo.train, steps, self.batch_size, self.lr, seed=seed,
+                               teacher=teacher)
         torch.manual_seed(seed)
         model.train()
         # Adam: train_local's AdamW without weight decay
-        return run_steps(list(model.parameters()), lambda b: self.task.loss(model, dict(b)), self.batches(seed), steps,
-                         "adam", self.lr, self.dp)
+        return run_steps(list(model.parameters()), lambda b: self.task.loss(model, with_teacher(b, teacher)),
+                         self.batches(seed), steps, "adam", self.lr, self.dp)
 
     def train_plain(self, steps: int) -> LocalStep:
         """Train the first network with the task's loss on this silo's data."""

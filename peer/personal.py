@@ -40,7 +40,7 @@ import trio
 
 from silomesh.models.train import train_local
 from silomesh.peer.config import PersonalConfig
-from silomesh.peer.learner import Learner, StateDict, load_numpy, to_numpy
+from silomesh.peer.learner import Learner, StateDict, load_numpy, to_numpy, with_teacher
 from silomesh.peer.safety import state_violation
 from silomesh.peer.store import PERSONAL, Store
 from silomesh.protocol import state_digest
@@ -64,6 +64,7 @@ def fine_tune(
     own test set. The learner's own model and its seed counter are not touched, so a peer
     trains the same shared models with and without personal ones."""
     model = copy.deepcopy(learner.model)
+    teacher = learner.teacher(learner.model)  # [rounds] keep_unlabelled: keep the shared model's other labels
     lr = config.lr if config.lr is not None else lr
     seed = learner.init_seed + SEED_OFFSET + round
     if config.method == "head":
@@ -74,8 +75,8 @@ def fine_tune(
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         data, size = learner.silo.train, learner.batch_size
-        finetune_head(model, lambda: data.batches(size, rng), lambda m, b: learner.task.loss(m, dict(b)), prefixes,
-                      config.steps, lr)
+        finetune_head(model, lambda: data.batches(size, rng),
+                      lambda m, b: learner.task.loss(m, with_teacher(b, teacher)), prefixes, config.steps, lr)
     elif config.method == "ditto":
         anchor = {name: p.detach().clone() for name, p in learner.model.named_parameters()}
         own = model.state_dict()
@@ -86,9 +87,10 @@ def fine_tune(
         elif previous is not None:
             load_numpy(model, previous)
         train_local(learner.task, model, learner.silo.train, config.steps, learner.batch_size, lr, seed=seed,
-                    anchor=anchor, anchor_weight=config.ditto_lambda)
+                    anchor=anchor, anchor_weight=config.ditto_lambda, teacher=teacher)
     else:
-        train_local(learner.task, model, learner.silo.train, config.steps, learner.batch_size, lr, seed=seed)
+        train_local(learner.task, model, learner.silo.train, config.steps, learner.batch_size, lr, seed=seed,
+                    teacher=teacher)
     metrics = learner.task.evaluate(model, learner.silo.test)
     return to_numpy(model), {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 

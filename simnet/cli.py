@@ -71,6 +71,9 @@ def simnet() -> None:
 @click.option("--lr", type=float, help="Learning rate (default 0.001).")
 @click.option("--codec", type=click.Choice(["float32", "float16", "int8"]),
               help="How updates travel (default float32; float16 and int8 are lossy, with error feedback).")
+@click.option("--keep-unlabelled/--no-keep-unlabelled", default=None,
+              help="Partial labels (organs): every peer's training keeps the organs its silo does not "
+                   "annotate as the model knew them, instead of letting them drift (default off).")
 @click.option("--personal-steps", type=int,
               help="Each peer also keeps a personal model, trained K steps on its data after every round (default 0).")
 @click.option("--personal-method", type=click.Choice(["finetune", "head", "ditto"]),

@@ -290,7 +290,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         s = arm["settings"]
         desc = (f"{s['peers']} peers, {s['topology']}, {s['strategy']} {json.dumps(s['strategy_params'])}, "
                 f"{s['task']}/{s['size']}, {s['rounds']} rounds x {s['local_steps']} steps, "
-                f"lr {s['lr']}, batch {s['batch_size']}, data {json.dumps(s['task_options'])}")
+                f"lr {s['lr']}, batch {s['batch_size']}, data {json.dumps(s['task_options'])}"
+                + (", keep_unlabelled" if s.get("keep_unlabelled") else ""))
         lines.append(f"| {name} | {desc} |")
     lines += _per_silo_section(results)
     lines += ["", f"Total wall time: {results['wall_seconds']:.0f} s "

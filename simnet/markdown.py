@@ -53,7 +53,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Settings: local_steps {s['local_steps']}, batch_size {s['batch_size']}, lr {s['lr']}, "
         f"deadline {s['deadline']} s, model size `{s['size']}`, task options `{s['task_options']}`, "
-        f"processes {s['procs']}.",
+        f"processes {s['procs']}" + (", keep_unlabelled" if s.get("keep_unlabelled") else "") + ".",
         "",
         "## Rounds",
         "",

@@ -18,6 +18,7 @@ Scenario files hold the same settings as the flags (flags override the file)::
     batch_size = 8
     lr = 0.001
     codec = "float32"             # how updates travel: float32 | float16 | int8 (peer.toml [rounds] codec)
+    keep_unlabelled = false       # organs: keep the other silos' organs while training (peer.toml [rounds])
     faults = "drop=0.05,intruder=1"   # or a table, see below
 
     [faults]                      # alternative to the string form
@@ -99,6 +100,8 @@ class Scenario:
     lr: float = 1e-3
     #: every peer's ``[rounds] codec``: float32, float16 or int8 (lossy ones with error feedback)
     codec: str = "float32"
+    #: every peer's ``[rounds] keep_unlabelled`` (partial labels: keep what a silo does not annotate)
+    keep_unlabelled: bool = False
     #: fine-tune steps of each peer's personal model after every round (0: none; peer.toml [personal])
     personal_steps: int = 0
     #: peer.toml ``[personal] method``: ``finetune`` (each round's shared model fine-tuned),
@@ -172,7 +175,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "compare_local": (bool,),
     "procs": (int,), "backend": (str,), "ray_address": (str,),
     "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
-    "lr": (int, float), "codec": (str,), "personal_steps": (int,),
+    "lr": (int, float), "codec": (str,), "keep_unlabelled": (bool,), "personal_steps": (int,),
     "personal_method": (str,), "personal_lambda": (int, float), "timeout": (int, float), "task_options": (dict,),
     "strategy_params": (dict,), "privacy": (dict,),
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,53 @@ def test_a_few_steps_reduce_the_loss(dims: int) -> None:
     model = task.make_model("tiny", seed=0)
     losses = train_local(task, model, data, steps=30, batch_size=4, lr=1e-2)
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+
+
+def test_with_a_teacher_the_unannotated_organs_follow_it_except_on_annotated_pixels(
+    task: OrgansTask, fed: Federation
+) -> None:
+    batch = dict(next(fed.silos[2].train.batches(4, np.random.default_rng(0))))
+    teacher = torch.randn(4, len(ORGANS), 32, 32, generator=torch.Generator().manual_seed(0))
+    kidneys = batch["mask"] == 3
+    assert kidneys.any() and (~kidneys).any()
+    plain, plain_valid = task.targets(batch, len(ORGANS), 2)
+    target, valid = task.targets({**batch, "teacher_logits": teacher}, len(ORGANS), 2)
+    assert plain_valid is not None and valid is None  # with a teacher every channel counts
+    assert torch.equal(target[:, 2], plain[:, 2])  # the annotated organ: its mask, as without a teacher
+    for other in (0, 1, 3):
+        expected = torch.where(kidneys, 0.0, torch.sigmoid(teacher[:, other]))
+        assert torch.allclose(target[:, other], expected)
+    model = _Fixed(torch.randn(4, len(ORGANS), 32, 32))
+    task.loss(model, {**batch, "teacher_logits": teacher}).backward()
+    assert model.logits.grad is not None and torch.count_nonzero(model.logits.grad[:, [0, 1, 3]]) > 0
+
+
+def test_a_teacher_keeps_an_organ_the_silo_does_not_annotate(task: OrgansTask, fed: Federation) -> None:
+    """Learning the liver, then training on the spleen silo: without a teacher the liver
+    channel drifts; with the model as it arrived for teacher it stays close."""
+    liver = task.make_model("tiny", seed=0)
+    train_local(task, liver, fed.silos[0].train, steps=30, batch_size=4, lr=1e-2, seed=1)
+    images = torch.from_numpy(fed.tests["all"]["image"])
+
+    def liver_drift(teacher: bool) -> float:
+        model = task.make_model("tiny", seed=0)
+        model.load_state_dict(liver.state_dict())
+        train_local(task, model, fed.silos[1].train, steps=20, batch_size=4, lr=1e-2, seed=2,
+                    teacher=copy.deepcopy(liver) if teacher else None)
+        with torch.no_grad():
+            model.eval()
+            liver.eval()
+            return float((torch.sigmoid(model(images)[:, 0]) - torch.sigmoid(liver(images)[:, 0])).abs().mean())
+
+    kept, drifted = liver_drift(True), liver_drift(False)
+    assert kept < 0.5 * drifted, (kept, drifted)
+
+
+def test_a_teacher_is_refused_for_a_task_that_labels_everything() -> None:
+    from silomesh.models.catheter import CatheterTask
+
+    catheter = CatheterTask(image_size=32, n_train=4, n_test=2, n_test_source=2)
+    model = catheter.make_model("tiny", seed=0)
+    data = catheter.make_federation(1, seed=0).silos[0].train
+    with pytest.raises(ValueError, match="teacher"):
+        train_local(catheter, model, data, steps=1, batch_size=2, teacher=copy.deepcopy(model))
