@@ -34,6 +34,7 @@ writes ``DIR/probe_pooled.json`` and ``.md``::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -51,7 +52,8 @@ from silomesh.simnet.experiment import load_experiment, run_scenario
 from silomesh.simnet.scenario import Scenario
 
 
-def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = (), pool: bool = True) -> dict[str, Any]:
+def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = (), pool: bool = True,
+        distill: bool = False) -> dict[str, Any]:
     """Every model of the probe for one seed: test-half scores and per-silo own-test scores."""
     from silomesh.models.registry import get_task
 
@@ -78,14 +80,16 @@ def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = (), poo
     weights = np.array([len(s.train) for s in silos], dtype=np.float64)
     weights /= weights.sum()
 
-    def fedavg(step: float) -> list[torch.nn.Module]:
+    def fedavg(step: float, distilled: bool = False) -> list[torch.nn.Module]:
         """Full-topology FedAvg; ``step`` > 1 moves each round's model that many times the
         averaged change from the round's start (a server learning rate, FedAvgM without momentum)."""
         models = [task.make_model(sc.size, seed=init) for _ in silos]
         for r in range(sc.rounds):
             start = {k: v.detach().clone() for k, v in models[0].state_dict().items()}
+            teacher = copy.deepcopy(models[0]) if distilled else None
             for model, silo in zip(models, silos, strict=True):
-                train_local(task, model, silo.train, sc.local_steps, sc.batch_size, sc.lr, seed=init + r + 1)
+                train_local(task, model, silo.train, sc.local_steps, sc.batch_size, sc.lr, seed=init + r + 1,
+                            teacher=teacher)
             states = [m.state_dict() for m in models]
             mean = {k: sum(float(w) * s[k].double() for w, s in zip(weights, states, strict=True))
                     for k in states[0]}
@@ -96,12 +100,24 @@ def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = (), poo
 
     models = fedavg(1.0)
     stepped = {f"fedavg_step{g:g}": fedavg(g) for g in server_steps}
-    # cyclic weight transfer: one model visits the silos in turn, each training its round's chunk
-    cyclic = task.make_model(sc.size, seed=init)
-    for r in range(sc.rounds):
-        for i, silo in enumerate(silos):
-            train_local(task, cyclic, silo.train, sc.local_steps, sc.batch_size, sc.lr,
-                        seed=init + (r + 1) * len(silos) + i)
+    if distill:
+        stepped["fedavg_distill"] = fedavg(1.0, distilled=True)
+
+    def cycled(distilled: bool) -> torch.nn.Module:
+        """Cyclic weight transfer: one model visits the silos in turn, each training its
+        round's chunk (with ``distilled``, towards the model as it arrived where the visited
+        silo's labels say nothing)."""
+        model = task.make_model(sc.size, seed=init)
+        for r in range(sc.rounds):
+            for i, silo in enumerate(silos):
+                train_local(task, model, silo.train, sc.local_steps, sc.batch_size, sc.lr,
+                            seed=init + (r + 1) * len(silos) + i,
+                            teacher=copy.deepcopy(model) if distilled else None)
+        return model
+
+    cyclic = cycled(False)
+    if distill:
+        stepped["cyclic_distill"] = [cycled(True)] * len(silos)
     if pool:
         union = concat([s.train for s in silos])
         pooled = trained(union, sc.rounds)
@@ -136,9 +152,11 @@ def _ms(values: list[float]) -> list[float]:
 
 def model_names(run: dict[str, Any]) -> list[str]:
     """The compared models of a run, in order: FedAvg, any stepped FedAvg, the pooled ones."""
-    stepped = [k[: -len("_common_test")] for k in run if k.startswith("fedavg_step") and k.endswith("_common_test")]
+    stepped = [k[: -len("_common_test")] for k in run
+               if k.startswith(("fedavg_step", "fedavg_distill")) and k.endswith("_common_test")]
+    distilled = ["cyclic_distill"] if "cyclic_distill_common_test" in run else []
     pooled = ["pooled", "pooled_total"] if "pooled_common_test" in run else []
-    return ["fedavg", *stepped, *pooled, "cyclic"]
+    return ["fedavg", *stepped, *pooled, "cyclic", *distilled]
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,7 +174,9 @@ def _label(name: str) -> str:
     if name.startswith("fedavg_step"):
         return f"FedAvg, {name[len('fedavg_step'):]}x the averaged change"
     return {"fedavg": "FedAvg (in-process)", "pooled": "pooled, one silo's steps",
-            "pooled_total": "pooled, all silos' steps", "cyclic": "cyclic (one model visits every silo)"}[name]
+            "pooled_total": "pooled, all silos' steps", "cyclic": "cyclic (one model visits every silo)",
+            "fedavg_distill": "FedAvg, keeping the round's start on unannotated labels",
+            "cyclic_distill": "cyclic, keeping the arriving model on unannotated labels"}[name]
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -193,6 +213,9 @@ def main() -> None:
                         help="comma-separated steps > 1 along each round's averaged change (extra FedAvg arms)")
     parser.add_argument("--no-pooled", action="store_true",
                         help="leave out the pooled models (tasks whose silos label differently: organs, lesion)")
+    parser.add_argument("--distill", action="store_true",
+                        help="add FedAvg and cyclic arms that train unannotated labels towards the model as it "
+                             "arrived (tasks that distill: organs)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -207,11 +230,11 @@ def main() -> None:
     runs = []
     for seed in seeds:
         sc, _ = run_scenario(exp, arm, seed, args.scale, Path("/nonexistent"))
-        runs.append(one(sc, seed, steps, not args.no_pooled))
+        runs.append(one(sc, seed, steps, not args.no_pooled, args.distill))
         print(json.dumps({"seed": seed, "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     doc = {"experiment": exp.name, "arm": arm.name, "scale": args.scale, "seeds": seeds, "task": sc.task,
            "pooled": not args.no_pooled,
-           "server_steps": list(steps),
+           "server_steps": list(steps), "distill": args.distill,
            "silos": sc.peers, "rounds": sc.rounds, "local_steps": sc.local_steps, "runs": runs,
            "summary": summary(runs), "seconds": round(time.perf_counter() - t0, 1)}
     if args.out:
