@@ -344,9 +344,27 @@ class LesionTask(Task):
         if "present" in batch and "mask" not in batch:
             target = batch["present"].to(logits.dtype).view(-1)
             terms["present"] = F.binary_cross_entropy_with_logits(image_logit(logits), target)
+        if "teacher_logits" in batch and "mask" not in batch:
+            terms["teacher"] = _pixel_term(logits, self.teacher_targets(batch, logits.shape[-2:]))
         if not terms:
             raise ValueError("batch has no supervision: expected mask, pseudo, box or present")
         return terms
+
+    distills = True
+
+    @staticmethod
+    def teacher_targets(batch: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """Soft pixel targets ``(B, H, W)`` for a weakly labelled batch with ``teacher_logits``:
+        the teacher's lesion probability where the weak label says nothing (the ring of a box,
+        an image labelled present), the weak label where it does (0 outside a box and on absent
+        images, 1 inside a box's inscribed ellipse)."""
+        soft = torch.sigmoid(batch["teacher_logits"][:, 0].float())
+        if "box" in batch:
+            weak = box_weak_mask(batch["box"].float(), batch.get("present"), shape)
+            return torch.where(weak == IGNORE, soft, weak.float())
+        if "present" in batch:
+            return soft * (batch["present"].float().view(-1, 1, 1) >= 0.5)
+        return soft
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of :meth:`loss_terms`."""

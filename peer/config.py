@@ -108,8 +108,8 @@ class RoundConfig:
     #: error into the next delta, which is always made against what the neighbour holds
     codec: str = "float32"
     #: every training on this silo's data also trains what its labels leave unannotated
-    #: (another silo's organs) towards the model as that training began, instead of leaving it
-    #: to drift (learning without forgetting; tasks that :attr:`~Task.distills`: organs)
+    #: (another silo's organs, a box's rim) towards the model as that training began, instead of leaving it
+    #: to drift (tasks that :attr:`~Task.distills`: organs, lesion; docs/STRATEGIES.md "Partial labels")
     keep_unlabelled: bool = False
 
 

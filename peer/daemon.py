@@ -104,7 +104,8 @@ class Peer:
             raise OperatorError(f"task: {exc}") from None
         if config.rounds.keep_unlabelled and not self.task.distills:
             raise OperatorError(f"rounds.keep_unlabelled: task {self.task.name!r} has nothing unannotated to keep "
-                                "(it applies to tasks whose silos label part of the classes: organs)")
+                                "(it applies to tasks whose silos label only part of what the model predicts: "
+                                "organs, lesion)")
         try:
             self.strategy: Strategy = get_strategy(config.strategy.name, config.strategy.params)
             if isinstance(self.strategy.config, CyclicConfig):  # the ring must run through trusted peers

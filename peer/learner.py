@@ -103,7 +103,8 @@ class Learner:
     ) -> None:
         if keep_unlabelled and not task.distills:
             raise ValueError(f"rounds.keep_unlabelled: task {task.name!r} has nothing unannotated to keep "
-                             "(it applies to tasks whose silos label part of the classes: organs)")
+                             "(it applies to tasks whose silos label only part of what the model predicts: "
+                             "organs, lesion)")
         self.task = task
         #: ``[rounds] keep_unlabelled``: every training on this silo's data keeps the model's
         #: outputs as it began, where this silo's labels say nothing (``train_local(teacher=)``)

@@ -72,8 +72,9 @@ def simnet() -> None:
 @click.option("--codec", type=click.Choice(["float32", "float16", "int8"]),
               help="How updates travel (default float32; float16 and int8 are lossy, with error feedback).")
 @click.option("--keep-unlabelled/--no-keep-unlabelled", default=None,
-              help="Partial labels (organs): every peer's training keeps the organs its silo does not "
-                   "annotate as the model knew them, instead of letting them drift (default off).")
+              help="Partial labels (organs, lesion): every peer's training keeps what its silo does not "
+                   "annotate (other organs; what boxes and image labels leave open) as the model knew it, "
+                   "instead of letting it drift (default off).")
 @click.option("--personal-steps", type=int,
               help="Each peer also keeps a personal model, trained K steps on its data after every round (default 0).")
 @click.option("--personal-method", type=click.Choice(["finetune", "head", "ditto"]),

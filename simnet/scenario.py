@@ -18,7 +18,7 @@ Scenario files hold the same settings as the flags (flags override the file)::
     batch_size = 8
     lr = 0.001
     codec = "float32"             # how updates travel: float32 | float16 | int8 (peer.toml [rounds] codec)
-    keep_unlabelled = false       # organs: keep the other silos' organs while training (peer.toml [rounds])
+    keep_unlabelled = false       # organs, lesion: keep what a silo does not annotate (peer.toml [rounds])
     faults = "drop=0.05,intruder=1"   # or a table, see below
 
     [faults]                      # alternative to the string form

@@ -109,6 +109,25 @@ def test_pseudo_labels_in_a_batch_become_a_pixel_target(task: LesionTask, fed: F
     assert task.loss_terms(model, ignored)["pseudo"].item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_a_teacher_fills_in_only_what_the_weak_labels_leave_open(task: LesionTask, fed: Federation) -> None:
+    box = torch.tensor([[4.0, 4.0, 12.0, 12.0], [4.0, 4.0, 12.0, 12.0]])
+    present = torch.tensor([1.0, 0.0])
+    teacher = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    soft = torch.sigmoid(teacher[:, 0])
+    boxed = task.teacher_targets({"box": box, "present": present, "teacher_logits": teacher}, (16, 16))
+    weak = box_weak_mask(box, present, (16, 16))
+    assert torch.equal(boxed[weak != IGNORE], weak[weak != IGNORE].float())  # the box speaks: its label
+    assert torch.equal(boxed[weak == IGNORE], soft[weak == IGNORE])  # the rim: the teacher
+    labelled = task.teacher_targets({"present": present, "teacher_logits": teacher}, (16, 16))
+    assert torch.equal(labelled[0], soft[0]) and torch.all(labelled[1] == 0)  # absent image: background
+    model = task.make_model("tiny", seed=0)
+    rng = np.random.default_rng(0)
+    for silo, expected in ((0, {"pixel"}), (1, {"box", "present", "teacher"}), (2, {"present", "teacher"})):
+        batch = dict(next(fed.silos[silo].train.batches(4, rng)))
+        batch["teacher_logits"] = torch.zeros(4, 1, 32, 32)
+        assert set(task.loss_terms(model, batch)) == expected  # pixel masks need no teacher
+
+
 def test_a_batch_without_supervision_is_an_error(task: LesionTask) -> None:
     model = task.make_model("tiny", seed=0)
     with pytest.raises(ValueError, match="no supervision"):
