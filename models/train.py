@@ -8,6 +8,7 @@ threads is left as the caller set it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -60,6 +61,11 @@ def _progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[[f
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task_id = bar.add_task(label, total=total, loss=float("nan"))
         yield lambda loss: bar.update(task_id, advance=1, loss=loss)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode, to serve as ``train_local``'s ``teacher``."""
+    return copy.deepcopy(model).eval()
 
 
 def train_local(

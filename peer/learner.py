@@ -23,7 +23,7 @@ from silomesh.models.data_io import load_folder
 from silomesh.models.privacy import DPSettings, DPTrainer, check_private_model
 from silomesh.models.registry import get_task
 from silomesh.models.task import ArrayDataset, Federation, Silo, Task
-from silomesh.models.train import train_local
+from silomesh.models.train import frozen_copy, train_local
 from silomesh.peer.config import TaskConfig
 from silomesh.strategies import Contribution, LocalStep, StateDict, Strategy
 from silomesh.strategies.training import BatchSource, run_steps
@@ -186,7 +186,7 @@ class Learner:
 
     def teacher(self, model: nn.Module) -> nn.Module | None:
         """A frozen copy of ``model`` to keep what this silo does not label (``keep_unlabelled``), else None."""
-        return copy.deepcopy(model).eval() if self.keep_unlabelled else None
+        return frozen_copy(model) if self.keep_unlabelled else None
 
     def _train(self, model: nn.Module, steps: int) -> list[float]:
         seed = self.next_seed()

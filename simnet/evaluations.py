@@ -117,19 +117,26 @@ class RunModels:
 
     def train_alone(self, index: int, extra_steps: int = 0) -> nn.Module:
         """Silo ``index`` trained alone on the run's budget (as ``--compare-local``), plus
-        ``extra_steps`` more steps in one last chunk (to match a personal fine-tune)."""
+        ``extra_steps`` more steps in one last chunk (to match a personal fine-tune); with
+        ``keep_unlabelled``, each chunk under that rule as the peers' training is."""
         from silomesh.models.train import train_local
 
         sc = self.scenario
         model = self.task.make_model(sc.size, seed=self.init_seed)
         for r in range(sc.rounds):
             train_local(self.task, model, self.federation.silos[index].train, sc.local_steps, sc.batch_size,
-                        sc.lr, seed=self.init_seed + r + 1)
+                        sc.lr, seed=self.init_seed + r + 1, teacher=self._teacher(model))
         if extra_steps > 0:
             train_local(self.task, model, self.federation.silos[index].train, extra_steps, sc.batch_size,
-                        sc.lr, seed=self.init_seed + sc.rounds + 1)
+                        sc.lr, seed=self.init_seed + sc.rounds + 1, teacher=self._teacher(model))
         model.eval()
         return model
+
+    def _teacher(self, model: nn.Module) -> nn.Module | None:
+        """``model``'s frozen copy under ``keep_unlabelled`` (as a peer's ``Learner.teacher``), else None."""
+        from silomesh.models.train import frozen_copy
+
+        return frozen_copy(model) if self.scenario.keep_unlabelled else None
 
     def fine_tuned(self, index: int, model: nn.Module, steps: int) -> nn.Module:
         """A copy of ``model`` trained ``steps`` more steps on silo ``index``'s data (a personal model)."""
@@ -140,7 +147,7 @@ class RunModels:
         sc = self.scenario
         tuned = copy.deepcopy(model)
         train_local(self.task, tuned, self.federation.silos[index].train, steps, sc.batch_size, sc.lr,
-                    seed=self.init_seed + sc.rounds + 1)
+                    seed=self.init_seed + sc.rounds + 1, teacher=self._teacher(model))
         tuned.eval()
         return tuned
 

@@ -6,7 +6,9 @@ the same optimiser settings as a peer (a fresh AdamW with the run's ``lr`` and
 ``batch_size`` per round), and is evaluated on its own test set after every round —
 the same set its peer is evaluated on. With ``personal_steps`` each silo trains as many
 more steps at the end as a peer's personal model has had (``Scenario.personal_total_steps``:
-every round's for Ditto).
+every round's for Ditto). With ``keep_unlabelled`` the silo alone trains under the same
+rule as its peer: each chunk keeps what its labels leave open towards the model as the
+chunk began (for weak lesion labels, self-training on its own model's outputs).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 def compare_local(plan: Plan) -> dict[str, Any]:
     """Train every silo alone; returns per-peer final metrics, history, mean and best."""
     from silomesh.models.registry import get_task
-    from silomesh.models.train import train_local
+    from silomesh.models.train import frozen_copy, train_local
     from silomesh.peer.learner import federation_seed, synthetic_silo
 
     limit_torch_threads()
@@ -40,13 +42,14 @@ def compare_local(plan: Plan) -> dict[str, Any]:
         silo = synthetic_silo(sc.task, plan.n, p.index, sc.seed, **options)
         model = task.make_model(sc.size, seed=init_seed)
         for r in range(plan.rounds):
-            train_local(task, model, silo.train, sc.local_steps, sc.batch_size, sc.lr, seed=init_seed + r + 1)
+            train_local(task, model, silo.train, sc.local_steps, sc.batch_size, sc.lr, seed=init_seed + r + 1,
+                        teacher=frozen_copy(model) if sc.keep_unlabelled else None)
             value = float(task.evaluate(model, silo.test)[metric])
             history[r][p.name] = value
         per_peer[p.name] = history[-1][p.name]
         if sc.personal_steps > 0:  # as many steps as a personal model has had
             train_local(task, model, silo.train, sc.personal_total_steps, sc.batch_size, sc.lr,
-                        seed=init_seed + plan.rounds + 1)
+                        seed=init_seed + plan.rounds + 1, teacher=frozen_copy(model) if sc.keep_unlabelled else None)
             per_peer[p.name] = float(task.evaluate(model, silo.test)[metric])
         log.info("local-only %s: %s=%.4f", p.name, metric, per_peer[p.name])
     values = np.array(list(per_peer.values()), dtype=float)

@@ -101,3 +101,33 @@ def test_simnet_hands_the_setting_to_every_peer(tmp_path: Path) -> None:
         assert config.rounds.keep_unlabelled is True
     with pytest.raises(ScenarioError, match="keep_unlabelled"):
         make_scenario({"keep_unlabelled": 1})
+
+
+def test_the_silo_alone_trains_under_the_same_rule_as_its_peer(tmp_path: Path) -> None:
+    """The baselines (``--compare-local`` and the ``per_silo`` evaluation's silo alone and
+    fine-tune) keep what the labels leave open too: on lesion the image-label silo's alone
+    model changes (self-training on its own outputs), the pixel silo's does not."""
+    from silomesh.simnet.evaluations import RunModels
+    from silomesh.simnet.local import compare_local
+
+    base = {"task": "lesion", "peers": 3, "rounds": 2, "local_steps": 2, "batch_size": 2, "seed": 3,
+            "personal_steps": 2, "task_options": {"n_train": 4, "n_test": 4, "image_size": 32}}
+    alone: dict[bool, dict[str, float]] = {}
+    models: dict[bool, list[dict[str, torch.Tensor]]] = {}
+    start = None  # one model both fine-tunes start from
+    for keep in (False, True):
+        scenario = make_scenario({**base, "keep_unlabelled": keep})
+        alone[keep] = compare_local(build_plan(scenario, tmp_path / f"run{keep}"))["per_peer"]
+        run = RunModels(scenario, {"peers_detail": []})
+        trained = [run.train_alone(i, extra_steps=2) for i in range(3)]
+        start = start or trained[2]
+        models[keep] = [m.state_dict() for m in [*trained, run.fine_tuned(2, start, 2)]]
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(models[False][0], models[True][0])  # silo 0 has pixel masks: nothing to keep
+    assert not same(models[False][2], models[True][2])  # silo 2 has image labels only
+    assert not same(models[False][3], models[True][3])  # its fine-tune too
+    names = sorted(alone[False])
+    assert alone[False][names[0]] == alone[True][names[0]]
