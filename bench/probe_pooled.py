@@ -20,6 +20,10 @@ shared test set into a validation and a test half:
 * ``cyclic``: cyclic weight transfer (Chang et al., JAMIA 2018): one model visits the silos
   in turn each round, each training it ``local_steps`` steps (a fresh AdamW per visit). Each
   silo spends what it spends alone; the model gets the sequential steps of ``pooled_total``.
+* ``--distill``: FedAvg and cyclic whose training keeps what a silo's labels leave open
+  towards the model as the training began (``[rounds] keep_unlabelled``).
+* ``--ring-ends``: cyclic scored as the peers commit it (``cyclic_each``: each silo's model
+  as it left that silo in the last round) and as the mean of those (``cyclic_end_average``).
 * ``fedavg_step<g>`` (``--server-steps g,...``): FedAvg whose round moves ``g`` times the
   averaged change from the round's start (a server learning rate; ``g = 1`` is FedAvg).
 
@@ -53,7 +57,7 @@ from silomesh.simnet.scenario import Scenario
 
 
 def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = (), pool: bool = True,
-        distill: bool = False) -> dict[str, Any]:
+        distill: bool = False, ring_ends: bool = False) -> dict[str, Any]:
     """Every model of the probe for one seed: test-half scores and per-silo own-test scores."""
     from silomesh.models.registry import get_task
 
@@ -103,21 +107,40 @@ def one(scenario: Scenario, seed: int, server_steps: tuple[float, ...] = (), poo
     if distill:
         stepped["fedavg_distill"] = fedavg(1.0, distilled=True)
 
-    def cycled(distilled: bool) -> torch.nn.Module:
+    def cycled(distilled: bool) -> list[torch.nn.Module]:
         """Cyclic weight transfer: one model visits the silos in turn, each training its
         round's chunk (with ``distilled``, towards the model as it arrived where the visited
-        silo's labels say nothing)."""
+        silo's labels say nothing). Returns the model as it left each silo in the last
+        round (the last one is the ring's final model)."""
         model = task.make_model(sc.size, seed=init)
+        left: list[torch.nn.Module] = []
         for r in range(sc.rounds):
             for i, silo in enumerate(silos):
                 train_local(task, model, silo.train, sc.local_steps, sc.batch_size, sc.lr,
                             seed=init + (r + 1) * len(silos) + i,
                             teacher=copy.deepcopy(model) if distilled else None)
-        return model
+                if r == sc.rounds - 1:
+                    left.append(copy.deepcopy(model))
+        return left
 
-    cyclic = cycled(False)
+    def ends(name: str, left: list[torch.nn.Module]) -> None:
+        """``--ring-ends``: each silo's own last model (what a peer commits), and their mean."""
+        stepped[f"{name}_each"] = left
+        mean = copy.deepcopy(left[0])
+        states = [m.state_dict() for m in left]
+        mean.load_state_dict({k: (sum(st[k].double() for st in states) / len(states)).to(states[0][k].dtype)
+                              for k in states[0]})
+        stepped[f"{name}_end_average"] = [mean] * len(silos)
+
+    ring = cycled(False)
+    cyclic = ring[-1]
+    if ring_ends:
+        ends("cyclic", ring)
     if distill:
-        stepped["cyclic_distill"] = [cycled(True)] * len(silos)
+        ring = cycled(True)
+        stepped["cyclic_distill"] = [ring[-1]] * len(silos)
+        if ring_ends:
+            ends("cyclic_distill", ring)
     if pool:
         union = concat([s.train for s in silos])
         pooled = trained(union, sc.rounds)
@@ -154,7 +177,8 @@ def model_names(run: dict[str, Any]) -> list[str]:
     """The compared models of a run, in order: FedAvg, any stepped FedAvg, the pooled ones."""
     stepped = [k[: -len("_common_test")] for k in run
                if k.startswith(("fedavg_step", "fedavg_distill")) and k.endswith("_common_test")]
-    distilled = ["cyclic_distill"] if "cyclic_distill_common_test" in run else []
+    distilled = [n for n in ("cyclic_distill", "cyclic_each", "cyclic_end_average", "cyclic_distill_each",
+                             "cyclic_distill_end_average") if f"{n}_common_test" in run]
     pooled = ["pooled", "pooled_total"] if "pooled_common_test" in run else []
     return ["fedavg", *stepped, *pooled, "cyclic", *distilled]
 
@@ -176,7 +200,12 @@ def _label(name: str) -> str:
     return {"fedavg": "FedAvg (in-process)", "pooled": "pooled, one silo's steps",
             "pooled_total": "pooled, all silos' steps", "cyclic": "cyclic (one model visits every silo)",
             "fedavg_distill": "FedAvg, keeping the round's start on unannotated labels",
-            "cyclic_distill": "cyclic, keeping the arriving model on unannotated labels"}[name]
+            "cyclic_distill": "cyclic, keeping the arriving model on unannotated labels",
+            "cyclic_each": "cyclic, each silo's own last model (what its peer commits)",
+            "cyclic_end_average": "cyclic, the mean of the silos' last models",
+            "cyclic_distill_each": "cyclic keeping unannotated labels, each silo's own last model",
+            "cyclic_distill_end_average": "cyclic keeping unannotated labels, the mean of the silos' last models",
+            }[name]
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -216,6 +245,9 @@ def main() -> None:
     parser.add_argument("--distill", action="store_true",
                         help="add FedAvg and cyclic arms that train unannotated labels towards the model as it "
                              "arrived (tasks that distill: organs)")
+    parser.add_argument("--ring-ends", action="store_true",
+                        help="add cyclic arms scored as the peers commit them (each silo's own last model) and "
+                             "as the mean of those models")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -230,11 +262,11 @@ def main() -> None:
     runs = []
     for seed in seeds:
         sc, _ = run_scenario(exp, arm, seed, args.scale, Path("/nonexistent"))
-        runs.append(one(sc, seed, steps, not args.no_pooled, args.distill))
+        runs.append(one(sc, seed, steps, not args.no_pooled, args.distill, args.ring_ends))
         print(json.dumps({"seed": seed, "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     doc = {"experiment": exp.name, "arm": arm.name, "scale": args.scale, "seeds": seeds, "task": sc.task,
            "pooled": not args.no_pooled,
-           "server_steps": list(steps), "distill": args.distill,
+           "server_steps": list(steps), "distill": args.distill, "ring_ends": args.ring_ends,
            "silos": sc.peers, "rounds": sc.rounds, "local_steps": sc.local_steps, "runs": runs,
            "summary": summary(runs), "seconds": round(time.perf_counter() - t0, 1)}
     if args.out:
