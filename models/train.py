@@ -68,6 +68,15 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
+def with_teacher(batch: Mapping[str, torch.Tensor], teacher: nn.Module | None) -> dict[str, torch.Tensor]:
+    """``batch`` as a dict, with ``teacher_logits`` (the frozen teacher's outputs) when there is a teacher."""
+    out = dict(batch)
+    if teacher is not None:
+        with torch.no_grad():
+            out["teacher_logits"] = teacher(out["image"])
+    return out
+
+
 def train_local(
     task: Task,
     model: nn.Module,
@@ -138,10 +147,7 @@ def train_local(
     batches = batch_stream(data, batch_size, rng)
     with _progress_bar(progress, steps, label) as advance:
         for step in range(steps):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            if teacher is not None:
-                with torch.no_grad():
-                    batch["teacher_logits"] = teacher(batch["image"])
+            batch = with_teacher({k: v.to(device) for k, v in next(batches).items()}, teacher)
             loss = task.loss(model, batch)
             if pulled:
                 loss = loss + 0.5 * anchor_weight * sum(((p - a) ** 2).sum() for p, a in pulled)

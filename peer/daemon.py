@@ -44,7 +44,7 @@ from silomesh.peer.control import TOKEN_FILE_NAME, serve_control
 from silomesh.peer.exchange import BufferBudget, Timeouts, Transfers
 from silomesh.peer.faults import FaultHooks, NoFaults
 from silomesh.peer.identity import PeerIdentity, load_key_file
-from silomesh.peer.learner import Learner, build_task, federation_seed, load_silo
+from silomesh.peer.learner import Learner, build_task, check_keep_unlabelled, federation_seed, load_silo
 from silomesh.peer.linklog import watch_links
 from silomesh.peer.mesh import open_mesh
 from silomesh.peer.operations import PeerOperations
@@ -102,10 +102,11 @@ class Peer:
             self.task = build_task(config.task)
         except (ValueError, TypeError) as exc:
             raise OperatorError(f"task: {exc}") from None
-        if config.rounds.keep_unlabelled and not self.task.distills:
-            raise OperatorError(f"rounds.keep_unlabelled: task {self.task.name!r} has nothing unannotated to keep "
-                                "(it applies to tasks whose silos label only part of what the model predicts: "
-                                "organs, lesion)")
+        if config.rounds.keep_unlabelled:
+            try:
+                check_keep_unlabelled(self.task)
+            except ValueError as exc:
+                raise OperatorError(str(exc)) from None
         try:
             self.strategy: Strategy = get_strategy(config.strategy.name, config.strategy.params)
             if isinstance(self.strategy.config, CyclicConfig):  # the ring must run through trusted peers

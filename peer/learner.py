@@ -23,7 +23,7 @@ from silomesh.models.data_io import load_folder
 from silomesh.models.privacy import DPSettings, DPTrainer, check_private_model
 from silomesh.models.registry import get_task
 from silomesh.models.task import ArrayDataset, Federation, Silo, Task
-from silomesh.models.train import frozen_copy, train_local
+from silomesh.models.train import frozen_copy, train_local, with_teacher
 from silomesh.peer.config import TaskConfig
 from silomesh.strategies import Contribution, LocalStep, StateDict, Strategy
 from silomesh.strategies.training import BatchSource, run_steps
@@ -68,13 +68,12 @@ def load_numpy(model: nn.Module, state: Mapping[str, np.ndarray], *, strict: boo
     model.load_state_dict(tensors, strict=strict)
 
 
-def with_teacher(batch: Mapping[str, torch.Tensor], teacher: nn.Module | None) -> dict[str, torch.Tensor]:
-    """``batch`` as a dict, with ``teacher_logits`` (the frozen teacher's outputs) when there is a teacher."""
-    out = dict(batch)
-    if teacher is not None:
-        with torch.no_grad():
-            out["teacher_logits"] = teacher(out["image"])
-    return out
+def check_keep_unlabelled(task: Task) -> None:
+    """Raise ``ValueError`` if ``[rounds] keep_unlabelled`` cannot apply to ``task``."""
+    if not task.distills:
+        raise ValueError(f"rounds.keep_unlabelled: task {task.name!r} has nothing unannotated to keep "
+                         "(it applies to tasks whose silos label only part of what the model predicts: "
+                         "organs, lesion)")
 
 
 class Learner:
@@ -101,10 +100,8 @@ class Learner:
         spent_history: Sequence[tuple[float, float, int]] = (),
         keep_unlabelled: bool = False,
     ) -> None:
-        if keep_unlabelled and not task.distills:
-            raise ValueError(f"rounds.keep_unlabelled: task {task.name!r} has nothing unannotated to keep "
-                             "(it applies to tasks whose silos label only part of what the model predicts: "
-                             "organs, lesion)")
+        if keep_unlabelled:
+            check_keep_unlabelled(task)
         self.task = task
         #: ``[rounds] keep_unlabelled``: every training on this silo's data keeps the model's
         #: outputs as it began, where this silo's labels say nothing (``train_local(teacher=)``)

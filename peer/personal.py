@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import trio
 
-from silomesh.models.train import train_local
+from silomesh.models.train import train_local, with_teacher
 from silomesh.peer.config import PersonalConfig
-from silomesh.peer.learner import Learner, StateDict, load_numpy, to_numpy, with_teacher
+from silomesh.peer.learner import Learner, StateDict, load_numpy, to_numpy
 from silomesh.peer.safety import state_violation
 from silomesh.peer.store import PERSONAL, Store
 from silomesh.protocol import state_digest
