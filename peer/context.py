@@ -259,7 +259,7 @@ class Received:
 
     ``degree`` and ``loss`` are read from the update's metrics map once, here: the
     sender's number of trusted neighbours (Metropolis weights) and its training loss
-    (FedMix weights).
+    (FedMix weights); ``lap_count`` as sent (``cyclic``'s lap mean; checked where used).
     """
 
     peer_id: str
@@ -268,6 +268,7 @@ class Received:
     n_samples: int
     loss: float | None = None
     degree: int | None = None
+    lap_count: float | None = None
 
     @classmethod
     def from_metrics(
@@ -275,6 +276,7 @@ class Received:
     ) -> Received:
         loss = metrics.get("loss")
         degree = metrics.get("degree")
+        lap_count = metrics.get("lap_count")
         return cls(
             peer_id,
             round,
@@ -282,6 +284,7 @@ class Received:
             n_samples,
             loss=float(loss) if loss is not None and math.isfinite(loss) else None,
             degree=int(degree) if degree is not None and math.isfinite(degree) and degree >= 1 else None,
+            lap_count=float(lap_count) if lap_count is not None else None,
         )
 
 

@@ -224,13 +224,13 @@ class Peer:
                     net.hello_timeout_seconds, net.stall_timeout_seconds, net.idle_timeout_seconds,
                     net.reply_timeout_seconds,
                 ),
-                budget=(budget := BufferBudget.for_model(_model_bytes(self.learner.shapes))),
+                budget=(budget := BufferBudget.for_model(_model_bytes(self.learner.wire_shapes))),
                 # partial frames kept to resume: as much as all neighbours' streams may buffer
                 transfers=Transfers(max_bytes=budget.total),
                 max_skew_ms=int(net.max_clock_skew_seconds * 1000) or None,
                 stream_threshold=int(net.stream_threshold_mb * 1e6),
                 round_window=net.round_window,
-                expected_dtypes={k: v.dtype.name for k, v in self.learner.state().items()},
+                expected_dtypes=self.learner.wire_dtypes(),
                 study=gate,
             )
             ctx = self.context = RoundContext(

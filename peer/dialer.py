@@ -105,7 +105,7 @@ async def open_wire(ctx: RoundContext, neighbour: str) -> Wire:
         if not await transport.connect(neighbour, timeout=DIAL_TIMEOUT):
             raise ConversationError(f"{neighbour} unreachable") from None
         stream = await transport.open_stream(neighbour)
-    wire = ctx.endpoint.wire(Role.DIALER, stream, ctx.learner.shapes)
+    wire = ctx.endpoint.wire(Role.DIALER, stream, ctx.learner.wire_shapes)
     try:
         base = ctx.bases.received.get(neighbour)
         await wire.send(ctx.endpoint.hello(ctx.trust.public_key_of(neighbour), base.digest if base else None))

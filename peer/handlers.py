@@ -66,7 +66,7 @@ class Declined(Exception):
 
 async def serve_stream(ctx: RoundContext, stream: Stream) -> None:
     """Answer one neighbour's exchange stream until it closes."""
-    wire = ctx.endpoint.wire(Role.LISTENER, stream, ctx.learner.shapes)
+    wire = ctx.endpoint.wire(Role.LISTENER, stream, ctx.learner.wire_shapes)
     remote = stream.remote
     ctx.store.upsert_neighbour(remote, last_seen=time.time())
     timeouts = ctx.endpoint.timeouts

@@ -159,6 +159,18 @@ class Learner:
             shapes.update({prefix + k: tuple(v.shape) for k, v in net.state_dict().items()})
         return shapes
 
+    @property
+    def wire_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Key -> shape of every tensor a neighbour's update may hold: :attr:`shapes` and
+        what the strategy carries besides (``cyclic``'s lap mean)."""
+        shapes = self.shapes
+        return {**shapes, **{k: shapes[of] for k, of in self.strategy.carried_keys(shapes).items()}}
+
+    def wire_dtypes(self) -> dict[str, str]:
+        """Key -> numpy dtype name of every tensor in :attr:`wire_shapes`."""
+        dtypes = {k: v.dtype.name for k, v in self.state().items()}
+        return {**dtypes, **{k: dtypes[of] for k, of in self.strategy.carried_keys(dtypes).items()}}
+
     def state(self) -> StateDict:
         """The model's state dict; extra networks' keys follow under their prefixes."""
         state = to_numpy(self.model)

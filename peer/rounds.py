@@ -59,11 +59,12 @@ from silomesh.peer.dialer import (
 )
 from silomesh.peer.exchange import ConversationError, Silent
 from silomesh.peer.personal import personalise
-from silomesh.peer.safety import UpdateBound, UpdateGuard, state_violation
+from silomesh.peer.safety import UpdateBound, UpdateGuard, measure_update, state_violation, update_violation
 from silomesh.peer.secure_rounds import secure_exchange_round
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
 from silomesh.strategies import Contribution, CyclicConfig, RoundShape, StateDict
+from silomesh.strategies.cyclic import LAP_COUNT, CyclicStrategy, lap_update, split_lap, with_lap
 
 log = logging.getLogger(__name__)
 
@@ -386,13 +387,17 @@ async def relay_round(
     last peer's model of the round before; every other peer waits for its predecessor's model
     of this round. One that does not come by the deadline (or a predecessor not selected this
     round) is skipped and the peer goes on from its own model. The trained model is pushed to
-    the successor (with the exchange's retries) and is the round's model.
+    the successor (with the exchange's retries) and is the round's model; with ``commit =
+    "lap_mean"`` the update also carries the lap mean, and the lap mean is the round's model.
     """
-    cfg = ctx.learner.strategy.config
-    assert isinstance(cfg, CyclicConfig)
+    strategy = ctx.learner.strategy
+    cfg = strategy.config
+    assert isinstance(strategy, CyclicStrategy) and isinstance(cfg, CyclicConfig)
     before, after = cfg.neighbours(ctx.peer_id)
     own = ctx.learner.state()
     contributions: list[Contribution] = []
+    lap_in: StateDict | None = None
+    lap_count = 0
     opens = cfg.first(ctx.peer_id) and ctx.store.last_committed_round() < 0
     if not opens:
         wanted = round - 1 if cfg.first(ctx.peer_id) else round
@@ -407,11 +412,14 @@ async def relay_round(
             log.info("%s: no model from %s for round %d: going on from our own", ctx.peer_id[-8:], before[-8:],
                      round)
         else:
-            why = guard.check(before, own, got.state)
+            passed, lap = split_lap(got.state)
+            why = guard.check(before, own, passed)
             if why is not None:
                 _refuse_dropped(ctx, report, {before: f"update bound: {why}"}, "update", "safety")
             else:
-                contributions.append(Contribution(peer_id=before, state=got.state, n_samples=max(got.n_samples, 1)))
+                contributions.append(Contribution(peer_id=before, state=passed, n_samples=max(got.n_samples, 1)))
+                if strategy.lap_mean:
+                    lap_in, lap_count = _checked_lap(ctx, report, before, own, passed, lap, got.lap_count)
     start = aggregate(ctx, own, contributions, report)
     await ctx.compute.run(ctx.learner.load, start)
     ctx.progress.phase = "training"
@@ -422,30 +430,83 @@ async def relay_round(
     metrics = {"degree": float(len(ctx.trust))}
     if math.isfinite(trained.mean_loss):
         metrics["loss"] = trained.mean_loss
+    passed_on = ctx.learner.shared(trained.state)
+    result, outgoing = trained.state, passed_on
+    if strategy.lap_mean:
+        mean, count = await ctx.compute.run(
+            lap_update, passed_on, strategy.last_passed, lap_in, lap_count, len(cfg.order)
+        )
+        strategy.last_passed = passed_on
+        metrics[LAP_COUNT] = float(count)
+        outgoing = with_lap(passed_on, mean)
+        result = {**trained.state, **mean}
     if after in selected:
-        shared = ctx.faults.outgoing_state(ctx.peer_id, round, ctx.learner.shared(trained.state))
-        maker = UpdateMaker(ctx, round, shared, metrics, ctx.rounds.codec)
-
-        def count(sent: int) -> None:
-            report.bytes_sent += sent
-
-        retry_until = trio.current_time() + ctx.rounds.deadline_seconds  # the wait may have used the round's
-        for attempt in range(PUSH_ATTEMPTS):
-            try:
-                ctx.progress.waiting_on[after] = "push: passing the model on"
-                await push_update(ctx, after, maker, count)
-                break
-            except UNDELIVERED as exc:
-                if attempt + 1 < PUSH_ATTEMPTS and await _worth_retrying(ctx, after, exc, retry_until, attempt):
-                    continue
-                log.warning("%s: could not pass the model on to %s in round %d: %s", ctx.peer_id[-8:], after[-8:],
-                            round, exc)
-                report.skipped[after] = skip_reason(exc)
-            finally:
-                ctx.progress.waiting_on.pop(after, None)
+        await _pass_on(ctx, round, after, outgoing, metrics, report)
     else:
         report.skipped[after] = "not selected this round"
-    return trained.state
+    return result
+
+
+def _checked_lap(
+    ctx: RoundContext,
+    report: RoundReport,
+    sender: str,
+    own: StateDict,
+    passed: StateDict,
+    lap: StateDict,
+    count: float | None,
+) -> tuple[StateDict | None, int]:
+    """The lap mean that came with ``passed`` and its count, or (None, 0) for a new lap.
+
+    A lap mean that does not name the model's tensors, whose count is not a whole number
+    in ``1..n``, or that fails the update bound is refused (logged and audited); the model
+    it came with is still used, and this peer starts a new lap.
+    """
+    cfg = ctx.learner.strategy.config
+    assert isinstance(cfg, CyclicConfig)
+    n = len(cfg.order)
+    why: str | None
+    if not lap and count is None:
+        why = "no lap mean (does the ring's peer.toml set commit = \"lap_mean\" everywhere?)"
+    elif set(lap) != set(passed):
+        why = "the lap mean does not name the model's tensors"
+    elif count is None or not count.is_integer() or not 1 <= count <= n:
+        why = f"lap_count {count!r} is not a whole number in 1..{n}"
+    else:
+        why = update_violation(measure_update(own, lap), update_bound(ctx))
+    if why is not None:
+        log.warning("%s: refused the lap mean from %s in round %d (%s): starting a new lap", ctx.peer_id[-8:],
+                    sender[-8:], report.round, why)
+        ctx.endpoint.journal.refused(sender, "update", f"lap mean: {why}", round=report.round)
+        return None, 0
+    assert count is not None
+    return lap, int(count)
+
+
+async def _pass_on(
+    ctx: RoundContext, round: int, after: str, state: StateDict, metrics: dict[str, float], report: RoundReport
+) -> None:
+    """Push the round's model to the successor in the ring (with the exchange's retries)."""
+    shared = ctx.faults.outgoing_state(ctx.peer_id, round, state)
+    maker = UpdateMaker(ctx, round, shared, metrics, ctx.rounds.codec)
+
+    def count(sent: int) -> None:
+        report.bytes_sent += sent
+
+    retry_until = trio.current_time() + ctx.rounds.deadline_seconds  # the wait may have used the round's
+    for attempt in range(PUSH_ATTEMPTS):
+        try:
+            ctx.progress.waiting_on[after] = "push: passing the model on"
+            await push_update(ctx, after, maker, count)
+            break
+        except UNDELIVERED as exc:
+            if attempt + 1 < PUSH_ATTEMPTS and await _worth_retrying(ctx, after, exc, retry_until, attempt):
+                continue
+            log.warning("%s: could not pass the model on to %s in round %d: %s", ctx.peer_id[-8:], after[-8:],
+                        round, exc)
+            report.skipped[after] = skip_reason(exc)
+        finally:
+            ctx.progress.waiting_on.pop(after, None)
 
 
 #: the round each shape runs; a strategy picks one with its ``shape``

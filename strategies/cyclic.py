@@ -15,18 +15,35 @@ from the last one; in round 0 it starts from its own model), adopts it, trains, 
 result to its successor and commits it. A predecessor whose model does not come by the round
 deadline is skipped: the hospital goes on from its own last model, and the ring carries that
 one on. Nothing is averaged: :meth:`CyclicStrategy.aggregate` returns the incoming model.
+
+The model the ring passes on swings from hospital to hospital: each visit pulls it towards
+that hospital's data. With ``commit = "lap_mean"`` a hospital commits (and uses, and
+fine-tunes its personal model from) the mean of the ring's last lap instead: the last ``n``
+models the ring produced, one per hospital, its own newest included. The ring itself goes
+on with the model it passes. The mean travels with the model as a running sum: each update
+also carries the lap mean under :data:`LAP_PREFIX` and its count in the metric
+:data:`LAP_COUNT` (PROTOCOL.md section 7), and each hospital swaps its own model of the lap
+before for its new one (:func:`lap_update`). A hospital whose predecessor is skipped starts
+a new lap. ``bench/probe_pooled.py --ring-ends`` measured the mean against the passed model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from .base import SELF, AggregationResult, Contribution, StrategyConfig
+from .base import SELF, AggregationResult, Contribution, StrategyConfig, check_choice
 from .strategy import RoundShape, Strategy
+
+#: what a hospital commits each round: the model it passes on, or the mean of the ring's last lap
+COMMITS = ("passed", "lap_mean")
+#: with ``commit = "lap_mean"``, an update's tensors ``LAP_PREFIX + name`` are the lap mean of ``name``
+LAP_PREFIX = "lap."
+#: the update metric that says how many of the ring's models the lap mean holds (1 to n)
+LAP_COUNT = "lap_count"
 
 
 @dataclass(frozen=True)
@@ -37,14 +54,19 @@ class CyclicConfig(StrategyConfig):
         order: the ring, as peer ids (every hospital lists the same ids in the same order,
             each once, at least two). A hospital's predecessor and successor in it must be
             among its trusted neighbours.
+        commit: ``"passed"``: each round's model is the one passed on; ``"lap_mean"``: the
+            mean of the ring's last lap (module docstring). Every hospital of a ring sets the
+            same (a ``lap_mean`` update carries tensors a ``passed`` peer refuses).
     """
 
     order: tuple[str, ...] = ()
+    commit: str = "passed"
 
     strategy_name: ClassVar[str] = "cyclic"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("commit", self.commit, COMMITS)
         if self.robust != "none":
             raise ValueError("parameter 'robust' does not apply to 'cyclic' (nothing is averaged)")
         if self.order and len(self.order) < 2:
@@ -76,6 +98,20 @@ class CyclicStrategy(Strategy):
     config: CyclicConfig
     round_shape = RoundShape.RELAY
 
+    def __init__(self, config: CyclicConfig | None = None) -> None:
+        super().__init__(config)
+        #: with ``commit = "lap_mean"``: the model this hospital passed on last (memory only: after
+        #: a restart the first lap mean it forwards is approximate, :func:`lap_update`)
+        self.last_passed: dict[str, np.ndarray] | None = None
+
+    @property
+    def lap_mean(self) -> bool:
+        return self.config.commit == "lap_mean"
+
+    def carried_keys(self, names: Iterable[str]) -> dict[str, str]:
+        """With ``lap_mean``, each exchanged tensor once more under :data:`LAP_PREFIX`."""
+        return {LAP_PREFIX + k: k for k in self.shared_keys(names)} if self.lap_mean else {}
+
     def aggregate(
         self,
         own: Mapping[str, np.ndarray],
@@ -91,3 +127,62 @@ class CyclicStrategy(Strategy):
         (incoming,) = neighbours
         return AggregationResult({k: np.array(v, copy=True) for k, v in incoming.state.items()},
                                  {incoming.peer_id: 1.0})
+
+
+def split_lap(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """An update's state as (the model passed on, the lap mean it carries; empty if none)."""
+    model = {k: v for k, v in state.items() if not k.startswith(LAP_PREFIX)}
+    lap = {k[len(LAP_PREFIX):]: v for k, v in state.items() if k.startswith(LAP_PREFIX)}
+    return model, lap
+
+
+def with_lap(model: Mapping[str, np.ndarray], lap: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors of an update that passes ``model`` on with its lap mean ``lap``."""
+    return {**model, **{LAP_PREFIX + k: v for k, v in lap.items()}}
+
+
+def lap_update(
+    trained: Mapping[str, np.ndarray],
+    previous: Mapping[str, np.ndarray] | None,
+    incoming: Mapping[str, np.ndarray] | None,
+    count: int,
+    n: int,
+) -> tuple[dict[str, np.ndarray], int]:
+    """The lap mean (and its count) after this hospital adds the model it now passes on.
+
+    Args:
+        trained: the model this hospital trained and passes on now.
+        previous: the model it passed on a lap ago (None: not known, after a start or restart).
+        incoming: the lap mean that came with its predecessor's model (None: a new lap).
+        count: how many models ``incoming`` holds (1 to ``n``).
+        n: the ring's length.
+
+    A lap mean of fewer than ``n`` models takes ``trained`` in; a full one swaps ``previous``
+    (its oldest model, when the ring went round unbroken) for ``trained``. Without
+    ``previous`` the full mean's average stands in for it (the mean moves ``1/n`` of the way
+    to ``trained``). Tensors that are not floating point (counters) are ``trained``'s.
+    Computed in float64, returned in ``trained``'s dtypes.
+
+    Raises:
+        ValueError: ``count`` outside ``1..n``, or ``incoming`` not naming ``trained``'s tensors.
+    """
+    if incoming is None:
+        return {k: np.array(v, copy=True) for k, v in trained.items()}, 1
+    if not 1 <= count <= n:
+        raise ValueError(f"lap count {count} is outside 1..{n}")
+    if set(incoming) != set(trained):
+        raise ValueError("the lap mean does not name the model's tensors")
+    out: dict[str, np.ndarray] = {}
+    for k, t in trained.items():
+        t = np.asarray(t)
+        if t.dtype.kind != "f":
+            out[k] = np.array(t, copy=True)
+            continue
+        mean, new = np.asarray(incoming[k], dtype=np.float64), t.astype(np.float64)
+        if count < n:
+            value = (mean * count + new) / (count + 1)
+        else:
+            oldest = mean if previous is None or k not in previous else np.asarray(previous[k], dtype=np.float64)
+            value = mean + (new - oldest) / n
+        out[k] = value.astype(t.dtype)
+    return out, min(count + 1, n)

@@ -148,6 +148,11 @@ class Strategy(ABC):
         """
         return list(names)
 
+    def carried_keys(self, names: Iterable[str]) -> dict[str, str]:
+        """Tensors an update carries besides the model's: name -> the model tensor whose
+        shape and dtype it has (default: none). The peer accepts these from neighbours too."""
+        return {}
+
     def local_step(self, bench: Workbench, steps: int) -> LocalStep:
         """The round's local training (default: the task's loss on this silo's data)."""
         return bench.train_plain(steps)

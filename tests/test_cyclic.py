@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -14,11 +15,14 @@ import trio.testing
 from memnet import MemoryNetwork, StartTogether
 from peerkit import configs, identity
 
+from silomesh.peer.config import RoundConfig
 from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
 from silomesh.peer.learner import Learner
 from silomesh.peer.operator import OperatorError
+from silomesh.peer.rounds import RoundReport, _checked_lap
 from silomesh.strategies import Contribution, CyclicConfig, RoundShape, get_strategy
+from silomesh.strategies.cyclic import lap_update, split_lap, with_lap
 from silomesh.strategies.workbench import LocalStep
 
 IDS = [identity(f"p{i}").peer_id_text for i in range(3)]
@@ -136,3 +140,127 @@ def test_a_peer_refuses_a_ring_that_does_not_list_it_or_runs_through_an_untruste
     ids, cfgs = configs(tmp_path / "b", 3, neighbours=[[1], [0, 2], [1]], extra=_cyclic(IDS))
     with pytest.raises(OperatorError, match="not a trusted peer"):
         Peer(cfgs[0], identity=ids[0], serve_control_api=False)
+
+
+# -- commit = "lap_mean": each hospital commits the mean of the ring's last lap ---------------
+
+def _ring_walk(n: int, laps: int, seed: int = 0) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Pass random models round a ring of ``n`` for ``laps`` laps, as the peers do: the models
+    passed on, in ring order, and the lap mean each position forwards."""
+    rng = np.random.default_rng(seed)
+    passed: list[dict[str, np.ndarray]] = []
+    means: list[dict[str, np.ndarray]] = []
+    last: dict[int, dict[str, np.ndarray]] = {}
+    mean: dict[str, np.ndarray] | None = None
+    count = 0
+    for k in range(n * laps):
+        trained = {"w": rng.normal(size=(2, 3)).astype(np.float32), "steps": np.array(k, np.int64)}
+        mean, count = lap_update(trained, last.get(k % n), mean, count, n)
+        last[k % n] = trained
+        passed.append(trained)
+        means.append(mean)
+    return passed, means
+
+
+def test_the_lap_mean_is_the_mean_of_the_last_n_models_passed_on() -> None:
+    n = 4
+    passed, means = _ring_walk(n, laps=5)
+    for k, mean in enumerate(means):
+        window = passed[max(0, k - n + 1): k + 1]
+        expected = np.mean([p["w"].astype(np.float64) for p in window], axis=0)
+        np.testing.assert_allclose(mean["w"], expected, rtol=0, atol=1e-6)
+        assert mean["w"].dtype == np.float32
+        assert int(mean["steps"]) == k  # counters are the passed model's, not averaged
+
+
+def test_lap_update_refuses_a_count_outside_the_ring_and_forgets_gracefully() -> None:
+    trained = {"w": np.ones(2, np.float32)}
+    mean = {"w": np.zeros(2, np.float32)}
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=r"outside 1\.\.3"):
+            lap_update(trained, None, mean, bad, 3)
+    with pytest.raises(ValueError, match="does not name"):
+        lap_update(trained, None, {"v": np.zeros(2, np.float32)}, 1, 3)
+    # a full lap without the model we passed a lap ago (after a restart): the mean stands in for it
+    got, count = lap_update(trained, None, mean, 3, 3)
+    np.testing.assert_allclose(got["w"], 1 / 3)
+    assert count == 3
+    assert lap_update(trained, None, None, 0, 3)[1] == 1  # no incoming lap: a new one
+
+
+def test_lap_mean_updates_carry_the_mean_under_its_own_names_and_only_then() -> None:
+    passed = get_strategy("cyclic", {"order": IDS})
+    lapped = get_strategy("cyclic", {"order": IDS, "commit": "lap_mean"})
+    assert passed.carried_keys(["a", "b"]) == {}
+    assert lapped.carried_keys(["a", "b"]) == {"lap.a": "a", "lap.b": "b"}
+    model, lap = split_lap(with_lap({"a": np.zeros(1)}, {"a": np.ones(1)}))
+    assert set(model) == {"a"} and float(lap["a"][0]) == 1.0
+    with pytest.raises(ValueError, match="commit"):
+        get_strategy("cyclic", {"order": IDS, "commit": "mean"})
+
+
+async def test_peers_commit_the_lap_mean_and_pass_the_ring_model_on(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three peers, three rounds with commit = "lap_mean": each peer still trains exactly the
+    model its predecessor passed on, but commits the mean of the last three models passed on
+    (fewer in the first lap), which reached it over the wire as the update's lap tensors."""
+    starts: list[dict[str, np.ndarray]] = []
+    trained: list[dict[str, np.ndarray]] = []
+    original = Learner.train
+
+    def spy(self: Learner, steps: int) -> LocalStep:
+        starts.append(self.state())
+        step = original(self, steps)
+        trained.append({k: np.array(v, copy=True) for k, v in step.state.items()})
+        return step
+
+    monkeypatch.setattr(Learner, "train", spy)
+    net = MemoryNetwork()
+    extra = {"strategy": {"name": "cyclic", "params": {"order": IDS, "commit": "lap_mean"}}}
+    ids, cfgs = configs(tmp_path, 3, rounds=3, extra=extra)
+    peers = [Peer(c, identity=i, serve_control_api=False, transport=net.open, compute=InlineCompute(),
+                  faults=StartTogether(net, 3)) for i, c in zip(ids, cfgs, strict=True)]
+    async with _running(peers):
+        for p in peers:
+            await p.done.wait()
+        committed = {p.peer_id: {m.round: p.store.load_model(m.digest) for m in p.store.models() if m.round >= 0}
+                     for p in peers}
+        refused = sum(row["refused"] for p in peers for row in p.store.neighbours())
+    assert len(trained) == 9
+    floats = [k for k, v in trained[0].items() if v.dtype.kind == "f"]
+    for k in range(1, 9):  # the ring goes on with the model passed on, not the committed mean
+        assert all(np.allclose(starts[k][key], trained[k - 1][key], rtol=0, atol=1e-6) for key in floats), k
+    for k in range(9):
+        peer, round = IDS[k % 3], k // 3
+        window = trained[max(0, k - 2): k + 1]
+        for key in floats:
+            expected = np.mean([t[key].astype(np.float64) for t in window], axis=0)
+            np.testing.assert_allclose(committed[peer][round][key], expected, rtol=0, atol=1e-5, err_msg=f"{k} {key}")
+        if k >= 1:  # and it is not the model passed on
+            assert not all(np.allclose(committed[peer][round][key], trained[k][key], atol=1e-6) for key in floats)
+    assert refused == 0
+
+
+@pytest.mark.parametrize(("lap", "count", "why"), [
+    ({}, None, "no lap mean"),
+    ({"w": np.ones(4, np.float32)}, 4.0, "not a whole number in 1..3"),
+    ({"w": np.ones(4, np.float32)}, 1.5, "not a whole number"),
+    ({"v": np.ones(4, np.float32)}, 1.0, "does not name"),
+    ({"w": np.full(4, 1e6, np.float32)}, 2.0, "largest weight"),
+])
+def test_a_bad_lap_mean_is_refused_and_audited_and_a_new_lap_starts(
+    lap: dict[str, np.ndarray], count: float | None, why: str
+) -> None:
+    refused: list[tuple[str, str, str]] = []
+    journal = SimpleNamespace(refused=lambda peer, kind, reason, round: refused.append((peer, kind, reason)))
+    ctx: Any = SimpleNamespace(peer_id=IDS[0], rounds=RoundConfig(),
+                               learner=SimpleNamespace(strategy=get_strategy("cyclic", {"order": IDS,
+                                                                                      "commit": "lap_mean"})),
+                               endpoint=SimpleNamespace(journal=journal))
+    own = passed = {"w": np.ones(4, np.float32)}
+    assert _checked_lap(ctx, RoundReport(1), IDS[2], own, passed, lap, count) == (None, 0)
+    assert len(refused) == 1 and refused[0][0] == IDS[2] and why in refused[0][2]
+    good = {"w": np.full(4, 1.1, np.float32)}
+    got, n = _checked_lap(ctx, RoundReport(1), IDS[2], own, passed, good, 2.0)
+    assert got is good and n == 2 and len(refused) == 1

@@ -107,6 +107,7 @@ def test_metrics_db_holds_one_row_per_peer_round(fedavg_run: dict[str, Any]) -> 
     ("segviz", "organs", {}),
     ("fedmix", "lesion", {}),
     ("cyclic", "catheter", {}),
+    ("cyclic", "lesion", {"commit": "lap_mean"}),
 ])
 def test_strategy_runs_end_to_end(tmp_path: Path, strategy: str, task: str, params: dict[str, Any]) -> None:
     r = _run(tmp_path / "run", strategy=strategy, task=task, strategy_params=params)
@@ -116,6 +117,9 @@ def test_strategy_runs_end_to_end(tmp_path: Path, strategy: str, task: str, para
     assert r["faults"]["observed"]["peer_errors"] == 0
     contributors = [x for d in r["peers_detail"] for x in _audit(d["audit_log"]) if x["direction"] == "received"]
     assert contributors, "peers exchanged nothing"
+    if params.get("commit") == "lap_mean":  # the lap tensors and count passed the wire checks
+        refused = [dict(x) for d in r["peers_detail"] for x in _audit(d["audit_log"]) if x["direction"] == "refused"]
+        assert refused == []
     if strategy == "fedefm":  # every committed round records its largest expert weight, in [1/n, 1]
         from types import SimpleNamespace
 
