@@ -289,27 +289,11 @@ async def exchange_round(
     pushing = trio.CapacityLimiter(MAX_CONCURRENT_PUSHES)
 
     async def push(n: str) -> None:
-        try:
-            for attempt in range(RESUMABLE_PUSH_ATTEMPTS):
-                try:
-                    ctx.progress.waiting_on[n] = "push: queued behind our other pushes"
-                    async with pushing:
-                        await push_update(ctx, n, maker, count)
-                except UNDELIVERED as exc:
-                    broken = maker.unfinished.get(n)  # it keeps what arrived: worth waiting for the link
-                    resumable = broken is not None and broken.resumable
-                    attempts = RESUMABLE_PUSH_ATTEMPTS if resumable else PUSH_ATTEMPTS
-                    if attempt + 1 < attempts and await _worth_retrying(ctx, n, exc, deadline, attempt, resumable):
-                        log.info("%s: push to %s in round %d failed (%s); the link is up, pushing again",
-                                 ctx.peer_id[-8:], n[-8:], round, exc)
-                        continue
-                    log.info("%s: no update delivered to %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, exc)
-                    ctx.inbox.unreachable(n)
-                    report.skipped[n] = skip_reason(exc)
-                    return
-                return
-        finally:
-            ctx.progress.waiting_on.pop(n, None)
+        failed = await deliver(ctx, round, n, maker, count, deadline, pushing)
+        if failed is not None:
+            log.info("%s: no update delivered to %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, failed)
+            ctx.inbox.unreachable(n)
+            report.skipped[n] = skip_reason(failed)
 
     with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:
@@ -486,27 +470,60 @@ def _checked_lap(
 async def _pass_on(
     ctx: RoundContext, round: int, after: str, state: StateDict, metrics: dict[str, float], report: RoundReport
 ) -> None:
-    """Push the round's model to the successor in the ring (with the exchange's retries)."""
+    """Push the round's model to the successor in the ring, with the exchange's retries (a
+    broken streamed update resumes); the wait for the predecessor may have used the round's
+    deadline, so the retries get a deadline of their own."""
     shared = ctx.faults.outgoing_state(ctx.peer_id, round, state)
     maker = UpdateMaker(ctx, round, shared, metrics, ctx.rounds.codec)
 
     def count(sent: int) -> None:
         report.bytes_sent += sent
 
-    retry_until = trio.current_time() + ctx.rounds.deadline_seconds  # the wait may have used the round's
-    for attempt in range(PUSH_ATTEMPTS):
-        try:
-            ctx.progress.waiting_on[after] = "push: passing the model on"
-            await push_update(ctx, after, maker, count)
-            break
-        except UNDELIVERED as exc:
-            if attempt + 1 < PUSH_ATTEMPTS and await _worth_retrying(ctx, after, exc, retry_until, attempt):
-                continue
-            log.warning("%s: could not pass the model on to %s in round %d: %s", ctx.peer_id[-8:], after[-8:],
-                        round, exc)
-            report.skipped[after] = skip_reason(exc)
-        finally:
-            ctx.progress.waiting_on.pop(after, None)
+    retry_until = trio.current_time() + ctx.rounds.deadline_seconds
+    failed = await deliver(ctx, round, after, maker, count, retry_until, note="push: passing the model on")
+    if failed is not None:
+        log.warning("%s: could not pass the model on to %s in round %d: %s", ctx.peer_id[-8:], after[-8:],
+                    round, failed)
+        report.skipped[after] = skip_reason(failed)
+
+
+async def deliver(
+    ctx: RoundContext,
+    round: int,
+    n: str,
+    maker: UpdateMaker,
+    count: Callable[[int], None],
+    retry_until: float,
+    limiter: trio.CapacityLimiter | None = None,
+    note: str = "push: queued behind our other pushes",
+) -> Exception | None:
+    """Push ``maker``'s update to ``n``, trying again while it is worth it (:func:`_worth_retrying`):
+    up to :data:`PUSH_ATTEMPTS` tries, or :data:`RESUMABLE_PUSH_ATTEMPTS` while ``n`` keeps
+    what arrived of a streamed update that broke off (each try resumes it), until
+    ``retry_until``. Returns None once delivered, else the last error."""
+    attempt = 0
+    try:
+        while True:
+            try:
+                ctx.progress.waiting_on[n] = note
+                if limiter is None:
+                    await push_update(ctx, n, maker, count)
+                else:
+                    async with limiter:
+                        await push_update(ctx, n, maker, count)
+                return None
+            except UNDELIVERED as exc:
+                broken = maker.unfinished.get(n)  # it keeps what arrived: worth waiting for the link
+                resumable = broken is not None and broken.resumable
+                attempts = RESUMABLE_PUSH_ATTEMPTS if resumable else PUSH_ATTEMPTS
+                if attempt + 1 < attempts and await _worth_retrying(ctx, n, exc, retry_until, attempt, resumable):
+                    log.info("%s: push to %s in round %d failed (%s); the link is up, pushing again",
+                             ctx.peer_id[-8:], n[-8:], round, exc)
+                    attempt += 1
+                    continue
+                return exc
+    finally:
+        ctx.progress.waiting_on.pop(n, None)
 
 
 #: the round each shape runs; a strategy picks one with its ``shape``
