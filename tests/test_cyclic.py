@@ -268,7 +268,7 @@ def test_a_bad_lap_mean_is_refused_and_audited_and_a_new_lap_starts(
 
 @pytest.mark.slow
 async def test_a_model_passed_on_over_a_link_that_drops_mid_update_resumes(tmp_path: Path) -> None:
-    """A ring of two, the "small" U-Net (1.9 MB, streamed in 1 MiB chunks): p0's first pass to
+    """A ring of two, the "small" U-Net (1.9 MB, streamed in 30 chunks of 64 KiB): p0's first pass to
     p1 breaks after 1.3 MB and the link is down for 2 s. p0 dials again with backoff, p1
     answers with the chunk it holds, and only the rest travels; p1 takes p0's model in both
     rounds. On the real clock (sealing runs in worker threads)."""
