@@ -98,6 +98,8 @@ class RoundReport:
     train_loss: float | None = None
     #: train-request rounds: each accepted expert's weight in the strategy's learning step
     expert_weights: dict[str, float] = field(default_factory=dict)
+    #: ``cyclic`` with ``commit = "lap_mean"``: how many of the ring's models the committed mean holds
+    lap_count: int | None = None
     #: the round's model, metrics and row are in the store
     committed: bool = False
 
@@ -422,6 +424,7 @@ async def relay_round(
         )
         strategy.last_passed = passed_on
         metrics[LAP_COUNT] = float(count)
+        report.lap_count = count
         outgoing = with_lap(passed_on, mean)
         result = {**trained.state, **mean}
     if after in selected:
@@ -594,6 +597,8 @@ async def commit_round(
                 store.record_metric(round, "train_loss", report.train_loss)
             if report.expert_weights:  # how far the strategy's expert weighting is from uniform (1/n)
                 store.record_metric(round, "expert_weight_max", max(report.expert_weights.values()))
+            if report.lap_count is not None:
+                store.record_metric(round, LAP_COUNT, report.lap_count)
             store.record_round(
                 round,
                 status="done",

@@ -227,6 +227,7 @@ async def test_peers_commit_the_lap_mean_and_pass_the_ring_model_on(
         committed = {p.peer_id: {m.round: p.store.load_model(m.digest) for m in p.store.models() if m.round >= 0}
                      for p in peers}
         refused = sum(row["refused"] for p in peers for row in p.store.neighbours())
+        counts = {p.peer_id: [m["value"] for m in p.store.metrics() if m["name"] == "lap_count"] for p in peers}
     assert len(trained) == 9
     floats = [k for k, v in trained[0].items() if v.dtype.kind == "f"]
     for k in range(1, 9):  # the ring goes on with the model passed on, not the committed mean
@@ -240,6 +241,8 @@ async def test_peers_commit_the_lap_mean_and_pass_the_ring_model_on(
         if k >= 1:  # and it is not the model passed on
             assert not all(np.allclose(committed[peer][round][key], trained[k][key], atol=1e-6) for key in floats)
     assert refused == 0
+    # each round's row says how many models its mean holds: 1, 2, 3 in the first lap, then 3
+    assert counts == {p: [min(i + 1, 3), 3, 3] for i, p in enumerate(IDS)}
 
 
 @pytest.mark.parametrize(("lap", "count", "why"), [
