@@ -544,4 +544,8 @@ def test_a_cyclic_ring_goes_round_a_dead_link_and_closes_again(bed: NetBed, tmp_
         with sqlite3.connect(f"file:{h.store}?mode=ro", uri=True, timeout=5) as conn:
             refused = conn.execute("SELECT peer, kind, reason FROM audit WHERE direction = 'refused' "
                                    "AND peer IN (?, ?, ?)", tuple(ids.values())).fetchall()
+            laps = dict(conn.execute("SELECT round, value FROM metrics WHERE name = 'lap_count'").fetchall())
         assert [r for r in refused if "lap" in r[2] or "update bound" in r[2]] == [], (h.name, refused)
+        if h is a:  # a round without C's model starts a new lap: its mean holds A's model alone
+            assert all(laps[r["round"]] == 1 for r in after["a"] if not from_c(r)), laps
+            assert all(1 <= v <= 3 for v in laps.values()), laps
