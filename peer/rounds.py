@@ -64,7 +64,7 @@ from silomesh.peer.secure_rounds import secure_exchange_round
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
 from silomesh.strategies import Contribution, CyclicConfig, RoundShape, StateDict
-from silomesh.strategies.cyclic import LAP_COUNT, CyclicStrategy, lap_update, split_lap, with_lap
+from silomesh.strategies.cyclic import LAP_COUNT, CyclicStrategy, split_lap, with_lap
 
 log = logging.getLogger(__name__)
 
@@ -419,10 +419,7 @@ async def relay_round(
     passed_on = ctx.learner.shared(trained.state)
     result, outgoing = trained.state, passed_on
     if strategy.lap_mean:
-        mean, count = await ctx.compute.run(
-            lap_update, passed_on, strategy.last_passed, lap_in, lap_count, len(cfg.order)
-        )
-        strategy.last_passed = passed_on
+        mean, count = await ctx.compute.run(strategy.next_lap, passed_on, lap_in, lap_count)
         metrics[LAP_COUNT] = float(count)
         report.lap_count = count
         outgoing = with_lap(passed_on, mean)
@@ -449,18 +446,9 @@ def _checked_lap(
     in ``1..n``, or that fails the update bound is refused (logged and audited); the model
     it came with is still used, and this peer starts a new lap.
     """
-    cfg = ctx.learner.strategy.config
-    assert isinstance(cfg, CyclicConfig)
-    n = len(cfg.order)
-    why: str | None
-    if not lap and count is None:
-        why = "no lap mean (does the ring's peer.toml set commit = \"lap_mean\" everywhere?)"
-    elif set(lap) != set(passed):
-        why = "the lap mean does not name the model's tensors"
-    elif count is None or not count.is_integer() or not 1 <= count <= n:
-        why = f"lap_count {count!r} is not a whole number in 1..{n}"
-    else:
-        why = update_violation(measure_update(own, lap), update_bound(ctx))
+    strategy = ctx.learner.strategy
+    assert isinstance(strategy, CyclicStrategy)
+    why = strategy.lap_problem(passed, lap, count) or update_violation(measure_update(own, lap), update_bound(ctx))
     if why is not None:
         log.warning("%s: refused the lap mean from %s in round %d (%s): starting a new lap", ctx.peer_id[-8:],
                     sender[-8:], report.round, why)

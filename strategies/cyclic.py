@@ -112,6 +112,29 @@ class CyclicStrategy(Strategy):
         """With ``lap_mean``, each exchanged tensor once more under :data:`LAP_PREFIX`."""
         return {LAP_PREFIX + k: k for k in self.shared_keys(names)} if self.lap_mean else {}
 
+    def lap_problem(
+        self, passed: Mapping[str, np.ndarray], lap: Mapping[str, np.ndarray], count: float | None
+    ) -> str | None:
+        """Why the lap mean ``lap`` (with its ``count``) that came with ``passed`` cannot be
+        used, or None. The update bound is the peer's to check."""
+        n = len(self.config.order)
+        if not lap and count is None:
+            return "no lap mean (does the ring's peer.toml set commit = \"lap_mean\" everywhere?)"
+        if set(lap) != set(passed):
+            return "the lap mean does not name the model's tensors"
+        if count is None or not count.is_integer() or not 1 <= count <= n:
+            return f"lap_count {count!r} is not a whole number in 1..{n}"
+        return None
+
+    def next_lap(
+        self, passed_on: Mapping[str, np.ndarray], incoming: Mapping[str, np.ndarray] | None, count: int
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """The lap mean after ``passed_on`` (what this hospital passes on now) joins ``incoming``
+        (None: a new lap); remembers ``passed_on`` for the next lap (:func:`lap_update`)."""
+        mean, count = lap_update(passed_on, self.last_passed, incoming, count, len(self.config.order))
+        self.last_passed = dict(passed_on)
+        return mean, count
+
     def aggregate(
         self,
         own: Mapping[str, np.ndarray],
