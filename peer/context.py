@@ -259,7 +259,8 @@ class Received:
 
     ``degree`` and ``loss`` are read from the update's metrics map once, here: the
     sender's number of trusted neighbours (Metropolis weights) and its training loss
-    (FedMix weights); ``lap_count`` as sent (``cyclic``'s lap mean; checked where used).
+    (FedMix weights); ``lap_count`` and ``tree_count`` as sent (how many peers' models
+    ``cyclic``'s lap mean and a tree round's mean hold; checked where used).
     """
 
     peer_id: str
@@ -269,6 +270,7 @@ class Received:
     loss: float | None = None
     degree: int | None = None
     lap_count: float | None = None
+    tree_count: float | None = None
 
     @classmethod
     def from_metrics(
@@ -277,6 +279,7 @@ class Received:
         loss = metrics.get("loss")
         degree = metrics.get("degree")
         lap_count = metrics.get("lap_count")
+        tree_count = metrics.get("tree_count")
         return cls(
             peer_id,
             round,
@@ -285,6 +288,7 @@ class Received:
             loss=float(loss) if loss is not None and math.isfinite(loss) else None,
             degree=int(degree) if degree is not None and math.isfinite(degree) and degree >= 1 else None,
             lap_count=float(lap_count) if lap_count is not None else None,
+            tree_count=float(tree_count) if tree_count is not None else None,
         )
 
 

@@ -194,12 +194,20 @@ class UpdateMaker:
     """
 
     def __init__(
-        self, ctx: RoundContext, round: int, state: StateDict, metrics: dict[str, float], codec: str = "float32"
+        self,
+        ctx: RoundContext,
+        round: int,
+        state: StateDict,
+        metrics: dict[str, float],
+        codec: str = "float32",
+        n_samples: int | None = None,
     ) -> None:
         self.ctx = ctx
         self.round = round
         self.state = state
         self.metrics = metrics
+        #: the samples the update's model stands for (default: our own; a tree round's subtree mean: its subtree's)
+        self.n_samples = ctx.learner.n_samples if n_samples is None else n_samples
         #: ``[rounds] codec``: float16 and int8 are lossy; the base of the next delta is what the
         #: neighbour decoded, so the loss is carried into that delta (error feedback)
         self.codec = Codec(codec)
@@ -235,7 +243,7 @@ class UpdateMaker:
             tensors=tensors,
             base_digest=base_digest,
             codec=codec,
-            n_samples=self.ctx.learner.n_samples,
+            n_samples=self.n_samples,
             state_digest=digest,
             metrics=self.metrics,
         )

@@ -15,6 +15,9 @@ A round (:func:`round_loop`):
      aggregate;
    * :func:`~silomesh.peer.secure_rounds.secure_exchange_round` (``secure_aggregation``):
      the local step, then the neighbours' masked vectors, of which only the sum is learnt;
+   * :func:`relay_round` (``cyclic``): the predecessor's model, trained, passed on;
+   * :func:`tree_round` (``fedavg`` with ``reduce = "tree"``): the local step; the children's
+     subtree means, averaged with ours, go up to the parent; the federation's mean comes down;
 
 3. loads the result (the strategy's ``adopt`` hook may fine-tune), evaluates on our own
    test data, and commits model, metrics, round row and a signed audit checkpoint in
@@ -45,7 +48,7 @@ import trio
 
 from silomesh.peer import memory, privacy
 from silomesh.peer.announces import publish
-from silomesh.peer.context import RoundContext
+from silomesh.peer.context import Received, RoundContext
 from silomesh.peer.dialer import (
     DIAL_TIMEOUT,
     MAX_BACKOFF,
@@ -63,8 +66,9 @@ from silomesh.peer.safety import UpdateBound, UpdateGuard, measure_update, state
 from silomesh.peer.secure_rounds import secure_exchange_round
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
-from silomesh.strategies import Contribution, CyclicConfig, RoundShape, StateDict
+from silomesh.strategies import Contribution, CyclicConfig, FedAvgConfig, RoundShape, StateDict
 from silomesh.strategies.cyclic import LAP_COUNT, CyclicStrategy, split_lap, with_lap
+from silomesh.strategies.fedavg import TREE_COUNT
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,11 @@ PUSH_ATTEMPTS = 3
 RESUMABLE_PUSH_ATTEMPTS = 8
 #: the pause before the second try (seconds), doubled before each further one
 PUSH_RETRY_PAUSE = 1.0
+#: ``reduce = "tree"``: the share of a round's time (from its start) in which the subtree means
+#: travel up the tree; a peer at depth ``d`` of a tree of height ``h`` waits for its children
+#: until ``(h - d) / h`` of it, so that its parent still waits when its mean comes. The rest of
+#: the round is for the federation's mean coming down.
+TREE_UP_SHARE = 2 / 3
 #: after this many failed rounds in a row the peer reports itself degraded and pauses between tries
 MAX_FAILED_ROUNDS = 3
 #: the first pause (seconds), doubled after each further failure, never above the round deadline
@@ -100,6 +109,8 @@ class RoundReport:
     expert_weights: dict[str, float] = field(default_factory=dict)
     #: ``cyclic`` with ``commit = "lap_mean"``: how many of the ring's models the committed mean holds
     lap_count: int | None = None
+    #: ``fedavg`` with ``reduce = "tree"``: how many peers' models the committed mean holds
+    tree_count: int | None = None
     #: the round's model, metrics and row are in the store
     committed: bool = False
 
@@ -431,6 +442,124 @@ async def relay_round(
     return result
 
 
+async def tree_round(
+    ctx: RoundContext, round: int, selected: list[str], deadline: float, report: RoundReport, guard: UpdateGuard
+) -> StateDict:
+    """``fedavg`` with ``reduce = "tree"``: the exact sample-weighted mean of every peer of the tree.
+
+    Local step; wait for each child's subtree mean (until this depth's share of the round,
+    :data:`TREE_UP_SHARE`); average it with our model, weighted by samples; push that mean,
+    with its subtree's samples and count, to the parent; wait for the parent's mean (the
+    federation's, until the deadline) and push it to the children. The root's own average
+    is the federation's. A child whose mean does not come in time (or fails its checks) is
+    left out of the round's mean; a parent whose mean does not come leaves this peer with its
+    subtree's mean, which it also passes down. A parent or child not selected this round is
+    skipped like one that did not answer.
+    """
+    cfg = ctx.learner.strategy.config
+    assert isinstance(cfg, FedAvgConfig)
+    me, size = ctx.peer_id, len(cfg.order)
+    parent, children = cfg.tree_parent(me), cfg.tree_children(me)
+    height, depth = max(cfg.tree_height(), 1), cfg.tree_depth(me)
+    start = trio.current_time()
+    up_time = max(deadline - start, 0.0) * TREE_UP_SHARE
+    ctx.progress.phase = "training"
+    trained = await ctx.compute.run(ctx.learner.train, ctx.rounds.local_steps)
+    account_privacy(ctx, round)  # logged before the trained model can leave the peer
+    report.train_loss = trained.mean_loss
+    ctx.progress.phase = "exchanging"
+    metrics = {"degree": float(len(ctx.trust))}
+    if math.isfinite(trained.mean_loss):
+        metrics["loss"] = trained.mean_loss
+
+    def checked(n: str, got: Received | None, what: str) -> Contribution | None:
+        if got is None:
+            report.skipped.setdefault(n, f"missed the deadline ({what})")
+            return None
+        count = got.tree_count
+        why = (f"tree_count {count!r} is not a whole number in 1..{size}"
+               if count is None or not count.is_integer() or not 1 <= count <= size else None)
+        why = why or guard.check(n, trained.state, got.state)
+        if why is not None:
+            _refuse_dropped(ctx, report, {n: f"{what}: {why}"}, "update", "safety")
+            return None
+        return Contribution(peer_id=n, state=got.state, n_samples=max(got.n_samples, 1))
+
+    waited = _selected_or_skipped(report, children, selected)
+    for c in waited:
+        ctx.progress.waiting_on[c] = "the mean of its subtree"
+    with trio.move_on_at(start + up_time * (height - depth) / height):
+        await ctx.inbox.wait_for(set(waited), round)
+    for c in waited:
+        ctx.progress.waiting_on.pop(c, None)
+    counts: dict[str, int] = {}
+    contributions = []
+    for c in waited:
+        got = ctx.inbox.get(c, round)
+        if (contribution := checked(c, got, "its subtree's mean")) is not None:
+            assert got is not None and got.tree_count is not None
+            contributions.append(contribution)
+            counts[c] = int(got.tree_count)
+    mean = aggregate(ctx, trained.state, contributions, report)
+    used = set(report.contributors)
+    count = 1 + sum(counts[c] for c in used)
+    samples = int(ctx.learner.n_samples) + sum(c.n_samples for c in contributions if c.peer_id in used)
+
+    def count_bytes(sent: int) -> None:
+        report.bytes_sent += sent
+
+    if parent is not None and _selected_or_skipped(report, (parent,), selected):
+        up = UpdateMaker(ctx, round, ctx.faults.outgoing_state(me, round, ctx.learner.shared(mean)),
+                         {**metrics, TREE_COUNT: float(count)}, ctx.rounds.codec, n_samples=samples)
+        parent_waits = start + up_time * (height - depth + 1) / height
+        failed = await deliver(ctx, round, parent, up, count_bytes, parent_waits, note="push: our subtree's mean")
+        if failed is not None:
+            log.warning("%s: could not send our subtree's mean to %s in round %d: %s", me[-8:], parent[-8:], round,
+                        failed)
+            report.skipped[parent] = skip_reason(failed)
+        else:
+            ctx.progress.waiting_on[parent] = "the federation's mean, from our parent in the tree"
+            with trio.move_on_at(deadline):
+                await ctx.inbox.wait_for({parent}, round)
+            ctx.progress.waiting_on.pop(parent, None)
+            got = ctx.inbox.get(parent, round)
+            if (down := checked(parent, got, "the federation's mean")) is not None:
+                assert got is not None and got.tree_count is not None
+                keep_own = cfg.int_policy == "own"
+                mean = {**mean, **{k: v for k, v in down.state.items()
+                                   if not (keep_own and not np.issubdtype(np.asarray(v).dtype, np.floating))}}
+                count, samples = int(got.tree_count), down.n_samples
+                report.contributors = sorted(used | {parent})
+    report.tree_count = count
+    ctx.progress.phase = "exchanging"
+    targets = [c for c in children if c in selected]
+    if targets:
+        down_maker = UpdateMaker(ctx, round, ctx.faults.outgoing_state(me, round, ctx.learner.shared(mean)),
+                                 {**metrics, TREE_COUNT: float(count)}, ctx.rounds.codec, n_samples=samples)
+        pushing = trio.CapacityLimiter(MAX_CONCURRENT_PUSHES)
+
+        async def push_down(c: str) -> None:
+            failed = await deliver(ctx, round, c, down_maker, count_bytes, deadline, pushing,
+                                   note="push: the federation's mean")
+            if failed is not None:
+                log.info("%s: the federation's mean did not reach %s in round %d: %s", me[-8:], c[-8:], round,
+                         failed)
+
+        async with trio.open_nursery() as nursery:
+            for c in targets:
+                nursery.start_soon(push_down, c)
+    return mean
+
+
+def _selected_or_skipped(report: RoundReport, peers: tuple[str, ...], selected: list[str]) -> list[str]:
+    """The ``peers`` selected this round; the others are reported as skipped."""
+    chosen = [p for p in peers if p in selected]
+    for p in peers:
+        if p not in chosen:
+            report.skipped[p] = "not selected this round"
+    return chosen
+
+
 def _checked_lap(
     ctx: RoundContext,
     report: RoundReport,
@@ -523,6 +652,7 @@ SHAPES: dict[RoundShape, RoundShapeFn] = {
     RoundShape.TRAIN_REQUEST: train_request_round,
     RoundShape.SECURE_EXCHANGE: functools.partial(secure_exchange_round, plain=exchange_round),
     RoundShape.RELAY: relay_round,
+    RoundShape.TREE: tree_round,
 }
 
 
@@ -587,6 +717,8 @@ async def commit_round(
                 store.record_metric(round, "expert_weight_max", max(report.expert_weights.values()))
             if report.lap_count is not None:
                 store.record_metric(round, LAP_COUNT, report.lap_count)
+            if report.tree_count is not None:
+                store.record_metric(round, TREE_COUNT, report.tree_count)
             store.record_round(
                 round,
                 status="done",

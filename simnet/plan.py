@@ -247,6 +247,15 @@ def build_plan(scenario: Scenario, out: Path, endpoints: Sequence[tuple[str, int
             raise ScenarioError(f"strategy cyclic passes the model from peer i to peer i+1: topology "
                                 f"{scenario.topology} does not connect peer {missing[0] if missing else 0} to the next")
         params["order"] = [ids[i].peer_id_text for i in range(n)]
+    if scenario.strategy == "fedavg" and params.get("reduce") == "tree" and "order" not in params:
+        fanout = params.get("fanout", 2)  # the tree: the peers in index order, parent (i - 1) // fanout
+        fanout = fanout if isinstance(fanout, int) and fanout >= 2 else 2  # a bad one: the strategy says why
+        cut = [i for i in range(1, n) if (i - 1) // fanout not in nbrs[i]]
+        if cut:
+            raise ScenarioError(f"fedavg with reduce = 'tree' exchanges between peer i and peer (i - 1) // {fanout}: "
+                                f"topology {scenario.topology} does not connect peer {cut[0]} to its parent "
+                                f"{(cut[0] - 1) // fanout} (use topology full)")
+        params["order"] = [ids[i].peer_id_text for i in range(n)]
     plans = []
     for i in range(n):
         pp = PeerPlan(index=i, name=names[i], peer_id=ids[i].peer_id_text, share=share_of(i, n, scenario.procs),

@@ -63,6 +63,9 @@ class RoundShape(enum.Enum):
     SECURE_EXCHANGE = "secure-exchange"
     #: wait for the predecessor's model, train it, push it to the successor (``cyclic``)
     RELAY = "relay"
+    #: send the subtree's mean up the tree of all peers, take the federation's mean coming down
+    #: (``fedavg`` with ``reduce = "tree"``)
+    TREE = "tree"
 
 
 #: message kinds each round shape uses, in the order they flow
@@ -70,6 +73,7 @@ SHAPE_KINDS: dict[RoundShape, tuple[str, ...]] = {
     RoundShape.EXCHANGE: (KIND_UPDATE,),
     RoundShape.TRAIN_REQUEST: (KIND_TRAIN_REQUEST, KIND_TRAIN_RESULT),
     RoundShape.RELAY: (KIND_UPDATE,),
+    RoundShape.TREE: (KIND_UPDATE,),
     RoundShape.SECURE_EXCHANGE: (
         "secagg-group", "secagg-deal", "secagg-shares", "secagg-masked", "secagg-commit", "secagg-release",
     ),

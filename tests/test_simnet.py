@@ -140,6 +140,32 @@ def test_strategy_runs_end_to_end(tmp_path: Path, strategy: str, task: str, para
         assert eval_expert_weights(run, {})["expert_weight_max"] == pytest.approx(sum(seen) / len(seen))  # type: ignore[arg-type]
 
 
+@pytest.mark.timeout(200)
+def test_fedavg_along_a_tree_gives_every_peer_the_mean_of_all_for_2_n_minus_1_updates(tmp_path: Path) -> None:
+    """``--strategy-param reduce=tree``: simnet lays the peers out as the tree (index order),
+    every peer's committed rounds hold all five models, and each round moves 2 (n - 1)
+    updates where a full topology's gossip moves n (n - 1)."""
+    from silomesh.simnet.scenario import ScenarioError
+
+    r = _run(tmp_path / "run", peers=5, topology="full", strategy_params={"reduce": "tree"})
+    assert r["round_success_rate"] == 1.0 and validate_report(r) == []
+    assert r["faults"]["observed"]["refused_total"] == 0
+    for d in r["peers_detail"]:
+        conn = sqlite3.connect(f"file:{d['audit_log']}?mode=ro", uri=True)
+        try:
+            counts = [v for (v,) in conn.execute("SELECT value FROM metrics WHERE name = 'tree_count' ORDER BY round")]
+            config = tomllib.loads(Path(d["config"]).read_text(encoding="utf-8"))
+        finally:
+            conn.close()
+        assert counts == [5.0, 5.0], d["name"]
+        assert config["strategy"]["params"]["order"] == [p["peer_id"] for p in r["peers_detail"]]
+    received = [x for d in r["peers_detail"] for x in _audit(d["audit_log"]) if x["direction"] == "received"
+                and x["kind"] == "update"]
+    assert len(received) == 2 * 2 * (5 - 1)  # two rounds
+    with pytest.raises(ScenarioError, match="does not connect peer 2 to its parent 0"):
+        _run(tmp_path / "ring", peers=5, topology="ring", strategy_params={"reduce": "tree"})
+
+
 @pytest.mark.timeout(240)
 def test_faults_crash_restart_drop_and_intruder(tmp_path: Path) -> None:
     # every message waits 2 s, so round 1 is still running when the planned crash fires
