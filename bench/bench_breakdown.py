@@ -81,20 +81,23 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=8)
     parser.add_argument("--procs", type=int, default=1)
     add_run_options(parser)
+    parser.add_argument("--reduce", choices=["neighbours", "tree"], default="neighbours",
+                        help="fedavg's reduce: every peer averages all the others, or along a tree")
     parser.add_argument("--rate", type=int, default=50, help="samples per second")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-breakdown-") as tmp:
         raw = Path(tmp) / "profile.txt"
         cmd = [args.py_spy, "record", "--subprocesses", "-r", str(args.rate), "-f", "raw", "-o", str(raw), "--",
-               *simnet_command(args, args.peers, args.procs, Path(tmp) / "run")]
+               *simnet_command(args, args.peers, args.procs, Path(tmp) / "run", args.reduce)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not raw.is_file():
             sys.exit(f"the profiled run failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
         report, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])  # py-spy prints too
         counts = classify(raw.read_text(encoding="utf-8"))
     doc: dict[str, Any] = {
-        "bench": "breakdown", "peers": args.peers, "procs": args.procs, "size": args.size, "rounds": args.rounds,
+        "bench": "breakdown", "peers": args.peers, "procs": args.procs, "reduce": args.reduce, "size": args.size,
+        "rounds": args.rounds,
         "local_steps": args.local_steps, "batch_size": args.batch_size, "n_train": args.n_train,
         "rate_hz": args.rate, "wall_seconds": report["wall_seconds"],
         "cpu_seconds": report["resources"]["cpu_seconds"], "bytes_sent_total": report["bytes_sent_total"],

@@ -8,10 +8,12 @@ round, as a peer does), for ``--rounds`` rounds:
 * ``floor``: one process, no framework, no network: for every silo in turn load the global
   weights, train, keep the state; the global model is the sample-weighted mean. What the
   federation costs at the least.
-* ``silomesh``: ``silomesh simnet run --topology full --strategy fedavg`` (every peer averages
-  all the others: decentralised FedAvg, so its final metric should match the floor's), each
-  peer a real libp2p peer with its store and audit log, in one process or ``--procs`` worker
-  processes.
+* ``silomesh``: ``silomesh simnet run --topology full --strategy fedavg``, each peer a real
+  libp2p peer with its store and audit log, in one process or ``--procs`` worker processes, for
+  each ``--reduce``: ``neighbours`` (every peer averages all the others: ``n (n - 1)`` model
+  transfers a round) and ``tree`` (``--strategy-param reduce=tree``: the subtree means go up a
+  tree of the peers and the federation's mean comes down, ``2 (n - 1)`` transfers). Both are
+  decentralised FedAvg, so their final metric should match the floor's.
 
 Every run is its own subprocess. Measured per run: wall and CPU seconds per round (the rounds
 only: the floor times its loop, simnet reports its share processes' CPU from the start of
@@ -28,6 +30,7 @@ and ``DIR/bench_lean.md``::
 
     python bench/bench_lean.py                               # N = 4, 8, 16, 24
     python bench/bench_lean.py --peers 4,8 --procs 2 --out /tmp/lean
+    python bench/bench_lean.py --reduce tree --out /tmp/lean-tree
 """
 
 from __future__ import annotations
@@ -100,7 +103,10 @@ def import_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def task_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"n_train": args.n_train}
+    """The task options simnet's peers get (its small defaults: 32-pixel images), ``n_train`` set."""
+    from silomesh.simnet.scenario import SMALL_TASK_OPTIONS
+
+    return {**SMALL_TASK_OPTIONS.get(args.task, {}), "n_train": args.n_train}
 
 
 # -- measuring a child -------------------------------------------------------------------
@@ -178,6 +184,7 @@ def floor_side(args: argparse.Namespace, n: int) -> dict[str, Any]:
         "seconds_per_round": round(o["seconds"] / len(rounds), 3),
         "cpu_per_round": round(o["cpu_seconds"] / len(rounds), 3),
         "steady_round_seconds": round(sum(r["seconds"] for r in rounds[1:]) / max(1, len(rounds) - 1), 3),
+        "steady_cpu_per_round": round(sum(r["cpu_seconds"] for r in rounds[1:]) / max(1, len(rounds) - 1), 3),
         "command_seconds": m["command_seconds"], "command_cpu_seconds": m["command_cpu_seconds"],
         "peak_pss_bytes": m["peak_pss_bytes"], "final_metric_mean": o["final_metric_mean"],
     }
@@ -197,29 +204,34 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline", type=float, default=600.0, help="simnet's per-round deadline (s)")
 
 
-def simnet_command(args: argparse.Namespace, n: int, procs: int, out: Path) -> list[str]:
+def simnet_command(args: argparse.Namespace, n: int, procs: int, out: Path, reduce: str = "neighbours") -> list[str]:
     """``silomesh simnet run`` as decentralised FedAvg (full topology) with the run options."""
     return [sys.executable, "-m", "silomesh.simnet.cli", "run", "--peers", str(n), "--procs", str(procs),
-            "--topology", "full", "--strategy", "fedavg", "--task", args.task, "--size", args.size,
+            "--topology", "full", "--strategy", "fedavg", "--strategy-param", f"reduce={reduce}",
+            "--task", args.task, "--size", args.size,
             "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
             "--deadline", str(args.deadline), "--codec", args.codec,
             "--task-option", f"n_train={args.n_train}", "--out", str(out), "--json", "--quiet"]
 
 
-def silomesh_side(args: argparse.Namespace, n: int, procs: int, out: Path) -> dict[str, Any]:
-    m = measured(simnet_command(args, n, procs, out), args.timeout)
+def silomesh_side(args: argparse.Namespace, n: int, procs: int, out: Path, reduce: str) -> dict[str, Any]:
+    m = measured(simnet_command(args, n, procs, out, reduce), args.timeout)
     if "error" in m:
-        return {"procs": procs, "error": m["error"], "rc": m["rc"]}
+        return {"procs": procs, "reduce": reduce, "error": m["error"], "rc": m["rc"]}
     r = m["output"]
     rounds = args.rounds
     hist = r["history"]
     return {
         "procs": procs,
+        "reduce": reduce,
         "seconds_per_round": round(r["wall_seconds"] / rounds, 3),
         # reports from before simnet measured its CPU: the whole command's (imports and set-up too)
         "cpu_per_round": round(r["resources"].get("cpu_seconds", m["command_cpu_seconds"]) / rounds, 3),
         "steady_round_seconds": round(sum(h["seconds_max"] or 0 for h in hist[1:]) / max(1, len(hist) - 1), 3),
+        # the rounds after round 0, without start-up (None from a simnet that did not measure it)
+        "steady_cpu_per_round": (None if r["resources"].get("cpu_seconds_from_round_1") is None or rounds < 2
+                                 else round(r["resources"]["cpu_seconds_from_round_1"] / (rounds - 1), 3)),
         "setup_seconds": r["setup_seconds"],
         "command_seconds": m["command_seconds"], "command_cpu_seconds": m["command_cpu_seconds"],
         "peak_pss_bytes": m["peak_pss_bytes"],
@@ -252,15 +264,20 @@ def derive(doc: dict[str, Any]) -> None:
     for row in doc["configs"]:
         n, params = row["peers"], row["params_bytes"]
         # model + gradients + AdamW's two moments, its data; the last model received from each
-        # neighbour, and the last of ours they acknowledged (one, when they are in step)
+        # neighbour, and the last of ours they acknowledged (one, when they are in step); in a
+        # tree round the neighbours are the parent and up to ``fanout`` (2) children
         row["model_state_per_peer_bytes"] = params * 4 + row["data_per_silo_bytes"] + n * params
         for s in row["silomesh"]:
+            ties = min(n - 1, 3) if s.get("reduce") == "tree" else n - 1
+            s["model_state_per_peer_bytes"] = params * 4 + row["data_per_silo_bytes"] + (ties + 1) * params
             if "error" in s:
                 continue
             if "cpu_per_round" in row["floor"]:
                 s["cpu_ratio"] = round(s["cpu_per_round"] / row["floor"]["cpu_per_round"], 3)
+            if s.get("steady_cpu_per_round") and row["floor"].get("steady_cpu_per_round"):
+                s["steady_cpu_ratio"] = round(s["steady_cpu_per_round"] / row["floor"]["steady_cpu_per_round"], 3)
             s["excess_per_peer_bytes"] = ((s["peak_pss_bytes"] - s["procs"] * doc["import_pss_bytes"]) // n
-                                          - row["model_state_per_peer_bytes"])
+                                          - s["model_state_per_peer_bytes"])
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -271,11 +288,13 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{doc['n_train']} images per silo, {doc['cpus']} CPUs)",
         "",
         f"Idle interpreter with silomesh's imports: {doc['import_pss_bytes'] / mib:.0f} MiB PSS. "
-        "Round: wall s / CPU-s per round (ratio to the floor's CPU); memory: peak PSS of the whole run; "
-        "excess: peak PSS above the idle interpreter and the model state, per peer.",
+        "Round: wall s / CPU-s per round, start-up included (ratio to the floor's CPU) / peak PSS of the whole "
+        "run; steady: CPU-s per round after round 0, without start-up (ratio to the floor's); excess: peak PSS "
+        "above the idle interpreter and the model state, per peer.",
         "",
-        "| N | floor | silomesh | procs | metric floor / silomesh | model state per peer | excess per peer |",
-        "|---|---|---|---|---|---|---|",
+        "| N | floor | silomesh | steady CPU-s floor / silomesh | reduce | procs | metric floor / silomesh "
+        "| model state per peer | excess per peer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in doc["configs"]:
         f = row["floor"]
@@ -283,15 +302,19 @@ def markdown(doc: dict[str, Any]) -> str:
                  f"{f['peak_pss_bytes'] / mib:,.0f} MiB")
         for s in row["silomesh"]:
             if "error" in s:
-                lines.append(f"| {row['peers']} | {floor} | failed: {' '.join(s['error'][-1:])} | {s['procs']} | | | |")
+                lines.append(f"| {row['peers']} | {floor} | failed: {' '.join(s['error'][-1:])} | | "
+                             f"{s.get('reduce', 'neighbours')} | {s['procs']} | | | |")
                 continue
             ratio = f" ({s['cpu_ratio']:.2f}x)" if s.get("cpu_ratio") else ""
             metric = f"{f.get('final_metric_mean', float('nan')):.4f} / {s['final_metric_mean']:.4f}"
+            steady = (f"{f['steady_cpu_per_round']:.2f} / {s['steady_cpu_per_round']:.2f} "
+                      f"({s['steady_cpu_ratio']:.2f}x)" if s.get("steady_cpu_ratio") else "")
             lines.append(
                 f"| {row['peers']} | {floor} | {s['seconds_per_round']:.2f} s / "
-                f"{s['cpu_per_round']:.1f} CPU-s{ratio} / {s['peak_pss_bytes'] / mib:,.0f} MiB | "
-                f"{s['procs']} | {metric} | "
-                f"{row['model_state_per_peer_bytes'] / mib:.1f} MiB | {s['excess_per_peer_bytes'] / mib:.1f} MiB |")
+                f"{s['cpu_per_round']:.1f} CPU-s{ratio} / {s['peak_pss_bytes'] / mib:,.0f} MiB | {steady} | "
+                f"{s.get('reduce', 'neighbours')} | {s['procs']} | {metric} | "
+                f"{s.get('model_state_per_peer_bytes', row['model_state_per_peer_bytes']) / mib:.1f} MiB | "
+                f"{s['excess_per_peer_bytes'] / mib:.1f} MiB |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,6 +322,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", default="4,8,16,24", help="comma-separated peer counts")
     parser.add_argument("--procs", default="1", help="comma-separated simnet process counts per N")
+    parser.add_argument("--reduce", default="neighbours,tree",
+                        help="comma-separated fedavg reduce settings per N: neighbours (every peer averages all "
+                             "the others) and/or tree (the mean goes up a tree and comes down)")
     add_run_options(parser)
     parser.add_argument("--timeout", type=float, default=3600.0, help="fail a run that takes longer (s)")
     parser.add_argument("--out", type=Path, help="also write bench_lean.json and bench_lean.md here")
@@ -318,6 +344,9 @@ def main() -> None:
         return
     peers = [int(n) for n in args.peers.split(",") if n]
     procs = [int(p) for p in args.procs.split(",") if p]
+    reduces = [r for r in args.reduce.split(",") if r]
+    if not reduces or set(reduces) - {"neighbours", "tree"}:
+        parser.error(f"--reduce takes neighbours and/or tree, got {args.reduce!r}")
     imports = measured([sys.executable, __file__, "--child", "imports"], 300)
     base = imports["output"]["pss_bytes"] if "output" in imports else 0
     configs = []
@@ -328,8 +357,8 @@ def main() -> None:
                                    "params_bytes": sizes["params"], "data_per_silo_bytes": sizes["data"],
                                    "floor": floor_side(args, n), "silomesh": []}
             print(json.dumps({"peers": n, "floor": row["floor"]}), file=sys.stderr, flush=True)
-            for p in procs:
-                s = silomesh_side(args, n, p, Path(tmp) / f"n{n}-p{p}")
+            for p, reduce in ((p, r) for p in procs for r in reduces):
+                s = silomesh_side(args, n, p, Path(tmp) / f"n{n}-p{p}-{reduce}", reduce)
                 row["silomesh"].append(s)
                 derive({"configs": [row], "import_pss_bytes": base})
                 print(json.dumps({"peers": n, "silomesh": s}), file=sys.stderr, flush=True)

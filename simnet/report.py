@@ -202,8 +202,11 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
             "mesh": dict(slot.mesh), "error": slot.error,
             "privacy": _privacy(rec.audit) if sc.privacy else None,
         })
-    processes = [{"share": s.share, "pid": s.pid, "peers": len(s.peers), "rss_bytes": s.rss_bytes,
-                  "peak_rss_bytes": s.peak_rss_bytes, "cpu_seconds": s.cpu_seconds} for s in shares]
+    processes: list[dict[str, Any]] = [{"share": s.share, "pid": s.pid, "peers": len(s.peers), "rss_bytes": s.rss_bytes,
+                  "peak_rss_bytes": s.peak_rss_bytes, "cpu_seconds": s.cpu_seconds,
+                  "cpu_seconds_from_round_1": s.cpu_seconds_from_round_1} for s in shares]
+    from_round_1 = [s.cpu_seconds_from_round_1 for s in shares]
+    steady = None if not from_round_1 or None in from_round_1 else sum(x or 0.0 for x in from_round_1)
     rss_total = sum(x["rss_bytes"] for x in processes)
     peak_total = sum(x["peak_rss_bytes"] for x in processes)
     return {
@@ -226,7 +229,8 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
         "settings": sc.to_settings(),
         "resources": {"processes": processes, "rss_total_bytes": rss_total,
                       "rss_per_peer_bytes": rss_total // n, "peak_rss_total_bytes": peak_total,
-                      "cpu_seconds": round(sum(x["cpu_seconds"] for x in processes), 3)},
+                      "cpu_seconds": round(sum(x["cpu_seconds"] for x in processes), 3),
+                      "cpu_seconds_from_round_1": None if steady is None else round(steady, 3)},
         "files": {},
     }
 

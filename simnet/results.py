@@ -73,6 +73,9 @@ class ShareResult:
     timed_out: bool = False  # the coordinator stopped the run at its timeout
     #: CPU seconds (all threads) this process used from the start of its peers to the end
     cpu_seconds: float = 0.0
+    #: CPU seconds from when every peer of this process had begun round 1 to the end (the
+    #: rounds after the first, without start-up; None when the run ended before round 1)
+    cpu_seconds_from_round_1: float | None = None
     #: the process's peak resident set size (``ru_maxrss``; 0 where unknown)
     peak_rss_bytes: int = 0
 
@@ -87,6 +90,7 @@ class ShareResult:
             "finished_at": self.finished_at, "slots": {str(i): s.to_json() for i, s in sorted(self.slots.items())},
             "intruders": [dict(x) for x in self.intruders], "timed_out": self.timed_out,
             "cpu_seconds": self.cpu_seconds, "peak_rss_bytes": self.peak_rss_bytes,
+            "cpu_seconds_from_round_1": self.cpu_seconds_from_round_1,
         }
 
     @classmethod
@@ -99,4 +103,6 @@ class ShareResult:
             slots={int(i): SlotResult.from_json(s) for i, s in d["slots"].items()},
             intruders=tuple(dict(x) for x in d["intruders"]), timed_out=bool(d["timed_out"]),
             cpu_seconds=float(d.get("cpu_seconds", 0.0)), peak_rss_bytes=int(d.get("peak_rss_bytes", 0)),
+            cpu_seconds_from_round_1=(None if d.get("cpu_seconds_from_round_1") is None
+                                      else float(d["cpu_seconds_from_round_1"])),
         )

@@ -101,6 +101,9 @@ class ShareRunner:
         self.finished_at = 0.0
         self.cpu_started = time.process_time()
         self.cpu_finished = 0.0
+        #: the process's CPU time once every peer of the share had begun round 1 (the rounds
+        #: after it cost what a round costs, without start-up and round 0); None before that
+        self.cpu_round_one: float | None = None
         self.compute: trio.CapacityLimiter | None = None
 
     # -- whole share -----------------------------------------------------------------
@@ -137,6 +140,10 @@ class ShareRunner:
             if trio.current_time() >= next_snapshot:  # for the coordinator's watchdog
                 write_progress(self.plan.run_dir, self.share, self.progress_snapshot())
                 next_snapshot = trio.current_time() + PROGRESS_EVERY
+            if self.cpu_round_one is None and all(
+                s.done or (s.peer is not None and s.peer.progress.round >= 1) for s in self.slots.values()
+            ):
+                self.cpu_round_one = time.process_time()
             if self.stop():
                 break
             if all(s.returned for s in self.slots.values()):
@@ -325,6 +332,8 @@ class ShareRunner:
             slots={i: self._slot_result(s) for i, s in self.slots.items()},
             intruders=tuple(self.intruders),
             cpu_seconds=round((self.cpu_finished or time.process_time()) - self.cpu_started, 3),
+            cpu_seconds_from_round_1=(None if self.cpu_round_one is None else
+                                      round((self.cpu_finished or time.process_time()) - self.cpu_round_one, 3)),
             peak_rss_bytes=peak_rss_bytes(),
         )
 

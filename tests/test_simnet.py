@@ -63,6 +63,9 @@ def test_fedavg_run_completes_every_round_and_writes_all_outputs(fedavg_run: dic
                  "topology.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text()) == r
+    # the CPU of the rounds after round 0 is a part of the run's, measured once round 1 began
+    resources = r["resources"]
+    assert 0 < resources["cpu_seconds_from_round_1"] < resources["cpu_seconds"]
 
 
 @pytest.mark.timeout(200)
