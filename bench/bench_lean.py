@@ -8,12 +8,13 @@ round, as a peer does), for ``--rounds`` rounds:
 * ``floor``: one process, no framework, no network: for every silo in turn load the global
   weights, train, keep the state; the global model is the sample-weighted mean. What the
   federation costs at the least.
-* ``silomesh``: ``silomesh simnet run --topology full --strategy fedavg``, each peer a real
-  libp2p peer with its store and audit log, in one process or ``--procs`` worker processes, for
-  each ``--reduce``: ``neighbours`` (every peer averages all the others: ``n (n - 1)`` model
-  transfers a round) and ``tree`` (``--strategy-param reduce=tree``: the subtree means go up a
-  tree of the peers and the federation's mean comes down, ``2 (n - 1)`` transfers). Both are
-  decentralised FedAvg, so their final metric should match the floor's.
+* ``silomesh``: ``silomesh simnet run --strategy fedavg``, each peer a real libp2p peer with its
+  store and audit log, in one process or ``--procs`` worker processes, for each ``--reduce``:
+  ``neighbours`` (``--topology full``: every peer averages all the others, ``n (n - 1)`` model
+  transfers a round) and ``tree`` (``--topology tree --strategy-param reduce=tree``: each peer
+  trusts its parent and children; the subtree means go up the tree and the federation's mean
+  comes down, ``2 (n - 1)`` transfers). Both are decentralised FedAvg, so their final metric
+  should match the floor's.
 
 Every run is its own subprocess. Measured per run: wall and CPU seconds per round (the rounds
 only: the floor times its loop, simnet reports its share processes' CPU from the start of
@@ -205,9 +206,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def simnet_command(args: argparse.Namespace, n: int, procs: int, out: Path, reduce: str = "neighbours") -> list[str]:
-    """``silomesh simnet run`` as decentralised FedAvg (full topology) with the run options."""
+    """``silomesh simnet run`` as decentralised FedAvg with the run options: over a full topology
+    (``neighbours``), or over the tree's edges only (``tree``: each peer trusts its parent and children)."""
     return [sys.executable, "-m", "silomesh.simnet.cli", "run", "--peers", str(n), "--procs", str(procs),
-            "--topology", "full", "--strategy", "fedavg", "--strategy-param", f"reduce={reduce}",
+            "--topology", "tree" if reduce == "tree" else "full", "--strategy", "fedavg",
+            "--strategy-param", f"reduce={reduce}",
             "--task", args.task, "--size", args.size,
             "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),

@@ -48,7 +48,7 @@ def simnet() -> None:
 @simnet.command("run", context_settings=CONTEXT)
 @click.argument("scenario_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--peers", "-n", type=int, help="Number of peers (default 4).")
-@click.option("--topology", "-t", help="ring | regular:K | smallworld[:K[:P]] | full | FILE (default ring).")
+@click.option("--topology", "-t", help="ring | regular:K | smallworld[:K[:P]] | full | tree[:K] | FILE (default ring).")
 @click.option("--strategy", "-s", help="fedavg | fedefm | segviz | fedmix | cyclic (default fedavg).")
 @click.option("--task", help="catheter | organs | lesion | spect (default catheter).")
 @click.option("--size", help="Model size (default small; tiny is faster but learns little in a few rounds).")

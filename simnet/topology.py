@@ -7,6 +7,9 @@ A topology spec is one of::
     smallworld[:K[:P]]   Watts-Strogatz: ring lattice of degree K (default 4), each edge
                          rewired with probability P (default 0.1), kept connected
     full                 everyone trusts everyone
+    tree[:K]             a K-ary tree in index order (default K = 2): peer i trusts its parent
+                         (i - 1) // K and its children; the edges ``fedavg``'s ``reduce =
+                         "tree"`` uses with ``fanout = K``
     FILE                 an edge list: one ``a b`` pair of peer indices per line
                          (``#`` starts a comment), or a JSON ``{"edges": [[a, b], ...]}``
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-BUILTIN = ("ring", "regular", "smallworld", "full")
+BUILTIN = ("ring", "regular", "smallworld", "full", "tree")
 
 
 class TopologyError(ValueError):
@@ -108,6 +111,17 @@ def regular(n: int, k: int) -> Topology:
 
 def full(n: int) -> Topology:
     return _make("full", n, {(i, j) for i in range(n) for j in range(i + 1, n)})
+
+
+def tree(n: int, k: int = 2) -> Topology:
+    """Each peer ``i > 0`` linked to its parent ``(i - 1) // k`` (a K-ary tree, root 0).
+
+    Raises:
+        TopologyError: if ``k < 2``.
+    """
+    if k < 2:
+        raise TopologyError(f"topology tree:{k}: K must be at least 2")
+    return _make("tree" if k == 2 else f"tree:{k}", n, {((i - 1) // k, i) for i in range(1, n)})
 
 
 def smallworld(n: int, k: int = 4, p: float = 0.1, seed: int = 0) -> Topology:
@@ -202,6 +216,8 @@ def build_topology(spec: str, n: int | None, seed: int = 0) -> Topology:
                 return ring(n)
             if name == "full" and not args:
                 return full(n)
+            if name == "tree" and len(args) <= 1:
+                return tree(n, int(args[0]) if args else 2)
             if name == "regular" and len(args) == 1:
                 return regular(n, int(args[0]))
             if name == "smallworld" and len(args) <= 2:
@@ -213,9 +229,9 @@ def build_topology(spec: str, n: int | None, seed: int = 0) -> Topology:
             if isinstance(exc, TopologyError):
                 raise
             raise TopologyError(f"topology {spec!r}: bad number ({exc})") from None
-        raise TopologyError(f"topology {spec!r}: use ring, regular:K, smallworld[:K[:P]], full or a FILE")
+        raise TopologyError(f"topology {spec!r}: use ring, regular:K, smallworld[:K[:P]], full, tree[:K] or a FILE")
     path = Path(spec)
     if not path.exists():
         raise TopologyError(f"unknown topology {spec!r}: use ring, regular:K, smallworld[:K[:P]], full, "
-                            "or the path of an edge-list file")
+                            "tree[:K], or the path of an edge-list file")
     return from_file(path, n)

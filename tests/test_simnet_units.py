@@ -56,6 +56,18 @@ def test_regular_with_odd_degree_and_odd_peers_is_refused() -> None:
         build_topology("regular:3", 7)
 
 
+
+def test_tree_links_each_peer_to_its_parent_only_and_stays_connected() -> None:
+    top = build_topology("tree", 7)
+    assert top.edges == ((0, 1), (0, 2), (1, 3), (1, 4), (2, 5), (2, 6))
+    assert top.is_connected() and top.degrees == [2, 3, 3, 1, 1, 1, 1]
+    wide = build_topology("tree:3", 5)
+    assert wide.spec == "tree:3" and wide.neighbours[0] == [1, 2, 3] and wide.neighbours[1] == [0, 4]
+    with pytest.raises(TopologyError, match="at least 2"):
+        build_topology("tree:1", 5)
+    with pytest.raises(TopologyError, match="bad number"):
+        build_topology("tree:x", 5)
+
 def test_full_links_everyone() -> None:
     top = build_topology("full", 6)
     assert top.degrees == [5] * 6
