@@ -74,9 +74,11 @@ def run_service(config_path: Path) -> int:
     """Run the peer described by ``config_path`` until a signal; return the exit status."""
     import torch
 
+    from silomesh.peer.cpu import single_threaded_blas
     from silomesh.peer.memory import lean_malloc
 
     lean_malloc()  # before the threads and buffers it governs
+    single_threaded_blas()  # numpy's BLAS threads would spin between the peer's small calls
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         trio.run(_serve, config_path)

@@ -31,13 +31,16 @@ def quiet_expected_dial_errors() -> None:
 def limit_torch_threads() -> None:
     """One torch thread per process: many peers share few cores (measured ~100x faster).
 
-    Also tunes the C allocator as a peer service does (:func:`silomesh.peer.memory.lean_malloc`).
+    Also tunes the C allocator and numpy's BLAS threads as a peer service does
+    (:func:`silomesh.peer.memory.lean_malloc`, :func:`silomesh.peer.cpu.single_threaded_blas`).
     """
     import torch
 
+    from silomesh.peer.cpu import single_threaded_blas
     from silomesh.peer.memory import lean_malloc
 
     lean_malloc()
+    single_threaded_blas()
 
     torch.set_num_threads(1)
     with contextlib.suppress(RuntimeError):  # already set, or parallel work already started
