@@ -73,8 +73,9 @@ class ShareResult:
     timed_out: bool = False  # the coordinator stopped the run at its timeout
     #: CPU seconds (all threads) this process used from the start of its peers to the end
     cpu_seconds: float = 0.0
-    #: CPU seconds from when every peer of this process had begun round 1 to the end (the
-    #: rounds after the first, without start-up; None when the run ended before round 1)
+    #: CPU seconds from when the first peer of this process began round 1 to the end (the
+    #: rounds after the first and the tail of round 0's exchange, without start-up; None when
+    #: the run ended before round 1)
     cpu_seconds_from_round_1: float | None = None
     #: the process's peak resident set size (``ru_maxrss``; 0 where unknown)
     peak_rss_bytes: int = 0

@@ -101,8 +101,11 @@ class ShareRunner:
         self.finished_at = 0.0
         self.cpu_started = time.process_time()
         self.cpu_finished = 0.0
-        #: the process's CPU time once every peer of the share had begun round 1 (the rounds
-        #: after it cost what a round costs, without start-up and round 0); None before that
+        #: the process's CPU time once the first peer of the share began round 1: every peer
+        #: has trained round 0 by then, so the CPU from there on is the later rounds' and what
+        #: is left of round 0's exchange and commits (a little more than the later rounds
+        #: cost, never less: the mark at the last peer's start would miss the others' round-1
+        #: work done before it); None before that
         self.cpu_round_one: float | None = None
         self.compute: trio.CapacityLimiter | None = None
 
@@ -140,8 +143,8 @@ class ShareRunner:
             if trio.current_time() >= next_snapshot:  # for the coordinator's watchdog
                 write_progress(self.plan.run_dir, self.share, self.progress_snapshot())
                 next_snapshot = trio.current_time() + PROGRESS_EVERY
-            if self.cpu_round_one is None and all(
-                s.done or (s.peer is not None and s.peer.progress.round >= 1) for s in self.slots.values()
+            if self.cpu_round_one is None and any(
+                s.peer is not None and s.peer.progress.round >= 1 for s in self.slots.values()
             ):
                 self.cpu_round_one = time.process_time()
             if self.stop():

@@ -219,3 +219,29 @@ async def test_a_child_without_a_tree_count_is_refused_audited_and_left_out(
     assert "tree_count None is not a whole number in 1..3" in reasons[order[2]]
     assert any(e["peer"] == order[2] and "tree_count" in e["reason"] for e in audit), audit
     assert counts == [2.0]
+
+
+async def test_a_parent_without_a_tree_count_is_refused_and_the_child_keeps_its_subtrees_mean(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The root p0 runs plain gossip: the update it pushes to p1 is its own model with no
+    tree_count, not the federation's mean. p1 refuses it (audited) and commits the mean of
+    its own subtree, which is its own model (tree_count 1)."""
+    net = MemoryNetwork()
+    order = IDS[:3]
+    ids, cfgs = configs(tmp_path, 3, rounds=1, deadline=20.0, neighbours=_full(3), extra=_tree(order))
+    _, plain = configs(tmp_path / "plain", 3, rounds=1, deadline=20.0, neighbours=_full(3))
+    cfgs[0] = plain[0]
+    peers = [Peer(c, identity=i, serve_control_api=False, transport=net.open, compute=InlineCompute(),
+                  faults=StartTogether(net, 3)) for i, c in zip(ids, cfgs, strict=True)]
+    async with _running(peers):
+        child = peers[1]
+        await child.done.wait()
+        row = (await child.operator.rounds())[0]
+        audit = [e for e in child.audit_log.entries() if e["direction"] == "refused"]
+        counts = [m["value"] for m in child.store.metrics() if m["name"] == "tree_count"]
+    assert row["status"] == "done" and row["contributors"] == []
+    reasons = {s["peer"]: s["reason"] for s in row["skipped"]}
+    assert "the federation's mean: tree_count None" in reasons[order[0]]
+    assert any(e["peer"] == order[0] and "tree_count" in e["reason"] for e in audit), audit
+    assert counts == [1.0]
