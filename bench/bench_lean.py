@@ -195,7 +195,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     """The model, data and training options both sides share (bench_breakdown.py uses them too)."""
     parser.add_argument("--task", default="catheter")
     parser.add_argument("--size", default="small")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -233,8 +233,7 @@ def silomesh_side(args: argparse.Namespace, n: int, procs: int, out: Path, reduc
         "cpu_per_round": round(r["resources"].get("cpu_seconds", m["command_cpu_seconds"]) / rounds, 3),
         "steady_round_seconds": round(sum(h["seconds_max"] or 0 for h in hist[1:]) / max(1, len(hist) - 1), 3),
         # the rounds after round 0, without start-up (None from a simnet that did not measure it)
-        "steady_cpu_per_round": (None if r["resources"].get("cpu_seconds_from_round_1") is None or rounds < 2
-                                 else round(r["resources"]["cpu_seconds_from_round_1"] / (rounds - 1), 3)),
+        "steady_cpu_per_round": r["resources"].get("steady_cpu_seconds_per_round"),
         "setup_seconds": r["setup_seconds"],
         "command_seconds": m["command_seconds"], "command_cpu_seconds": m["command_cpu_seconds"],
         "peak_pss_bytes": m["peak_pss_bytes"],

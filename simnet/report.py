@@ -204,9 +204,11 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
         })
     processes: list[dict[str, Any]] = [{"share": s.share, "pid": s.pid, "peers": len(s.peers), "rss_bytes": s.rss_bytes,
                   "peak_rss_bytes": s.peak_rss_bytes, "cpu_seconds": s.cpu_seconds,
-                  "cpu_seconds_from_round_1": s.cpu_seconds_from_round_1} for s in shares]
-    from_round_1 = [s.cpu_seconds_from_round_1 for s in shares]
-    steady = None if not from_round_1 or None in from_round_1 else sum(x or 0.0 for x in from_round_1)
+                  "cpu_round_marks": {str(r): c for r, c in s.cpu_round_marks.items()},
+                  "steady_cpu_seconds_per_round": (None if s.steady_cpu_per_round is None
+                                                   else round(s.steady_cpu_per_round, 3))} for s in shares]
+    per_share = [s.steady_cpu_per_round for s in shares]
+    steady = None if not per_share or None in per_share else sum(x or 0.0 for x in per_share)
     rss_total = sum(x["rss_bytes"] for x in processes)
     peak_total = sum(x["peak_rss_bytes"] for x in processes)
     return {
@@ -230,7 +232,7 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
         "resources": {"processes": processes, "rss_total_bytes": rss_total,
                       "rss_per_peer_bytes": rss_total // n, "peak_rss_total_bytes": peak_total,
                       "cpu_seconds": round(sum(x["cpu_seconds"] for x in processes), 3),
-                      "cpu_seconds_from_round_1": None if steady is None else round(steady, 3)},
+                      "steady_cpu_seconds_per_round": None if steady is None else round(steady, 3)},
         "files": {},
     }
 

@@ -73,10 +73,18 @@ class ShareResult:
     timed_out: bool = False  # the coordinator stopped the run at its timeout
     #: CPU seconds (all threads) this process used from the start of its peers to the end
     cpu_seconds: float = 0.0
-    #: CPU seconds from when the first peer of this process began round 1 to the end (the
-    #: rounds after the first and the tail of round 0's exchange, without start-up; None when
-    #: the run ended before round 1)
-    cpu_seconds_from_round_1: float | None = None
+    #: round r (from 1) -> this process's CPU seconds, counted as ``cpu_seconds``, when the
+    #: first of its peers began round r (the watch loop polls, so a mark is up to 0.25 s late)
+    cpu_round_marks: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def steady_cpu_per_round(self) -> float | None:
+        """CPU seconds a round costs once under way: between the first and the last mark,
+        per round (None with fewer than two marks, i.e. fewer than 3 rounds)."""
+        if len(self.cpu_round_marks) < 2:
+            return None
+        first, last = min(self.cpu_round_marks), max(self.cpu_round_marks)
+        return (self.cpu_round_marks[last] - self.cpu_round_marks[first]) / (last - first)
     #: the process's peak resident set size (``ru_maxrss``; 0 where unknown)
     peak_rss_bytes: int = 0
 
@@ -91,7 +99,7 @@ class ShareResult:
             "finished_at": self.finished_at, "slots": {str(i): s.to_json() for i, s in sorted(self.slots.items())},
             "intruders": [dict(x) for x in self.intruders], "timed_out": self.timed_out,
             "cpu_seconds": self.cpu_seconds, "peak_rss_bytes": self.peak_rss_bytes,
-            "cpu_seconds_from_round_1": self.cpu_seconds_from_round_1,
+            "cpu_round_marks": {str(r): c for r, c in self.cpu_round_marks.items()},
         }
 
     @classmethod
@@ -104,6 +112,5 @@ class ShareResult:
             slots={int(i): SlotResult.from_json(s) for i, s in d["slots"].items()},
             intruders=tuple(dict(x) for x in d["intruders"]), timed_out=bool(d["timed_out"]),
             cpu_seconds=float(d.get("cpu_seconds", 0.0)), peak_rss_bytes=int(d.get("peak_rss_bytes", 0)),
-            cpu_seconds_from_round_1=(None if d.get("cpu_seconds_from_round_1") is None
-                                      else float(d["cpu_seconds_from_round_1"])),
+            cpu_round_marks={int(r): float(c) for r, c in d.get("cpu_round_marks", {}).items()},
         )

@@ -101,12 +101,10 @@ class ShareRunner:
         self.finished_at = 0.0
         self.cpu_started = time.process_time()
         self.cpu_finished = 0.0
-        #: the process's CPU time once the first peer of the share began round 1: every peer
-        #: has trained round 0 by then, so the CPU from there on is the later rounds' and what
-        #: is left of round 0's exchange and commits (a little more than the later rounds
-        #: cost, never less: the mark at the last peer's start would miss the others' round-1
-        #: work done before it); None before that
-        self.cpu_round_one: float | None = None
+        #: round r (1, 2, ...) -> the process's CPU time when the first peer of the share began
+        #: it. From one mark to the next each peer does one round's work (shifted in phase),
+        #: so their differences are what a round costs, without start-up and round 0
+        self.cpu_marks: dict[int, float] = {}
         self.compute: trio.CapacityLimiter | None = None
 
     # -- whole share -----------------------------------------------------------------
@@ -143,10 +141,9 @@ class ShareRunner:
             if trio.current_time() >= next_snapshot:  # for the coordinator's watchdog
                 write_progress(self.plan.run_dir, self.share, self.progress_snapshot())
                 next_snapshot = trio.current_time() + PROGRESS_EVERY
-            if self.cpu_round_one is None and any(
-                s.peer is not None and s.peer.progress.round >= 1 for s in self.slots.values()
-            ):
-                self.cpu_round_one = time.process_time()
+            began = max((s.peer.progress.round for s in self.slots.values() if s.peer is not None), default=-1)
+            if began >= 1 and began not in self.cpu_marks:
+                self.cpu_marks[began] = time.process_time()
             if self.stop():
                 break
             if all(s.returned for s in self.slots.values()):
@@ -335,8 +332,7 @@ class ShareRunner:
             slots={i: self._slot_result(s) for i, s in self.slots.items()},
             intruders=tuple(self.intruders),
             cpu_seconds=round((self.cpu_finished or time.process_time()) - self.cpu_started, 3),
-            cpu_seconds_from_round_1=(None if self.cpu_round_one is None else
-                                      round((self.cpu_finished or time.process_time()) - self.cpu_round_one, 3)),
+            cpu_round_marks={r: round(c - self.cpu_started, 3) for r, c in sorted(self.cpu_marks.items())},
             peak_rss_bytes=peak_rss_bytes(),
         )
 

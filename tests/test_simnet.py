@@ -63,9 +63,9 @@ def test_fedavg_run_completes_every_round_and_writes_all_outputs(fedavg_run: dic
                  "topology.png"):
         assert (out / name).stat().st_size > 0, name
     assert json.loads((out / "report.json").read_text()) == r
-    # the CPU of the rounds after round 0 is a part of the run's, measured once round 1 began
-    resources = r["resources"]
-    assert 0 < resources["cpu_seconds_from_round_1"] < resources["cpu_seconds"]
+    # a round's steady CPU needs two marks (rounds 1 and 2): this run has two rounds, so none
+    assert r["resources"]["steady_cpu_seconds_per_round"] is None
+    assert all(list(p["cpu_round_marks"]) == ["1"] for p in r["resources"]["processes"])
 
 
 @pytest.mark.timeout(200)
