@@ -2,6 +2,8 @@
 
 Prints one JSON object. Not a test: the ratios are measured in one run on one machine,
 the three transfers interleaved (one of each per repetition) and the best of N kept.
+Each transfer also records the process CPU seconds it took (both peers, every thread):
+``cpu_ratios`` compare medians, the cost of an update to the machine beyond the transfer.
 
     .venv/bin/python bench/bench_exchange.py [--mb 50] [--repeats 5] [--memory-peers 4,20]
 
@@ -47,6 +49,7 @@ minus one peer's model weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -56,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,6 +290,16 @@ async def exchange(mb: float, repeats: int, raw_chunks: list[int]) -> dict[str, 
     pushes = ("push_update_full", "push_update_delta", "push_update_full_streamed", "push_update_delta_streamed")
     results: dict[str, list[float]] = {name: [] for name in (*pushes, "trio_tcp")}
     results.update({f"raw_libp2p_chunk_{c}": [] for c in raw_chunks})
+    cpu: dict[str, list[float]] = {name: [] for name in results}
+
+    @contextlib.contextmanager
+    def clock(name: str) -> Iterator[None]:
+        """Wall and process CPU seconds (every thread: the loop's and the workers') of the block."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        results[name].append(time.perf_counter() - t0)
+        cpu[name].append(time.process_time() - c0)
+
     with tempfile.TemporaryDirectory(prefix="silomesh-bench-") as tmp:
         ids, cfgs = _configs(Path(tmp), 2, TINY_CATHETER)
         silo = synthetic_silo("catheter", 2, 0, 0, **TINY_CATHETER)
@@ -319,22 +332,18 @@ async def exchange(mb: float, repeats: int, raw_chunks: list[int]) -> dict[str, 
                 for suffix, threshold in (("", 0), ("_streamed", 1)):
                     object.__setattr__(a.context.endpoint, "stream_threshold", threshold)  # a bench knob
                     a.context.bases.acked.pop(b.peer_id, None)
-                    t0 = time.perf_counter()
-                    await push_update(a.context, b.peer_id, UpdateMaker(a.context, 0, states[r % 2], {}))
-                    results[f"push_update_full{suffix}"].append(time.perf_counter() - t0)
+                    with clock(f"push_update_full{suffix}"):
+                        await push_update(a.context, b.peer_id, UpdateMaker(a.context, 0, states[r % 2], {}))
                     assert b.peer_id in a.context.bases.acked
-                    t0 = time.perf_counter()
-                    delta = UpdateMaker(a.context, 0, states[(r + 1) % 2], {})
-                    await push_update(a.context, b.peer_id, delta)  # a delta against the ack
-                    results[f"push_update_delta{suffix}"].append(time.perf_counter() - t0)
+                    with clock(f"push_update_delta{suffix}"):
+                        delta = UpdateMaker(a.context, 0, states[(r + 1) % 2], {})
+                        await push_update(a.context, b.peer_id, delta)  # a delta against the ack
                     assert b.context.inbox.get(a.peer_id, 0).state.keys() == base.keys()
                 for c in raw_chunks:
-                    t0 = time.perf_counter()
-                    await raw_send(payload, c)
-                    results[f"raw_libp2p_chunk_{c}"].append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                await tcp_send(payload)
-                results["trio_tcp"].append(time.perf_counter() - t0)
+                    with clock(f"raw_libp2p_chunk_{c}"):
+                        await raw_send(payload, c)
+                with clock("trio_tcp"):
+                    await tcp_send(payload)
             need_base = [e for e in b.audit_log.entries() if e["kind"] == "need-base"]
             assert not need_base, "a delta was not understood: the receiver asked for a base"
             nursery.cancel_scope.cancel()
@@ -351,12 +360,22 @@ async def exchange(mb: float, repeats: int, raw_chunks: list[int]) -> dict[str, 
         "unet_width": width,
         "wire_write_chunk": WRITE_CHUNK,
         "repeats": repeats,
-        "transfers": {name: {**_best(t), "MBps": mbps(name)} for name, t in results.items()},
+        "transfers": {
+            name: {**_best(t), "MBps": mbps(name), "cpu_best_s": round(min(cpu[name]), 4),
+                   "cpu_median_s": round(float(np.median(cpu[name])), 4)}
+            for name, t in results.items()
+        },
         "raw_libp2p_baseline": raw_name,
         "ratios": {
             **{f"{name}_vs_raw_libp2p": round(min(results[name]) / raw, 3) for name in pushes},
             "raw_libp2p_vs_trio_tcp": round(raw / min(results["trio_tcp"]), 2),
             "push_update_delta_vs_trio_tcp": round(min(results["push_update_delta"]) / min(results["trio_tcp"]), 2),
+        },
+        # CPU of the whole process (both peers, every thread), medians: what a push costs a
+        # machine beyond the transfer, which the wall-clock ratios hide when worker threads overlap
+        "cpu_ratios": {
+            f"{name}_vs_raw_libp2p": round(float(np.median(cpu[name]) / np.median(cpu[raw_name])), 3)
+            for name in pushes
         },
         "components": {k: {**v, "MBps": round(nbytes / v["best_s"] / 1e6, 1)} for k, v in components.items()},
     }
