@@ -104,8 +104,9 @@ class RoundConfig:
     #: a neighbour's model further than this many times its usual distance is dropped (0: no check)
     max_update_growth: float = 20.0
     #: how updates travel (PEER.md section 3): float32 (exact), float16 (deltas in half
-    #: precision) or int8 (deltas and snapshots quantized per tensor); lossy codecs carry their
-    #: error into the next delta, which is always made against what the neighbour holds
+    #: precision), int8 (deltas and snapshots quantized per tensor) or int4 (deltas in 4 bits,
+    #: snapshots as int8); lossy codecs carry their error into the next delta, which is always
+    #: made against what the neighbour holds
     codec: str = "float32"
     #: every training on this silo's data also trains what its labels leave unannotated
     #: (another silo's organs, a box's rim) towards the model as that training began, instead of leaving it
@@ -113,7 +114,7 @@ class RoundConfig:
     keep_unlabelled: bool = False
 
 
-UPDATE_CODECS = ("float32", "float16", "int8")
+UPDATE_CODECS = ("float32", "float16", "int8", "int4")
 
 
 @dataclass(frozen=True)

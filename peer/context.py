@@ -52,6 +52,8 @@ T = TypeVar("T")
 
 AGENT = "silomesh/0.1"
 CODECS = ("float32", "float16", "int8")
+"""What our hello says we decode. ``int4`` is listed only by a peer whose own ``[rounds] codec``
+is int4 (:attr:`Endpoint.codecs`): peers before it refuse a hello naming a codec they do not know."""
 
 
 class SequenceCounter:
@@ -196,6 +198,8 @@ class Endpoint:
     study: StudyGate | None = None
     #: frames cut off by a broken stream, kept to resume them (PROTOCOL.md section 4.1)
     transfers: Transfers = field(default_factory=Transfers)
+    #: the codecs our hello lists (a neighbour sends us updates only in these)
+    codecs: tuple[str, ...] = CODECS
 
     def announce_routing(self, round: int | None = None) -> dict[str, Any]:
         """Routing fields of a new announce (no recipient; default: the current round)."""
@@ -221,7 +225,7 @@ class Endpoint:
             agent=AGENT,
             model=hello_model(self.model_id, None if self.study is None else self.study.study.digest),
             state_digest=base_digest,
-            codecs=CODECS,
+            codecs=self.codecs,
             max_frame_size=self.limits.max_frame_size,
         )
 

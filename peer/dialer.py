@@ -231,8 +231,10 @@ class UpdateMaker:
             codec = lossy or Codec.FLOAT32
             tensors, made = self._delta(base, codec)
             result, base_digest, digest = made.state, base.digest, made.digest
-        elif lossy is Codec.INT8:  # a snapshot too (float16 ones would stay float16 at the receiver)
-            codec = lossy
+        elif lossy in (Codec.INT8, Codec.INT4) and Codec.INT8.value in codecs:
+            # a snapshot too (float16 ones would stay float16 at the receiver); int4 snapshots
+            # would be too coarse for a model's weights: those go as int8
+            codec = Codec.INT8
             result, digest = self._int8_snapshot()
             tensors, base_digest = self.state, None
         else:

@@ -12,10 +12,14 @@ C-ordered. The codec chooses how *floating* tensors travel:
   normal float32 (all-zero and vanishingly small tensors: every ``q`` is then 0),
   ``q = clip(rint(x * float32(1 / scale)), -127, 127)`` and the decoder's
   ``x' = float32(q) * float32(scale)``. Scalars (shape ``[]``) follow the same rules.
+* ``int4``: as ``int4`` entries, two values a byte, with a per-tensor symmetric ``scale``:
+  as ``int8`` with 7 for 127 (``q`` in -7..7); value ``i`` of a tensor is the low nibble
+  (even ``i``) or the high nibble (odd ``i``) of byte ``i // 2`` and holds ``q + 8``
+  (1..15; nibble 0 is refused); an odd count leaves the last high nibble 0.
 
 Integer and bool tensors travel unchanged. Decoding is zero-copy (``np.frombuffer`` on
 the caller's buffer; arrays come back read-only and possibly unaligned) except for
-``int8``-quantized tensors, which are dequantized to ``float32``. No pickle anywhere.
+``int8``- and ``int4``-quantized tensors, which are dequantized to ``float32``. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "check_model_dtypes",
     "decode_tensors",
     "encode_tensors",
+    "int4_scale",
     "int8_scale",
     "is_finite_array",
     "received_as",
@@ -54,6 +59,7 @@ class Codec(enum.StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     INT8 = "int8"
+    INT4 = "int4"
 
 
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {
@@ -66,11 +72,18 @@ WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "int64": np.dtype("<i8"),
     "bool": np.dtype("?"),
 }
-"""The dtype allowlist: wire name -> numpy dtype (explicitly little-endian)."""
+"""The dtype allowlist: wire name -> numpy dtype (explicitly little-endian).
+
+``int4`` (:data:`INT4`) is allowed too: it has no numpy dtype (two values a byte)."""
+
+INT4 = "int4"
+"""The packed 4-bit wire dtype of the ``int4`` codec (quantized floats only)."""
+_NIBBLES = np.dtype("u1")  # int4 data is read and written as bytes
 
 _FLOAT16_MAX = 65504.0
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_SCALE = _FLOAT32_MAX / 128.0  # so that -128 * scale stays finite
+_MAX_SCALE_INT4 = _FLOAT32_MAX / 8.0  # so that 8 * scale stays finite
 _MIN_SCALE = float(np.finfo(np.float32).tiny)  # 2**-126: below it 1 / scale overflows float32
 
 
@@ -99,6 +112,20 @@ def int8_scale(amax: float) -> float:
     return 0.0 if scale < _MIN_SCALE else scale
 
 
+def int4_scale(amax: float) -> float:
+    """The int4 codec's scale for a tensor whose largest magnitude is ``amax``: as
+    :func:`int8_scale` with ``float32(7)`` for ``float32(127)``."""
+    scale = float(np.float32(amax) / np.float32(7.0))
+    return 0.0 if scale < _MIN_SCALE else scale
+
+
+def _entry_bytes(dtype_name: str, count: int) -> int:
+    """Bytes of a table entry's data: ``count`` elements of ``dtype_name``."""
+    if dtype_name == INT4:
+        return (count + 1) // 2
+    return count * WIRE_DTYPES[dtype_name].itemsize
+
+
 def _wire_name(dtype: np.dtype[Any]) -> str | None:
     for name, wire in WIRE_DTYPES.items():
         if wire.kind == dtype.kind and wire.itemsize == dtype.itemsize:
@@ -112,6 +139,12 @@ class _Source:
     wire: np.dtype[Any]
     offset: int
     scale: float | None
+    #: int4: two values a byte (``wire`` is then bytes)
+    packed: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return (self.array.size + 1) // 2 if self.packed else self.array.size * self.wire.itemsize
 
 
 @dataclass(frozen=True)
@@ -136,7 +169,8 @@ class EncodedTensors:
             raise LocalProtocolError(ErrorCode.BAD_TABLE, "output buffer has the wrong size")
         for src in self._sources:
             if src.array.size:
-                _write_source(src, np.frombuffer(view, dtype=src.wire, count=src.array.size, offset=src.offset))
+                count = src.nbytes // src.wire.itemsize
+                _write_source(src, np.frombuffer(view, dtype=src.wire, count=count, offset=src.offset))
 
     def pieces(self) -> Iterator[memoryview]:
         """The blob as consecutive pieces, one per non-empty tensor, in table order.
@@ -153,7 +187,7 @@ class EncodedTensors:
             if src.scale is None and arr.dtype == src.wire and arr.flags.c_contiguous:
                 yield arr.reshape(-1).data.cast("B")
                 continue
-            dst = np.empty(arr.size, dtype=src.wire)
+            dst = np.empty(src.nbytes // src.wire.itemsize, dtype=src.wire)
             _write_source(src, dst)
             yield dst.data.cast("B")
 
@@ -165,7 +199,10 @@ class EncodedTensors:
 
 
 def _write_source(src: _Source, flat: np.ndarray) -> None:
-    """Encode one tensor into ``flat`` (its wire dtype, ``src.array.size`` elements)."""
+    """Encode one tensor into ``flat`` (its wire dtype, ``src.nbytes`` bytes)."""
+    if src.packed:
+        _write_int4(src, flat)
+        return
     dst = flat.reshape(src.array.shape)
     if src.scale is None:
         np.copyto(dst, src.array, casting="unsafe")
@@ -178,6 +215,42 @@ def _write_source(src: _Source, flat: np.ndarray) -> None:
         np.rint(q, out=q)
         np.clip(q, -127, 127, out=q)
         np.copyto(dst, q, casting="unsafe")
+
+
+def _write_int4(src: _Source, out: np.ndarray) -> None:
+    """Quantize ``src`` to q in -7..7 and pack ``q + 8`` two a byte into ``out`` (bytes)."""
+    n = src.array.size
+    nibbles = np.full(2 * out.size, 8, dtype=np.uint8)
+    if n % 2:
+        nibbles[-1] = 0  # the unused high nibble of an odd count
+    if src.scale:
+        q = np.empty(n, dtype=np.float32)
+        np.multiply(src.array.reshape(-1), np.float32(1.0 / src.scale), out=q, dtype=np.float32)
+        np.rint(q, out=q)
+        np.clip(q, -7, 7, out=q)
+        q += 8
+        np.copyto(nibbles[:n], q, casting="unsafe")
+    np.bitwise_or(nibbles[0::2], np.left_shift(nibbles[1::2], 4), out=out)
+
+
+def _read_int4(data: np.ndarray, count: int, name: str) -> np.ndarray:
+    """The q values of ``count`` int4 elements packed in ``data`` (bytes), as float32.
+
+    Raises:
+        RemoteProtocolError: BAD_DTYPE for a nibble 0 among the values, or a non-zero
+            unused high nibble (odd count).
+    """
+    nibbles = np.empty(2 * data.size, dtype=np.uint8)
+    np.bitwise_and(data, 0x0F, out=nibbles[0::2])
+    np.right_shift(data, 4, out=nibbles[1::2])
+    if count % 2 and nibbles[-1]:
+        raise _remote(ErrorCode.BAD_DTYPE, f"{name}: the unused last int4 nibble must be 0")
+    values = nibbles[:count]
+    if count and not values.min():
+        raise _remote(ErrorCode.BAD_DTYPE, f"{name}: int4 nibble 0 is not a value")
+    q = values.astype(np.float32)
+    q -= 8
+    return q
 
 
 def _check_name(name: object, limits: Limits) -> str:
@@ -255,7 +328,11 @@ def encode_tensors(
                 scale = int8_scale(amax)
                 if not math.isfinite(scale) or scale > _MAX_SCALE:
                     raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
-            dtype_name = "int8" if codec is Codec.INT8 else codec.value
+            if codec is Codec.INT4:
+                scale = int4_scale(amax)
+                if not math.isfinite(scale) or scale > _MAX_SCALE_INT4:
+                    raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
+            dtype_name = codec.value
         else:
             maybe = _wire_name(arr.dtype)
             if maybe is None or maybe.startswith("float"):
@@ -263,10 +340,11 @@ def encode_tensors(
                     ErrorCode.BAD_DTYPE, f"{name}: dtype {arr.dtype} not allowed"
                 )
             dtype_name = maybe
-        wire = WIRE_DTYPES[dtype_name]
+        packed = dtype_name == INT4
+        wire = _NIBBLES if packed else WIRE_DTYPES[dtype_name]
         table.append([name, dtype_name, list(arr.shape), offset, scale])
-        sources.append(_Source(arr, wire, offset, scale))
-        offset += count * wire.itemsize
+        sources.append(_Source(arr, wire, offset, scale, packed))
+        offset += _entry_bytes(dtype_name, count)
     return EncodedTensors(table=table, nbytes=offset, codec=codec, _sources=tuple(sources))
 
 
@@ -295,11 +373,11 @@ def _fits_model(model: np.dtype[Any], dtype_name: str, scale: object) -> bool:
     """True if a table entry ``(dtype_name, scale)`` may carry a model tensor of ``model``.
 
     A floating model tensor travels as a float codec (``float32``, ``float16``, or
-    ``int8`` with a scale); an integer or bool model tensor travels in exactly its dtype
-    (an ``int8`` entry with a scale is a float and never fits an integer tensor).
+    ``int8`` or ``int4`` with a scale); an integer or bool model tensor travels in exactly
+    its dtype (an ``int8`` entry with a scale is a float and never fits an integer tensor).
     """
     if model.kind == "f":
-        return dtype_name in ("float32", "float16") or (dtype_name == "int8" and scale is not None)
+        return dtype_name in ("float32", "float16") or (dtype_name in ("int8", INT4) and scale is not None)
     wire = WIRE_DTYPES.get(dtype_name)
     return (
         scale is None
@@ -377,14 +455,19 @@ def decode_tensors(
         if previous is not None and name <= previous:
             raise _remote(ErrorCode.BAD_TABLE, f"{name!r}: names must be unique and sorted")
         previous = name
-        wire = WIRE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
+        packed = dtype_name == INT4
+        wire = _NIBBLES if packed else WIRE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if wire is None:
             raise _remote(ErrorCode.BAD_DTYPE, f"{name}: dtype {dtype_name!r} not allowed")
-        if wire.kind == "f" and dtype_name != codec.value:
+        if (wire.kind == "f" or packed) and dtype_name != codec.value:
             raise _remote(ErrorCode.BAD_DTYPE, f"{name}: {dtype_name} under codec {codec.value}")
-        if scale is not None and not (codec is Codec.INT8 and dtype_name == "int8"):
-            raise _remote(ErrorCode.BAD_TABLE, f"{name}: scale only for int8 codec tensors")
-        if scale is not None and (type(scale) is not float or not 0.0 <= scale <= _MAX_SCALE):
+        quantized = (codec is Codec.INT8 and dtype_name == "int8") or packed
+        if scale is not None and not quantized:
+            raise _remote(ErrorCode.BAD_TABLE, f"{name}: scale only for int8 and int4 codec tensors")
+        if packed and scale is None:
+            raise _remote(ErrorCode.BAD_TABLE, f"{name}: an int4 tensor needs a scale")
+        max_scale = _MAX_SCALE_INT4 if packed else _MAX_SCALE
+        if scale is not None and (type(scale) is not float or not 0.0 <= scale <= max_scale):
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: scale must be a float in [0, max]")
         if type(shape_list) is not list or not all(type(d) is int and d >= 0 for d in shape_list):
             raise _remote(ErrorCode.BAD_SHAPE, f"{name}: shape must be a list of uints")
@@ -405,7 +488,7 @@ def decode_tensors(
                 else "leaves a gap or is not an int"
             )
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: offset {entry_offset!r} {what}")
-        nbytes = count * wire.itemsize
+        nbytes = _entry_bytes(dtype_name, count)
         if offset + nbytes > len(view):
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: runs past the end of the blob")
         if expected_shapes is not None:
@@ -419,7 +502,10 @@ def decode_tensors(
             if model is not None and not _fits_model(model, dtype_name, scale):
                 what = f"{dtype_name} with a scale" if scale is not None else dtype_name
                 raise _remote(ErrorCode.BAD_DTYPE, f"{name}: {what} for a {model} model tensor")
-        if count == 0:
+        if packed:
+            arr = _read_int4(np.frombuffer(view, dtype=wire, count=nbytes, offset=offset), count, name)
+            arr = arr.reshape(shape)
+        elif count == 0:
             arr = np.empty(shape, dtype=wire)
         else:
             arr = np.frombuffer(view, dtype=wire, count=count, offset=offset).reshape(shape)

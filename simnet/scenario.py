@@ -17,7 +17,7 @@ Scenario files hold the same settings as the flags (flags override the file)::
     deadline = 30.0               # seconds per round before late neighbours are skipped
     batch_size = 8
     lr = 0.001
-    codec = "float32"             # how updates travel: float32 | float16 | int8 (peer.toml [rounds] codec)
+    codec = "float32"             # how updates travel: float32 | float16 | int8 | int4 (peer.toml [rounds] codec)
     keep_unlabelled = false       # organs, lesion: keep what a silo does not annotate (peer.toml [rounds])
     faults = "drop=0.05,intruder=1"   # or a table, see below
 
@@ -98,7 +98,7 @@ class Scenario:
     deadline: float = 30.0
     batch_size: int = 8
     lr: float = 1e-3
-    #: every peer's ``[rounds] codec``: float32, float16 or int8 (lossy ones with error feedback)
+    #: every peer's ``[rounds] codec``: float32, float16, int8 or int4 (lossy ones with error feedback)
     codec: str = "float32"
     #: every peer's ``[rounds] keep_unlabelled`` (partial labels: keep what a silo does not annotate)
     keep_unlabelled: bool = False

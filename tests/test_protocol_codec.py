@@ -24,7 +24,7 @@ from silomesh.protocol import (
     make_delta,
     state_digest,
 )
-from silomesh.protocol.codec import int8_scale
+from silomesh.protocol.codec import int4_scale, int8_scale
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 
@@ -347,6 +347,7 @@ def test_shape_that_differs_from_the_model_is_refused() -> None:
         ("float32", np.ones(2, np.float32), "float32", True),
         ("float32", np.ones(2, np.float32), "float16", True),
         ("float32", np.ones(2, np.float32), "int8", True),
+        ("float32", np.ones(2, np.float32), "int4", True),
         ("float16", np.ones(2, np.float32), "float32", True),
         ("float64", np.ones(2, np.float32), "int8", True),
         ("float32", np.ones(2, np.int8), "int8", False),  # a genuine int8 for a float tensor
@@ -356,6 +357,8 @@ def test_shape_that_differs_from_the_model_is_refused() -> None:
         ("int64", np.ones(2, np.float32), "float32", False),
         ("int8", np.ones(2, np.int8), "int8", True),
         ("int8", np.ones(2, np.float32), "int8", False),  # int8 with a scale is a float
+        ("int8", np.ones(2, np.float32), "int4", False),  # so is int4
+        ("int64", np.ones(2, np.int64), "int4", True),  # integers travel unchanged under int4 too
         ("bool", np.ones(2, np.bool_), "float16", True),
         ("bool", np.ones(2, np.uint8), "float32", False),
         ("uint16", np.ones(2, np.int16), "float32", False),  # no wire dtype fits it
@@ -580,4 +583,96 @@ def test_make_delta_refuses_states_with_different_tensors() -> None:
 
 
 def test_codec_enum_values_are_the_wire_names() -> None:
-    assert [c.value for c in Codec] == ["none", "float32", "float16", "int8"]
+    assert [c.value for c in Codec] == ["none", "float32", "float16", "int8", "int4"]
+
+
+# ---------------------------------------------------------------- int4
+
+
+@PROPERTY
+@given(
+    arrays=st.dictionaries(
+        st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=12),
+        hnp.arrays(
+            dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+            shape=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=5),
+            elements=st.floats(-60000, 60000, width=16) | st.floats(-(2.0**-122), 2.0**-122, width=32),
+        ),
+        max_size=4,
+    )
+)
+def test_int4_codec_round_trips_any_finite_state_within_half_a_step(arrays: dict[str, np.ndarray]) -> None:
+    table, blob = _encode(arrays, "int4")
+    out = _decode(table, blob, "int4")
+    for (name, dtype, shape, offset, scale), arr in zip(table, (arrays[n] for n in sorted(arrays)), strict=True):
+        assert (dtype, shape) == ("int4", list(arr.shape))
+        assert out[name].shape == arr.shape and out[name].dtype == np.float32
+        packed = np.frombuffer(blob, np.uint8, count=(arr.size + 1) // 2, offset=offset)
+        nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).reshape(-1)
+        assert np.all((nibbles[: arr.size] >= 1) & (nibbles[: arr.size] <= 15))
+        assert arr.size % 2 == 0 or nibbles[-1] == 0
+        if arr.size:
+            x = arr.astype(np.float32).astype(np.float64)
+            assert scale == int4_scale(float(np.max(np.abs(x))))
+            error = np.max(np.abs(out[name].astype(np.float64) - x))
+            assert error <= (scale * (0.5 + 1e-4) if scale else np.max(np.abs(x)))
+
+
+def test_int4_packs_two_values_a_byte_low_nibble_first() -> None:
+    """The layout PROTOCOL.md section 6 gives: q + 8 in nibbles, element 0 in the low one."""
+    table, blob = _encode({"v": np.array([-1.0, 0.0, 1.0], np.float32), "s": np.array(2.5, np.float32)}, "int4")
+    assert table == [["s", "int4", [], 0, int4_scale(2.5)], ["v", "int4", [3], 1, int4_scale(1.0)]]
+    # s: q = 7 -> nibble 15, high nibble unused; v: q = -7, 0, 7 -> nibbles 1, 8 | 15, unused
+    assert blob == bytes([0x0F, 0x81, 0x0F])
+    out = _decode(table, blob, "int4")
+    assert float(out["s"]) == np.float32(7) * np.float32(int4_scale(2.5))
+    assert out["v"].tolist() == [-1.0, 0.0, 1.0]
+
+
+def test_int4_all_zero_tensor_has_scale_zero_and_every_value_is_q_zero() -> None:
+    table, blob = _encode({"z": np.zeros(4, np.float32)}, "int4")
+    assert table[0][4] == 0.0 and blob == bytes([0x88, 0x88])
+    assert _decode(table, blob, "int4")["z"].tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("entry", "blob", "codec", "code"),
+    [
+        (["a", "int4", [2], 0, 0.5], bytes([0x88]), "float32", "BAD_DTYPE"),  # only under codec int4
+        (["a", "int4", [2], 0, 0.5], bytes([0x88]), "int8", "BAD_DTYPE"),
+        (["a", "int4", [2], 0, None], bytes([0x88]), "int4", "BAD_TABLE"),  # a scale is required
+        (["a", "int4", [2], 0, -0.5], bytes([0x88]), "int4", "BAD_TABLE"),
+        (["a", "int4", [2], 0, float("inf")], bytes([0x88]), "int4", "BAD_TABLE"),
+        (["a", "int4", [2], 0, 1], bytes([0x88]), "int4", "BAD_TABLE"),  # an integer scale
+        (["a", "int8", [1], 0, 0.5], bytes([1]), "int4", "BAD_TABLE"),  # int8 scales only under int8
+        (["a", "int4", [3], 0, 0.5], bytes([0x88]), "int4", "BAD_TABLE"),  # 3 values need 2 bytes
+        (["a", "int4", [2], 0, 0.5], bytes([0x80]), "int4", "BAD_DTYPE"),  # nibble 0 is not a value
+        (["a", "int4", [1], 0, 0.5], bytes([0x18]), "int4", "BAD_DTYPE"),  # the unused nibble must be 0
+    ],
+)
+def test_bad_int4_entries_are_refused(entry: list[Any], blob: bytes, codec: str, code: str) -> None:
+    assert _remote_code([entry], blob, codec) == code
+
+
+def test_int4_scale_below_the_smallest_normal_float32_becomes_zero() -> None:
+    assert int4_scale(1e-40) == 0.0 and int4_scale(7.0) == 1.0
+
+
+@PROPERTY
+@given(
+    count=st.integers(0, 9),
+    blob=st.binary(max_size=6),
+    scale=st.floats(allow_nan=True, allow_infinity=True) | st.none() | st.integers(-2, 2),
+    codec=st.sampled_from(["int4", "int8", "float32"]),
+)
+def test_any_int4_entry_decodes_or_is_refused_with_a_code(count: int, blob: bytes, scale: object, codec: str) -> None:
+    """Fuzzed int4 entries: decoded to float32 values of q in -7..7 times the scale, or
+    refused with a protocol error code, never a crash."""
+    table = [["w", "int4", [count], 0, scale]]
+    try:
+        out = _decode(table, blob, codec)
+    except RemoteProtocolError:
+        return
+    assert codec == "int4" and isinstance(scale, float) and len(blob) == (count + 1) // 2
+    assert out["w"].dtype == np.float32 and out["w"].shape == (count,)
+    assert np.all(np.abs(out["w"].astype(np.float64)) <= 7 * float(np.float32(scale)) * (1 + 1e-6))

@@ -128,6 +128,10 @@ def test_hello_refuses_an_unknown_codec() -> None:
     assert code_of(Hello, **routing(), codecs=("zstd",)) is ErrorCode.BAD_TYPE
 
 
+def test_hello_may_list_int4() -> None:
+    assert Hello(**routing(), codecs=("float32", "int8", "int4")).codecs == ("float32", "int8", "int4")
+
+
 def test_hello_refuses_a_frame_limit_above_four_gib() -> None:
     assert code_of(Hello, **routing(), max_frame_size=2**32) is ErrorCode.BAD_TYPE
 

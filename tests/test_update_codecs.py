@@ -1,4 +1,4 @@
-"""Update codecs: ``[rounds] codec`` float16 / int8, with error feedback.
+"""Update codecs: ``[rounds] codec`` float16 / int8 / int4, with error feedback.
 
 A lossy delta is made against what the neighbour decoded of the previous one, so the
 quantization error of a round is carried into the next delta instead of piling up.
@@ -59,7 +59,7 @@ def test_error_feedback_keeps_the_receivers_copy_within_one_step_of_quantization
 def test_a_bad_codec_in_peer_toml_is_refused(tmp_path: Path) -> None:
     (tmp_path / "peer.toml").write_text(
         'federation = "f"\nkey_file = "k"\nlisten = "/ip4/127.0.0.1/tcp/1"\n'
-        '[task]\nname = "catheter"\n[rounds]\ncodec = "int4"\n'
+        '[task]\nname = "catheter"\n[rounds]\ncodec = "int2"\n'
     )
     with pytest.raises(ConfigError, match=r"rounds\.codec"):
         load_config(tmp_path / "peer.toml")
@@ -99,3 +99,43 @@ async def test_two_peers_exchange_int8_updates_a_quarter_of_the_bytes(
     assert set(headers["float32"]) == {"float32"} and set(headers["int8"]) == {"int8"}
     ratio = sum(int(r["bytes_sent"]) for r in rounds["int8"]) / sum(int(r["bytes_sent"]) for r in rounds["float32"])
     assert 0.24 < ratio < 0.35, ratio
+
+
+async def test_two_peers_exchange_int4_deltas_after_an_int8_snapshot(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Under int4 the first update of a neighbour is an int8 snapshot and the next are int4
+    deltas (the receivers' digest checks pass: each round has its neighbour's model); only an
+    int4 peer lists int4 in its hello, and a neighbour that does not list it gets float32
+    snapshots and deltas."""
+    rounds: dict[str, list[dict[str, object]]] = {}
+    headers: dict[str, list[str]] = {}
+    for codec in ("float32", "int4"):
+        net = MemoryNetwork()
+        table = {"count": 3, "deadline_seconds": 30.0, "local_steps": 3, "batch_size": 8, "codec": codec}
+        peers = make(tmp_path / codec, 2, net, extra={"rounds": table})
+        async with running(peers):
+            for p in peers:
+                await p.done.wait()
+            rounds[codec] = await peers[0].operator.rounds()
+            sent = [e for e in peers[0].store.audit_entries() if e["direction"] == "sent" and e["kind"] == "update"]
+            headers[codec] = [msgpack.unpackb(bytes.fromhex(e["envelope_header"]))["codec"] for e in sent]
+            ctx = peers[0].context
+            assert ("int4" in ctx.endpoint.hello(b"\0" * 32).codecs) is (codec == "int4")
+            if codec == "int4":
+                maker = UpdateMaker(ctx, 9, ctx.learner.shared(ctx.learner.state()), {}, "int4")
+                recipient = ctx.trust.public_key_of(peers[1].peer_id)
+                codecs = ("float32", "int8", "int4")
+                assert maker._make(recipient, None, ("float32", "int8")).message.codec is Codec.FLOAT32
+                out = maker._make(recipient, None, codecs)  # a snapshot: int8
+                assert out.message.codec is Codec.INT8
+                base = Base(out.result.digest, out.result.state)
+                assert maker._make(recipient, base, ("float32", "int8")).message.codec is Codec.FLOAT32
+                delta = maker._make(recipient, base, codecs)
+                assert delta.message.codec is Codec.INT4 and delta.result.digest == state_digest(delta.result.state)
+    for codec in rounds:
+        assert [r["status"] for r in rounds[codec]] == ["done"] * 3
+        assert all(len(r["contributors"]) == 1 for r in rounds[codec]), rounds[codec]
+    assert headers["int4"][0] == "int8" and set(headers["int4"][1:]) == {"int4"}, headers["int4"]
+    ratio = sum(int(r["bytes_sent"]) for r in rounds["int4"]) / sum(int(r["bytes_sent"]) for r in rounds["float32"])
+    assert 0.12 < ratio < 0.24, ratio
