@@ -114,23 +114,27 @@ class Journal:
         self.trusted = trusted
 
     def record(self, rec: AuditRecord) -> None:
-        """Audit sink of :class:`~silomesh.peer.exchange.Wire`; refusals count toward distrust."""
-        self.audit_log.append(
-            rec.direction,
-            rec.peer,
-            rec.kind,
-            round=max(rec.round, -1),
-            payload_digest=rec.payload_digest,
-            size=rec.size,
-            envelope_sig=rec.envelope_sig,
-            reason=rec.reason,
-            envelope_header=rec.envelope_header,
-        )
-        if rec.direction == "refused":
-            self.store.count_refused(rec.peer, rec.reason)
-        if rec.direction != "sent" and rec.sequence >= 0 and rec.envelope_header is not None:
-            # the envelope authenticated and took its replay slot: remember it across restarts
-            self.store.note_replay_mark(public_key_from_peer_id(rec.peer), max(rec.round, 0), rec.sequence)
+        """Audit sink of :class:`~silomesh.peer.exchange.Wire`; refusals count toward distrust.
+
+        The entry, the refusal count and the replay mark are one transaction: one commit
+        (and fsync) per envelope, and a crash keeps all of them or none."""
+        with self.store.atomic():
+            self.audit_log.append(
+                rec.direction,
+                rec.peer,
+                rec.kind,
+                round=max(rec.round, -1),
+                payload_digest=rec.payload_digest,
+                size=rec.size,
+                envelope_sig=rec.envelope_sig,
+                reason=rec.reason,
+                envelope_header=rec.envelope_header,
+            )
+            if rec.direction == "refused":
+                self.store.count_refused(rec.peer, rec.reason)
+            if rec.direction != "sent" and rec.sequence >= 0 and rec.envelope_header is not None:
+                # the envelope authenticated and took its replay slot: remember it across restarts
+                self.store.note_replay_mark(public_key_from_peer_id(rec.peer), max(rec.round, 0), rec.sequence)
 
     def refused(self, peer: str, kind: str, reason: str, *, round: int = -1, blame: bool = True) -> None:
         """Audit a refusal that is not one envelope (an announce, a drop, a timeout).
