@@ -1,13 +1,14 @@
-"""Bytes against the final metric for the update codecs (float32, float16, int8).
+"""Bytes against the final metric for the update codecs (float32, float16, int8, int4).
 
 Each run is a fresh ``silomesh simnet run`` (4 peers, ring, fedavg, 3 rounds, the default
 small model and data) with every peer's ``[rounds] codec`` set; tasks and seeds are
 paired, so a codec's metric is compared with float32 on the same seed. float16 sends
-deltas in half precision; int8 sends deltas and snapshots quantized per tensor. Both
-carry the quantization error into the next delta: a peer's next delta is made against
-what the neighbour decoded (error feedback).
+deltas in half precision; int8 sends deltas and snapshots quantized per tensor; int4 sends
+deltas in 4 bits (snapshots as int8). All carry the quantization error into the next
+delta: a peer's next delta is made against what the neighbour decoded (error feedback).
 
-Prints one JSON document and writes it, with a Markdown table, to ``--out``:
+Prints one JSON document and writes it, with a Markdown table and a plot of the final
+metric against the bytes (one curve per task, mean and range over the seeds), to ``--out``:
 
     python bench/bench_update_codecs.py                       # catheter and lesion, seeds 0,1,2
     python bench/bench_update_codecs.py --tasks catheter --seeds 0 --codecs float32,int8
@@ -54,7 +55,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = {(r["task"], r["seed"]): r for r in ok if r["codec"] == "float32"}
     rows = []
     for task in sorted({r["task"] for r in ok}):
-        for codec in ("float32", "float16", "int8"):
+        for codec in ("float32", "float16", "int8", "int4"):
             mine = [r for r in ok if r["task"] == task and r["codec"] == codec and (task, r["seed"]) in base]
             if not mine:
                 continue
@@ -87,11 +88,38 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """The final metric against the bytes (relative to float32), a curve per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for task in sorted({r["task"] for r in rows}):
+        mine = sorted((r for r in rows if r["task"] == task), key=lambda r: r["bytes_vs_float32"])
+        xs = [r["bytes_vs_float32"] for r in mine]
+        ys = [r["final_mean"] for r in mine]
+        lo = [r["final_mean"] - min(r["final_per_seed"]) for r in mine]
+        hi = [max(r["final_per_seed"]) - r["final_mean"] for r in mine]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=task)
+        for r in mine:
+            ax.annotate(r["codec"], (r["bytes_vs_float32"], r["final_mean"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("bytes sent, relative to float32")
+    ax.set_ylabel(f"final {rows[0]['metric'] if rows else 'metric'} (mean, range over seeds)")
+    ax.set_xlim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="catheter,lesion")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--codecs", default="float32,float16,int8")
+    ap.add_argument("--codecs", default="float32,float16,int8,int4")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "codecs")
     args = ap.parse_args()
@@ -106,6 +134,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_update_codecs.json").write_text(json.dumps(doc, indent=1) + "\n")
     (args.out / "bench_update_codecs.md").write_text(markdown(doc["summary"]))
+    plot(doc["summary"], args.out / "bench_update_codecs.png")
     print(json.dumps(doc, indent=1))
 
 
