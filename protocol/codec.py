@@ -234,23 +234,23 @@ def _write_int4(src: _Source, out: np.ndarray) -> None:
 
 
 def _read_int4(data: np.ndarray, count: int, name: str) -> np.ndarray:
-    """The q values of ``count`` int4 elements packed in ``data`` (bytes), as float32.
+    """The q values of ``count`` int4 elements packed in ``data`` (bytes), as a new float32
+    array (4 bytes an element, plus a byte array half the count while it is read).
 
     Raises:
         RemoteProtocolError: BAD_DTYPE for a nibble 0 among the values, or a non-zero
             unused high nibble (odd count).
     """
-    nibbles = np.empty(2 * data.size, dtype=np.uint8)
-    np.bitwise_and(data, 0x0F, out=nibbles[0::2])
-    np.right_shift(data, 4, out=nibbles[1::2])
-    if count % 2 and nibbles[-1]:
+    q = np.empty(2 * data.size, dtype=np.float32)
+    q[0::2] = np.bitwise_and(data, 0x0F)
+    q[1::2] = np.right_shift(data, 4)
+    if count % 2 and q[-1]:
         raise _remote(ErrorCode.BAD_DTYPE, f"{name}: the unused last int4 nibble must be 0")
-    values = nibbles[:count]
+    values = q[:count]
     if count and not values.min():
         raise _remote(ErrorCode.BAD_DTYPE, f"{name}: int4 nibble 0 is not a value")
-    q = values.astype(np.float32)
-    q -= 8
-    return q
+    values -= 8
+    return values
 
 
 def _check_name(name: object, limits: Limits) -> str:
@@ -418,7 +418,7 @@ def decode_tensors(
         complete: With ``expected_shapes``, also require every expected tensor.
 
     Returns:
-        name -> read-only array (float32/float16/int/bool; int8-quantized tensors are
+        name -> read-only array (float32/float16/int/bool; int8- and int4-quantized tensors are
         dequantized to float32, scalars included).
 
     Raises:
@@ -509,12 +509,14 @@ def decode_tensors(
             arr = np.empty(shape, dtype=wire)
         else:
             arr = np.frombuffer(view, dtype=wire, count=count, offset=offset).reshape(shape)
-        arr.flags.writeable = False
+        if not packed:
+            arr.flags.writeable = False
         if wire.kind == "b" and count and int(arr.view(np.uint8).max()) > 1:
             raise _remote(ErrorCode.BAD_DTYPE, f"{name}: bool bytes must be 0 or 1")
         if scale is not None:
-            # an explicit output array: for a 0-d tensor numpy would return a scalar
-            dequantized = np.empty(shape, dtype=np.float32)
+            # an explicit output array: for a 0-d tensor numpy would return a scalar; int4's
+            # q values are our own float32 array, scaled where they are
+            dequantized = arr if packed else np.empty(shape, dtype=np.float32)
             np.multiply(arr, np.float32(scale), out=dequantized, dtype=np.float32)
             dequantized.flags.writeable = False
             arr = dequantized
