@@ -238,6 +238,7 @@ SECAGG_DIGEST = bytes(range(32, 64))
 #: the secure-aggregation cases draw nonces from their own ranges (appended cases change no others)
 SECAGG_ENVELOPE_NONCES = 1 << 64
 SECAGG_SESSION_NONCES = (1 << 64) + (1 << 32)
+INT4_ENVELOPE_NONCES = (1 << 64) + (2 << 32)
 
 
 def secagg_message(kind: str, routing: Mapping[str, Any]) -> Message:
@@ -879,6 +880,29 @@ def envelope_cases() -> Iterator[tuple[Case, Intended]]:
     yield c("secagg-release-both-kinds", "a release holding both kinds of share of one member", raw(
         {"group_digest": SECAGG_DIGEST, "self_parts": [[SECAGG_MEMBERS[0], b"\x0a"]],
          "pair_parts": [[SECAGG_MEMBERS[0], b"\x0b"]]}, kind="secagg-release"), _error("BAD_TYPE"))
+    NONCE.n = saved
+    # ---- the int4 codec (PROTOCOL.md section 6), added later: nonces of its own
+    saved, NONCE.n = NONCE.n, INT4_ENVELOPE_NONCES
+    int4_state: dict[str, np.ndarray] = {
+        "v": np.array([-1.0, 0.0, 1.0], np.float32),
+        "s": np.array(2.5, np.float32),
+        "z": np.zeros(4, np.float32),
+        "n": np.array(7, np.int64),
+    }
+    yield c("update-int4-worked-example", "int4 codec (PROTOCOL.md section 6): v = [-1, 0, 1] is scale 1/7 and the "
+            "bytes 81 0f, the scalar 2.5 one byte 0f, four zeros scale 0.0 and the bytes 88 88; int64 unchanged",
+            seal(Update(**routing(), tensors=int4_state, codec="int4",
+                        state_digest=received_digest(int4_state, "int4"))), ACCEPT)
+    yield c("bad-dtype-int4-nibble-zero", "an int4 value held as nibble 0 (q + 8 is 1..15)",
+            update_raw([["w", "int4", [2], 0, 0.5]], b"\x80", codec="int4"), _error("BAD_DTYPE"))
+    yield c("bad-dtype-int4-unused-nibble", "an odd int4 count whose unused high nibble is not 0",
+            update_raw([["w", "int4", [1], 0, 0.5]], b"\x18", codec="int4"), _error("BAD_DTYPE"))
+    yield c("bad-dtype-int4-under-float32", "an int4 entry under the float32 codec",
+            update_raw([["w", "int4", [2], 0, 0.5]], b"\x88"), _error("BAD_DTYPE"))
+    yield c("bad-table-int4-without-scale", "an int4 entry without a scale",
+            update_raw([["w", "int4", [2], 0, None]], b"\x88", codec="int4"), _error("BAD_TABLE"))
+    yield c("bad-table-int4-overrun", "three int4 values need two bytes, the blob has one",
+            update_raw([["w", "int4", [3], 0, 0.5]], b"\x88", codec="int4"), _error("BAD_TABLE"))
     NONCE.n = saved
 
 
