@@ -130,7 +130,7 @@ def main() -> None:
     )
 
     other_codecs = {}
-    for codec in ("float16", "int8"):
+    for codec in ("float16", "int8", "int4"):
         m = Update(
             federation="bench",
             sender=alice.public_key,

@@ -208,8 +208,8 @@ class UpdateMaker:
         self.metrics = metrics
         #: the samples the update's model stands for (default: our own; a tree round's subtree mean: its subtree's)
         self.n_samples = ctx.learner.n_samples if n_samples is None else n_samples
-        #: ``[rounds] codec``: float16 and int8 are lossy; the base of the next delta is what the
-        #: neighbour decoded, so the loss is carried into that delta (error feedback)
+        #: ``[rounds] codec``: float16, int8 and int4 are lossy; the base of the next delta is what
+        #: the neighbour decoded, so the loss is carried into that delta (error feedback)
         self.codec = Codec(codec)
         self._digest: bytes | None = None
         self._received_full: tuple[StateDict, bytes] | None = None  # an int8 snapshot, as decoded
@@ -227,6 +227,8 @@ class UpdateMaker:
 
     def _make(self, recipient: bytes, base: Base | None, codecs: tuple[str, ...]) -> Outgoing:
         lossy = self.codec if self.codec is not Codec.FLOAT32 and self.codec.value in codecs else None
+        if lossy is None and self.codec is Codec.INT4 and Codec.INT8.value in codecs:
+            lossy = Codec.INT8  # a neighbour that does not decode int4 (not set to it) gets int8
         if base is not None and set(base.state) == set(self.state):
             codec = lossy or Codec.FLOAT32
             tensors, made = self._delta(base, codec)

@@ -233,7 +233,7 @@ def _write_int4(src: _Source, out: np.ndarray) -> None:
     np.bitwise_or(nibbles[0::2], np.left_shift(nibbles[1::2], 4), out=out)
 
 
-def _read_int4(data: np.ndarray, count: int, name: str) -> np.ndarray:
+def _read_int4(data: np.ndarray, shape: tuple[int, ...], count: int, name: str) -> np.ndarray:
     """The q values of ``count`` int4 elements packed in ``data`` (bytes), as a new float32
     array (4 bytes an element, plus a byte array half the count while it is read).
 
@@ -241,16 +241,16 @@ def _read_int4(data: np.ndarray, count: int, name: str) -> np.ndarray:
         RemoteProtocolError: BAD_DTYPE for a nibble 0 among the values, or a non-zero
             unused high nibble (odd count).
     """
-    q = np.empty(2 * data.size, dtype=np.float32)
-    q[0::2] = np.bitwise_and(data, 0x0F)
-    q[1::2] = np.right_shift(data, 4)
-    if count % 2 and q[-1]:
+    if count % 2 and data[-1] >> 4:
         raise _remote(ErrorCode.BAD_DTYPE, f"{name}: the unused last int4 nibble must be 0")
-    values = q[:count]
-    if count and not values.min():
+    q = np.empty(shape, dtype=np.float32)  # the caller gets an array of its own
+    flat = q.reshape(-1)  # a view: writes land in q
+    flat[0::2] = np.bitwise_and(data, 0x0F)
+    flat[1::2] = np.right_shift(data[: count // 2], 4)
+    if count and not flat.min():
         raise _remote(ErrorCode.BAD_DTYPE, f"{name}: int4 nibble 0 is not a value")
-    values -= 8
-    return values
+    flat -= 8
+    return q
 
 
 def _check_name(name: object, limits: Limits) -> str:
@@ -403,7 +403,8 @@ def decode_tensors(
     error code): the table is an array of at most ``max_tensors`` entries, then per
     entry in order: shape of the entry, name, name order, dtype allowlist, dtype vs
     codec, scale, shape, element counts, offset, extent, model name, model shape, model
-    dtype, bool bytes, finiteness; then trailing bytes, then missing model tensors.
+    dtype, bool bytes and int4 nibbles, finiteness; then trailing bytes, then missing
+    model tensors.
 
     Args:
         table: The unpacked msgpack table.
@@ -503,8 +504,7 @@ def decode_tensors(
                 what = f"{dtype_name} with a scale" if scale is not None else dtype_name
                 raise _remote(ErrorCode.BAD_DTYPE, f"{name}: {what} for a {model} model tensor")
         if packed:
-            arr = _read_int4(np.frombuffer(view, dtype=wire, count=nbytes, offset=offset), count, name)
-            arr = arr.reshape(shape)
+            arr = _read_int4(np.frombuffer(view, dtype=wire, count=nbytes, offset=offset), shape, count, name)
         elif count == 0:
             arr = np.empty(shape, dtype=wire)
         else:

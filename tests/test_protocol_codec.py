@@ -627,6 +627,7 @@ def test_int4_packs_two_values_a_byte_low_nibble_first() -> None:
     out = _decode(table, blob, "int4")
     assert float(out["s"]) == np.float32(7) * np.float32(int4_scale(2.5))
     assert out["v"].tolist() == [-1.0, 0.0, 1.0]
+    assert out["v"].base is None and not out["v"].flags.writeable  # its own read-only array
 
 
 def test_int4_all_zero_tensor_has_scale_zero_and_every_value_is_q_zero() -> None:

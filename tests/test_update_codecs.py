@@ -106,8 +106,8 @@ async def test_two_peers_exchange_int4_deltas_after_an_int8_snapshot(
 ) -> None:
     """Under int4 the first update of a neighbour is an int8 snapshot and the next are int4
     deltas (the receivers' digest checks pass: each round has its neighbour's model); only an
-    int4 peer lists int4 in its hello, and a neighbour that does not list it gets float32
-    snapshots and deltas."""
+    int4 peer lists int4 in its hello; a neighbour that does not list it gets int8 if it
+    lists int8, float32 otherwise."""
     rounds: dict[str, list[dict[str, object]]] = {}
     headers: dict[str, list[str]] = {}
     for codec in ("float32", "int4"):
@@ -126,11 +126,13 @@ async def test_two_peers_exchange_int4_deltas_after_an_int8_snapshot(
                 maker = UpdateMaker(ctx, 9, ctx.learner.shared(ctx.learner.state()), {}, "int4")
                 recipient = ctx.trust.public_key_of(peers[1].peer_id)
                 codecs = ("float32", "int8", "int4")
-                assert maker._make(recipient, None, ("float32", "int8")).message.codec is Codec.FLOAT32
+                assert maker._make(recipient, None, ("float32", "float16")).message.codec is Codec.FLOAT32
                 out = maker._make(recipient, None, codecs)  # a snapshot: int8
                 assert out.message.codec is Codec.INT8
                 base = Base(out.result.digest, out.result.state)
-                assert maker._make(recipient, base, ("float32", "int8")).message.codec is Codec.FLOAT32
+                assert maker._make(recipient, base, ("float32", "float16")).message.codec is Codec.FLOAT32
+                # a neighbour that decodes int8 but not int4 (it is not set to int4) gets int8 deltas
+                assert maker._make(recipient, base, ("float32", "int8")).message.codec is Codec.INT8
                 delta = maker._make(recipient, base, codecs)
                 assert delta.message.codec is Codec.INT4 and delta.result.digest == state_digest(delta.result.state)
     for codec in rounds:
