@@ -6,6 +6,7 @@ quantization error of a round is carried into the next delta instead of piling u
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import msgpack
@@ -13,12 +14,14 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
-from memnet import MemoryNetwork
-from test_exchange_path import make
+from memnet import MemoryNetwork, StartTogether
+from peerkit import configs
+from test_exchange_path import full, make
 from test_round_loop import running
 
 from silomesh.peer.config import ConfigError, load_config
-from silomesh.peer.context import Base
+from silomesh.peer.context import Base, InlineCompute
+from silomesh.peer.daemon import Peer
 from silomesh.peer.dialer import UpdateMaker
 from silomesh.protocol import Codec, apply_delta, make_delta, state_digest
 from silomesh.protocol.codec import received_as
@@ -141,3 +144,28 @@ async def test_two_peers_exchange_int4_deltas_after_an_int8_snapshot(
     assert headers["int4"][0] == "int8" and set(headers["int4"][1:]) == {"int4"}, headers["int4"]
     ratio = sum(int(r["bytes_sent"]) for r in rounds["int4"]) / sum(int(r["bytes_sent"]) for r in rounds["float32"])
     assert 0.12 < ratio < 0.24, ratio
+
+
+async def test_a_peer_set_to_int4_sends_int8_to_a_neighbour_set_to_int8(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Two live peers, one set to int4 and one to int8: the int8 peer's hello lists no int4,
+    so the int4 peer sends it int8 (snapshot and deltas), and both rounds complete with the
+    receivers' digest checks passing."""
+    net = MemoryNetwork()
+    table = {"count": 3, "deadline_seconds": 30.0, "local_steps": 3, "batch_size": 8, "codec": "int4"}
+    ids, cfgs = configs(tmp_path, 2, neighbours=full(2), extra={"rounds": table})
+    cfgs[1] = dataclasses.replace(cfgs[1], rounds=dataclasses.replace(cfgs[1].rounds, codec="int8"))
+    faults = StartTogether(net, 2)
+    peers = [Peer(cfg, identity=i, serve_control_api=False, transport=net.open, compute=InlineCompute(), faults=faults)
+             for i, cfg in zip(ids, cfgs, strict=True)]
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+        rounds = [await p.operator.rounds() for p in peers]
+        sent = [[msgpack.unpackb(bytes.fromhex(e["envelope_header"]))["codec"] for e in p.store.audit_entries()
+                 if e["direction"] == "sent" and e["kind"] == "update"] for p in peers]
+    for r in rounds:
+        assert [x["status"] for x in r] == ["done"] * 3 and all(len(x["contributors"]) == 1 for x in r), r
+    assert sent[0] and set(sent[0]) == {"int8"}, sent[0]  # the int4 peer, to its int8 neighbour
+    assert sent[1] and set(sent[1]) == {"int8"}, sent[1]
