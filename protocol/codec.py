@@ -119,11 +119,9 @@ def int4_scale(amax: float) -> float:
     return 0.0 if scale < _MIN_SCALE else scale
 
 
-def _entry_bytes(dtype_name: str, count: int) -> int:
-    """Bytes of a table entry's data: ``count`` elements of ``dtype_name``."""
-    if dtype_name == INT4:
-        return (count + 1) // 2
-    return count * WIRE_DTYPES[dtype_name].itemsize
+def _entry_bytes(wire: np.dtype[Any], packed: bool, count: int) -> int:
+    """Bytes of a table entry's data: ``count`` elements of ``wire``, or of int4 if ``packed``."""
+    return (count + 1) // 2 if packed else count * wire.itemsize
 
 
 def _wire_name(dtype: np.dtype[Any]) -> str | None:
@@ -144,7 +142,7 @@ class _Source:
 
     @property
     def nbytes(self) -> int:
-        return (self.array.size + 1) // 2 if self.packed else self.array.size * self.wire.itemsize
+        return _entry_bytes(self.wire, self.packed, self.array.size)
 
 
 @dataclass(frozen=True)
@@ -344,7 +342,7 @@ def encode_tensors(
         wire = _NIBBLES if packed else WIRE_DTYPES[dtype_name]
         table.append([name, dtype_name, list(arr.shape), offset, scale])
         sources.append(_Source(arr, wire, offset, scale, packed))
-        offset += _entry_bytes(dtype_name, count)
+        offset += _entry_bytes(wire, packed, count)
     return EncodedTensors(table=table, nbytes=offset, codec=codec, _sources=tuple(sources))
 
 
@@ -489,7 +487,7 @@ def decode_tensors(
                 else "leaves a gap or is not an int"
             )
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: offset {entry_offset!r} {what}")
-        nbytes = _entry_bytes(dtype_name, count)
+        nbytes = _entry_bytes(wire, packed, count)
         if offset + nbytes > len(view):
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: runs past the end of the blob")
         if expected_shapes is not None:

@@ -5,6 +5,7 @@ Peers run over the in-memory transport under trio's MockClock (see test_round_lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from peerkit import configs, identity
 from test_round_loop import running
 
 from silomesh.peer import muxer
+from silomesh.peer.config import PeerConfig
 from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
 from silomesh.peer.exchange import Silent, Timeouts, Wire
@@ -28,8 +30,14 @@ def full(n: int) -> list[list[int]]:
     return [[j for j in range(n) if j != i] for i in range(n)]
 
 
-def make(tmp_path: Path, n: int, net: MemoryNetwork, **kwargs: object) -> list[Peer]:
+def make(
+    tmp_path: Path, n: int, net: MemoryNetwork, *, adjust: Callable[[int, PeerConfig], PeerConfig] | None = None,
+    **kwargs: object,
+) -> list[Peer]:
+    """``n`` peers, each the neighbour of all others; ``adjust(i, config)`` may change peer i's config."""
     ids, cfgs = configs(tmp_path, n, neighbours=full(n), **kwargs)  # type: ignore[arg-type]
+    if adjust is not None:
+        cfgs = [adjust(i, cfg) for i, cfg in enumerate(cfgs)]
     faults = StartTogether(net, n)
     return [
         Peer(cfg, identity=identity, serve_control_api=False, transport=net.open, compute=InlineCompute(),

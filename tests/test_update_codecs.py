@@ -7,6 +7,7 @@ quantization error of a round is carried into the next delta instead of piling u
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -14,13 +15,12 @@ import numpy as np
 import pytest
 import trio
 import trio.testing
-from memnet import MemoryNetwork, StartTogether
-from peerkit import configs
-from test_exchange_path import full, make
+from memnet import MemoryNetwork
+from test_exchange_path import make
 from test_round_loop import running
 
-from silomesh.peer.config import ConfigError, load_config
-from silomesh.peer.context import Base, InlineCompute
+from silomesh.peer.config import ConfigError, PeerConfig, load_config
+from silomesh.peer.context import Base
 from silomesh.peer.daemon import Peer
 from silomesh.peer.dialer import UpdateMaker
 from silomesh.protocol import Codec, apply_delta, make_delta, state_digest
@@ -68,39 +68,65 @@ def test_a_bad_codec_in_peer_toml_is_refused(tmp_path: Path) -> None:
         load_config(tmp_path / "peer.toml")
 
 
+def _sent_codecs(peer: Peer) -> list[str]:
+    """The header codec of every update ``peer`` sent, from its audit log."""
+    return [msgpack.unpackb(bytes.fromhex(e["envelope_header"]))["codec"] for e in peer.store.audit_entries()
+            if e["direction"] == "sent" and e["kind"] == "update"]
+
+
+async def _two_peers(
+    tmp_path: Path, codecs: tuple[str, str], inspect: Callable[[list[Peer]], None] | None = None
+) -> tuple[list[list[dict[str, object]]], list[list[str]]]:
+    """Two neighbours set to ``codecs``, three rounds: each peer's rounds and the codecs of the
+    updates it sent (``inspect`` sees the peers before they stop)."""
+    table = {"count": 3, "deadline_seconds": 30.0, "local_steps": 3, "batch_size": 8}
+
+    def set_codec(i: int, cfg: PeerConfig) -> PeerConfig:
+        return dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, codec=codecs[i]))
+
+    peers = make(tmp_path, 2, MemoryNetwork(), adjust=set_codec, extra={"rounds": table})
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+        rounds = [await p.operator.rounds() for p in peers]
+        sent = [_sent_codecs(p) for p in peers]
+        if inspect is not None:
+            inspect(peers)
+    return rounds, sent
+
+
+def _bytes(rounds: list[dict[str, object]]) -> int:
+    return sum(int(r["bytes_sent"]) for r in rounds)
+
+
 async def test_two_peers_exchange_int8_updates_a_quarter_of_the_bytes(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Every update travels as int8 (snapshot and deltas): the receivers' digest checks pass
     (each round has its neighbour's model), and the bytes are about a quarter of float32's."""
+
+    def check_maker(peers: list[Peer]) -> None:
+        # a neighbour whose hello lists no int8 is sent float32
+        ctx = peers[0].context
+        maker = UpdateMaker(ctx, 9, ctx.learner.shared(ctx.learner.state()), {}, "int8")
+        recipient = ctx.trust.public_key_of(peers[1].peer_id)
+        assert maker._make(recipient, None, ("float32",)).message.codec is Codec.FLOAT32
+        out = maker._make(recipient, None, ("float32", "int8"))
+        assert out.message.codec is Codec.INT8 and out.result.digest == state_digest(out.result.state)
+        base = Base(out.result.digest, out.result.state)
+        delta = maker._make(recipient, base, ("int8",))
+        assert delta.message.base_digest == base.digest and delta.message.codec is Codec.INT8
+
     rounds: dict[str, list[dict[str, object]]] = {}
     headers: dict[str, list[str]] = {}
     for codec in ("float32", "int8"):
-        net = MemoryNetwork()
-        table = {"count": 3, "deadline_seconds": 30.0, "local_steps": 3, "batch_size": 8, "codec": codec}
-        peers = make(tmp_path / codec, 2, net, extra={"rounds": table})
-        async with running(peers):
-            for p in peers:
-                await p.done.wait()
-            rounds[codec] = await peers[0].operator.rounds()
-            sent = [e for e in peers[0].store.audit_entries() if e["direction"] == "sent" and e["kind"] == "update"]
-            headers[codec] = [msgpack.unpackb(bytes.fromhex(e["envelope_header"]))["codec"] for e in sent]
-            if codec == "int8":
-                # a neighbour whose hello lists no int8 is sent float32
-                ctx = peers[0].context
-                maker = UpdateMaker(ctx, 9, ctx.learner.shared(ctx.learner.state()), {}, "int8")
-                recipient = ctx.trust.public_key_of(peers[1].peer_id)
-                assert maker._make(recipient, None, ("float32",)).message.codec is Codec.FLOAT32
-                out = maker._make(recipient, None, ("float32", "int8"))
-                assert out.message.codec is Codec.INT8 and out.result.digest == state_digest(out.result.state)
-                base = Base(out.result.digest, out.result.state)
-                delta = maker._make(recipient, base, ("int8",))
-                assert delta.message.base_digest == base.digest and delta.message.codec is Codec.INT8
+        both, sent = await _two_peers(tmp_path / codec, (codec, codec), check_maker if codec == "int8" else None)
+        rounds[codec], headers[codec] = both[0], sent[0]
     for codec in rounds:
         assert [r["status"] for r in rounds[codec]] == ["done"] * 3
         assert all(len(r["contributors"]) == 1 for r in rounds[codec]), rounds[codec]
     assert set(headers["float32"]) == {"float32"} and set(headers["int8"]) == {"int8"}
-    ratio = sum(int(r["bytes_sent"]) for r in rounds["int8"]) / sum(int(r["bytes_sent"]) for r in rounds["float32"])
+    ratio = _bytes(rounds["int8"]) / _bytes(rounds["float32"])
     assert 0.24 < ratio < 0.35, ratio
 
 
@@ -111,38 +137,38 @@ async def test_two_peers_exchange_int4_deltas_after_an_int8_snapshot(
     deltas (the receivers' digest checks pass: each round has its neighbour's model); only an
     int4 peer lists int4 in its hello; a neighbour that does not list it gets int8 if it
     lists int8, float32 otherwise."""
+
+    def check_maker(peers: list[Peer]) -> None:
+        ctx = peers[0].context
+        maker = UpdateMaker(ctx, 9, ctx.learner.shared(ctx.learner.state()), {}, "int4")
+        recipient = ctx.trust.public_key_of(peers[1].peer_id)
+        codecs = ("float32", "int8", "int4")
+        assert maker._make(recipient, None, ("float32", "float16")).message.codec is Codec.FLOAT32
+        out = maker._make(recipient, None, codecs)  # a snapshot: int8
+        assert out.message.codec is Codec.INT8
+        base = Base(out.result.digest, out.result.state)
+        assert maker._make(recipient, base, ("float32", "float16")).message.codec is Codec.FLOAT32
+        # a neighbour that decodes int8 but not int4 (it is not set to int4) gets int8 deltas
+        assert maker._make(recipient, base, ("float32", "int8")).message.codec is Codec.INT8
+        delta = maker._make(recipient, base, codecs)
+        assert delta.message.codec is Codec.INT4 and delta.result.digest == state_digest(delta.result.state)
+
     rounds: dict[str, list[dict[str, object]]] = {}
     headers: dict[str, list[str]] = {}
     for codec in ("float32", "int4"):
-        net = MemoryNetwork()
-        table = {"count": 3, "deadline_seconds": 30.0, "local_steps": 3, "batch_size": 8, "codec": codec}
-        peers = make(tmp_path / codec, 2, net, extra={"rounds": table})
-        async with running(peers):
-            for p in peers:
-                await p.done.wait()
-            rounds[codec] = await peers[0].operator.rounds()
-            sent = [e for e in peers[0].store.audit_entries() if e["direction"] == "sent" and e["kind"] == "update"]
-            headers[codec] = [msgpack.unpackb(bytes.fromhex(e["envelope_header"]))["codec"] for e in sent]
-            ctx = peers[0].context
-            assert ("int4" in ctx.endpoint.hello(b"\0" * 32).codecs) is (codec == "int4")
+
+        def inspect(peers: list[Peer], codec: str = codec) -> None:
+            assert ("int4" in peers[0].context.endpoint.hello(b"\0" * 32).codecs) is (codec == "int4")
             if codec == "int4":
-                maker = UpdateMaker(ctx, 9, ctx.learner.shared(ctx.learner.state()), {}, "int4")
-                recipient = ctx.trust.public_key_of(peers[1].peer_id)
-                codecs = ("float32", "int8", "int4")
-                assert maker._make(recipient, None, ("float32", "float16")).message.codec is Codec.FLOAT32
-                out = maker._make(recipient, None, codecs)  # a snapshot: int8
-                assert out.message.codec is Codec.INT8
-                base = Base(out.result.digest, out.result.state)
-                assert maker._make(recipient, base, ("float32", "float16")).message.codec is Codec.FLOAT32
-                # a neighbour that decodes int8 but not int4 (it is not set to int4) gets int8 deltas
-                assert maker._make(recipient, base, ("float32", "int8")).message.codec is Codec.INT8
-                delta = maker._make(recipient, base, codecs)
-                assert delta.message.codec is Codec.INT4 and delta.result.digest == state_digest(delta.result.state)
+                check_maker(peers)
+
+        both, sent = await _two_peers(tmp_path / codec, (codec, codec), inspect)
+        rounds[codec], headers[codec] = both[0], sent[0]
     for codec in rounds:
         assert [r["status"] for r in rounds[codec]] == ["done"] * 3
         assert all(len(r["contributors"]) == 1 for r in rounds[codec]), rounds[codec]
     assert headers["int4"][0] == "int8" and set(headers["int4"][1:]) == {"int4"}, headers["int4"]
-    ratio = sum(int(r["bytes_sent"]) for r in rounds["int4"]) / sum(int(r["bytes_sent"]) for r in rounds["float32"])
+    ratio = _bytes(rounds["int4"]) / _bytes(rounds["float32"])
     assert 0.12 < ratio < 0.24, ratio
 
 
@@ -152,19 +178,7 @@ async def test_a_peer_set_to_int4_sends_int8_to_a_neighbour_set_to_int8(
     """Two live peers, one set to int4 and one to int8: the int8 peer's hello lists no int4,
     so the int4 peer sends it int8 (snapshot and deltas), and both rounds complete with the
     receivers' digest checks passing."""
-    net = MemoryNetwork()
-    table = {"count": 3, "deadline_seconds": 30.0, "local_steps": 3, "batch_size": 8, "codec": "int4"}
-    ids, cfgs = configs(tmp_path, 2, neighbours=full(2), extra={"rounds": table})
-    cfgs[1] = dataclasses.replace(cfgs[1], rounds=dataclasses.replace(cfgs[1].rounds, codec="int8"))
-    faults = StartTogether(net, 2)
-    peers = [Peer(cfg, identity=i, serve_control_api=False, transport=net.open, compute=InlineCompute(), faults=faults)
-             for i, cfg in zip(ids, cfgs, strict=True)]
-    async with running(peers):
-        for p in peers:
-            await p.done.wait()
-        rounds = [await p.operator.rounds() for p in peers]
-        sent = [[msgpack.unpackb(bytes.fromhex(e["envelope_header"]))["codec"] for e in p.store.audit_entries()
-                 if e["direction"] == "sent" and e["kind"] == "update"] for p in peers]
+    rounds, sent = await _two_peers(tmp_path, ("int4", "int8"))
     for r in rounds:
         assert [x["status"] for x in r] == ["done"] * 3 and all(len(x["contributors"]) == 1 for x in r), r
     assert sent[0] and set(sent[0]) == {"int8"}, sent[0]  # the int4 peer, to its int8 neighbour
