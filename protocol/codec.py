@@ -16,10 +16,17 @@ C-ordered. The codec chooses how *floating* tensors travel:
   as ``int8`` with 7 for 127 (``q`` in -7..7); value ``i`` of a tensor is the low nibble
   (even ``i``) or the high nibble (odd ``i``) of byte ``i // 2`` and holds ``q + 8``
   (1..15; nibble 0 is refused); an odd count leaves the last high nibble 0.
+* ``topk``: as ``topk`` entries holding only the tensor's non-zero values: the entry's fifth
+  element is their number ``k`` (not a scale), its data ``k`` indices (``uint32``, C order,
+  strictly increasing) then the ``k`` values (``float32``); every other value decodes to 0.
+  Exact for float32 tensors (-0.0 decodes to 0.0). The *sender* makes a delta sparse first
+  (:func:`keep_largest`: its largest magnitudes per tensor, the rest carried into the next
+  delta as the quantized codecs' error is); the codec itself chooses nothing.
 
 Integer and bool tensors travel unchanged. Decoding is zero-copy (``np.frombuffer`` on
 the caller's buffer; arrays come back read-only and possibly unaligned) except for
-``int8``- and ``int4``-quantized tensors, which are dequantized to ``float32``. No pickle anywhere.
+``int8``- and ``int4``-quantized tensors, which are dequantized to ``float32``, and ``topk``
+entries, which become dense ``float32`` arrays. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ __all__ = [
     "int4_scale",
     "int8_scale",
     "is_finite_array",
+    "keep_largest",
     "received_as",
 ]
 
@@ -60,6 +68,7 @@ class Codec(enum.StrEnum):
     FLOAT16 = "float16"
     INT8 = "int8"
     INT4 = "int4"
+    TOPK = "topk"
 
 
 WIRE_DTYPES: dict[str, np.dtype[Any]] = {
@@ -79,6 +88,11 @@ WIRE_DTYPES: dict[str, np.dtype[Any]] = {
 INT4 = "int4"
 """The packed 4-bit wire dtype of the ``int4`` codec (quantized floats only)."""
 _NIBBLES = np.dtype("u1")  # int4 data is read and written as bytes
+TOPK = "topk"
+"""The sparse wire dtype of the ``topk`` codec (floats only): indices, then values."""
+_TOPK_WORDS = np.dtype("<u4")  # topk data is k uint32 indices then k float32 values
+_TOPK_VALUES = np.dtype("<f4")
+_TOPK_MAX_COUNT = 2**32  # indices are uint32
 
 _FLOAT16_MAX = 65504.0
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -120,8 +134,14 @@ def int4_scale(amax: float) -> float:
 
 
 def _entry_bytes(wire: np.dtype[Any], packed: bool, count: int) -> int:
-    """Bytes of a table entry's data: ``count`` elements of ``wire``, or of int4 if ``packed``."""
+    """Bytes of a table entry's data: ``count`` elements of ``wire``, or of int4 if ``packed``
+    (a ``topk`` entry's are ``8 * k``: :func:`_topk_bytes`)."""
     return (count + 1) // 2 if packed else count * wire.itemsize
+
+
+def _topk_bytes(kept: int) -> int:
+    """Bytes of a ``topk`` entry keeping ``kept`` values: a uint32 index and a float32 each."""
+    return 8 * kept
 
 
 def _wire_name(dtype: np.dtype[Any]) -> str | None:
@@ -139,9 +159,13 @@ class _Source:
     scale: float | None
     #: int4: two values a byte (``wire`` is then bytes)
     packed: bool = False
+    #: topk: the flat indices of the values kept (``wire`` is then uint32 words)
+    kept: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
+        if self.kept is not None:
+            return _topk_bytes(self.kept.size)
         return _entry_bytes(self.wire, self.packed, self.array.size)
 
 
@@ -182,7 +206,7 @@ class EncodedTensors:
             arr = src.array
             if not arr.size:
                 continue
-            if src.scale is None and arr.dtype == src.wire and arr.flags.c_contiguous:
+            if src.scale is None and src.kept is None and arr.dtype == src.wire and arr.flags.c_contiguous:
                 yield arr.reshape(-1).data.cast("B")
                 continue
             dst = np.empty(src.nbytes // src.wire.itemsize, dtype=src.wire)
@@ -200,6 +224,11 @@ def _write_source(src: _Source, flat: np.ndarray) -> None:
     """Encode one tensor into ``flat`` (its wire dtype, ``src.nbytes`` bytes)."""
     if src.packed:
         _write_int4(src, flat)
+        return
+    if src.kept is not None:
+        k = src.kept.size
+        flat[:k] = src.kept
+        np.copyto(flat[k:].view(_TOPK_VALUES), src.array.reshape(-1)[src.kept], casting="unsafe")
         return
     dst = flat.reshape(src.array.shape)
     if src.scale is None:
@@ -249,6 +278,25 @@ def _read_int4(data: np.ndarray, shape: tuple[int, ...], count: int, name: str) 
         raise _remote(ErrorCode.BAD_DTYPE, f"{name}: int4 nibble 0 is not a value")
     flat -= 8
     return q
+
+
+def _read_topk(data: np.ndarray, shape: tuple[int, ...], count: int, name: str) -> np.ndarray:
+    """The dense float32 tensor of a ``topk`` entry: ``data`` holds ``k`` uint32 indices then
+    ``k`` float32 values (``2 * k`` words); a new array, zero where no value is kept.
+
+    Raises:
+        RemoteProtocolError: BAD_TABLE for indices not strictly increasing or not below
+            ``count``; NON_FINITE for a NaN or infinite value.
+    """
+    k = data.size // 2
+    indices, values = data[:k], data[k:].view(_TOPK_VALUES)
+    if k and (int(indices[-1]) >= count or (k > 1 and bool((indices[1:] <= indices[:-1]).any()))):
+        raise _remote(ErrorCode.BAD_TABLE, f"{name}: topk indices must increase and stay below {count}")
+    if not is_finite_array(values):
+        raise _remote(ErrorCode.NON_FINITE, f"{name}: NaN or infinity")
+    out = np.zeros(shape, dtype=np.float32)
+    out.reshape(-1)[indices] = values
+    return out
 
 
 def _check_name(name: object, limits: Limits) -> str:
@@ -313,6 +361,7 @@ def encode_tensors(
         if total > limits.max_total_elements:
             raise LocalProtocolError(ErrorCode.TOO_LARGE, "total elements exceed the limit")
         scale: float | None = None
+        kept: np.ndarray | None = None
         if arr.dtype.kind == "f" and arr.dtype.itemsize in (2, 4, 8):
             lo, hi = (float(arr.min()), float(arr.max())) if count else (0.0, 0.0)
             if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -330,6 +379,12 @@ def encode_tensors(
                 scale = int4_scale(amax)
                 if not math.isfinite(scale) or scale > _MAX_SCALE_INT4:
                     raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
+            if codec is Codec.TOPK:
+                if amax > _FLOAT32_MAX:
+                    raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
+                if count > _TOPK_MAX_COUNT:
+                    raise LocalProtocolError(ErrorCode.TOO_LARGE, f"{name}: topk indices are uint32")
+                kept = np.flatnonzero(arr.reshape(-1)).astype(_TOPK_WORDS)
             dtype_name = codec.value
         else:
             maybe = _wire_name(arr.dtype)
@@ -339,10 +394,11 @@ def encode_tensors(
                 )
             dtype_name = maybe
         packed = dtype_name == INT4
-        wire = _NIBBLES if packed else WIRE_DTYPES[dtype_name]
-        table.append([name, dtype_name, list(arr.shape), offset, scale])
-        sources.append(_Source(arr, wire, offset, scale, packed))
-        offset += _entry_bytes(wire, packed, count)
+        wire = _NIBBLES if packed else _TOPK_WORDS if kept is not None else WIRE_DTYPES[dtype_name]
+        source = _Source(arr, wire, offset, scale, packed, kept)
+        table.append([name, dtype_name, list(arr.shape), offset, scale if kept is None else kept.size])
+        sources.append(source)
+        offset += source.nbytes
     return EncodedTensors(table=table, nbytes=offset, codec=codec, _sources=tuple(sources))
 
 
@@ -371,11 +427,11 @@ def _fits_model(model: np.dtype[Any], dtype_name: str, scale: object) -> bool:
     """True if a table entry ``(dtype_name, scale)`` may carry a model tensor of ``model``.
 
     A floating model tensor travels as a float codec (``float32``, ``float16``, or
-    ``int8`` or ``int4`` with a scale); an integer or bool model tensor travels in exactly
+    ``int8`` or ``int4`` with a scale, or ``topk``); an integer or bool model tensor travels in exactly
     its dtype (an ``int8`` entry with a scale is a float and never fits an integer tensor).
     """
     if model.kind == "f":
-        return dtype_name in ("float32", "float16") or (dtype_name in ("int8", INT4) and scale is not None)
+        return dtype_name in ("float32", "float16", TOPK) or (dtype_name in ("int8", INT4) and scale is not None)
     wire = WIRE_DTYPES.get(dtype_name)
     return (
         scale is None
@@ -401,7 +457,7 @@ def decode_tensors(
     error code): the table is an array of at most ``max_tensors`` entries, then per
     entry in order: shape of the entry, name, name order, dtype allowlist, dtype vs
     codec, scale, shape, element counts, offset, extent, model name, model shape, model
-    dtype, bool bytes and int4 nibbles, finiteness; then trailing bytes, then missing
+    dtype, bool bytes, int4 nibbles and topk indices, finiteness; then trailing bytes, then missing
     model tensors.
 
     Args:
@@ -418,7 +474,7 @@ def decode_tensors(
 
     Returns:
         name -> read-only array (float32/float16/int/bool; int8- and int4-quantized tensors are
-        dequantized to float32, scalars included).
+        dequantized to float32, scalars included; topk entries are dense float32 arrays).
 
     Raises:
         RemoteProtocolError: BAD_TABLE, BAD_DTYPE, BAD_SHAPE, TOO_LARGE, NON_FINITE,
@@ -455,13 +511,20 @@ def decode_tensors(
             raise _remote(ErrorCode.BAD_TABLE, f"{name!r}: names must be unique and sorted")
         previous = name
         packed = dtype_name == INT4
-        wire = _NIBBLES if packed else WIRE_DTYPES.get(dtype_name) if type(dtype_name) is str else None
+        sparse = dtype_name == TOPK
+        wire = (_NIBBLES if packed else _TOPK_WORDS if sparse
+                else WIRE_DTYPES.get(dtype_name) if type(dtype_name) is str else None)
         if wire is None:
             raise _remote(ErrorCode.BAD_DTYPE, f"{name}: dtype {dtype_name!r} not allowed")
-        if (wire.kind == "f" or packed) and dtype_name != codec.value:
+        if (wire.kind == "f" or packed or sparse) and dtype_name != codec.value:
             raise _remote(ErrorCode.BAD_DTYPE, f"{name}: {dtype_name} under codec {codec.value}")
         quantized = (codec is Codec.INT8 and dtype_name == "int8") or packed
-        if scale is not None and not quantized:
+        kept = scale if sparse else None  # a topk entry's fifth element counts its values
+        if sparse:
+            if type(kept) is not int or kept < 0:
+                raise _remote(ErrorCode.BAD_TABLE, f"{name}: a topk entry's fifth element counts its values (uint)")
+            scale = None
+        elif scale is not None and not quantized:
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: scale only for int8 and int4 codec tensors")
         if packed and scale is None:
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: an int4 tensor needs a scale")
@@ -480,6 +543,8 @@ def decode_tensors(
         total += count
         if total > limits.max_total_elements:
             raise _remote(ErrorCode.TOO_LARGE, "total elements exceed the limit")
+        if kept is not None and kept > min(count, _TOPK_MAX_COUNT):
+            raise _remote(ErrorCode.BAD_TABLE, f"{name}: keeps {kept} values of {count}")
         if type(entry_offset) is not int or entry_offset != offset:
             what = (
                 "overlaps the previous tensor"
@@ -487,7 +552,7 @@ def decode_tensors(
                 else "leaves a gap or is not an int"
             )
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: offset {entry_offset!r} {what}")
-        nbytes = _entry_bytes(wire, packed, count)
+        nbytes = _topk_bytes(kept) if kept is not None else _entry_bytes(wire, packed, count)
         if offset + nbytes > len(view):
             raise _remote(ErrorCode.BAD_TABLE, f"{name}: runs past the end of the blob")
         if expected_shapes is not None:
@@ -503,6 +568,8 @@ def decode_tensors(
                 raise _remote(ErrorCode.BAD_DTYPE, f"{name}: {what} for a {model} model tensor")
         if packed:
             arr = _read_int4(np.frombuffer(view, dtype=wire, count=nbytes, offset=offset), shape, count, name)
+        elif kept is not None:
+            arr = _read_topk(np.frombuffer(view, dtype=wire, count=2 * kept, offset=offset), shape, count, name)
         elif count == 0:
             arr = np.empty(shape, dtype=wire)
         else:
@@ -518,7 +585,7 @@ def decode_tensors(
             np.multiply(arr, np.float32(scale), out=dequantized, dtype=np.float32)
             dequantized.flags.writeable = False
             arr = dequantized
-        elif not is_finite_array(arr):
+        elif kept is None and not is_finite_array(arr):
             raise _remote(ErrorCode.NON_FINITE, f"{name}: NaN or infinity")
         out[name] = arr
         offset += nbytes
@@ -546,3 +613,32 @@ def received_as(
     blob = encoded.to_bytes()
     decoded = decode_tensors(encoded.table, blob, codec=encoded.codec, limits=limits)
     return {name: np.array(arr) for name, arr in decoded.items()}
+
+
+def keep_largest(state: Mapping[str, np.ndarray], fraction: float) -> dict[str, np.ndarray]:
+    """``state`` with each floating tensor reduced to its ``ceil(fraction * count)`` values of
+    largest magnitude, the others set to 0 (a new float32 array; integer and bool tensors
+    are passed through): top-k sparsification, what a sender applies to a delta before
+    sending it under the ``topk`` codec. Which of equal magnitudes are kept is numpy's
+    choice (``argpartition``), the same on every run with the same numpy.
+
+    Raises:
+        ValueError: ``fraction`` outside ``(0, 1]``.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    out: dict[str, np.ndarray] = {}
+    for name, arr in state.items():
+        if arr.dtype.kind != "f":
+            out[name] = arr
+            continue
+        flat = np.asarray(arr, dtype=np.float32).reshape(-1)
+        keep = min(flat.size, math.ceil(fraction * flat.size))
+        sparse = np.zeros(flat.size, dtype=np.float32)
+        if keep == flat.size:
+            sparse[:] = flat
+        elif keep:
+            largest = np.argpartition(np.abs(flat), flat.size - keep)[flat.size - keep:]
+            sparse[largest] = flat[largest]
+        out[name] = sparse.reshape(arr.shape)
+    return out

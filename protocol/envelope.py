@@ -175,6 +175,10 @@ class EnvelopeHeader:
             raise LocalProtocolError(
                 ErrorCode.BAD_TYPE, f"codec {codec.value} invalid for {kind.value}"
             )
+        if codec is Codec.TOPK and kind not in MODEL_KINDS:
+            # a topk entry decodes to far more bytes than it takes: only for model tensors,
+            # whose names and shapes the receiver checks against its model first
+            raise LocalProtocolError(ErrorCode.BAD_TYPE, f"codec topk invalid for {kind.value}")
         if kind not in TENSOR_KINDS and self.base_digest is not None:
             raise LocalProtocolError(ErrorCode.BAD_TYPE, f"{kind.value} has no base digest")
 

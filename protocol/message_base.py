@@ -154,7 +154,7 @@ class TensorMessage(Message):
         tensors: name -> numpy array. A delta if ``base_digest`` is set, else a
             full snapshot (keyframe).
         base_digest: :func:`~.state.state_digest` of the base the delta applies to.
-        codec: How floating tensors are encoded (float32, float16, int8, int4).
+        codec: How floating tensors are encoded (float32, float16, int8, int4, topk).
     """
 
     tensors: Mapping[str, np.ndarray]

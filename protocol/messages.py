@@ -87,7 +87,7 @@ class Hello(Message):
         if type(self.codecs) is not tuple or not 1 <= len(self.codecs) <= 8:
             raise LocalProtocolError(ErrorCode.BAD_TYPE, "codecs must be a tuple of 1-8 codecs")
         for c in self.codecs:
-            if not isinstance(c, str) or c not in (Codec.FLOAT32, Codec.FLOAT16, Codec.INT8, Codec.INT4):
+            if not isinstance(c, str) or c not in (Codec.FLOAT32, Codec.FLOAT16, Codec.INT8, Codec.INT4, Codec.TOPK):
                 raise LocalProtocolError(ErrorCode.BAD_TYPE, f"unknown codec {c!r}")
         object.__setattr__(self, "codecs", tuple(str(Codec(c).value) for c in self.codecs))
         check_uint("max_frame_size", self.max_frame_size, MAX_FRAME_SIZE_CEILING)

@@ -239,6 +239,7 @@ SECAGG_DIGEST = bytes(range(32, 64))
 SECAGG_ENVELOPE_NONCES = 1 << 64
 SECAGG_SESSION_NONCES = (1 << 64) + (1 << 32)
 INT4_ENVELOPE_NONCES = (1 << 64) + (2 << 32)
+TOPK_ENVELOPE_NONCES = (1 << 64) + (3 << 32)
 
 
 def secagg_message(kind: str, routing: Mapping[str, Any]) -> Message:
@@ -527,6 +528,11 @@ def flip(data: bytes, position: int, mask: int = 0x01) -> bytes:
 def received_digest(tensors: Mapping[str, np.ndarray], codec: str) -> bytes:
     """The state digest of a full snapshot as its receiver decodes it (PROTOCOL.md 7)."""
     return state_digest(_decoded(tensors, codec))
+
+
+def snapshot(tensors: Mapping[str, np.ndarray], codec: str) -> bytes:
+    """A full-snapshot ``update`` of ``tensors`` under ``codec``, naming the state its receiver decodes."""
+    return seal(Update(**routing(), tensors=dict(tensors), codec=codec, state_digest=received_digest(tensors, codec)))
 
 
 DIGEST = state_digest(STATE)
@@ -891,8 +897,7 @@ def envelope_cases() -> Iterator[tuple[Case, Intended]]:
     }
     yield c("update-int4-worked-example", "int4 codec (PROTOCOL.md section 6): v = [-1, 0, 1] is scale 1/7 and the "
             "bytes 81 0f, the scalar 2.5 one byte 0f, four zeros scale 0.0 and the bytes 88 88; int64 unchanged",
-            seal(Update(**routing(), tensors=int4_state, codec="int4",
-                        state_digest=received_digest(int4_state, "int4"))), ACCEPT)
+            snapshot(int4_state, "int4"), ACCEPT)
     yield c("bad-dtype-int4-nibble-zero", "an int4 value held as nibble 0 (q + 8 is 1..15)",
             update_raw([["w", "int4", [2], 0, 0.5]], b"\x80", codec="int4"), _error("BAD_DTYPE"))
     yield c("bad-dtype-int4-unused-nibble", "an odd int4 count whose unused high nibble is not 0",
@@ -903,6 +908,37 @@ def envelope_cases() -> Iterator[tuple[Case, Intended]]:
             update_raw([["w", "int4", [2], 0, None]], b"\x88", codec="int4"), _error("BAD_TABLE"))
     yield c("bad-table-int4-overrun", "three int4 values need two bytes, the blob has one",
             update_raw([["w", "int4", [3], 0, 0.5]], b"\x88", codec="int4"), _error("BAD_TABLE"))
+    NONCE.n = saved
+    # ---- the topk codec (PROTOCOL.md section 6), added later: nonces of its own
+    saved, NONCE.n = NONCE.n, TOPK_ENVELOPE_NONCES
+    topk_state: dict[str, np.ndarray] = {
+        "v": np.array([[0.0, -1.5], [0.0, 2.0]], np.float32),
+        "z": np.zeros(3, np.float32),
+        "n": np.array(7, np.int64),
+    }
+    yield c("update-topk-worked-example", "topk codec (PROTOCOL.md section 6): v = [[0, -1.5], [0, 2]] is k = 2, "
+            "indices 1 and 3 then the values -1.5 and 2.0; three zeros k = 0 and no bytes; int64 unchanged",
+            snapshot(topk_state, "topk"), ACCEPT)
+    one = struct.pack("<If", 1, 0.5)
+    yield c("bad-dtype-topk-under-float32", "a topk entry under the float32 codec",
+            update_raw([["w", "topk", [2], 0, 1]], one), _error("BAD_DTYPE"))
+    yield c("bad-table-topk-float-k", "a topk entry whose k is a float",
+            update_raw([["w", "topk", [2], 0, 1.0]], one, codec="topk"), _error("BAD_TABLE"))
+    yield c("bad-table-topk-k-above-count", "a topk entry holding three values of a two-value tensor",
+            update_raw([["w", "topk", [2], 0, 3]], one * 3, codec="topk"), _error("BAD_TABLE"))
+    yield c("bad-table-topk-overrun", "two topk values need 16 bytes, the blob has 8",
+            update_raw([["w", "topk", [2], 0, 2]], one, codec="topk"), _error("BAD_TABLE"))
+    yield c("bad-table-topk-index-out-of-range", "a topk index equal to the tensor's count",
+            update_raw([["w", "topk", [2], 0, 1]], struct.pack("<If", 2, 0.5), codec="topk"), _error("BAD_TABLE"))
+    yield c("bad-table-topk-indices-not-increasing", "topk indices 1 then 1",
+            update_raw([["w", "topk", [3], 0, 2]], struct.pack("<2I2f", 1, 1, 0.5, 0.5), codec="topk"),
+            _error("BAD_TABLE"))
+    yield c("bad-non-finite-topk-value", "a topk value that is NaN",
+            update_raw([["w", "topk", [2], 0, 1]], struct.pack("<If", 1, float("nan")), codec="topk"),
+            _error("NON_FINITE"))
+    yield c("bad-type-topk-secagg-masked", "codec topk on a secagg-masked envelope (model kinds only)", raw(
+        {"group_digest": SECAGG_DIGEST, "n_samples": 1, "tensors": [["masked", "int32", [1], 0, None]]}, bytes(4),
+        kind="secagg-masked", codec="topk"), _reset("BAD_TYPE"))
     NONCE.n = saved
 
 

@@ -24,7 +24,7 @@ from silomesh.protocol import (
     make_delta,
     state_digest,
 )
-from silomesh.protocol.codec import int4_scale, int8_scale
+from silomesh.protocol.codec import int4_scale, int8_scale, keep_largest
 
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 
@@ -583,24 +583,27 @@ def test_make_delta_refuses_states_with_different_tensors() -> None:
 
 
 def test_codec_enum_values_are_the_wire_names() -> None:
-    assert [c.value for c in Codec] == ["none", "float32", "float16", "int8", "int4"]
+    assert [c.value for c in Codec] == ["none", "float32", "float16", "int8", "int4", "topk"]
 
 
 # ---------------------------------------------------------------- int4
 
 
-@PROPERTY
-@given(
-    arrays=st.dictionaries(
+def _float_states(elements: st.SearchStrategy[float]) -> st.SearchStrategy[dict[str, np.ndarray]]:
+    """Up to four floating tensors (float16/32/64, 0-2 dimensions) of these elements."""
+    return st.dictionaries(
         st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=12),
         hnp.arrays(
             dtype=st.sampled_from([np.float32, np.float64, np.float16]),
             shape=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=5),
-            elements=st.floats(-60000, 60000, width=16) | st.floats(-(2.0**-122), 2.0**-122, width=32),
+            elements=elements,
         ),
         max_size=4,
     )
-)
+
+
+@PROPERTY
+@given(arrays=_float_states(st.floats(-60000, 60000, width=16) | st.floats(-(2.0**-122), 2.0**-122, width=32)))
 def test_int4_codec_round_trips_any_finite_state_within_half_a_step(arrays: dict[str, np.ndarray]) -> None:
     table, blob = _encode(arrays, "int4")
     out = _decode(table, blob, "int4")
@@ -677,3 +680,128 @@ def test_any_int4_entry_decodes_or_is_refused_with_a_code(count: int, blob: byte
     assert codec == "int4" and isinstance(scale, float) and len(blob) == (count + 1) // 2
     assert out["w"].dtype == np.float32 and out["w"].shape == (count,)
     assert np.all(np.abs(out["w"].astype(np.float64)) <= 7 * float(np.float32(scale)) * (1 + 1e-6))
+
+
+# ---------------------------------------------------------------- topk
+
+_TOPK_VALUES = st.floats(-1e6, 1e6, width=32) | st.just(0.0) | st.just(-0.0)
+
+
+@PROPERTY
+@given(arrays=_float_states(st.floats(-60000, 60000, width=16) | st.just(0.0)))
+def test_topk_codec_carries_the_non_zero_values_exactly(arrays: dict[str, np.ndarray]) -> None:
+    table, blob = _encode(arrays, "topk")
+    out = _decode(table, blob, "topk")
+    for (name, dtype, shape, offset, kept), arr in zip(table, (arrays[n] for n in sorted(arrays)), strict=True):
+        x = arr.astype(np.float32).reshape(-1)
+        nonzero = np.flatnonzero(x)
+        assert (dtype, shape, kept) == ("topk", list(arr.shape), nonzero.size)
+        words = np.frombuffer(blob, "<u4", count=2 * kept, offset=offset)
+        assert words[:kept].tolist() == nonzero.tolist()
+        assert words[kept:].view("<f4").tolist() == x[nonzero].tolist()
+        assert out[name].dtype == np.float32 and out[name].shape == arr.shape
+        assert out[name].tolist() == arr.astype(np.float32).tolist()  # -0.0 == 0.0
+        assert not out[name].flags.writeable
+
+
+def test_topk_layout_is_indices_then_values() -> None:
+    """The layout PROTOCOL.md section 6 gives: k uint32 indices (C order), then k float32."""
+    state = {"v": np.array([[0.0, -1.5], [0.0, 2.0]], np.float32), "s": np.array(0.0, np.float32),
+             "i": np.array([3, 0], np.int16)}
+    table, blob = _encode(state, "topk")
+    assert table == [["i", "int16", [2], 0, None], ["s", "topk", [], 4, 0], ["v", "topk", [2, 2], 4, 2]]
+    assert blob == struct.pack("<2h", 3, 0) + struct.pack("<2I2f", 1, 3, -1.5, 2.0)
+    out = _decode(table, blob, "topk")
+    assert out["v"].tolist() == [[0.0, -1.5], [0.0, 2.0]] and out["s"].shape == () and float(out["s"]) == 0.0
+    assert out["i"].dtype == np.int16  # integer tensors travel unchanged
+
+
+def test_topk_pieces_make_the_same_blob() -> None:
+    rng = np.random.default_rng(3)
+    state = keep_largest({"a": rng.normal(size=(40, 3)).astype(np.float32), "b": rng.normal(size=7)}, 0.2)
+    encoded = encode_tensors(state, "topk")
+    assert b"".join(bytes(p) for p in encoded.pieces()) == encoded.to_bytes()
+    assert [e[4] for e in encoded.table] == [24, 2]
+
+
+def test_keep_largest_keeps_the_largest_magnitudes_of_each_floating_tensor() -> None:
+    state = {"w": np.array([0.1, -3.0, 2.0, 0.5, -0.2], np.float32), "n": np.arange(4), "one": np.array(7.0)}
+    out = keep_largest(state, 0.4)
+    assert out["w"].tolist() == [0.0, -3.0, 2.0, 0.0, 0.0]  # ceil(0.4 * 5) = 2 values
+    assert out["n"] is state["n"]  # integer tensors unchanged
+    assert out["one"].tolist() == 7.0 and out["one"].dtype == np.float32  # ceil(0.4 * 1) = 1
+    assert keep_largest(state, 1.0)["w"].tolist() == state["w"].tolist()
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            keep_largest(state, bad)
+
+
+def test_topk_refuses_values_beyond_float32() -> None:
+    with pytest.raises(LocalProtocolError) as info:
+        encode_tensors({"a": np.array([1e39, 0.0])}, "topk")
+    assert info.value.code is ErrorCode.NON_FINITE
+
+
+_ONE = struct.pack("<If", 1, 0.5)  # index 1, value 0.5
+
+
+@pytest.mark.parametrize(
+    ("entry", "blob", "codec", "code"),
+    [
+        (["a", "topk", [2], 0, 1], _ONE, "float32", "BAD_DTYPE"),  # only under codec topk
+        (["a", "topk", [2], 0, 1], _ONE, "int8", "BAD_DTYPE"),
+        (["a", "float32", [2], 0, None], bytes(8), "topk", "BAD_DTYPE"),  # floats travel as topk
+        (["a", "topk", [2], 0, None], _ONE, "topk", "BAD_TABLE"),  # k is required
+        (["a", "topk", [2], 0, 1.0], _ONE, "topk", "BAD_TABLE"),  # a float k
+        (["a", "topk", [2], 0, -1], _ONE, "topk", "BAD_TABLE"),
+        (["a", "topk", [2], 0, True], _ONE, "topk", "BAD_TABLE"),
+        (["a", "topk", [2], 0, 3], _ONE * 3, "topk", "BAD_TABLE"),  # more values than the tensor has
+        (["a", "topk", [2], 0, 2], _ONE, "topk", "BAD_TABLE"),  # runs past the blob
+        (["a", "topk", [2], 0, 1], struct.pack("<If", 2, 0.5), "topk", "BAD_TABLE"),  # index out of range
+        (["a", "topk", [3], 0, 2], struct.pack("<2I2f", 1, 1, 0.5, 0.5), "topk", "BAD_TABLE"),  # repeated
+        (["a", "topk", [3], 0, 2], struct.pack("<2I2f", 2, 1, 0.5, 0.5), "topk", "BAD_TABLE"),  # decreasing
+        (["a", "topk", [2], 0, 1], struct.pack("<If", 1, float("nan")), "topk", "NON_FINITE"),
+        (["a", "topk", [2], 0, 1], struct.pack("<If", 0, float("-inf")), "topk", "NON_FINITE"),
+        (["a", "int8", [1], 0, 0.5], bytes([1]), "topk", "BAD_TABLE"),  # int8 scales only under int8
+    ],
+)
+def test_bad_topk_entries_are_refused(entry: list[Any], blob: bytes, codec: str, code: str) -> None:
+    assert _remote_code([entry], blob, codec) == code
+
+
+def test_topk_entries_fit_float_model_tensors_only() -> None:
+    entry = [["a", "topk", [2], 0, 1]]
+    assert _decode(entry, _ONE, "topk", expected_dtypes={"a": "float16"})["a"].tolist() == [0.0, 0.5]
+    assert _remote_code(entry, _ONE, "topk", expected_dtypes={"a": "int32"}) == "BAD_DTYPE"
+
+
+def test_a_topk_entry_of_a_shape_the_model_lacks_is_refused_before_it_is_expanded() -> None:
+    """A topk entry keeping no value decodes to ``count`` zeros from no bytes: a shape the
+    model does not have is refused (step 11) before any array is made."""
+    entry = [["a", "topk", [1 << 26], 0, 0]]
+    assert _remote_code(entry, b"", "topk", expected_shapes={"a": (2,)}) == "BAD_SHAPE"
+
+
+@PROPERTY
+@given(
+    count=st.integers(0, 5),
+    kept=st.integers(-1, 6) | st.none() | st.floats(0, 3),
+    words=st.lists(st.integers(0, 6), max_size=6),
+    values=st.lists(_TOPK_VALUES | st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=6),
+    codec=st.sampled_from(["topk", "float32"]),
+)
+def test_any_topk_entry_decodes_or_is_refused_with_a_code(
+    count: int, kept: object, words: list[int], values: list[float], codec: str
+) -> None:
+    """Fuzzed topk entries: decoded to exactly the values at their indices, zero elsewhere,
+    or refused with a protocol error code, never a crash."""
+    blob = struct.pack(f"<{len(words)}I{len(values)}f", *words, *values)
+    try:
+        out = _decode([["w", "topk", [count], 0, kept]], blob, codec)
+    except RemoteProtocolError:
+        return
+    assert codec == "topk" and type(kept) is int and len(words) == len(values) == kept <= count
+    assert words == sorted(set(words)) and all(w < count for w in words)
+    expected = np.zeros(count, np.float32)
+    expected[words] = values
+    assert out["w"].tolist() == expected.tolist()

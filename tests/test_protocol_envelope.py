@@ -44,6 +44,7 @@ from silomesh.protocol import (
     seal_envelope,
     x25519_public_key,
 )
+from silomesh.protocol.codec import keep_largest
 
 PROPERTY = settings(max_examples=250, deadline=None, derandomize=True, database=None)
 
@@ -181,6 +182,27 @@ def test_lossy_codecs_round_trip_within_tolerance(codec: str, atol: float) -> No
         # int4: within half a step, max|x| / 14
         np.testing.assert_allclose(got.tensors[name], arr, atol=atol if codec != "int4" else
                                    float(np.abs(arr).max()) / 14 + 1e-6)
+
+
+def test_topk_carries_a_sparse_update_exactly() -> None:
+    sparse = keep_largest(STATE, 0.3)
+    got = open_(seal_envelope(Update(**routing(), tensors=sparse, codec="topk", state_digest=DIGEST),
+                              ALICE).to_bytes()).message
+    assert got.codec == "topk"
+    for name, arr in sparse.items():
+        np.testing.assert_array_equal(got.tensors[name], arr)
+
+
+def test_topk_is_refused_for_a_kind_without_a_model() -> None:
+    """secagg-masked carries a ring vector: a topk entry there would decode to far more
+    than it takes on the wire, before its class checks it."""
+    header, _, ct = split(ack_bytes())
+    assert EnvelopeHeader(**(header | {"kind": "update", "codec": "topk"})).codec == "topk"
+    header |= {"kind": Kind.SECAGG_MASKED.value, "codec": "topk"}
+    with pytest.raises(LocalProtocolError) as info:
+        EnvelopeHeader(**header)
+    assert info.value.code is ErrorCode.BAD_TYPE
+    assert refusal(forge(header, ct)) == "BAD_TYPE"
 
 
 def test_open_returns_the_signed_header_bytes_and_signature() -> None:

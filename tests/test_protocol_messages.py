@@ -128,8 +128,9 @@ def test_hello_refuses_an_unknown_codec() -> None:
     assert code_of(Hello, **routing(), codecs=("zstd",)) is ErrorCode.BAD_TYPE
 
 
-def test_hello_may_list_int4() -> None:
+def test_hello_may_list_int4_and_topk() -> None:
     assert Hello(**routing(), codecs=("float32", "int8", "int4")).codecs == ("float32", "int8", "int4")
+    assert Hello(**routing(), codecs=("float32", "topk")).codecs == ("float32", "topk")
 
 
 def test_hello_refuses_a_frame_limit_above_four_gib() -> None:

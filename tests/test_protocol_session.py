@@ -587,7 +587,7 @@ def test_received_tensors_are_checked_against_the_model_dtypes() -> None:
 
 
 def test_a_float_model_tensor_may_arrive_under_every_float_codec() -> None:
-    for codec in ("float32", "float16", "int8", "int4"):
+    for codec in ("float32", "float16", "int8", "int4", "topk"):
         d = Peer(Role.DIALER)
         listener = Peer(Role.LISTENER, expected_dtypes={"w": "float32"})
         handshake(d, listener)
