@@ -104,17 +104,30 @@ class RoundConfig:
     #: a neighbour's model further than this many times its usual distance is dropped (0: no check)
     max_update_growth: float = 20.0
     #: how updates travel (PEER.md section 3): float32 (exact), float16 (deltas in half
-    #: precision), int8 (deltas and snapshots quantized per tensor) or int4 (deltas in 4 bits,
-    #: snapshots as int8); lossy codecs carry their error into the next delta, which is always
-    #: made against what the neighbour holds
+    #: precision), int8 (deltas and snapshots quantized per tensor), int4 (deltas in 4 bits,
+    #: snapshots as int8) or topk (each tensor's largest :attr:`topk` share of a delta, as
+    #: float32 values and their indices; snapshots as int8); lossy codecs carry their error
+    #: into the next delta, which is always made against what the neighbour holds
     codec: str = "float32"
+    #: under ``codec = "topk"``: the share of each tensor's values a delta keeps (0 < topk <= 0.5;
+    #: a kept value takes 8 bytes, twice float32's 4)
+    topk: float = 0.1
+    #: under ``codec = "topk"``: how far a round moves our model towards the neighbours' (the
+    #: consensus step of CHOCO-gossip, 0 < topk_step <= 1; PEER.md section 3); None: ``2 * topk``
+    topk_step: float | None = None
+
+    @property
+    def consensus_step(self) -> float:
+        """:attr:`topk_step`, or ``min(1, 2 * topk)`` when unset: sparser deltas need smaller
+        steps, or the models drift apart (tests/test_update_codecs.py)."""
+        return self.topk_step if self.topk_step is not None else min(1.0, 2.0 * self.topk)
     #: every training on this silo's data also trains what its labels leave unannotated
     #: (another silo's organs, a box's rim) towards the model as that training began, instead of leaving it
     #: to drift (tasks that :attr:`~Task.distills`: organs, lesion; docs/STRATEGIES.md "Partial labels")
     keep_unlabelled: bool = False
 
 
-UPDATE_CODECS = ("float32", "float16", "int8", "int4")
+UPDATE_CODECS = ("float32", "float16", "int8", "int4", "topk")
 
 
 @dataclass(frozen=True)
@@ -279,6 +292,23 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a table", list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def topk_refusal(strategy: StrategyConfig, rounds: RoundConfig) -> str | None:
+    """Why ``codec = "topk"`` does not fit this strategy, or None.
+
+    A topk neighbour holds only part of our model; the exchange round's mean makes up for
+    that (consensus views, PEER.md section 3). A model passed along a ring (cyclic), a
+    subtree mean (``reduce = "tree"``) or a model sent to be trained (fedefm) has nothing to
+    make up for it: those would work on models missing most of their last changes.
+    """
+    if rounds.codec != "topk":
+        return None
+    if strategy.name in ("cyclic", "fedefm"):
+        return f"topk is for strategies that average their neighbours' models each round, not {strategy.name!r}"
+    if strategy.params.get("reduce") == "tree":
+        return "topk does not fit reduce = \"tree\" (a subtree's mean must arrive whole); use int4 or int8"
+    return None
 
 
 def _secure_aggregation_refusal(strategy: StrategyConfig, neighbours: int) -> str | None:
@@ -492,7 +522,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         r,
         {
             "count", "deadline_seconds", "local_steps", "batch_size", "lr",
-            "max_update_ratio", "max_weight_factor", "max_update_growth", "codec", "keep_unlabelled",
+            "max_update_ratio", "max_weight_factor", "max_update_growth", "codec", "topk", "topk_step",
+            "keep_unlabelled",
         },
         "rounds.",
     )
@@ -506,10 +537,16 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         max_weight_factor=_get(r, "max_weight_factor", "rounds.", float, 1e4),
         max_update_growth=_get(r, "max_update_growth", "rounds.", float, 20.0),
         codec=_get(r, "codec", "rounds.", str, "float32"),
+        topk=_get(r, "topk", "rounds.", float, 0.1),
+        topk_step=_get(r, "topk_step", "rounds.", float, None),
         keep_unlabelled=_get(r, "keep_unlabelled", "rounds.", bool, False),
     )
     if rounds.codec not in UPDATE_CODECS:
         raise ConfigError(f"rounds.codec: must be one of {', '.join(UPDATE_CODECS)}, got {rounds.codec!r}")
+    if not 0.0 < rounds.topk <= 0.5:
+        raise ConfigError(f"rounds.topk: the share of a delta's values kept, must be in (0, 0.5], got {rounds.topk}")
+    if rounds.topk_step is not None and not 0.0 < rounds.topk_step <= 1.0:
+        raise ConfigError(f"rounds.topk_step: the consensus step, must be in (0, 1], got {rounds.topk_step}")
     for name, value in (
         ("count", rounds.count),
         ("local_steps", rounds.local_steps),
@@ -573,6 +610,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
     why = _secure_aggregation_refusal(strategy, len(trusted))
     if why:
         raise ConfigError(f"strategy.params.secure_aggregation: {why}")
+    why = topk_refusal(strategy, rounds)
+    if why:
+        raise ConfigError(f"rounds.codec: {why}")
 
     return PeerConfig(
         path=path or base_dir / "peer.toml",

@@ -52,8 +52,17 @@ T = TypeVar("T")
 
 AGENT = "silomesh/0.1"
 CODECS = ("float32", "float16", "int8")
-"""What our hello says we decode. ``int4`` is listed only by a peer whose own ``[rounds] codec``
-is int4 (:attr:`Endpoint.codecs`): peers before it refuse a hello naming a codec they do not know."""
+"""What our hello says we decode. ``int4`` and ``topk`` are listed only by a peer whose own
+``[rounds] codec`` is that codec (:func:`hello_codecs`): peers before them refuse a hello naming a
+codec they do not know."""
+
+LATER_CODECS = ("int4", "topk")
+"""Codecs added after :data:`CODECS`, listed only by peers set to them."""
+
+
+def hello_codecs(codec: str) -> tuple[str, ...]:
+    """The codecs a peer whose ``[rounds] codec`` is ``codec`` lists in its hello."""
+    return CODECS + ((codec,) if codec in LATER_CODECS else ())
 
 
 class SequenceCounter:

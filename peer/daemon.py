@@ -30,7 +30,6 @@ from silomesh.peer.audit import AuditLog, serve_checkpoints
 from silomesh.peer.config import PeerConfig
 from silomesh.peer.consent import Consent
 from silomesh.peer.context import (
-    CODECS,
     Compute,
     Endpoint,
     Journal,
@@ -39,6 +38,7 @@ from silomesh.peer.context import (
     SequenceCounter,
     ThreadCompute,
     Trust,
+    hello_codecs,
     model_id,
 )
 from silomesh.peer.control import TOKEN_FILE_NAME, serve_control
@@ -57,7 +57,6 @@ from silomesh.peer.strangers import Strangers, serve_strangers
 from silomesh.peer.study import StudyGate, load_study
 from silomesh.peer.transport import Transport, TransportFactory
 from silomesh.protocol import DEFAULT_LIMITS, Identity, ReplayGuard
-from silomesh.protocol.codec import Codec
 from silomesh.strategies import CyclicConfig, FedAvgConfig, StateDict, Strategy, get_strategy
 
 log = logging.getLogger(__name__)
@@ -235,7 +234,7 @@ class Peer:
                 transfers=Transfers(max_bytes=budget.total),
                 max_skew_ms=int(net.max_clock_skew_seconds * 1000) or None,
                 stream_threshold=int(net.stream_threshold_mb * 1e6),
-                codecs=CODECS + ((Codec.INT4.value,) if config.rounds.codec == Codec.INT4 else ()),
+                codecs=hello_codecs(config.rounds.codec),
                 round_window=net.round_window,
                 expected_dtypes=self.learner.wire_dtypes(),
                 study=gate,

@@ -53,7 +53,7 @@ from silomesh.protocol import (
     make_delta,
     state_digest,
 )
-from silomesh.protocol.codec import received_as
+from silomesh.protocol.codec import keep_largest, received_as
 from silomesh.protocol.study import split_hello_model
 from silomesh.strategies import StateDict
 
@@ -208,9 +208,11 @@ class UpdateMaker:
         self.metrics = metrics
         #: the samples the update's model stands for (default: our own; a tree round's subtree mean: its subtree's)
         self.n_samples = ctx.learner.n_samples if n_samples is None else n_samples
-        #: ``[rounds] codec``: float16, int8 and int4 are lossy; the base of the next delta is what
-        #: the neighbour decoded, so the loss is carried into that delta (error feedback)
+        #: ``[rounds] codec``: float16, int8, int4 and topk are lossy; the base of the next delta is
+        #: what the neighbour decoded, so the loss is carried into that delta (error feedback)
         self.codec = Codec(codec)
+        #: ``[rounds] topk``: under topk, the share of each tensor's delta values sent
+        self.topk = ctx.rounds.topk
         self._digest: bytes | None = None
         self._received_full: tuple[StateDict, bytes] | None = None  # an int8 snapshot, as decoded
         self._large = sum(a.nbytes for a in state.values()) > DELTA_THREAD_THRESHOLD
@@ -227,15 +229,16 @@ class UpdateMaker:
 
     def _make(self, recipient: bytes, base: Base | None, codecs: tuple[str, ...]) -> Outgoing:
         lossy = self.codec if self.codec is not Codec.FLOAT32 and self.codec.value in codecs else None
-        if lossy is None and self.codec is Codec.INT4 and Codec.INT8.value in codecs:
-            lossy = Codec.INT8  # a neighbour that does not decode int4 (not set to it) gets int8
+        if lossy is None and self.codec in (Codec.INT4, Codec.TOPK) and Codec.INT8.value in codecs:
+            lossy = Codec.INT8  # a neighbour that does not decode int4 or topk (not set to it) gets int8
         if base is not None and set(base.state) == set(self.state):
             codec = lossy or Codec.FLOAT32
             tensors, made = self._delta(base, codec)
             result, base_digest, digest = made.state, base.digest, made.digest
-        elif lossy in (Codec.INT8, Codec.INT4) and Codec.INT8.value in codecs:
+        elif lossy in (Codec.INT8, Codec.INT4, Codec.TOPK) and Codec.INT8.value in codecs:
             # a snapshot too (float16 ones would stay float16 at the receiver); int4 snapshots
-            # would be too coarse for a model's weights: those go as int8
+            # would be too coarse for a model's weights and topk ones would lose most of it (or,
+            # all kept, take twice float32's bytes): those go as int8
             codec = Codec.INT8
             result, digest = self._int8_snapshot()
             tensors, base_digest = self.state, None
@@ -259,6 +262,8 @@ class UpdateMaker:
             made = self._deltas.get((base.digest, codec))
             if made is None:
                 delta = make_delta(self.state, base.state)
+                if codec is Codec.TOPK:
+                    delta = keep_largest(delta, self.topk)  # what is left out stays in the next delta
                 lossy = codec is not Codec.FLOAT32
                 result = apply_delta(base.state, received_as(delta, codec) if lossy else delta)
                 if not lossy:

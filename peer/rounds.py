@@ -48,7 +48,7 @@ import trio
 
 from silomesh.peer import memory, privacy
 from silomesh.peer.announces import publish
-from silomesh.peer.context import Received, RoundContext
+from silomesh.peer.context import Base, Received, RoundContext
 from silomesh.peer.dialer import (
     DIAL_TIMEOUT,
     MAX_BACKOFF,
@@ -66,6 +66,7 @@ from silomesh.peer.safety import UpdateBound, UpdateGuard, measure_update, state
 from silomesh.peer.secure_rounds import secure_exchange_round
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
+from silomesh.protocol.codec import Codec
 from silomesh.strategies import Contribution, CyclicConfig, FedAvgConfig, RoundShape, StateDict
 from silomesh.strategies.cyclic import LAP_COUNT, CyclicStrategy, split_lap, with_lap
 from silomesh.strategies.fedavg import TREE_COUNT
@@ -324,10 +325,42 @@ async def exchange_round(
         if why is not None:
             _refuse_dropped(ctx, report, {n: f"update bound: {why}"}, "update", "safety")
             continue
+        state = got.state
+        if maker.codec is Codec.TOPK:
+            state = consensus_view(state, shared, ctx.bases.acked.get(n), ctx.rounds.consensus_step)
         contributions.append(
-            Contribution(peer_id=n, state=got.state, n_samples=max(got.n_samples, 1), loss=got.loss, degree=got.degree)
+            Contribution(peer_id=n, state=state, n_samples=max(got.n_samples, 1), loss=got.loss, degree=got.degree)
         )
     return aggregate(ctx, trained.state, contributions, report, own_loss=trained.mean_loss)
+
+
+def consensus_view(theirs: StateDict, ours: StateDict, held: Base | None, step: float) -> StateDict:
+    """What a neighbour's model counts as in our mean under the topk codec:
+    ``ours + step * (theirs - held)``.
+
+    Under topk a neighbour holds only part of our model (``held``, its base of ours: the
+    values sent so far); the rest waits in our next deltas, and ``theirs`` is likewise only
+    what we hold of the neighbour. Averaging ``theirs`` with our full model would shrink our
+    unsent part by our weight in the mean while the neighbours never see it: the federation's
+    average drifts. Averaging these views instead moves us by
+    ``step * sum_j w_j (theirs_j - held_j)``: the consensus step of CHOCO-gossip (Koloskova,
+    Stich and Jaggi, 2019) with step size ``step``, which keeps the average (for symmetric
+    weights). ``step`` 1 makes it ``theirs + (ours - held)``; the theory asks for a step below
+    1 the sparser the deltas are (with a tenth of the values kept, step 1 makes the models
+    drift apart; tests/test_update_codecs.py). Floating tensors the neighbour does not hold
+    of ours (no base yet, another set) are left as they are.
+    """
+    if held is None:
+        return theirs
+    out = dict(theirs)
+    for name, value in theirs.items():
+        mine, base = ours.get(name), held.state.get(name)
+        if (mine is None or base is None or value.dtype.kind != "f" or mine.shape != value.shape
+                or base.shape != value.shape):
+            continue
+        moved = np.asarray(mine, dtype=np.float32) + np.float32(step) * (value - np.asarray(base, dtype=np.float32))
+        out[name] = moved.astype(value.dtype, copy=False)
+    return out
 
 
 async def train_request_round(

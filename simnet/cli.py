@@ -69,8 +69,14 @@ def simnet() -> None:
 @click.option("--deadline", type=float, help="Seconds a peer waits for neighbours per round (default 30).")
 @click.option("--batch-size", type=int, help="Batch size (default 8).")
 @click.option("--lr", type=float, help="Learning rate (default 0.001).")
-@click.option("--codec", type=click.Choice(["float32", "float16", "int8", "int4"]),
-              help="How updates travel (default float32; float16, int8 and int4 are lossy, with error feedback).")
+@click.option("--codec", type=click.Choice(["float32", "float16", "int8", "int4", "topk"]),
+              help="How updates travel (default float32; float16, int8, int4 and topk are lossy, with error "
+                   "feedback).")
+@click.option("--topk", type=float, help="With --codec topk: the share of each tensor's delta values sent "
+                                         "(default 0.1, at most 0.5).")
+@click.option("--topk-step", type=float,
+              help="With --codec topk: how far a round moves each model towards its neighbours' (CHOCO's "
+                   "consensus step, default 2 x --topk, at most 1).")
 @click.option("--keep-unlabelled/--no-keep-unlabelled", default=None,
               help="Partial labels (organs, lesion): every peer's training keeps what its silo does not "
                    "annotate (other organs; what boxes and image labels leave open) as the model knew it, "

@@ -274,6 +274,8 @@ def build_plan(scenario: Scenario, out: Path, endpoints: Sequence[tuple[str, int
             "rounds": {"count": scenario.rounds, "deadline_seconds": float(scenario.deadline),
                        "local_steps": scenario.local_steps, "batch_size": scenario.batch_size,
                        "lr": float(scenario.lr), "codec": scenario.codec,
+                       "topk": float(scenario.topk),
+                       **({} if scenario.topk_step is None else {"topk_step": float(scenario.topk_step)}),
                        "keep_unlabelled": scenario.keep_unlabelled},
             "personal": {"steps": scenario.personal_steps, "method": scenario.personal_method,
                          "ditto_lambda": float(scenario.personal_lambda)},

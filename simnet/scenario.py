@@ -17,7 +17,9 @@ Scenario files hold the same settings as the flags (flags override the file)::
     deadline = 30.0               # seconds per round before late neighbours are skipped
     batch_size = 8
     lr = 0.001
-    codec = "float32"             # how updates travel: float32 | float16 | int8 | int4 (peer.toml [rounds] codec)
+    codec = "float32"             # how updates travel: float32|float16|int8|int4|topk (peer.toml [rounds] codec)
+    topk = 0.1                    # codec topk: the share of each tensor's delta values sent (peer.toml [rounds])
+    topk_step = 0.2               # codec topk: the consensus step, default 2 x topk (peer.toml [rounds])
     keep_unlabelled = false       # organs, lesion: keep what a silo does not annotate (peer.toml [rounds])
     faults = "drop=0.05,intruder=1"   # or a table, see below
 
@@ -98,8 +100,13 @@ class Scenario:
     deadline: float = 30.0
     batch_size: int = 8
     lr: float = 1e-3
-    #: every peer's ``[rounds] codec``: float32, float16, int8 or int4 (lossy ones with error feedback)
+    #: every peer's ``[rounds] codec``: float32, float16, int8, int4 or topk (lossy ones with error feedback)
     codec: str = "float32"
+    #: every peer's ``[rounds] topk``: under codec topk, the share of each tensor's delta values sent
+    topk: float = 0.1
+    #: every peer's ``[rounds] topk_step``: under codec topk, the consensus step (CHOCO's gamma);
+    #: None: the peers' default, ``2 * topk``
+    topk_step: float | None = None
     #: every peer's ``[rounds] keep_unlabelled`` (partial labels: keep what a silo does not annotate)
     keep_unlabelled: bool = False
     #: fine-tune steps of each peer's personal model after every round (0: none; peer.toml [personal])
@@ -175,7 +182,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "compare_local": (bool,),
     "procs": (int,), "backend": (str,), "ray_address": (str,),
     "local_steps": (int,), "deadline": (int, float), "batch_size": (int,),
-    "lr": (int, float), "codec": (str,), "keep_unlabelled": (bool,), "personal_steps": (int,),
+    "lr": (int, float), "codec": (str,), "topk": (int, float), "topk_step": (int, float),
+    "keep_unlabelled": (bool,), "personal_steps": (int,),
     "personal_method": (str,), "personal_lambda": (int, float), "timeout": (int, float), "task_options": (dict,),
     "strategy_params": (dict,), "privacy": (dict,),
 }
@@ -280,6 +288,10 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
         raise ScenarioError(f"lr: must be > 0, got {s.lr}")
     if s.codec not in UPDATE_CODECS:
         raise ScenarioError(f"codec: must be one of {', '.join(UPDATE_CODECS)}, got {s.codec!r}")
+    if not 0 < s.topk <= 0.5:
+        raise ScenarioError(f"topk: the share of a delta's values kept, must be in (0, 0.5], got {s.topk}")
+    if s.topk_step is not None and not 0 < s.topk_step <= 1:
+        raise ScenarioError(f"topk_step: the consensus step, must be in (0, 1], got {s.topk_step}")
     if s.personal_steps < 0:
         raise ScenarioError(f"personal_steps: must be >= 0 (0: no personal models), got {s.personal_steps}")
     if s.personal_method not in PERSONAL_METHODS:
@@ -295,6 +307,12 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
             parse_privacy(s.privacy, RoundConfig(count=s.rounds, local_steps=s.local_steps))
         except ConfigError as exc:
             raise ScenarioError(str(exc)) from None
+    if s.codec == "topk":
+        from silomesh.peer.config import RoundConfig, StrategyConfig, topk_refusal
+
+        why = topk_refusal(StrategyConfig(s.strategy, dict(s.strategy_params)), RoundConfig(codec=s.codec))
+        if why:
+            raise ScenarioError(f"codec: {why}")
     return s
 
 

@@ -226,6 +226,9 @@ def test_scenario_file_is_overridden_by_flags(tmp_path: Path) -> None:
     ({"faults": "drop=2"}, "probability"), ({"deadline": -1.0}, "deadline"), ({"bogus": 1}, "bogus"),
     ({"compare_local": 1}, "compare_local"), ({"personal_method": "fedrep"}, "personal_method"),
     ({"personal_lambda": -1}, "personal_lambda"), ({"personal_lambda": float("nan")}, "personal_lambda"),
+    ({"codec": "topk", "topk": 0.7}, "topk:"), ({"codec": "topk", "topk_step": 0}, "topk_step"),
+    ({"codec": "topk", "strategy": "cyclic"}, "codec: topk is for"),
+    ({"codec": "topk", "strategy_params": {"reduce": "tree"}}, "codec: topk does not fit"),
 ])
 def test_bad_scenarios_are_refused_naming_the_setting(layer: dict[str, object], message: str) -> None:
     with pytest.raises(ScenarioError, match=message):

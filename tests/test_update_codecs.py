@@ -1,7 +1,8 @@
-"""Update codecs: ``[rounds] codec`` float16 / int8 / int4, with error feedback.
+"""Update codecs: ``[rounds] codec`` float16 / int8 / int4 / topk, with error feedback.
 
 A lossy delta is made against what the neighbour decoded of the previous one, so the
-quantization error of a round is carried into the next delta instead of piling up.
+quantization error (or, under topk, the values left out) of a round is carried into the
+next delta instead of piling up.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from silomesh.peer.config import ConfigError, PeerConfig, load_config
 from silomesh.peer.context import Base
 from silomesh.peer.daemon import Peer
 from silomesh.peer.dialer import UpdateMaker
+from silomesh.peer.rounds import consensus_view
 from silomesh.protocol import Codec, apply_delta, make_delta, state_digest
-from silomesh.protocol.codec import received_as
+from silomesh.protocol.codec import keep_largest, received_as
 
 
 def test_received_as_is_what_a_receiver_decodes() -> None:
@@ -183,3 +185,102 @@ async def test_a_peer_set_to_int4_sends_int8_to_a_neighbour_set_to_int8(
         assert [x["status"] for x in r] == ["done"] * 3 and all(len(x["contributors"]) == 1 for x in r), r
     assert sent[0] and set(sent[0]) == {"int8"}, sent[0]  # the int4 peer, to its int8 neighbour
     assert sent[1] and set(sent[1]) == {"int8"}, sent[1]
+
+
+# ---------------------------------------------------------------- topk
+
+
+def test_topk_settings_are_checked(tmp_path: Path) -> None:
+    def load(extra: str) -> PeerConfig:
+        (tmp_path / "peer.toml").write_text(
+            'federation = "f"\nkey_file = "k"\nlisten = "/ip4/127.0.0.1/tcp/1"\n'
+            f'[task]\nname = "catheter"\n[rounds]\ncodec = "topk"\n{extra}'
+        )
+        return load_config(tmp_path / "peer.toml")
+
+    assert load("").rounds.consensus_step == pytest.approx(0.2)  # 2 x the default share 0.1
+    assert load("topk = 0.05\n").rounds.consensus_step == pytest.approx(0.1)
+    assert load("topk = 0.5\n").rounds.consensus_step == 1.0
+    assert load("topk = 0.1\ntopk_step = 0.7\n").rounds.consensus_step == 0.7
+    for bad, key in (("topk = 0.0", "topk"), ("topk = 0.6", "topk"), ("topk_step = 0.0", "topk_step"),
+                     ("topk_step = 1.5", "topk_step")):
+        with pytest.raises(ConfigError, match=rf"rounds\.{key}:"):
+            load(bad + "\n")
+    # strategies whose rounds do not average their neighbours' models refuse it
+    for strategy in ('name = "cyclic"', 'name = "fedefm"', 'name = "fedavg"\nparams = { reduce = "tree" }'):
+        with pytest.raises(ConfigError, match=r"rounds\.codec: topk"):
+            load(f"[strategy]\n{strategy}\n")
+
+
+def _ring_of_topk_gossip(step: float | None, share: float = 0.1, rounds: int = 300) -> tuple[float, float]:
+    """Four models on a ring, no training: every round each sends its neighbours a top-k
+    delta against what they hold of it (error feedback) and averages (a third each) either
+    the consensus views (``step``) or, with ``step=None``, what it holds of them as it is.
+    Returns how far the models' mean moved from the start and how far apart they end."""
+    rng = np.random.default_rng(0)
+    models = [{"w": (rng.normal(size=200) + i).astype(np.float32)} for i in range(4)]
+    held = [received_as(m, Codec.INT8) for m in models]  # the first update: an int8 snapshot
+    start = np.mean([m["w"] for m in models], axis=0)
+    for _ in range(rounds):
+        for i, m in enumerate(models):
+            held[i] = apply_delta(held[i], received_as(keep_largest(make_delta(m, held[i]), share), Codec.TOPK))
+        views = [[held[j] if step is None else consensus_view(held[j], models[i], Base(b"", held[i]), step)
+                  for j in ((i - 1) % 4, (i + 1) % 4)] for i in range(4)]
+        models = [{"w": (models[i]["w"] + views[i][0]["w"] + views[i][1]["w"]) / 3} for i in range(4)]
+    mean = np.mean([m["w"] for m in models], axis=0)
+    return float(np.abs(mean - start).max()), max(float(np.abs(m["w"] - mean).max()) for m in models)
+
+
+def test_topk_gossip_keeps_the_mean_with_consensus_views_and_agrees_with_the_default_step() -> None:
+    """Why the consensus views, and why a step below 1: averaging what a neighbour holds of
+    the others as if it were their models moves the federation's mean (the values not sent
+    yet are averaged away); the views keep it, and with the default step (2 x the share kept)
+    the models agree, while with step 1 they drift apart."""
+    moved, apart = _ring_of_topk_gossip(step=0.2)
+    assert moved < 1e-3 and apart < 1e-3, (moved, apart)
+    plain_moved, _ = _ring_of_topk_gossip(step=None)
+    assert plain_moved > 0.1, plain_moved
+    _, apart_at_one = _ring_of_topk_gossip(step=1.0, rounds=60)
+    assert apart_at_one > 10, apart_at_one
+
+
+def test_a_consensus_view_is_their_model_when_they_hold_all_of_ours() -> None:
+    ours = {"w": np.array([1.0, 2.0], np.float32), "n": np.array([3])}
+    theirs = {"w": np.array([5.0, -1.0], np.float32), "n": np.array([4])}
+    assert consensus_view(theirs, ours, None, 0.5) is theirs  # no base of ours there yet
+    full = consensus_view(theirs, ours, Base(b"", dict(ours)), 1.0)
+    assert full["w"].tolist() == [5.0, -1.0] and full["n"] is theirs["n"]
+    half = consensus_view(theirs, ours, Base(b"", {"w": np.array([1.0, 0.0], np.float32)}), 0.5)
+    assert half["w"].tolist() == [1.0 + 0.5 * 4.0, 2.0 + 0.5 * -1.0]
+
+
+async def test_two_peers_exchange_topk_deltas_after_an_int8_snapshot(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Under topk the first update of a neighbour is an int8 snapshot and the next are topk
+    deltas keeping a tenth of each tensor's values (the receivers' digest checks pass); only a
+    topk peer lists topk in its hello; a neighbour that does not list it gets int8."""
+
+    def inspect(peers: list[Peer]) -> None:
+        ctx = peers[0].context
+        assert "topk" in ctx.endpoint.hello(b"\0" * 32).codecs
+        maker = UpdateMaker(ctx, 9, ctx.learner.shared(ctx.learner.state()), {}, "topk")
+        recipient = ctx.trust.public_key_of(peers[1].peer_id)
+        codecs = ("float32", "int8", "topk")
+        out = maker._make(recipient, None, codecs)
+        assert out.message.codec is Codec.INT8  # a snapshot
+        base = Base(out.result.digest, out.result.state)
+        assert maker._make(recipient, base, ("float32", "int8")).message.codec is Codec.INT8
+        delta = maker._make(recipient, base, codecs)
+        assert delta.message.codec is Codec.TOPK and delta.result.digest == state_digest(delta.result.state)
+        for name, value in delta.message.tensors.items():
+            if value.dtype.kind == "f":
+                assert np.count_nonzero(value) <= -(-value.size // 10), name
+
+    rounds, sent = await _two_peers(tmp_path, ("topk", "topk"), inspect)
+    float32, _ = await _two_peers(tmp_path / "float32", ("float32", "float32"))
+    for r in rounds:
+        assert [x["status"] for x in r] == ["done"] * 3 and all(len(x["contributors"]) == 1 for x in r), r
+    assert sent[0][0] == "int8" and set(sent[0][1:]) == {"topk"}, sent[0]
+    ratio = _bytes(rounds[0]) / _bytes(float32[0])
+    assert 0.15 < ratio < 0.3, ratio
