@@ -1,10 +1,13 @@
-"""Bytes against the final metric for the update codecs (float32, float16, int8, int4).
+"""Bytes against the final metric for the update codecs (float32, float16, int8, int4, topk).
 
 Each run is a fresh ``silomesh simnet run`` (4 peers, ring, fedavg, 3 rounds, the default
 small model and data) with every peer's ``[rounds] codec`` set; tasks and seeds are
 paired, so a codec's metric is compared with float32 on the same seed. float16 sends
 deltas in half precision; int8 sends deltas and snapshots quantized per tensor; int4 sends
-deltas in 4 bits (snapshots as int8). All carry the quantization error into the next
+deltas in 4 bits (snapshots as int8); ``topk:F`` sends each tensor's largest share F of
+a delta's values with their indices (``[rounds] topk = F``, default 0.1; snapshots as int8),
+``topk:F:S`` also sets the consensus step ``[rounds] topk_step = S`` (default 2 x F).
+All carry the quantization error into the next
 delta: a peer's next delta is made against what the neighbour decoded (error feedback).
 
 Prints one JSON document and writes it, with a Markdown table and a plot of the final
@@ -12,6 +15,7 @@ metric against the bytes (one curve per task, mean and range over the seeds), to
 
     python bench/bench_update_codecs.py                       # catheter and lesion, seeds 0,1,2
     python bench/bench_update_codecs.py --tasks catheter --seeds 0 --codecs float32,int8
+    python bench/bench_update_codecs.py --codecs float32,topk:0.05,topk:0.1,topk:0.1:1.0 --rounds 6
 """
 
 from __future__ import annotations
@@ -29,11 +33,27 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
+def codec_flags(spec: str) -> list[str]:
+    """The simnet flags of a codec as this benchmark names it: ``int8``, ``topk:0.05`` (the
+    share kept) or ``topk:0.05:1.0`` (and the consensus step)."""
+    codec, *params = spec.split(":")
+    if (params and codec != "topk") or len(params) > 2:
+        raise SystemExit(f"--codecs: only topk takes a share and a step (topk:0.05:1.0), got {spec!r}")
+    flags = ["--codec", codec]
+    for flag, value in zip(("--topk", "--topk-step"), params, strict=False):
+        try:
+            float(value)
+        except ValueError:
+            raise SystemExit(f"--codecs: {value!r} in {spec!r} is not a number") from None
+        flags += [flag, value]
+    return flags
+
+
 def run_one(task: str, seed: int, codec: str, rounds: int, work: Path) -> dict[str, Any]:
-    out = work / f"{task}-{seed}-{codec}"
+    out = work / f"{task}-{seed}-{codec.replace(':', '-')}"
     cmd = [sys.executable, "-m", "silomesh.simnet.cli", "run", "--peers", "4", "--topology", "ring",
            "--strategy", "fedavg", "--task", task, "--rounds", str(rounds), "--seed", str(seed),
-           "--codec", codec, "--out", str(out), "--json", "--quiet"]
+           *codec_flags(codec), "--out", str(out), "--json", "--quiet"]
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:
@@ -55,7 +75,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = {(r["task"], r["seed"]): r for r in ok if r["codec"] == "float32"}
     rows = []
     for task in sorted({r["task"] for r in ok}):
-        for codec in ("float32", "float16", "int8", "int4"):
+        for codec in dict.fromkeys(r["codec"] for r in ok):  # in the order they ran
             mine = [r for r in ok if r["task"] == task and r["codec"] == codec and (task, r["seed"]) in base]
             if not mine:
                 continue
@@ -123,6 +143,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "codecs")
     args = ap.parse_args()
+    for spec in args.codecs.split(","):
+        codec_flags(spec)  # refuse a bad spec before the first run
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-codecs-") as tmp:
         for task in args.tasks.split(","):
