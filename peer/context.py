@@ -32,7 +32,7 @@ from silomesh.peer.config import PersonalConfig
 from silomesh.peer.exchange import STREAM_THRESHOLD, AuditRecord, BufferBudget, Timeouts, Transfers, Wire
 from silomesh.peer.secure_member import SecureState
 from silomesh.peer.transport import Stream, Transport
-from silomesh.protocol import Hello, Identity, Limits, Message, ReplayGuard, Role, Session
+from silomesh.protocol import Codec, Hello, Identity, Limits, Message, ReplayGuard, Role, Session
 from silomesh.protocol.peerid import public_key_from_peer_id
 from silomesh.protocol.study import hello_model
 from silomesh.strategies import StateDict
@@ -371,6 +371,17 @@ class Bases:
     acked: dict[str, Base] = field(default_factory=dict)
     #: the last state we reconstructed from each neighbour (its next delta's base)
     received: dict[str, Base] = field(default_factory=dict)
+    #: the neighbours whose acknowledged base of ours came from a topk delta: they hold only
+    #: part of our model (the exchange round counts them through consensus views)
+    sparse: set[str] = field(default_factory=set)
+
+    def acknowledged(self, neighbour: str, base: Base, codec: Codec) -> None:
+        """``neighbour`` acknowledged ``base``, sent as ``codec``."""
+        self.acked[neighbour] = base
+        if codec is Codec.TOPK:
+            self.sparse.add(neighbour)
+        else:
+            self.sparse.discard(neighbour)
 
 
 class Compute(Protocol):

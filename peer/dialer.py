@@ -331,7 +331,7 @@ async def push_update(
         hello = wire.session.peer_hello
         if earlier is not None and hello is not None and hello.state_digest == earlier.out.result.digest:
             # the broken push had delivered: only its ack was lost, and the hello says so
-            ctx.bases.acked[neighbour] = earlier.out.result
+            ctx.bases.acknowledged(neighbour, earlier.out.result, earlier.out.message.codec)
             return wire.bytes_sent
         codecs = hello.codecs if hello is not None else ("float32",)
         stage("push: sealing and sending our update")
@@ -350,7 +350,7 @@ async def push_update(
             raise ConversationError(f"{neighbour} closed the stream without answering")
         maker.unfinished.pop(neighbour, None)
         if isinstance(reply.message, Ack):
-            ctx.bases.acked[neighbour] = out.result
+            ctx.bases.acknowledged(neighbour, out.result, out.message.codec)
         return wire.bytes_sent
     finally:
         if count is not None:

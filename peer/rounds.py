@@ -66,7 +66,6 @@ from silomesh.peer.safety import UpdateBound, UpdateGuard, measure_update, state
 from silomesh.peer.secure_rounds import secure_exchange_round
 from silomesh.peer.transport import StreamClosed
 from silomesh.protocol import ProtocolError, UpdateAvailable, state_digest
-from silomesh.protocol.codec import Codec
 from silomesh.strategies import Contribution, CyclicConfig, FedAvgConfig, RoundShape, StateDict
 from silomesh.strategies.cyclic import LAP_COUNT, CyclicStrategy, split_lap, with_lap
 from silomesh.strategies.fedavg import TREE_COUNT
@@ -292,8 +291,8 @@ async def exchange_round(
     metrics = {"degree": float(len(ctx.trust))}
     if math.isfinite(trained.mean_loss):
         metrics["loss"] = trained.mean_loss
-    shared = ctx.faults.outgoing_state(ctx.peer_id, round, ctx.learner.shared(trained.state))
-    maker = UpdateMaker(ctx, round, shared, metrics, ctx.rounds.codec)
+    ours = ctx.learner.shared(trained.state)
+    maker = UpdateMaker(ctx, round, ctx.faults.outgoing_state(ctx.peer_id, round, ours), metrics, ctx.rounds.codec)
 
     def count(sent: int) -> None:
         # a callback, not `report.bytes_sent += await ...`: that reads the sum before the
@@ -326,8 +325,8 @@ async def exchange_round(
             _refuse_dropped(ctx, report, {n: f"update bound: {why}"}, "update", "safety")
             continue
         state = got.state
-        if maker.codec is Codec.TOPK:
-            state = consensus_view(state, shared, ctx.bases.acked.get(n), ctx.rounds.consensus_step)
+        if n in ctx.bases.sparse:  # it holds only what our topk deltas sent of our model
+            state = consensus_view(state, ours, ctx.bases.acked.get(n), ctx.rounds.consensus_step)
         contributions.append(
             Contribution(peer_id=n, state=state, n_samples=max(got.n_samples, 1), loss=got.loss, degree=got.degree)
         )
@@ -349,6 +348,11 @@ def consensus_view(theirs: StateDict, ours: StateDict, held: Base | None, step: 
     1 the sparser the deltas are (with a tenth of the values kept, step 1 makes the models
     drift apart; tests/test_update_codecs.py). Floating tensors the neighbour does not hold
     of ours (no base yet, another set) are left as they are.
+
+    Used only for the neighbours whose acknowledged base of ours came from a topk delta
+    (``Bases.sparse``): one not set to topk is sent int8 and sends int8, both hold all of
+    each other's model, and the plain mean is right (with the view such a pair would settle
+    five times nearer the topk peer than the other at step 0.2, not halfway).
     """
     if held is None:
         return theirs
@@ -358,7 +362,9 @@ def consensus_view(theirs: StateDict, ours: StateDict, held: Base | None, step: 
         if (mine is None or base is None or value.dtype.kind != "f" or mine.shape != value.shape
                 or base.shape != value.shape):
             continue
-        moved = np.asarray(mine, dtype=np.float32) + np.float32(step) * (value - np.asarray(base, dtype=np.float32))
+        exact = np.result_type(mine, value, base)  # float64 models stay float64 until the cast back
+        gap = value.astype(exact, copy=False) - base.astype(exact, copy=False)
+        moved = mine.astype(exact, copy=False) + step * gap
         out[name] = moved.astype(value.dtype, copy=False)
     return out
 

@@ -20,6 +20,7 @@ from memnet import MemoryNetwork
 from test_exchange_path import make
 from test_round_loop import running
 
+from silomesh.peer import rounds as rounds_module
 from silomesh.peer.config import ConfigError, PeerConfig, load_config
 from silomesh.peer.context import Base
 from silomesh.peer.daemon import Peer
@@ -27,6 +28,7 @@ from silomesh.peer.dialer import UpdateMaker
 from silomesh.peer.rounds import consensus_view
 from silomesh.protocol import Codec, apply_delta, make_delta, state_digest
 from silomesh.protocol.codec import keep_largest, received_as
+from silomesh.strategies import StateDict
 
 
 def test_received_as_is_what_a_receiver_decodes() -> None:
@@ -252,18 +254,38 @@ def test_a_consensus_view_is_their_model_when_they_hold_all_of_ours() -> None:
     assert full["w"].tolist() == [5.0, -1.0] and full["n"] is theirs["n"]
     half = consensus_view(theirs, ours, Base(b"", {"w": np.array([1.0, 0.0], np.float32)}), 0.5)
     assert half["w"].tolist() == [1.0 + 0.5 * 4.0, 2.0 + 0.5 * -1.0]
+    # float64 models keep their precision (in float32 all three are 1.0 and the step is lost)
+    mine, base, their = (np.array([1.0 + k * 1e-12]) for k in (3, 1, 2))
+    moved = consensus_view({"w": their}, {"w": mine}, Base(b"", {"w": base}), 0.5)["w"]
+    assert moved.dtype == np.float64 and moved[0] == mine[0] + 0.5 * (their[0] - base[0]) != 1.0
+
+
+@pytest.fixture
+def views(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per consensus view an exchange round made."""
+    made: list[int] = []
+
+    def counted(theirs: StateDict, ours: StateDict, held: Base | None, step: float) -> StateDict:
+        made.append(1)
+        return consensus_view(theirs, ours, held, step)
+
+    monkeypatch.setattr(rounds_module, "consensus_view", counted)
+    return made
 
 
 async def test_two_peers_exchange_topk_deltas_after_an_int8_snapshot(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, views: list[int]
 ) -> None:
     """Under topk the first update of a neighbour is an int8 snapshot and the next are topk
     deltas keeping a tenth of each tensor's values (the receivers' digest checks pass); only a
-    topk peer lists topk in its hello; a neighbour that does not list it gets int8."""
+    topk peer lists topk in its hello; a neighbour that does not list it gets int8. The
+    neighbour's model counts through a consensus view once it holds topk deltas of ours
+    (rounds 2 and 3 of both peers), not after the snapshot."""
 
     def inspect(peers: list[Peer]) -> None:
         ctx = peers[0].context
         assert "topk" in ctx.endpoint.hello(b"\0" * 32).codecs
+        assert ctx.bases.sparse == {peers[1].peer_id} and peers[1].context.bases.sparse == {peers[0].peer_id}
         maker = UpdateMaker(ctx, 9, ctx.learner.shared(ctx.learner.state()), {}, "topk")
         recipient = ctx.trust.public_key_of(peers[1].peer_id)
         codecs = ("float32", "int8", "topk")
@@ -278,9 +300,29 @@ async def test_two_peers_exchange_topk_deltas_after_an_int8_snapshot(
                 assert np.count_nonzero(value) <= -(-value.size // 10), name
 
     rounds, sent = await _two_peers(tmp_path, ("topk", "topk"), inspect)
+    assert len(views) == 4
     float32, _ = await _two_peers(tmp_path / "float32", ("float32", "float32"))
+    assert len(views) == 4
     for r in rounds:
         assert [x["status"] for x in r] == ["done"] * 3 and all(len(x["contributors"]) == 1 for x in r), r
     assert sent[0][0] == "int8" and set(sent[0][1:]) == {"topk"}, sent[0]
     ratio = _bytes(rounds[0]) / _bytes(float32[0])
     assert 0.15 < ratio < 0.3, ratio
+
+
+async def test_a_topk_peer_averages_a_neighbour_not_set_to_topk_plainly(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, views: list[int]
+) -> None:
+    """A topk peer and an int8 one exchange int8 both ways, so each holds all of the other's
+    model: no consensus views (they would pull the pair towards the topk peer, five to one at
+    the default step, instead of to its mean)."""
+
+    def inspect(peers: list[Peer]) -> None:
+        assert peers[0].context.bases.sparse == set() == peers[1].context.bases.sparse
+        assert set(peers[0].context.bases.acked) == {peers[1].peer_id}
+
+    rounds, sent = await _two_peers(tmp_path, ("topk", "int8"), inspect)
+    for r in rounds:
+        assert [x["status"] for x in r] == ["done"] * 3 and all(len(x["contributors"]) == 1 for x in r), r
+    assert set(sent[0]) == set(sent[1]) == {"int8"}, sent
+    assert views == []
