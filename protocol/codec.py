@@ -384,7 +384,8 @@ def encode_tensors(
                     raise LocalProtocolError(ErrorCode.NON_FINITE, f"{name}: overflows float32")
                 if count > _TOPK_MAX_COUNT:
                     raise LocalProtocolError(ErrorCode.TOO_LARGE, f"{name}: topk indices are uint32")
-                kept = np.flatnonzero(arr.reshape(-1)).astype(_TOPK_WORDS)
+                # non-zero in float32: a float64 value below float32's range is not sent as a 0
+                kept = np.flatnonzero(arr.reshape(-1).astype(np.float32, copy=False)).astype(_TOPK_WORDS)
             dtype_name = codec.value
         else:
             maybe = _wire_name(arr.dtype)

@@ -736,6 +736,12 @@ def test_keep_largest_keeps_the_largest_magnitudes_of_each_floating_tensor() -> 
             keep_largest(state, bad)
 
 
+def test_topk_sends_no_values_that_are_zero_in_float32() -> None:
+    """A float64 value below float32's range is 0 on the wire: not written as an explicit 0."""
+    table, blob = _encode({"a": np.array([1e-50, 2.0, -1e-300, -0.0])}, "topk")
+    assert table == [["a", "topk", [4], 0, 1]] and blob == struct.pack("<If", 1, 2.0)
+
+
 def test_topk_refuses_values_beyond_float32() -> None:
     with pytest.raises(LocalProtocolError) as info:
         encode_tensors({"a": np.array([1e39, 0.0])}, "topk")
