@@ -939,6 +939,15 @@ def envelope_cases() -> Iterator[tuple[Case, Intended]]:
     yield c("bad-type-topk-secagg-masked", "codec topk on a secagg-masked envelope (model kinds only)", raw(
         {"group_digest": SECAGG_DIGEST, "n_samples": 1, "tensors": [["masked", "int32", [1], 0, None]]}, bytes(4),
         kind="secagg-masked", codec="topk"), _reset("BAD_TYPE"))
+    # peer level (section 7): a topk delta is applied like any other, values not held adding 0
+    base32: dict[str, np.ndarray] = {"w": np.array([0.5, -1.0, 2.0, 4.0], np.float32), "b": np.array([1, 5], np.int64)}
+    sparse = {"w": np.array([0.0, 0.0, 0.25, 0.0], np.float32), "b": np.array([0, -7], np.int64)}
+    yield c("delta-topk-on-float32-base", "peer level: a topk delta (w: k = 1, index 2, value 0.25) is added to its "
+            "base, the values it does not hold unchanged (w = [0.5, -1, 2.25, 4]); b: an int64 delta; the update's "
+            "state_digest names the result", seal(Update(
+                **routing(), tensors=sparse, base_digest=state_digest(base32), codec="topk",
+                state_digest=state_digest(apply_delta(base32, sparse)))), ACCEPT,
+            base={k: _tensor_json(v) for k, v in sorted(base32.items())})
     NONCE.n = saved
 
 
