@@ -8,7 +8,7 @@ and passes it explicitly to :mod:`~silomesh.peer.handlers` (a neighbour talks to
 * :class:`Endpoint`: who we are on the wire (keys, federation, trust list, replay
   guard, limits, sequence counter, audit journal, transport) and how a message to a
   neighbour is addressed;
-* :class:`Inbox`: the neighbours' latest models, as typed :class:`Received` entries;
+* :class:`Inbox`: the neighbours' models by round, as typed :class:`Received` entries;
 * :class:`Bases`: the states a neighbour acknowledged from us, and the last state we
   reconstructed from each neighbour (the bases of deltas in both directions);
 * :class:`Progress`: the current round and phase (read by the operator's status);
@@ -310,31 +310,53 @@ class Received:
 
 
 class Inbox:
-    """Neighbours' latest models (newest round wins), and a way to wait for a round's.
+    """Neighbours' models by round, and a way to wait for a round's.
+
+    A round takes each neighbour's model of that round when it arrived, else its newest of a
+    later round (a neighbour ahead of us); a faster neighbour's next model does not replace
+    the one of the round we are still in, so what a round averages does not depend on how
+    fast the neighbours are. Per neighbour the inbox keeps its newest model and those of the
+    rounds from the one before ours on (within the round window: a few at most).
 
     A neighbour we could not reach in this round is not waited for, until the connect
     loop reaches it again.
     """
 
     def __init__(self) -> None:
-        self._latest: dict[str, Received] = {}
+        self._models: dict[str, dict[int, Received]] = {}
+        self._round = 0
         self._unreachable: set[str] = set()
         self._changed = trio.lowlevel.ParkingLot()
 
     def put(self, entry: Received) -> None:
-        old = self._latest.get(entry.peer_id)
-        if old is None or entry.round >= old.round:
-            self._latest[entry.peer_id] = entry
+        """``entry`` arrived (a second model of the same round replaces the first)."""
+        rounds = self._models.setdefault(entry.peer_id, {})
+        rounds[entry.round] = entry
+        self._prune(rounds)
         self._changed.unpark_all()
 
-    def get(self, peer: str, round: int) -> Received | None:
-        """``peer``'s model of round ``round`` or later, if it arrived."""
-        entry = self._latest.get(peer)
-        return entry if entry is not None and entry.round >= round else None
+    def _prune(self, rounds: dict[int, Received]) -> None:
+        newest = max(rounds)
+        for r in [r for r in rounds if r < self._round - 1 and r != newest]:
+            del rounds[r]
 
-    def new_round(self) -> None:
-        """Forget who was unreachable: every neighbour is waited for again."""
+    def get(self, peer: str, round: int) -> Received | None:
+        """``peer``'s model of ``round`` if it arrived, else its newest of a later round."""
+        rounds = self._models.get(peer)
+        if not rounds:
+            return None
+        if round in rounds:
+            return rounds[round]
+        newest = max(rounds)
+        return rounds[newest] if newest > round else None
+
+    def new_round(self, round: int) -> None:
+        """Round ``round`` starts: forget who was unreachable (every neighbour is waited for
+        again) and the models of rounds before the previous one (but each newest)."""
+        self._round = round
         self._unreachable.clear()
+        for rounds in self._models.values():
+            self._prune(rounds)
 
     def unreachable(self, peer: str) -> None:
         """Stop waiting for ``peer`` in this round."""

@@ -154,7 +154,7 @@ async def round_loop(ctx: RoundContext) -> None:
         selected = ctx.selected_neighbours()
         ctx.progress.awaiting = frozenset(selected)
         ctx.progress.waiting_on.clear()
-        ctx.inbox.new_round()
+        ctx.inbox.new_round(round)
         report = RoundReport(round)
         ctx.progress.phase = "exchanging"
         await ctx.faults.round_start(ctx.peer_id, round)

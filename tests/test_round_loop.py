@@ -18,10 +18,11 @@ import trio
 import trio.testing
 from memnet import MemoryNetwork, StartTogether
 from peerkit import configs
+from peerkit import identity as seeded_identity
 from torch import nn
 
 from silomesh.peer import rounds
-from silomesh.peer.context import InlineCompute, RoundContext
+from silomesh.peer.context import Inbox, InlineCompute, Received, RoundContext
 from silomesh.peer.daemon import Peer
 from silomesh.peer.dialer import Expert
 from silomesh.peer.operator import OperatorError
@@ -87,6 +88,27 @@ async def running(peers: Sequence[Peer]) -> AsyncIterator[trio.Nursery]:
         nursery.cancel_scope.cancel()
 
 
+def test_a_round_takes_each_neighbours_model_of_that_round_not_a_faster_neighbours_next() -> None:
+    """A neighbour that finished our round and sent its next model before we aggregated does
+    not change what our round averages (it did: the newest model replaced the round's, so
+    results depended on the peers' speed); a neighbour ahead of us counts with its newest."""
+    inbox = Inbox()
+    inbox.new_round(0)
+    a0, a1, b3 = (Received(p, r, {}, 1) for p, r in (("a", 0), ("a", 1), ("b", 3)))
+    for entry in (a0, a1, b3):
+        inbox.put(entry)
+    assert inbox.get("a", 0) is a0 and inbox.get("a", 1) is a1 and inbox.get("a", 2) is None
+    assert inbox.get("b", 0) is b3 and inbox.get("b", 3) is b3 and inbox.get("b", 4) is None
+    assert inbox.waiting({"a", "b", "c"}, 0) == {"c"} and inbox.waiting({"a", "b"}, 2) == {"a"}
+    inbox.new_round(2)  # models before round 1 go (cyclic's first peer asks for the round before), each newest stays
+    assert inbox.get("a", 0) is a1 and inbox.get("a", 1) is a1 and inbox.get("b", 1) is b3
+    inbox.put(Received("a", 0, {}, 1))  # a late model of a round we passed is not kept
+    assert inbox.get("a", 0) is a1
+    second = Received("a", 1, {"w": np.zeros(1)}, 2)  # the same round again (a resend): the later one
+    inbox.put(second)
+    assert inbox.get("a", 1) is second
+
+
 async def test_two_peers_average_each_other_over_the_in_memory_transport(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -100,6 +122,28 @@ async def test_two_peers_average_each_other_over_the_in_memory_transport(
     for p, other in ((a, b), (b, a)):
         assert [r["status"] for r in seen[p.peer_id]] == ["done", "done"]
         assert all(r["contributors"] == [other.peer_id] for r in seen[p.peer_id])
+
+
+async def test_a_round_averages_the_same_models_however_fast_the_neighbours_are(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A line a - b - c, with c's updates 10 s late: a finishes round 0 with b alone and sends
+    b its round-1 model while b still waits for c's round 0. b's round-0 model must be the
+    one it makes when nobody is late (it took a's round-1 model instead: the newest won)."""
+
+    async def run(folder: Path, delays: dict[str, float]) -> tuple[list[dict[str, Any]], list[Peer]]:
+        net = MemoryNetwork()
+        peers = make(folder, 3, net, Timeline(net, 3, delays), rounds=2, neighbours=[[1], [0, 2], [1]])
+        async with running(peers):
+            for p in peers:
+                await p.done.wait()
+            return await peers[1].operator.rounds(), peers
+
+    on_time, _ = await run(tmp_path / "on-time", {})
+    late, peers = await run(tmp_path / "late", {str(seeded_identity("p2").peer_id): 10.0})
+    a, _, c = peers
+    assert [set(r["contributors"]) for r in late] == [{a.peer_id, c.peer_id}] * 2, late
+    assert [r["model"] for r in late] == [r["model"] for r in on_time]
 
 
 async def test_straggler_is_skipped_exactly_at_the_round_deadline(
