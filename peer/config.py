@@ -547,6 +547,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, path: Path | None = No
         raise ConfigError(f"rounds.topk: the share of a delta's values kept, must be in (0, 0.5], got {rounds.topk}")
     if rounds.topk_step is not None and not 0.0 < rounds.topk_step <= 1.0:
         raise ConfigError(f"rounds.topk_step: the consensus step, must be in (0, 1], got {rounds.topk_step}")
+    for key in ("topk", "topk_step"):
+        if key in r and rounds.codec != "topk":  # set, but it would change nothing
+            raise ConfigError(f'rounds.{key}: applies only with codec = "topk" (codec is {rounds.codec!r})')
     for name, value in (
         ("count", rounds.count),
         ("local_steps", rounds.local_steps),

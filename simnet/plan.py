@@ -205,6 +205,14 @@ def peer_name(index: int, n: int) -> str:
     return f"p{index:0{max(2, len(str(n - 1)))}d}"
 
 
+def _topk_settings(scenario: Scenario) -> dict[Any, Any]:
+    """The ``[rounds]`` topk keys of a peer.toml: only under codec topk (peers refuse them otherwise)."""
+    if scenario.codec != "topk":
+        return {}
+    step: dict[str, Any] = {} if scenario.topk_step is None else {"topk_step": float(scenario.topk_step)}
+    return {"topk": float(scenario.topk), **step}
+
+
 def build_plan(scenario: Scenario, out: Path, endpoints: Sequence[tuple[str, int]] | None = None) -> Plan:
     """Write every peer's key and config under ``out/peers`` and return the plan.
 
@@ -274,8 +282,7 @@ def build_plan(scenario: Scenario, out: Path, endpoints: Sequence[tuple[str, int
             "rounds": {"count": scenario.rounds, "deadline_seconds": float(scenario.deadline),
                        "local_steps": scenario.local_steps, "batch_size": scenario.batch_size,
                        "lr": float(scenario.lr), "codec": scenario.codec,
-                       "topk": float(scenario.topk),
-                       **({} if scenario.topk_step is None else {"topk_step": float(scenario.topk_step)}),
+                       **_topk_settings(scenario),
                        "keep_unlabelled": scenario.keep_unlabelled},
             "personal": {"steps": scenario.personal_steps, "method": scenario.personal_method,
                          "ditto_lambda": float(scenario.personal_lambda)},

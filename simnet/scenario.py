@@ -292,6 +292,9 @@ def make_scenario(*layers: Mapping[str, Any]) -> Scenario:
         raise ScenarioError(f"topk: the share of a delta's values kept, must be in (0, 0.5], got {s.topk}")
     if s.topk_step is not None and not 0 < s.topk_step <= 1:
         raise ScenarioError(f"topk_step: the consensus step, must be in (0, 1], got {s.topk_step}")
+    for key in ("topk", "topk_step"):
+        if key in merged and s.codec != "topk":  # set, but it would change nothing
+            raise ScenarioError(f'{key}: applies only with codec = "topk" (codec is {s.codec!r})')
     if s.personal_steps < 0:
         raise ScenarioError(f"personal_steps: must be >= 0 (0: no personal models), got {s.personal_steps}")
     if s.personal_method not in PERSONAL_METHODS:

@@ -229,6 +229,8 @@ def test_scenario_file_is_overridden_by_flags(tmp_path: Path) -> None:
     ({"codec": "topk", "topk": 0.7}, "topk:"), ({"codec": "topk", "topk_step": 0}, "topk_step"),
     ({"codec": "topk", "strategy": "cyclic"}, "codec: topk is for"),
     ({"codec": "topk", "strategy_params": {"reduce": "tree"}}, "codec: topk does not fit"),
+    ({"topk": 0.2}, 'topk: applies only with codec = "topk"'),
+    ({"codec": "int4", "topk_step": 0.5}, "topk_step: applies"),
 ])
 def test_bad_scenarios_are_refused_naming_the_setting(layer: dict[str, object], message: str) -> None:
     with pytest.raises(ScenarioError, match=message):

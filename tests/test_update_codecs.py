@@ -193,10 +193,10 @@ async def test_a_peer_set_to_int4_sends_int8_to_a_neighbour_set_to_int8(
 
 
 def test_topk_settings_are_checked(tmp_path: Path) -> None:
-    def load(extra: str) -> PeerConfig:
+    def load(extra: str, codec: str = "topk") -> PeerConfig:
         (tmp_path / "peer.toml").write_text(
             'federation = "f"\nkey_file = "k"\nlisten = "/ip4/127.0.0.1/tcp/1"\n'
-            f'[task]\nname = "catheter"\n[rounds]\ncodec = "topk"\n{extra}'
+            f'[task]\nname = "catheter"\n[rounds]\ncodec = "{codec}"\n{extra}'
         )
         return load_config(tmp_path / "peer.toml")
 
@@ -208,6 +208,11 @@ def test_topk_settings_are_checked(tmp_path: Path) -> None:
                      ("topk_step = 1.5", "topk_step")):
         with pytest.raises(ConfigError, match=rf"rounds\.{key}:"):
             load(bad + "\n")
+    # set under another codec they would change nothing: refused, not ignored
+    for codec in ("float32", "int4"):
+        for key in ("topk = 0.2", "topk_step = 0.5"):
+            with pytest.raises(ConfigError, match=rf'rounds\.{key.split()[0]}: applies only with codec = "topk"'):
+                load(f"{key}\n", codec)
     # strategies whose rounds do not average their neighbours' models refuse it
     for strategy in ('name = "cyclic"', 'name = "fedefm"', 'name = "fedavg"\nparams = { reduce = "tree" }'):
         with pytest.raises(ConfigError, match=r"rounds\.codec: topk"):
