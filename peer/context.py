@@ -315,8 +315,9 @@ class Inbox:
     A round takes each neighbour's model of that round when it arrived, else its newest of a
     later round (a neighbour ahead of us); a faster neighbour's next model does not replace
     the one of the round we are still in, so what a round averages does not depend on how
-    fast the neighbours are. Per neighbour the inbox keeps its newest model and those of the
-    rounds from the one before ours on (within the round window: a few at most).
+    fast the neighbours are. Per neighbour the inbox keeps its newest model and those of
+    rounds from ours on (a neighbour ahead of us: the round window bounds them); in step, that
+    is one model per neighbour.
 
     A neighbour we could not reach in this round is not waited for, until the connect
     loop reaches it again.
@@ -337,7 +338,7 @@ class Inbox:
 
     def _prune(self, rounds: dict[int, Received]) -> None:
         newest = max(rounds)
-        for r in [r for r in rounds if r < self._round - 1 and r != newest]:
+        for r in [r for r in rounds if r < self._round and r != newest]:
             del rounds[r]
 
     def get(self, peer: str, round: int) -> Received | None:
@@ -352,7 +353,8 @@ class Inbox:
 
     def new_round(self, round: int) -> None:
         """Round ``round`` starts: forget who was unreachable (every neighbour is waited for
-        again) and the models of rounds before the previous one (but each newest)."""
+        again) and the models of earlier rounds but each neighbour's newest (``cyclic``'s
+        first peer asks for its predecessor's model of the round before)."""
         self._round = round
         self._unreachable.clear()
         for rounds in self._models.values():

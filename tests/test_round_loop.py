@@ -100,13 +100,18 @@ def test_a_round_takes_each_neighbours_model_of_that_round_not_a_faster_neighbou
     assert inbox.get("a", 0) is a0 and inbox.get("a", 1) is a1 and inbox.get("a", 2) is None
     assert inbox.get("b", 0) is b3 and inbox.get("b", 3) is b3 and inbox.get("b", 4) is None
     assert inbox.waiting({"a", "b", "c"}, 0) == {"c"} and inbox.waiting({"a", "b"}, 2) == {"a"}
-    inbox.new_round(2)  # models before round 1 go (cyclic's first peer asks for the round before), each newest stays
+    inbox.new_round(1)  # models of rounds before ours go, each newest stays: one model per neighbour in step
     assert inbox.get("a", 0) is a1 and inbox.get("a", 1) is a1 and inbox.get("b", 1) is b3
     inbox.put(Received("a", 0, {}, 1))  # a late model of a round we passed is not kept
     assert inbox.get("a", 0) is a1
     second = Received("a", 1, {"w": np.zeros(1)}, 2)  # the same round again (a resend): the later one
     inbox.put(second)
     assert inbox.get("a", 1) is second
+    inbox.new_round(2)  # cyclic's first peer asks for the round before: its predecessor's newest is kept
+    assert inbox.get("a", 1) is second and inbox.waiting({"a", "b"}, 2) == {"a"}
+    a2 = Received("a", 2, {}, 1)
+    inbox.put(a2)  # round 1's model is no longer the newest: it goes
+    assert inbox.get("a", 1) is a2 and inbox.get("a", 2) is a2
 
 
 async def test_two_peers_average_each_other_over_the_in_memory_transport(
