@@ -396,7 +396,7 @@ async def train_request_round(
         if n not in experts:
             report.skipped.setdefault(n, "missed the deadline")
     returned = []
-    for n, e in experts.items():
+    for n, e in ((n, experts[n]) for n in selected if n in experts):  # in trust-list order, not arrival order
         why = guard.check(n, own, e.state)
         if why is not None:
             _refuse_dropped(ctx, report, {n: f"update bound: {why}"}, "train-result", "safety")

@@ -366,3 +366,35 @@ async def test_fedefm_experts_that_are_non_finite_or_misshaped_never_reach_disti
     stages = ("screening:", "safety:")
     refused = {e["peer"] for e in audit if e["direction"] == "refused" and e["reason"].startswith(stages)}
     assert refused == {nan_peer, odd_peer}
+
+
+async def test_fedefm_learns_from_its_experts_in_trust_list_order_whatever_order_they_arrive_in(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The experts' order reaches the distillation and the mean (float sums): it must not be
+    the order in which the neighbours happened to answer (it was), or results depend on speed."""
+    graph = [[1, 2, 3], [0], [0], [0]]
+    ids, _ = configs(tmp_path, 4, neighbours=graph)
+    asker, *leaves = (i.peer_id_text for i in ids)
+    real_request = rounds.request_training
+
+    async def last_first(ctx: RoundContext, neighbour: str, *args: Any) -> Expert:
+        if ctx.peer_id == asker:
+            await trio.sleep(3.0 - leaves.index(neighbour))  # the first in the trust list answers last
+        return await real_request(ctx, neighbour, *args)
+
+    learned_from: list[list[str]] = []
+    real_learn = FedEFMStrategy.learn_from_experts
+
+    def spy(self: FedEFMStrategy, bench: Workbench, experts: Sequence[Contribution]) -> dict[str, Any]:
+        learned_from.append([c.peer_id for c in experts])
+        return real_learn(self, bench, experts)
+
+    monkeypatch.setattr(rounds, "request_training", last_first)
+    monkeypatch.setattr(FedEFMStrategy, "learn_from_experts", spy)
+    net = MemoryNetwork()
+    peers = make(tmp_path, 4, net, Timeline(net, 4), rounds=1, strategy="fedefm", neighbours=graph)
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+    assert [names for names in learned_from if len(names) == 3] == [leaves]
