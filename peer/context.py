@@ -423,12 +423,17 @@ class ThreadCompute:
     two things at once and the trio loop keeps serving neighbours meanwhile."""
 
     def __init__(self, limiter: trio.CapacityLimiter | None = None) -> None:
-        """``limiter``: share one with other peers of the process (simnet); default: one slot of our own."""
-        self._limiter = limiter or trio.CapacityLimiter(1)
+        """``limiter``: share one with other peers of the process (simnet: one slot per core);
+        our own jobs still run one at a time."""
+        self._own = trio.CapacityLimiter(1)
+        self._shared = limiter
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self._limiter:
-            return await trio.to_thread.run_sync(fn, *args)
+        async with self._own:  # ours first: waiting for it holds none of the shared slots
+            if self._shared is None:
+                return await trio.to_thread.run_sync(fn, *args)
+            async with self._shared:
+                return await trio.to_thread.run_sync(fn, *args)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args)

@@ -20,6 +20,7 @@ authenticated) and counted against the sender, and the sender is told why with a
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -213,7 +214,8 @@ async def _on_train_request(ctx: RoundContext, wire: Wire, msg: TrainRequest) ->
             )
             return
     try:  # our data trains the neighbour's model: it spends our privacy budget
-        trained = await ctx.compute.run(ctx.learner.serve_train_request, state, ctx.rounds.local_steps)
+        serve = functools.partial(ctx.learner.serve_train_request, request=(msg.round, remote))
+        trained = await ctx.compute.run(serve, state, ctx.rounds.local_steps)
     except BudgetExhausted as exc:
         await wire.send(ErrorMessage(**ctx.endpoint.reply_routing(msg, round=msg.round), code=ErrorCode.REFUSED,
                                      message=f"privacy budget exhausted: {exc}", reply_to=msg.sequence))

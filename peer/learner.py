@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,6 +114,8 @@ class Learner:
         self.size = size
         self.init_seed = init_seed
         self._step_seed = 0
+        #: while serving a train-request: its own seeds (see :meth:`serve_train_request`)
+        self._request_seeds: Iterator[int] | None = None
         self.strategy = strategy.prepared_for(self.model)
         self.extra = self.strategy.extra_networks(task, lambda seed: task.make_model(size, seed=seed), init_seed)
         #: the peer's one DP-SGD trainer (None: no differential privacy); every training on
@@ -141,6 +144,8 @@ class Learner:
         return self.extra.get(prefix)
 
     def next_seed(self) -> int:
+        if self._request_seeds is not None:
+            return next(self._request_seeds)
         self._step_seed += 1
         return self.init_seed + self._step_seed
 
@@ -238,9 +243,25 @@ class Learner:
         """The round's local training, as the strategy does it (FedMix: both networks)."""
         return self.strategy.local_step(self, steps)
 
-    def serve_train_request(self, state: Mapping[str, np.ndarray], steps: int) -> LocalStep:
-        """A neighbour's model trained on this silo's data, as the strategy does it."""
-        return self.strategy.serve_train_request(self, state, steps)
+    def serve_train_request(
+        self, state: Mapping[str, np.ndarray], steps: int, *, request: tuple[int, str] | None = None
+    ) -> LocalStep:
+        """A neighbour's model trained on this silo's data, as the strategy does it.
+
+        ``request``: (round, requester): the training's seeds derive from it rather than
+        from our own sequence, so what we return does not depend on the order in which
+        neighbours' requests and our own rounds reached the compute (the sequence of our own
+        trainings does not either).
+        """
+        if request is None:
+            return self.strategy.serve_train_request(self, state, steps)
+        round, requester = request
+        key = hashlib.blake2b(f"{self.init_seed}/{round}/{requester}".encode(), digest_size=4).digest()
+        self._request_seeds = itertools.count(int.from_bytes(key, "big"))
+        try:
+            return self.strategy.serve_train_request(self, state, steps)
+        finally:
+            self._request_seeds = None
 
     def learn_from_experts(self, experts: Sequence[Contribution]) -> dict[str, Any]:
         """Learn from neighbours' trained copies of our model (train-request rounds)."""

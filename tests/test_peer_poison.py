@@ -265,7 +265,7 @@ async def test_a_poisoned_expert_in_a_train_request_round_is_dropped_before_dist
         distilled.append([c.peer_id for c in experts])
         return learn(experts)
 
-    def poisoned(state: Mapping[str, np.ndarray], steps: int) -> LocalStep:
+    def poisoned(state: Mapping[str, np.ndarray], steps: int, **_: Any) -> LocalStep:
         return LocalStep({k: np.full_like(v, 1e30) if v.dtype.kind == "f" else v for k, v in state.items()},
                          0.1, steps)
 

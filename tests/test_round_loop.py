@@ -398,3 +398,34 @@ async def test_fedefm_learns_from_its_experts_in_trust_list_order_whatever_order
         for p in peers:
             await p.done.wait()
     assert [names for names in learned_from if len(names) == 3] == [leaves]
+
+
+async def test_a_peer_runs_one_compute_job_at_a_time_even_with_shared_slots_free() -> None:
+    """simnet shares one slot per core between its peers; a peer's own jobs (its training, a
+    neighbour's train-request) must still not run at once: they share the learner's model
+    and its seed sequence (two of them ran together when the shared limiter had room)."""
+    import threading
+    import time as wall
+
+    from silomesh.peer.context import ThreadCompute
+
+    shared = trio.CapacityLimiter(4)
+    ours, other = ThreadCompute(shared), ThreadCompute(shared)
+    lock, running, most = threading.Lock(), {"ours": 0, "all": 0}, {"ours": 0, "all": 0}
+
+    def job(mine: bool) -> None:
+        with lock:
+            running["all"] += 1
+            running["ours"] += mine
+            most["all"], most["ours"] = max(most["all"], running["all"]), max(most["ours"], running["ours"])
+        wall.sleep(0.05)
+        with lock:
+            running["all"] -= 1
+            running["ours"] -= mine
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(ours.run, job, True)
+        nursery.start_soon(other.run, job, False)
+    assert most["ours"] == 1 and running == {"ours": 0, "all": 0}
+    assert shared.borrowed_tokens == 0

@@ -352,3 +352,33 @@ def test_global_model_is_the_plain_average() -> None:
     g = global_model(states)
     k = "head.weight"
     np.testing.assert_allclose(g[k], np.mean([s[k] for s in states], axis=0), rtol=1e-6)
+
+
+def test_a_served_train_request_does_not_depend_on_what_the_peer_did_before() -> None:
+    """A train-request's training seeds come from (round, requester), not from the peer's own
+    sequence: requests reach the compute in whatever order neighbours sent them, between our
+    own rounds' trainings, and the same request must give the same expert (it did not)."""
+    from silomesh.models.registry import get_task
+    from silomesh.peer.learner import Learner
+    from silomesh.strategies.registry import get_strategy
+
+    task = get_task("catheter")
+    fed = task.make_federation(2, 0, image_size=32, n_train=16, n_test=8, n_test_source=8)
+
+    def learner() -> Learner:
+        return Learner(task, fed.silos[0], size="tiny", init_seed=3, batch_size=4, lr=1e-2,
+                       strategy=get_strategy("fedefm", {}))
+
+    def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+        return all(np.array_equal(a[k], b[k]) for k in a)
+
+    theirs = Learner(task, fed.silos[1], size="tiny", init_seed=4, batch_size=4, lr=1e-2,
+                     strategy=get_strategy("fedefm", {})).state()
+    fresh, busy = learner(), learner()
+    busy.train(2)
+    busy.serve_train_request(theirs, 2, request=(0, "another"))
+    served = fresh.serve_train_request(theirs, 2, request=(1, "x")).state
+    assert same(served, busy.serve_train_request(theirs, 2, request=(1, "x")).state)
+    assert not same(served, busy.serve_train_request(theirs, 2, request=(1, "y")).state)  # the seed matters
+    # and requests do not move the peer's own sequence: its next training is as if none came
+    assert same(fresh.train(2).state, learner().train(2).state)
