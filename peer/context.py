@@ -17,6 +17,7 @@ and passes it explicitly to :mod:`~silomesh.peer.handlers` (a neighbour talks to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -429,11 +430,9 @@ class ThreadCompute:
         self._shared = limiter
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self._own:  # ours first: waiting for it holds none of the shared slots
-            if self._shared is None:
-                return await trio.to_thread.run_sync(fn, *args)
-            async with self._shared:
-                return await trio.to_thread.run_sync(fn, *args)
+        # ours first: waiting for it holds none of the shared slots
+        async with self._own, self._shared or contextlib.nullcontext():
+            return await trio.to_thread.run_sync(fn, *args)
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args)

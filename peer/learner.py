@@ -32,9 +32,14 @@ from silomesh.strategies.training import BatchSource, run_steps
 log = logging.getLogger(__name__)
 
 
+def derived_seed(text: str) -> int:
+    """A 32-bit seed named by ``text``: the same on every machine and in every process."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
+
+
 def federation_seed(federation: str) -> int:
     """A seed every peer of a federation derives alike (the shared initial model)."""
-    return int.from_bytes(hashlib.blake2b(federation.encode(), digest_size=4).digest(), "big")
+    return derived_seed(federation)
 
 
 @functools.lru_cache(maxsize=8)
@@ -256,8 +261,7 @@ class Learner:
         if request is None:
             return self.strategy.serve_train_request(self, state, steps)
         round, requester = request
-        key = hashlib.blake2b(f"{self.init_seed}/{round}/{requester}".encode(), digest_size=4).digest()
-        self._request_seeds = itertools.count(int.from_bytes(key, "big"))
+        self._request_seeds = itertools.count(derived_seed(f"{self.init_seed}/{round}/{requester}"))
         try:
             return self.strategy.serve_train_request(self, state, steps)
         finally:
