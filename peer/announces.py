@@ -62,11 +62,11 @@ async def listen_announces(ctx: RoundContext) -> None:
             continue
         announce = received.announce
         ctx.store.note_replay_mark(endpoint.trust.public_key_of(sender), announce.round, announce.sequence)
-        fields: dict[str, object] = {"last_seen": time.time()}
+        ctx.store.note_seen(sender)
         if isinstance(announce, NewData):
-            fields.update(
-                samples=announce.n_samples, data_digest=announce.manifest_digest.hex(), data_announced_at=time.time()
+            ctx.store.upsert_neighbour(
+                sender, samples=announce.n_samples, data_digest=announce.manifest_digest.hex(),
+                data_announced_at=time.time(),
             )
         elif isinstance(announce, Leaving):
             endpoint.transport.forget(sender)
-        ctx.store.upsert_neighbour(sender, **fields)

@@ -81,7 +81,7 @@ async def connect_loop(ctx: RoundContext) -> None:
             if await transport.connect(p, timeout=DIAL_TIMEOUT):
                 backoff[p] = FIRST_BACKOFF
                 ctx.inbox.reachable(p)
-                ctx.store.upsert_neighbour(p, last_seen=time.time())
+                ctx.store.note_seen(p)
             else:
                 next_try[p] = trio.current_time() + backoff[p]
                 backoff[p] = min(backoff[p] * 2, MAX_BACKOFF)

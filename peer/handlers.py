@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import numpy as np
 import trio
@@ -69,7 +68,7 @@ async def serve_stream(ctx: RoundContext, stream: Stream) -> None:
     """Answer one neighbour's exchange stream until it closes."""
     wire = ctx.endpoint.wire(Role.LISTENER, stream, ctx.learner.wire_shapes)
     remote = stream.remote
-    ctx.store.upsert_neighbour(remote, last_seen=time.time())
+    ctx.store.note_seen(remote)
     timeouts = ctx.endpoint.timeouts
     try:
         wait = timeouts.hello
@@ -188,7 +187,7 @@ async def _on_update(ctx: RoundContext, wire: Wire, msg: Update) -> None:
     ctx.bases.received[remote] = Base(msg.state_digest or state_digest(state), state)
     ctx.inbox.put(Received.from_metrics(remote, msg.round, state, msg.n_samples, msg.metrics))
     note = f"late: round {msg.round} while we are at {ctx.progress.round}" if msg.round < ctx.progress.round else ""
-    ctx.store.upsert_neighbour(remote, last_seen=time.time())
+    ctx.store.note_seen(remote)
     await wire.send(Ack(**ctx.endpoint.reply_routing(msg, round=msg.round), reply_to=msg.sequence, note=note))
 
 

@@ -11,8 +11,10 @@ digest; a file without a row is garbage left by a crash and is removed at start-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import tempfile
@@ -37,6 +39,8 @@ INT64_OFFSET = 2**63
 
 #: the origin of a personal model (fine-tuned on own data after a round; never sent, never resumed)
 PERSONAL = "personal"
+#: seconds between two writes of a neighbour's ``last_seen`` (:meth:`Store.note_seen`)
+SEEN_WRITE_INTERVAL = 10.0
 
 
 class StoreError(Exception):
@@ -265,6 +269,8 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from None
         self._remove_orphan_files()
+        self._seen: dict[str, float] = {}  # peer -> when last heard from
+        self._seen_written: dict[str, float] = {}  # peer -> the last_seen last written
 
     @classmethod
     def open_readonly(cls, path: Path) -> Store:
@@ -281,6 +287,7 @@ class Store:
             raise StoreError(f"no store {path}")
         store = cls.__new__(cls)
         store.path = path
+        store._seen, store._seen_written = {}, {}
         store.models_dir = path.parent / "models"
         try:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
@@ -320,6 +327,10 @@ class Store:
                 f.unlink(missing_ok=True)
 
     def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            for peer_id, at in self._seen.items():
+                if at != self._seen_written.get(peer_id):
+                    self._write_seen(peer_id, at)
         self.db.close()
 
     @contextmanager
@@ -503,6 +514,29 @@ class Store:
     def upsert_neighbour(self, peer_id: str, **fields: Any) -> None:
         self.db.table("neighbours").upsert({"peer_id": peer_id, **fields}, pk="peer_id")
 
+    def note_seen(self, peer_id: str, at: float | None = None) -> None:
+        """Remember that ``peer_id`` was heard from (at ``at``, default now).
+
+        A peer hears from its neighbours on every stream and announce: the row's
+        ``last_seen`` is written (one transaction) at most every :data:`SEEN_WRITE_INTERVAL`
+        seconds per neighbour, and on :meth:`close`. :meth:`neighbours` shows the newest
+        time either way; after a crash the row may be up to that interval behind.
+        """
+        at = time.time() if at is None else at
+        if at <= self._seen.get(peer_id, -math.inf):
+            return
+        self._seen[peer_id] = at
+        if at - self._seen_written.get(peer_id, -math.inf) >= SEEN_WRITE_INTERVAL:
+            self._write_seen(peer_id, at)
+
+    def _write_seen(self, peer_id: str, at: float) -> None:
+        self.db.execute(
+            "INSERT INTO neighbours (peer_id, last_seen) VALUES (?, ?) ON CONFLICT(peer_id) DO UPDATE "
+            "SET last_seen = max(coalesce(last_seen, excluded.last_seen), excluded.last_seen)",
+            [peer_id, at],
+        )
+        self._seen_written[peer_id] = at
+
     def count_refused(self, peer_id: str, reason: str = "") -> None:
         """Count one refusal of ``peer_id``'s messages (and remember the latest reason)."""
         self.db.execute(
@@ -549,7 +583,12 @@ class Store:
         }
 
     def neighbours(self) -> list[dict[str, Any]]:
-        return list(self.db.query("SELECT * FROM neighbours ORDER BY name, peer_id"))
+        rows = list(self.db.query("SELECT * FROM neighbours ORDER BY name, peer_id"))
+        for row in rows:  # a time heard from that is not written yet (note_seen)
+            seen = self._seen.get(row["peer_id"])
+            if seen is not None and (row["last_seen"] is None or seen > row["last_seen"]):
+                row["last_seen"] = seen
+        return rows
 
     def record_strangers(
         self, records: list[StrangerRecord], *, keep: int, unnamed_refused: int = 0, unnamed_peers: int = 0

@@ -15,7 +15,7 @@ import pytest
 
 from silomesh.audit.verify import verify_chain
 from silomesh.peer.audit import AuditLog
-from silomesh.peer.store import MIGRATIONS, Store, StoreError, StrangerRecord, StrangerTotals
+from silomesh.peer.store import MIGRATIONS, SEEN_WRITE_INTERVAL, Store, StoreError, StrangerRecord, StrangerTotals
 
 KEY = nacl.signing.SigningKey(b"\x09" * 32)
 
@@ -184,6 +184,30 @@ def test_strangers_keep_only_the_most_recent_rows_and_totals_for_all(tmp_path: P
     with pytest.raises(ValueError, match="keep"):
         store.record_strangers([], keep=0)
     store.close()
+
+
+def test_last_seen_is_written_at_most_every_interval_and_shown_newest(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.sqlite")
+    store.upsert_neighbour("p1", name="one")
+
+    def written() -> float | None:
+        return store.db.execute("SELECT last_seen FROM neighbours WHERE peer_id = 'p1'").fetchone()[0]
+
+    store.note_seen("p1", 1000.0)
+    assert written() == 1000.0  # the first time heard from goes to the table at once
+    store.note_seen("p1", 1000.0 + SEEN_WRITE_INTERVAL - 1)
+    store.note_seen("p1", 1000.0 + 2)  # out of order: never moves the time back
+    assert written() == 1000.0
+    assert store.neighbours()[0]["last_seen"] == 1000.0 + SEEN_WRITE_INTERVAL - 1
+    store.note_seen("p1", 1000.0 + SEEN_WRITE_INTERVAL)
+    assert written() == 1000.0 + SEEN_WRITE_INTERVAL
+    store.note_seen("p2", 5.0)  # a neighbour without a row gets one
+    store.note_seen("p2", 6.0)
+    store.close()  # what was not written yet is written on close
+    again = Store(tmp_path / "store.sqlite")
+    rows = {r["peer_id"]: r for r in again.neighbours()}
+    assert {p: r["last_seen"] for p, r in rows.items()} == {"p1": 1000.0 + SEEN_WRITE_INTERVAL, "p2": 6.0}
+    assert rows["p1"]["name"] == "one"
 
 
 def test_replay_marks_keep_uint64_order_and_only_rise(tmp_path: Path) -> None:
