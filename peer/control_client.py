@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 30.0
 #: seconds to wait for a model export or import (large files, validation on the peer)
 TRANSFER_TIMEOUT = 600.0
+#: the largest JSON reply read (the longest lists, rounds and audit entries, are far smaller)
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+#: the largest error reply read when an export fails
+MAX_ERROR_BYTES = 64 * 1024
 
 
 class ControlError(Exception):
@@ -119,7 +124,17 @@ class ControlClient:
             "is 'silomesh peer run' running?"
         )
 
-    def _check(self, response: httpx.Response) -> None:
+    def _read(self, response: httpx.Response, limit: int) -> bytes:
+        """The reply's body, refused beyond ``limit`` bytes (read inside :meth:`_errors`)."""
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise ControlError(f"control API at {self.address} sent a reply of more than {limit:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check(self, response: httpx.Response, body: bytes) -> None:
         if response.is_success:
             return
         if response.status_code == 401:
@@ -129,9 +144,9 @@ class ControlClient:
             )
         message = ""
         with contextlib.suppress(ValueError):
-            body = response.json()
-            if isinstance(body, dict) and isinstance(body.get("error"), str):
-                message = body["error"]
+            reply = json.loads(body)
+            if isinstance(reply, dict) and isinstance(reply.get("error"), str):
+                message = reply["error"]
         if not message:
             message = f"control API answered HTTP {response.status_code}"
         raise ControlError(" ".join(message.split()))  # one line
@@ -150,11 +165,11 @@ class ControlClient:
             raise ControlError(f"control API at {self.address}: {exc}") from None
 
     def _request(self, method: str, url: str, **kwargs: Any) -> Any:  # noqa: ANN401 - response.json(), shaped by each caller
-        with self._errors():
-            response = self._http.request(method, url, **kwargs)
-        self._check(response)
+        with self._errors(), self._http.stream(method, url, **kwargs) as response:
+            body = self._read(response, MAX_REPLY_BYTES)
+        self._check(response, body)
         try:
-            return response.json()
+            return json.loads(body)
         except ValueError:
             raise ControlError(
                 f"control API at {self.address} sent a reply that is not JSON"
@@ -210,8 +225,7 @@ class ControlClient:
                 "GET", url, params={"format": fmt}, timeout=TRANSFER_TIMEOUT
             ) as response:
                 if not response.is_success:
-                    response.read()
-                    self._check(response)
+                    self._check(response, self._read(response, MAX_ERROR_BYTES))
                 fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=parent)
                 size = 0
                 with os.fdopen(fd, "wb") as f:

@@ -18,6 +18,7 @@ import pytest
 import trio
 from click.testing import CliRunner, Result
 
+from silomesh.peer import control_client
 from silomesh.peer.cli_ops import (
     approvals,
     data,
@@ -522,6 +523,24 @@ def test_client_reports_a_refused_token() -> None:
     client = _client_with(lambda r: httpx.Response(401, json={"error": "x"}))
     with pytest.raises(ControlError, match="refused the token"):
         client.models()
+
+
+def test_client_refuses_replies_larger_than_its_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control_client, "MAX_REPLY_BYTES", 1000)
+    fits = json.dumps([{"digest": "a" * 900}]).encode()
+    assert len(fits) <= 1000
+    assert _client_with(lambda r: httpx.Response(200, content=fits)).models() == [{"digest": "a" * 900}]
+    huge = _client_with(lambda r: httpx.Response(200, content=b"[" + b"1," * 600 + b"1]"))
+    with pytest.raises(ControlError, match="sent a reply of more than 1,000 bytes"):
+        huge.models()
+    # a failed export reads at most MAX_ERROR_BYTES of the error, and leaves no file
+    failing = _client_with(lambda r: httpx.Response(500, content=b" " * (control_client.MAX_ERROR_BYTES + 1)))
+    with pytest.raises(ControlError, match="more than"):
+        failing.export_model("aa", "pt", tmp_path / "model.pt")
+    assert list(tmp_path.iterdir()) == []
+    short = _client_with(lambda r: httpx.Response(404, json={"error": "no model aa"}))
+    with pytest.raises(ControlError, match=r"^no model aa$"):
+        short.export_model("aa", "pt", tmp_path / "model.pt")
 
 
 def test_client_sends_dataset_paths_absolute(
