@@ -230,7 +230,17 @@ async def _tcp_pair(nursery: trio.Nursery) -> Callable[[memoryview], Awaitable[N
 
 def _components(state: dict[str, np.ndarray], base: dict[str, np.ndarray], repeats: int) -> dict[str, Any]:
     """The protocol work of one update, piece by piece, single-threaded."""
-    from silomesh.protocol import Identity, Update, apply_delta, make_delta, open_envelope, seal_envelope, state_digest
+    from silomesh.protocol import (
+        Identity,
+        StreamOpener,
+        Update,
+        apply_delta,
+        make_delta,
+        open_envelope,
+        seal_envelope,
+        seal_streamed,
+        state_digest,
+    )
 
     alice, bob = Identity.from_seed(bytes(range(32))), Identity.from_seed(bytes(range(1, 33)))
     delta = make_delta(state, base)
@@ -246,6 +256,20 @@ def _components(state: dict[str, np.ndarray], base: dict[str, np.ndarray], repea
         state_digest=bytes(32),
     )
     envelope = seal_envelope(msg, alice).to_bytes()
+    sealer = seal_streamed(msg, alice)
+    chunks = list(sealer.chunks())
+
+    def seal_chunks() -> None:  # encode, encrypt and digest every chunk, then sign the trailer
+        s = seal_streamed(msg, alice)
+        for _ in s.chunks():
+            pass
+        s.trailer  # noqa: B018 - signs the header
+
+    def open_chunks() -> None:  # authenticate, decrypt and digest every chunk (the receiver's part)
+        opener = StreamOpener(bob.shared_key(alice.public_key), sealer.stream_header, sealer.payload_len)
+        for c in chunks:
+            opener.open_chunk(c)
+        opener.result()
 
     def timed(fn: Callable[..., Any], setup: Callable[[], Any] | None = None) -> dict[str, float]:
         times = []
@@ -272,6 +296,8 @@ def _components(state: dict[str, np.ndarray], base: dict[str, np.ndarray], repea
             setup=lambda: bytearray(envelope),
         ),
         "copy_arrays": timed(lambda: {k: np.array(v) for k, v in state.items()}),
+        "seal_streamed_chunks": timed(seal_chunks),
+        "open_streamed_chunks": timed(open_chunks),
     }
 
 
