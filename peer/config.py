@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
-from silomesh.models.architecture import ModelSpec
+from silomesh.models.architecture import ModelSpec, model_id
 from silomesh.models.preprocess import Preprocess
 from silomesh.protocol.peerid import PeerIdError, public_key_from_peer_id
 
@@ -82,6 +82,11 @@ class TaskConfig:
     bundle: Path | None = None
     #: how NIfTI/DICOM folders are resampled and windowed (``[task.preprocess]`` over the bundle's)
     preprocess: Preprocess | None = None
+
+    @property
+    def model_id(self) -> str:
+        """The model neighbours must agree on, as named in our hello."""
+        return model_id(self.name, self.size, self.spec)
 
 
 @dataclass(frozen=True)

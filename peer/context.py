@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
-from silomesh.models.architecture import model_id as architecture_model_id
 from silomesh.peer.config import PersonalConfig
 from silomesh.peer.exchange import STREAM_THRESHOLD, AuditRecord, BufferBudget, Timeouts, Transfers, Wire
-from silomesh.peer.secure_member import SecureState
+from silomesh.peer.secure_state import SecureState
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Codec, Hello, Identity, Limits, Message, ReplayGuard, Role, Session
 from silomesh.protocol.peerid import public_key_from_peer_id
@@ -40,7 +39,7 @@ from silomesh.strategies import StateDict
 
 if TYPE_CHECKING:
     from silomesh.peer.audit import AuditLog
-    from silomesh.peer.config import PeerConfig, RoundConfig, TrustedPeer
+    from silomesh.peer.config import RoundConfig, TrustedPeer
     from silomesh.peer.consent import Consent
     from silomesh.peer.faults import FaultHooks
     from silomesh.peer.learner import Learner
@@ -501,8 +500,3 @@ class RoundContext:
         """Trusted neighbours the operator has not deselected, in trust-list order."""
         deselected = self.store.deselected_neighbours()
         return [p for p in self.trust if p not in deselected]
-
-
-def model_id(config: PeerConfig) -> str:
-    """The model neighbours must agree on, as named in our hello."""
-    return architecture_model_id(config.task.name, config.task.size, config.task.spec)

@@ -39,7 +39,6 @@ from silomesh.peer.context import (
     ThreadCompute,
     Trust,
     hello_codecs,
-    model_id,
 )
 from silomesh.peer.control import TOKEN_FILE_NAME, serve_control
 from silomesh.peer.exchange import BufferBudget, Timeouts, Transfers
@@ -51,7 +50,7 @@ from silomesh.peer.mesh import open_mesh
 from silomesh.peer.operations import PeerOperations
 from silomesh.peer.operator import OperatorError
 from silomesh.peer.safety import state_violation
-from silomesh.peer.secure_member import KEEP_ROUNDS
+from silomesh.peer.secure_state import KEEP_ROUNDS
 from silomesh.peer.store import PERSONAL, ModelRecord, Store, StoreError
 from silomesh.peer.strangers import Strangers, serve_strangers
 from silomesh.peer.study import StudyGate, load_study
@@ -217,7 +216,7 @@ class Peer:
                 crypto=Identity.from_seed(self.identity.seed),
                 peer_id=self.peer_id,
                 federation=config.federation,
-                model_id=model_id(config),
+                model_id=config.task.model_id,
                 trust=Trust({t.peer_id: t for t in config.trusted}),
                 replay=ReplayGuard(low_water_marks=store.replay_marks()),
                 limits=DEFAULT_LIMITS,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -38,9 +37,10 @@ from silomesh.peer import privacy
 from silomesh.peer.context import RoundContext
 from silomesh.peer.dialer import Dropped, answer, open_wire, skip_reason
 from silomesh.peer.exchange import ConversationError, Wire
+from silomesh.peer.round_steps import UNDELIVERED, RoundReport
 from silomesh.peer.safety import UpdateGuard
-from silomesh.peer.secure_member import Outcome, Trained, audit, group_fields, peer_ids
-from silomesh.peer.transport import StreamClosed
+from silomesh.peer.secure_member import audit, group_fields, peer_ids
+from silomesh.peer.secure_state import Outcome, Trained
 from silomesh.protocol import ProtocolError, state_digest
 from silomesh.protocol.fixedpoint import FixedPoint
 from silomesh.protocol.secagg import (
@@ -71,13 +71,8 @@ from silomesh.strategies.secagg import (
     weight_cap,
 )
 
-if TYPE_CHECKING:
-    from silomesh.peer.rounds import RoundReport
-
 log = logging.getLogger(__name__)
 
-#: what cannot be delivered to a member ends that member's part in the round
-UNDELIVERED = (ConversationError, StreamClosed, ProtocolError)
 #: the share of the time left at the round's start by which deals, then masked vectors, must be in
 DEAL_SHARE = 0.3
 MASKED_SHARE = 0.7
@@ -103,7 +98,7 @@ async def secure_exchange_round(
 ) -> StateDict:
     """Train, offer our model to the neighbours' groups, and aggregate our own group's sum.
 
-    ``report`` is the round loop's :class:`~silomesh.peer.rounds.RoundReport`; ``plain`` is
+    ``report`` is the round loop's :class:`~silomesh.peer.round_steps.RoundReport`; ``plain`` is
     the plain exchange round, run instead when fewer than 2 neighbours are selected and the
     operator allowed the fallback (``secure_fallback``).
     """

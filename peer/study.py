@@ -19,7 +19,6 @@ import trio
 
 from silomesh.peer.audit import AuditLog
 from silomesh.peer.config import PeerConfig
-from silomesh.peer.context import model_id
 from silomesh.peer.operator import OperatorError
 from silomesh.protocol.study import (
     SignedStudy,
@@ -48,7 +47,7 @@ def manifest_for(config: PeerConfig, *, name: str, version: int, members: Iterab
         version=version,
         federation=config.federation,
         task=config.task.name,
-        model=model_id(config),
+        model=config.task.model_id,
         strategy=config.strategy.name,
         strategy_params=config.strategy.params,
         rounds={

@@ -20,7 +20,8 @@ from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
 from silomesh.peer.learner import Learner
 from silomesh.peer.operator import OperatorError
-from silomesh.peer.rounds import RoundReport, _checked_lap
+from silomesh.peer.relay_round import _checked_lap
+from silomesh.peer.round_steps import RoundReport
 from silomesh.strategies import Contribution, CyclicConfig, RoundShape, get_strategy
 from silomesh.strategies.cyclic import lap_update, split_lap, with_lap
 from silomesh.strategies.workbench import LocalStep
