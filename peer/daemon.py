@@ -56,7 +56,7 @@ from silomesh.peer.strangers import Strangers, serve_strangers
 from silomesh.peer.study import StudyGate, load_study
 from silomesh.peer.transport import Transport, TransportFactory
 from silomesh.protocol import DEFAULT_LIMITS, Identity, ReplayGuard
-from silomesh.strategies import CyclicConfig, FedAvgConfig, StateDict, Strategy, get_strategy
+from silomesh.strategies import StateDict, Strategy, get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +109,9 @@ class Peer:
                 raise OperatorError(str(exc)) from None
         try:
             self.strategy: Strategy = get_strategy(config.strategy.name, config.strategy.params)
-            trusted = {t.peer_id for t in config.trusted}
-            if isinstance(self.strategy.config, CyclicConfig):  # the ring must run through trusted peers
-                for n in self.strategy.config.neighbours(self.peer_id):
-                    if n not in trusted:
-                        raise ValueError(f"params.order: {n}, next to this peer in the ring, is not a trusted peer")
-            if isinstance(self.strategy.config, FedAvgConfig) and self.strategy.config.reduce == "tree":
-                for n in self.strategy.config.tree_ties(self.peer_id):  # and the tree's edges too
-                    if n not in trusted:
-                        raise ValueError(f"params.order: {n}, next to this peer in the tree, is not a trusted peer")
+            problem = self.strategy.trust_problem(self.peer_id, {t.peer_id for t in config.trusted})
+            if problem is not None:
+                raise ValueError(problem)
         except ValueError as exc:
             raise OperatorError(f"strategy: {exc}") from None
         self.study = load_study(config, self.peer_id)  # OperatorError naming each field that differs

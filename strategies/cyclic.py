@@ -29,7 +29,7 @@ a new lap. ``bench/probe_pooled.py --ring-ends`` measured the mean against the p
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -107,6 +107,13 @@ class CyclicStrategy(Strategy):
     @property
     def lap_mean(self) -> bool:
         return self.config.commit == "lap_mean"
+
+    def trust_problem(self, peer_id: str, trusted: Container[str]) -> str | None:
+        """The ring must run through trusted peers: this peer's predecessor and successor."""
+        for n in self.config.neighbours(peer_id):
+            if n not in trusted:
+                return f"params.order: {n}, next to this peer in the ring, is not a trusted peer"
+        return None
 
     def carried_keys(self, names: Iterable[str]) -> dict[str, str]:
         """With ``lap_mean``, each exchanged tensor once more under :data:`LAP_PREFIX`."""

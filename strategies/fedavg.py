@@ -18,7 +18,7 @@ its mean holds in the metric :data:`TREE_COUNT`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -142,6 +142,15 @@ class FedAvgStrategy(Strategy):
     @property
     def secure_sum(self) -> SecureSum | None:
         return self.config.secure_sum(self.config.weighting)
+
+    def trust_problem(self, peer_id: str, trusted: Container[str]) -> str | None:
+        """With ``reduce = "tree"`` the tree's edges must be trusted: this peer's parent and children."""
+        if self.config.reduce != "tree":
+            return None
+        for n in self.config.tree_ties(peer_id):
+            if n not in trusted:
+                return f"params.order: {n}, next to this peer in the tree, is not a trusted peer"
+        return None
 
     @property
     def contribution_fields(self) -> frozenset[str]:

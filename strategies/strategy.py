@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -143,6 +143,15 @@ class Strategy(ABC):
         return self
 
     # -- the round ------------------------------------------------------------------------
+
+    def trust_problem(self, peer_id: str, trusted: Container[str]) -> str | None:
+        """Why a peer ``peer_id`` trusting ``trusted`` cannot run this strategy's rounds, or None.
+
+        Default None: the round exchanges with whichever neighbours are trusted. A strategy
+        whose parameters name the peers each one exchanges with (cyclic's ring, fedavg's
+        tree) needs those peers to be trusted; the peer refuses to start otherwise.
+        """
+        return None
 
     def shared_keys(self, names: Iterable[str]) -> list[str]:
         """The state-dict keys exchanged with and merged from neighbours (default: all).

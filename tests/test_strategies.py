@@ -385,3 +385,17 @@ def test_strategy_from_table_uses_its_name_key() -> None:
 def test_strategy_rejects_config_of_another_strategy() -> None:
     with pytest.raises(TypeError):
         FedAvgStrategy(get_strategy("fedmix").config)
+
+
+def test_only_strategies_that_name_their_partners_need_them_trusted() -> None:
+    ring = ["a", "b", "c", "d"]
+    assert get_strategy("fedavg").trust_problem("a", set()) is None  # any trusted neighbours will do
+    assert get_strategy("fedefm").trust_problem("a", set()) is None
+    cyclic = get_strategy("cyclic", {"order": ring})
+    assert cyclic.trust_problem("a", {"b", "d"}) is None
+    assert cyclic.trust_problem("a", {"b", "c"}) == (
+        "params.order: d, next to this peer in the ring, is not a trusted peer")
+    tree = get_strategy("fedavg", {"reduce": "tree", "order": ring})  # a: root, b and c its children, d under b
+    assert tree.trust_problem("b", {"a", "d"}) is None
+    assert tree.trust_problem("a", {"b", "d"}) == (
+        "params.order: c, next to this peer in the tree, is not a trusted peer")
