@@ -76,8 +76,8 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
     from silomesh.models.unet import UNet, UNetConfig
     from silomesh.peer.daemon import Peer
     from silomesh.peer.dialer import UpdateMaker, push_update
-    from silomesh.peer.exchange import BufferBudget
     from silomesh.peer.learner import synthetic_silo
+    from silomesh.peer.transfers import BufferBudget
     from silomesh.protocol import state_digest
 
     torch.set_num_threads(1)

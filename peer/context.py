@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import trio
 
 from silomesh.peer.config import PersonalConfig
-from silomesh.peer.exchange import STREAM_THRESHOLD, AuditRecord, BufferBudget, Timeouts, Transfers, Wire
+from silomesh.peer.exchange import STREAM_THRESHOLD, AuditRecord, Timeouts, Wire
 from silomesh.peer.secure_state import SecureState
+from silomesh.peer.transfers import BufferBudget, Transfers
 from silomesh.peer.transport import Stream, Transport
 from silomesh.protocol import Codec, Hello, Identity, Limits, Message, ReplayGuard, Role, Session
 from silomesh.protocol.peerid import public_key_from_peer_id

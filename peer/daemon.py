@@ -41,7 +41,7 @@ from silomesh.peer.context import (
     hello_codecs,
 )
 from silomesh.peer.control import TOKEN_FILE_NAME, serve_control
-from silomesh.peer.exchange import BufferBudget, Timeouts, Transfers
+from silomesh.peer.exchange import Timeouts
 from silomesh.peer.faults import FaultHooks, NoFaults
 from silomesh.peer.identity import PeerIdentity, load_key_file
 from silomesh.peer.learner import Learner, build_task, check_keep_unlabelled, federation_seed, load_silo
@@ -54,6 +54,7 @@ from silomesh.peer.secure_state import KEEP_ROUNDS
 from silomesh.peer.store import PERSONAL, ModelRecord, Store, StoreError
 from silomesh.peer.strangers import Strangers, serve_strangers
 from silomesh.peer.study import StudyGate, load_study
+from silomesh.peer.transfers import BufferBudget, Transfers
 from silomesh.peer.transport import Transport, TransportFactory
 from silomesh.protocol import DEFAULT_LIMITS, Identity, ReplayGuard
 from silomesh.strategies import StateDict, Strategy, get_strategy

@@ -2,7 +2,7 @@
 
 py-libp2p 0.8.1 kept one inbound slot for every connection that completed its handshake, for
 the life of the host: after 300 of them (250 with libp2p's defaults) the listener closed
-every new socket unread. ``peer/mesh.py``'s :class:`InboundGuard` holds a slot only while a
+every new socket unread. ``peer/inbound.py``'s :class:`InboundGuard` holds a slot only while a
 connection is open. docs/NETWORK-NOTES.md has the measurements.
 
 The dialler here is the cheapest client that reaches the bug: a TCP connection, the Noise
@@ -42,7 +42,8 @@ from trio.testing import MockClock
 from silomesh.audit.verify import verify_chain
 from silomesh.peer.audit import AuditLog
 from silomesh.peer.identity import PeerIdentity
-from silomesh.peer.mesh import PATCHED_LIBP2P, FramedStream, Mesh, open_mesh
+from silomesh.peer.inbound import PATCHED_LIBP2P
+from silomesh.peer.mesh import FramedStream, Mesh, open_mesh
 from silomesh.peer.store import Store
 from silomesh.peer.strangers import Strangers, serve_strangers
 

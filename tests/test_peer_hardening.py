@@ -26,9 +26,9 @@ from peerkit import configs
 
 from silomesh.peer.context import InlineCompute
 from silomesh.peer.daemon import Peer
-from silomesh.peer.exchange import BufferBudget
 from silomesh.peer.identity import PeerIdentity
 from silomesh.peer.store import Store
+from silomesh.peer.transfers import BufferBudget
 from silomesh.peer.transport import Stream, StreamClosed
 from silomesh.protocol import (
     Ack,

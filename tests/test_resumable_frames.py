@@ -18,7 +18,8 @@ from test_exchange_path import make
 from test_round_loop import running
 
 from silomesh.peer import exchange
-from silomesh.peer.exchange import ConversationError, Transfers, Wire
+from silomesh.peer.exchange import ConversationError, Wire
+from silomesh.peer.transfers import Transfers
 from silomesh.protocol import (
     NEED_DATA,
     ErrorCode,

@@ -419,7 +419,7 @@ def test_a_resumed_sending_refuses_when_the_tensors_changed_since() -> None:
 
 
 def test_kept_chunks_are_used_only_for_the_same_envelope_and_a_stream_cut_inside_chunk_0_keeps_nothing() -> None:
-    from silomesh.peer.exchange import Transfers
+    from silomesh.peer.transfers import Transfers
 
     dialer, listener = _sessions()
     sealer = dialer.send_streamed(_update(600_000))
@@ -445,7 +445,8 @@ def test_kept_chunks_are_used_only_for_the_same_envelope_and_a_stream_cut_inside
 
 
 async def test_a_wire_resumes_a_broken_streamed_transfer_and_counts_what_it_did_not_resend() -> None:
-    from silomesh.peer.exchange import ConversationError, Transfers, Wire
+    from silomesh.peer.exchange import ConversationError, Wire
+    from silomesh.peer.transfers import Transfers
 
     kept = Transfers()
     msg = _update(900_000)
