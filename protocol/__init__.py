@@ -22,16 +22,10 @@ from .announce import (
 from .codec import WIRE_DTYPES, Codec, EncodedTensors, decode_tensors, encode_tensors
 from .envelope import (
     ENVELOPE_SIGNING_DOMAIN,
-    AuthenticatedEnvelope,
     EnvelopeHeader,
     OpenedEnvelope,
     SealedEnvelope,
     SealedHeader,
-    StreamedPayload,
-    authenticate_envelope,
-    open_authenticated,
-    open_envelope,
-    read_header,
     seal_envelope,
 )
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -75,6 +69,14 @@ from .messages import (
     TrainRequest,
     TrainResult,
     Update,
+)
+from .opening import (
+    AuthenticatedEnvelope,
+    StreamedPayload,
+    authenticate_envelope,
+    open_authenticated,
+    open_envelope,
+    read_header,
 )
 from .peerid import PeerIdError, peer_id_from_public_key, public_key_from_peer_id
 from .replay import ReplayGuard, ReplayStatistics

@@ -42,22 +42,19 @@ from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 
 from .codec import check_model_dtypes
-from .envelope import (
-    AuthenticatedEnvelope,
-    EnvelopeHeader,
-    OpenedEnvelope,
-    SealedEnvelope,
-    StreamedPayload,
-    authenticate_envelope,
-    authenticate_trailer,
-    open_authenticated,
-    seal_envelope,
-)
+from .envelope import EnvelopeHeader, OpenedEnvelope, SealedEnvelope, seal_envelope
 from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import CLOSED, NEED_DATA, FrameDecoder, FrameOffer, PartialFrame, Signal, StreamedFrame, StreamOffer
 from .identity import Identity
 from .limits import DEFAULT_LIMITS, MAX_ANNOUNCE_SIZE, Limits
 from .messages import MAX_TEXT, ErrorMessage, Hello, Kind, Message
+from .opening import (
+    AuthenticatedEnvelope,
+    StreamedPayload,
+    authenticate_envelope,
+    authenticate_trailer,
+    open_authenticated,
+)
 from .replay import ReplayGuard
 from .streamed import PartialStream, StreamOpener, StreamSealer, seal_streamed
 

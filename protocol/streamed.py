@@ -42,7 +42,6 @@ from .envelope import (
     EncodedPayload,
     EnvelopeHeader,
     SealedHeader,
-    StreamedPayload,
     encode_payload,
 )
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -58,6 +57,7 @@ from .frames import (
 from .identity import Identity
 from .limits import DEFAULT_LIMITS, DIGEST_SIZE, FRAME_PREFIX_SIZE, KEY_SIZE, MAX_HEADER_SIZE, SIGNATURE_SIZE, Limits
 from .messages import Message
+from .opening import StreamedPayload
 from .wire import packb
 
 __all__ = [
