@@ -133,4 +133,4 @@ async def _pass_on(
     if failed is not None:
         log.warning("%s: could not pass the model on to %s in round %d: %s", ctx.peer_id[-8:], after[-8:],
                     round, failed)
-        report.skipped[after] = skip_reason(failed)
+        report.undelivered[after] = skip_reason(failed)

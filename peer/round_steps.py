@@ -48,6 +48,8 @@ class RoundReport:
     round: int
     #: neighbour -> why it did not contribute ("unreachable: ...", "missed the deadline", "dropped: ...")
     skipped: dict[str, str] = field(default_factory=dict)
+    #: neighbour -> why our update did not reach it (its own model may still have come and been used)
+    undelivered: dict[str, str] = field(default_factory=dict)
     contributors: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     train_loss: float | None = None
@@ -59,6 +61,16 @@ class RoundReport:
     tree_count: int | None = None
     #: the round's model, metrics and row are in the store
     committed: bool = False
+
+    def skipped_rows(self) -> list[dict[str, str]]:
+        """The round row's ``skipped``: each neighbour that did not contribute, and why
+        (never one of the :attr:`contributors`)."""
+        used = set(self.contributors)
+        return [{"peer": p, "reason": r} for p, r in self.skipped.items() if p not in used]
+
+    def undelivered_rows(self) -> list[dict[str, str]]:
+        """The round row's ``undelivered``: each neighbour our update did not reach, and why."""
+        return [{"peer": p, "reason": r} for p, r in self.undelivered.items()]
 
 
 RoundShapeFn = Callable[[RoundContext, int, list[str], float, RoundReport, UpdateGuard], Awaitable[StateDict]]

@@ -188,6 +188,7 @@ async def _roll_back(ctx: RoundContext, before: StateDict, report: RoundReport, 
                 finished_at=time.time(),
                 contributors=[],
                 skipped=[{"peer": p, "reason": r} for p, r in report.skipped.items()],
+                undelivered=report.undelivered_rows(),
                 bytes_sent=report.bytes_sent,
                 note=why[:1000],
             )
@@ -228,7 +229,7 @@ async def exchange_round(
         if failed is not None:
             log.info("%s: no update delivered to %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, failed)
             ctx.inbox.unreachable(n)
-            report.skipped[n] = skip_reason(failed)
+            report.undelivered[n] = skip_reason(failed)
 
     with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:
@@ -239,8 +240,8 @@ async def exchange_round(
     contributions = []
     for n in selected:
         got = ctx.inbox.get(n, round)
-        if got is None:
-            report.skipped.setdefault(n, "missed the deadline")
+        if got is None:  # one we could not reach either is skipped for that reason
+            report.skipped.setdefault(n, report.undelivered.get(n, "missed the deadline"))
             continue
         why = guard.check(n, trained.state, got.state)
         if why is not None:
@@ -352,6 +353,7 @@ async def commit_round(
     """Save the model file, then model row, metrics, round row and an audit checkpoint in one transaction."""
     store, round = ctx.store, report.round
     digest = state_digest(state).hex()
+    skipped = report.skipped_rows()
     parent = store.latest_model()
     with trio.CancelScope(shield=True):
         await ctx.compute.run_blocking(store.write_model_file, state, digest)
@@ -375,7 +377,8 @@ async def commit_round(
                 finished_at=time.time(),
                 model=digest,
                 contributors=report.contributors,
-                skipped=[{"peer": p, "reason": r} for p, r in report.skipped.items()],
+                skipped=skipped,
+                undelivered=report.undelivered_rows(),
                 bytes_sent=report.bytes_sent,
             )
             ctx.endpoint.journal.audit_log.checkpoint()  # signed tree head over the audit log, with the round
@@ -388,7 +391,7 @@ async def commit_round(
         metric,
         metrics.get(metric, float("nan")),
         len(report.contributors),
-        len(report.skipped),
+        len(skipped),
     )
     if report.expert_weights:
         log.debug("%s round %d expert weights: %s", ctx.peer_id[-8:], round, report.expert_weights)

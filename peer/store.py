@@ -183,10 +183,16 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """A round row's ``undelivered``: the neighbours our update did not reach, and why. Before,
+    they were listed in ``skipped`` even when their own model came and was used."""
+    db.table("rounds").add_column("undelivered", str)
+
+
 #: migrations in order; index i upgrades from user_version i to i + 1
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1, _migration_2, _migration_3, _migration_4, _migration_5,
-    _migration_6,
+    _migration_6, _migration_7,
 ]
 
 #: the ``state`` key of :class:`StrangerTotals`
@@ -481,7 +487,7 @@ class Store:
     def rounds(self) -> list[dict[str, Any]]:
         out = []
         for r in self.db.query("SELECT * FROM rounds ORDER BY round"):
-            for key in ("contributors", "skipped"):
+            for key in ("contributors", "skipped", "undelivered"):
                 r[key] = json.loads(r[key]) if r.get(key) else []
             out.append(r)
         return out

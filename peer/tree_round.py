@@ -104,7 +104,7 @@ async def tree_round(
         if failed is not None:
             log.warning("%s: could not send our subtree's mean to %s in round %d: %s", me[-8:], parent[-8:], round,
                         failed)
-            report.skipped[parent] = skip_reason(failed)
+            report.skipped[parent] = report.undelivered[parent] = skip_reason(failed)
         else:
             ctx.progress.waiting_on[parent] = "the federation's mean, from our parent in the tree"
             with trio.move_on_at(deadline):
@@ -132,6 +132,7 @@ async def tree_round(
             if failed is not None:
                 log.info("%s: the federation's mean did not reach %s in round %d: %s", me[-8:], c[-8:], round,
                          failed)
+                report.undelivered[c] = skip_reason(failed)
 
         async with trio.open_nursery() as nursery:
             for c in targets:

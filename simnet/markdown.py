@@ -57,11 +57,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Rounds",
         "",
-        f"| round | peers done | mean {m} | MB sent | mean s | max s |",
-        "|---|---|---|---|---|---|",
+        f"| round | peers done | mean {m} | neighbours used / skipped | MB sent | mean s | max s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for h in report["history"]:
-        lines.append(f"| {h['round']} | {h['completed']}/{report['peers']} | {_f(h['metric_mean'])} | "
+        neighbours = (f"{h['neighbours_used']} / {h['neighbours_skipped']}" if "neighbours_used" in h else "")
+        lines.append(f"| {h['round']} | {h['completed']}/{report['peers']} | {_f(h['metric_mean'])} | {neighbours} | "
                      f"{h['bytes'] / 1e6:.2f} | {_f(h['seconds'], 2)} | {_f(h['seconds_max'], 2)} |")
     plots = report.get("files", {}).get("plots", [])
     if plots:

@@ -135,13 +135,15 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
         per_peer: dict[str, float] = {}
         seconds: list[float] = []
         nbytes = 0
-        completed = 0
+        completed = used = skipped = 0
         for name, rec in zip(names, records, strict=True):
             row = next((x for x in rec.rounds if x["round"] == r and x["status"] == "done"), None)
             if row is None:
                 continue
             completed += 1
             nbytes += int(row["bytes_sent"] or 0)
+            used += len(row["contributors"])
+            skipped += len(row["skipped"])
             if row["finished_at"] and row["started_at"]:
                 seconds.append(row["finished_at"] - max(row["started_at"], t_start))
             value = _finite(rec.metrics.get(r, {}).get(metric))
@@ -155,6 +157,8 @@ def build_report(plan: Plan, shares: list[ShareResult], local: dict[str, Any] | 
             "seconds": sum(seconds) / len(seconds) if seconds else None,
             "seconds_max": max(seconds) if seconds else None,
             "completed": completed,
+            "neighbours_used": used,
+            "neighbours_skipped": skipped,
         })
 
     done_counts = [sum(1 for x in rec.rounds if x["status"] == "done") for rec in records]
@@ -248,7 +252,7 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, SlotResult],
     refused_by: Counter[str] = Counter()
     skipped_by: Counter[str] = Counter()
     from_byz: Counter[str] = Counter()
-    intruder_refused = intruder_accepted = refused_at_source = partition_skips = byz_used = 0
+    intruder_refused = intruder_accepted = refused_at_source = partition_skips = partition_undelivered = byz_used = 0
     side = set(plan.faults.partition_side)
     part = plan.faults.partition
     for i, rec in enumerate(records):
@@ -259,6 +263,12 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, SlotResult],
             elif a["peer"] in intruder_ids:
                 intruder_accepted += a["direction"] == "received"
         for row in rec.rounds:
+            if plan.peers[i].peer_id in byz_ids:  # its own sealing refused its poisoned model
+                refused_at_source += sum("NON_FINITE" in u.get("reason", "") for u in row["undelivered"])
+            for u in row["undelivered"]:  # a sender records each of its updates the cut dropped
+                j = id_of.get(u.get("peer", ""))
+                if part and j is not None and part[0] <= row["round"] <= part[1] and (i in side) != (j in side):
+                    partition_undelivered += 1
             intruder_accepted += sum(1 for c in row["contributors"] if c in intruder_ids)
             byz_used += sum(1 for c in row["contributors"] if c in byz_ids)
             for s in row["skipped"]:
@@ -266,8 +276,6 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, SlotResult],
                 skipped_by[cat] += 1
                 if s.get("peer") in byz_ids:
                     from_byz[cat] += 1
-                if plan.peers[i].peer_id in byz_ids and "NON_FINITE" in s.get("reason", ""):
-                    refused_at_source += 1
                 j = id_of.get(s.get("peer", ""))
                 if part and j is not None and part[0] <= row["round"] <= part[1] and (i in side) != (j in side):
                     partition_skips += 1
@@ -298,6 +306,7 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, SlotResult],
         "byzantine_contributions_used": byz_used,
         "poisoned_refused_at_source": refused_at_source,
         "partition_skips": partition_skips,
+        "partition_undelivered": partition_undelivered,
         "crashed_peers": len(events),
         "restarted_peers": sum(1 for c in events if c.restarted_at),
         "recovered_peers": sum(1 for c in events if c.restarted_at and done_counts[c.peer] >= rounds),

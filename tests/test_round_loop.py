@@ -172,6 +172,37 @@ async def test_straggler_is_skipped_exactly_at_the_round_deadline(
     assert round_b["contributors"] == [a.peer_id]
 
 
+async def test_a_neighbour_our_update_did_not_reach_is_undelivered_not_skipped_when_its_model_came(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """b's outgoing model is non-finite, so b's own sealing refuses it and a never gets it;
+    a's model reaches b and b uses it. b's round row lists a as a contributor and as
+    undelivered, not as skipped (the two lists used to share it); a skips b."""
+    net = MemoryNetwork()
+    poisoned: list[str] = []
+
+    class Poison(Timeline):
+        def outgoing_state(self, peer_id: str, round: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if peer_id != poisoned[0]:
+                return state
+            return {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in state.items()}
+
+    a, b = peers = make(tmp_path, 2, net, Poison(net, 2), rounds=1, deadline=30.0)
+    poisoned.append(b.peer_id)
+    async with running(peers):
+        for p in peers:
+            await p.done.wait()
+        rows = {p.peer_id: (await p.operator.rounds())[0] for p in peers}
+    row_b = rows[b.peer_id]
+    assert row_b["contributors"] == [a.peer_id]
+    assert row_b["skipped"] == []
+    assert [u["peer"] for u in row_b["undelivered"]] == [a.peer_id]
+    assert "NON_FINITE" in row_b["undelivered"][0]["reason"]
+    row_a = rows[a.peer_id]
+    assert row_a["contributors"] == [] and row_a["undelivered"] == []
+    assert row_a["skipped"] == [{"peer": b.peer_id, "reason": "missed the deadline"}]
+
+
 async def test_unreachable_neighbour_is_redialled_with_exponential_backoff_until_it_comes_up(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -240,3 +240,25 @@ def test_replay_marks_written_before_the_uint64_form_read_back_the_same(tmp_path
     assert store.schema_version == len(MIGRATIONS)
     assert store.replay_marks() == {b"\x01" * 32: (4, 9)}
     store.close()
+
+
+def test_rounds_recorded_before_undelivered_existed_read_back_with_an_empty_list(tmp_path: Path) -> None:
+    import sqlite3
+
+    import sqlite_utils
+
+    path = tmp_path / "store.sqlite"
+    db = sqlite_utils.Database(sqlite3.connect(path))
+    for migration in MIGRATIONS[:6]:  # a store as schema 6 left it
+        migration(db)
+    db.execute("PRAGMA user_version=6")
+    db.execute("INSERT INTO rounds (round, status, contributors, skipped) VALUES (0, 'done', '[\"p1\"]', '[]')")
+    db.conn.commit()
+    db.conn.close()
+    store = Store(path)
+    store.record_round(1, status="done", contributors=["p1"], skipped=[],
+                       undelivered=[{"peer": "p1", "reason": "unreachable: refused by the neighbour: BAD_ROUND"}])
+    old, new = store.rounds()
+    assert (old["contributors"], old["skipped"], old["undelivered"]) == (["p1"], [], [])
+    assert new["undelivered"] == [{"peer": "p1", "reason": "unreachable: refused by the neighbour: BAD_ROUND"}]
+    store.close()
