@@ -276,6 +276,13 @@ def _summary(report: dict[str, Any]) -> None:
     errors = [d for d in report["peers_detail"] if d.get("error")]
     if errors:
         click.echo(f"warning: {len(errors)} peer(s) failed, e.g. {errors[0]['name']}: {errors[0]['error']}", err=True)
+    from silomesh.simnet.markdown import isolated_rounds
+
+    alone = isolated_rounds(report)
+    if alone:
+        deadline = report.get("settings", {}).get("deadline")
+        click.echo(f"warning: in round(s) {', '.join(map(str, alone))} no peer used a neighbour's model (all "
+                   f"skipped; see report.md's Rounds): is the round deadline ({deadline} s) long enough?", err=True)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         neighbours = (f"{h['neighbours_used']} / {h['neighbours_skipped']}" if "neighbours_used" in h else "")
         lines.append(f"| {h['round']} | {h['completed']}/{report['peers']} | {_f(h['metric_mean'])} | {neighbours} | "
                      f"{h['bytes'] / 1e6:.2f} | {_f(h['seconds'], 2)} | {_f(h['seconds_max'], 2)} |")
+    alone = isolated_rounds(report)
+    if alone:
+        lines += ["", f"**No peer used a neighbour's model in round(s) {', '.join(map(str, alone))}**: every "
+                  f"neighbour was skipped and each peer kept its own model. Is the round deadline "
+                  f"({s['deadline']} s) long enough for this run?"]
     plots = report.get("files", {}).get("plots", [])
     if plots:
         lines += ["", *[f"![{p}]({p})" for p in plots]]
@@ -101,3 +106,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                          f"{'ok' if p['audit_ok'] else 'FAILED'} |")
         lines += ["", "Recompute any peer's spending with `silomesh audit privacy <audit_log>`.", ""]
     return "\n".join(lines)
+
+
+def isolated_rounds(report: dict[str, Any]) -> list[int]:
+    """Rounds that peers committed without any neighbour's model: every neighbour was skipped."""
+    return [h["round"] for h in report["history"]
+            if h.get("completed") and h.get("neighbours_used") == 0 and h.get("neighbours_skipped")]

@@ -400,3 +400,27 @@ def test_compare_local_trains_every_task_at_the_federations_geometry(task: str, 
     assert set(result["per_peer"]) == {p.name for p in plan.peers} and len(plan.peers) == 2
     assert all(np.isfinite(v) for v in result["per_peer"].values())
     assert result["steps"] == 1 and len(result["history"]) == 1
+
+
+def test_rounds_where_no_peer_used_a_neighbour_are_named_in_the_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    from silomesh.simnet.cli import _summary
+    from silomesh.simnet.markdown import isolated_rounds
+
+    history = [
+        {"round": 0, "completed": 3, "neighbours_used": 0, "neighbours_skipped": 6},  # all skipped
+        {"round": 1, "completed": 3, "neighbours_used": 6, "neighbours_skipped": 0},
+        {"round": 2, "completed": 0, "neighbours_used": 0, "neighbours_skipped": 0},  # nobody committed
+        {"round": 3, "completed": 2},  # a report from before the counts
+    ]
+    assert isolated_rounds({"history": history}) == [0]
+    report = {
+        "strategy": "fedavg", "task": "catheter", "peers": 3, "topology": "ring", "rounds": 4, "wall_seconds": 3.0,
+        "round_success_rate": 0.75, "metric": "dice", "final": {"federated_mean": 0.5}, "bytes_sent_total": 0,
+        "peers_detail": [], "faults": {"spec": "none"}, "out": "/tmp/run", "settings": {"deadline": 0.5},
+        "history": history,
+    }
+    _summary(report)
+    err = capsys.readouterr().err
+    assert "warning: in round(s) 0 no peer used a neighbour's model" in err and "(0.5 s)" in err
+    _summary({**report, "history": history[1:]})
+    assert "no peer used" not in capsys.readouterr().err
