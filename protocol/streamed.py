@@ -306,6 +306,7 @@ class StreamOpener:
         self.stream_header = bytes(stream_header)
         self.chunks = stream_chunks(payload_len)
         self._state = ffi.new("unsigned char[]", _STATE_BYTES)
+        self._scratch = bytearray(min(payload_len, CHUNK_SIZE))
         if kept is not None:
             same = (kept.stream_header, kept.payload_len) == (self.stream_header, payload_len)
             if not same or kept.opened >= self.chunks:
@@ -321,7 +322,7 @@ class StreamOpener:
         if lib.crypto_secretstream_xchacha20poly1305_init_pull(self._state, self.stream_header, key) != 0:
             raise RemoteProtocolError(ErrorCode.DECRYPT_FAILED, "bad stream header")  # pragma: no cover
         self._hash = Blake2b256()
-        self.plaintext = bytearray(min(payload_len, CHUNK_SIZE))
+        self.plaintext = bytearray()
         self.filled = 0
         self.opened = 0
         self.ciphertext_bytes = 0
@@ -360,15 +361,12 @@ class StreamOpener:
         if len(view) != size or size == 0:
             raise LocalProtocolError(ErrorCode.BAD_FRAME, f"a chunk of {len(view)} bytes, expected {size}")
         n = size - STREAM_TAG_SIZE
-        end = self.filled + n
-        if end > len(self.plaintext):
-            # doubling, never past the announced length: few copies, and only for bytes that arrived
-            grown = min(self.payload_len, max(2 * len(self.plaintext), end))
-            self.plaintext.extend(bytes(grown - len(self.plaintext)))
         tag = ffi.new("unsigned char *")
-        out = ffi.from_buffer("unsigned char[]", self.plaintext, require_writable=True)
+        # into one chunk's scratch, then appended: the payload grows only by bytes that arrived
+        # and authenticated (never from the prelude's length), without zero-filling it first
+        out = ffi.from_buffer("unsigned char[]", self._scratch, require_writable=True)
         rc = lib.crypto_secretstream_xchacha20poly1305_pull(
-            self._state, out + self.filled, ffi.NULL, tag, ffi.from_buffer("unsigned char[]", view), size, ffi.NULL, 0
+            self._state, out, ffi.NULL, tag, ffi.from_buffer("unsigned char[]", view), size, ffi.NULL, 0
         )
         if rc != 0:
             raise RemoteProtocolError(ErrorCode.DECRYPT_FAILED, f"chunk {self.opened} does not authenticate")
@@ -379,7 +377,8 @@ class StreamOpener:
                 f"chunk {self.opened} of {self.chunks} is {'' if tag[0] == _TAG_FINAL else 'not '}marked final",
             )
         self._hash.update(view)
-        self.filled = end
+        self.plaintext += memoryview(self._scratch)[:n]
+        self.filled += n
         self.opened += 1
         self.ciphertext_bytes += size
 

@@ -372,6 +372,28 @@ def test_fuzzed_streamed_envelopes_raise_only_protocol_errors() -> None:
             continue
 
 
+def test_the_receivers_payload_holds_only_chunks_that_arrived_and_authenticated() -> None:
+    """However long the prelude says the payload is, the buffer is exactly the chunks opened so
+    far (it used to double ahead of them, zero-filled); a chunk that does not authenticate
+    adds nothing."""
+    from silomesh.protocol import StreamOpener, seal_streamed
+
+    sealer = seal_streamed(_update(), ALICE)
+    chunks = [bytes(c) for c in sealer.chunks()]
+    assert len(chunks) > 4
+    opener = StreamOpener(BOB.shared_key(ALICE.public_key), sealer.stream_header, sealer.payload_len)
+    assert len(opener.plaintext) == 0
+    for i in range(3):
+        opener.open_chunk(chunks[i])
+        assert len(opener.plaintext) == opener.filled == (i + 1) * STREAM_CHUNK_SIZE
+    forged = bytearray(chunks[3])
+    forged[-1] ^= 1
+    with pytest.raises(RemoteProtocolError) as exc:
+        opener.open_chunk(forged)
+    assert exc.value.code is ErrorCode.DECRYPT_FAILED
+    assert len(opener.plaintext) == 3 * STREAM_CHUNK_SIZE and opener.opened == 3
+
+
 # ---------------------------------------------------------------- resuming
 
 
