@@ -68,7 +68,7 @@ import trio
 
 if TYPE_CHECKING:  # for annotations only; the benchmarks import silomesh where they use it
     from silomesh.peer.identity import PeerIdentity
-    from silomesh.peer.mesh import Mesh
+    from silomesh.peer.mesh import FramedStream, Mesh
 
 RAW_PROTOCOL = "/silomesh-bench/raw/1.0.0"
 READ = 256 * 1024
@@ -154,11 +154,36 @@ def _rss_bytes() -> int:
 # --------------------------------------------------------------------------- transfers
 
 
+async def raw_receive(stream: FramedStream) -> None:
+    """The receiving end of one raw transfer: an 8-byte length, the payload, a 1-byte answer."""
+    head = b""
+    while len(head) < 8:
+        head += await stream.read_some(8 - len(head))
+    want, got = int.from_bytes(head, "big"), 0
+    while got < want:
+        got += len(await stream.stream.read(min(READ, want - got)))
+    await stream.stream.write(b"k")
+    await stream.close()
+
+
+async def raw_send(mesh: Mesh, peer_id: str, payload: memoryview, chunk: int) -> None:
+    """One raw transfer to ``peer_id`` on a new stream, written ``chunk`` bytes at a time."""
+    from libp2p.custom_types import TProtocol
+
+    framed = await mesh.open_stream(peer_id, TProtocol(RAW_PROTOCOL))
+    stream = framed.stream
+    await stream.write(len(payload).to_bytes(8, "big"))
+    for start in range(0, len(payload), chunk):
+        await stream.write(bytes(payload[start : start + chunk]))
+    assert await stream.read(1) == b"k"
+    await framed.close()
+
+
 async def _raw_pair(nursery: trio.Nursery) -> Callable[[memoryview, int], Awaitable[None]]:
     """Two hosts from open_mesh; returns ``send(payload, chunk)`` timing one raw transfer."""
     from libp2p.custom_types import TProtocol
 
-    from silomesh.peer.mesh import FramedStream, open_mesh
+    from silomesh.peer.mesh import open_mesh
 
     a, b = _identity("raw-a"), _identity("raw-b")
     pa, pb = _free_port(), _free_port()
@@ -175,31 +200,15 @@ async def _raw_pair(nursery: trio.Nursery) -> Callable[[memoryview, int], Awaita
                 ready.set()
             await trio.sleep_forever()
 
-    async def handler(stream: FramedStream) -> None:
-        head = b""
-        while len(head) < 8:
-            head += await stream.read_some(8 - len(head))
-        want, got = int.from_bytes(head, "big"), 0
-        while got < want:
-            got += len(await stream.stream.read(min(READ, want - got)))
-        await stream.stream.write(b"k")
-        await stream.close()
-
     nursery.start_soon(serve, a, pa, b)
     nursery.start_soon(serve, b, pb, a)
     await ready.wait()
     sender, receiver = meshes[a.peer_id_text], meshes[b.peer_id_text]
-    receiver.set_handler(handler, TProtocol(RAW_PROTOCOL))
+    receiver.set_handler(raw_receive, TProtocol(RAW_PROTOCOL))
     assert await sender.connect(b.peer_id_text)
 
     async def send(payload: memoryview, chunk: int) -> None:
-        framed = await sender.open_stream(b.peer_id_text, TProtocol(RAW_PROTOCOL))
-        stream = framed.stream
-        await stream.write(len(payload).to_bytes(8, "big"))
-        for start in range(0, len(payload), chunk):
-            await stream.write(bytes(payload[start : start + chunk]))
-        assert await stream.read(1) == b"k"
-        await framed.close()
+        await raw_send(sender, b.peer_id_text, payload, chunk)
 
     return send
 

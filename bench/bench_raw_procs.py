@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from bench_exchange import RAW_PROTOCOL, READ, _free_port, _identity  # this script's folder is on sys.path
+from bench_exchange import (  # this script's folder is on sys.path
+    RAW_PROTOCOL,
+    _free_port,
+    _identity,
+    raw_receive,
+    raw_send,
+)
 
 WRITE = 1 << 20
 
@@ -48,14 +54,7 @@ async def receiver(ports: tuple[int, int], transfers: int) -> None:
 
     async def handler(stream: FramedStream) -> None:
         c0 = time.process_time()
-        head = b""
-        while len(head) < 8:
-            head += await stream.read_some(8 - len(head))
-        want, got = int.from_bytes(head, "big"), 0
-        while got < want:
-            got += len(await stream.stream.read(min(READ, want - got)))
-        await stream.stream.write(b"k")
-        await stream.close()
+        await raw_receive(stream)
         cpu.append(time.process_time() - c0)
         if len(cpu) == transfers:
             done.set()
@@ -69,7 +68,6 @@ async def receiver(ports: tuple[int, int], transfers: int) -> None:
 
 
 async def sender(ports: tuple[int, int], mb: float, repeats: int) -> list[dict[str, float]]:
-    from libp2p.custom_types import TProtocol
 
     from silomesh.peer.mesh import open_mesh
 
@@ -82,13 +80,7 @@ async def sender(ports: tuple[int, int], mb: float, repeats: int) -> list[dict[s
             raise SystemExit("cannot connect to the receiver")
         for _ in range(repeats + 1):  # the first one warms up
             t0, c0 = time.perf_counter(), time.process_time()
-            framed = await mesh.open_stream(b.peer_id_text, TProtocol(RAW_PROTOCOL))
-            stream = framed.stream
-            await stream.write(len(payload).to_bytes(8, "big"))
-            for start in range(0, len(payload), WRITE):
-                await stream.write(bytes(payload[start : start + WRITE]))
-            assert await stream.read(1) == b"k"
-            await framed.close()
+            await raw_send(mesh, b.peer_id_text, payload, WRITE)
             out.append({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0})
     return out[1:]
 
