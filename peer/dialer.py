@@ -41,6 +41,7 @@ from silomesh.protocol import (
     ErrorCode,
     ErrorMessage,
     Hello,
+    LocalProtocolError,
     NeedBase,
     OpenedEnvelope,
     Role,
@@ -138,8 +139,12 @@ class Dropped(ConversationError):
 
 
 def skip_reason(exc: Exception) -> str:
-    """Why a neighbour is skipped for the round, for the round record."""
-    return str(exc) if isinstance(exc, Refused) else f"unreachable: {exc}"
+    """Why a neighbour is skipped for the round (or did not get our update), for the round record."""
+    if isinstance(exc, Refused):
+        return str(exc)
+    if isinstance(exc, LocalProtocolError):  # our own message was refused at our end
+        return f"not sent: {exc}"
+    return f"unreachable: {exc}"
 
 
 async def answer(ctx: RoundContext, wire: Wire, neighbour: str, timeout: float | None) -> OpenedEnvelope | None:  # noqa: ASYNC109 - see Wire.receive

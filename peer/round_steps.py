@@ -22,7 +22,7 @@ from silomesh.peer.dialer import DIAL_TIMEOUT, MAX_BACKOFF, Dropped, Refused, Up
 from silomesh.peer.exchange import ConversationError, Silent
 from silomesh.peer.safety import UpdateBound, UpdateGuard
 from silomesh.peer.transport import StreamClosed
-from silomesh.protocol import ProtocolError
+from silomesh.protocol import LocalProtocolError, ProtocolError
 from silomesh.strategies import Contribution, StateDict
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class RoundReport:
     """What a round did, for the round's row in the store."""
 
     round: int
-    #: neighbour -> why it did not contribute ("unreachable: ...", "missed the deadline", "dropped: ...")
+    #: neighbour -> why it did not contribute ("unreachable: ...", "missed the deadline", "dropped: ..."),
+    #: or, under secure aggregation, the step it missed although its vector is in the sum
     skipped: dict[str, str] = field(default_factory=dict)
     #: neighbour -> why our update did not reach it (its own model may still have come and been used)
     undelivered: dict[str, str] = field(default_factory=dict)
@@ -63,10 +64,8 @@ class RoundReport:
     committed: bool = False
 
     def skipped_rows(self) -> list[dict[str, str]]:
-        """The round row's ``skipped``: each neighbour that did not contribute, and why
-        (never one of the :attr:`contributors`)."""
-        used = set(self.contributors)
-        return [{"peer": p, "reason": r} for p, r in self.skipped.items() if p not in used]
+        """The round row's ``skipped``: each neighbour, and why."""
+        return [{"peer": p, "reason": r} for p, r in self.skipped.items()]
 
     def undelivered_rows(self) -> list[dict[str, str]]:
         """The round row's ``undelivered``: each neighbour our update did not reach, and why."""
@@ -101,8 +100,10 @@ async def _worth_retrying(
     (PROTOCOL.md 4.1); then the link is dialled with backoff until the deadline, so that a
     link that comes back within the round resumes the transfer instead of losing it.
     """
-    if isinstance(exc, Refused | Dropped) or (isinstance(exc, Silent) and not resumable):
-        return False  # an answer, a message simnet meant to lose, or a neighbour that stopped answering
+    if isinstance(exc, Refused | Dropped | LocalProtocolError) or (isinstance(exc, Silent) and not resumable):
+        # an answer, a message simnet meant to lose, one of ours that cannot be sent (it would
+        # fail the same way again), or a neighbour that stopped answering
+        return False
     pause = min(PUSH_RETRY_PAUSE * 2**attempt, MAX_BACKOFF)
     if resumable:
         # the link broke under a transfer: its connection is suspect (libp2p may keep a dead one

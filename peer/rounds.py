@@ -66,7 +66,7 @@ from silomesh.peer.round_steps import (
 from silomesh.peer.safety import UpdateGuard, state_violation
 from silomesh.peer.secure_rounds import secure_exchange_round
 from silomesh.peer.tree_round import tree_round
-from silomesh.protocol import UpdateAvailable, state_digest
+from silomesh.protocol import LocalProtocolError, UpdateAvailable, state_digest
 from silomesh.strategies import Contribution, RoundShape, StateDict
 from silomesh.strategies.cyclic import LAP_COUNT
 from silomesh.strategies.fedavg import TREE_COUNT
@@ -223,13 +223,16 @@ async def exchange_round(
         report.bytes_sent += sent
 
     pushing = trio.CapacityLimiter(MAX_CONCURRENT_PUSHES)
+    gave_up: set[str] = set()  # not waited for: they could not be reached
 
     async def push(n: str) -> None:
         failed = await deliver(ctx, round, n, maker, count, deadline, pushing)
         if failed is not None:
             log.info("%s: no update delivered to %s in round %d: %s", ctx.peer_id[-8:], n[-8:], round, failed)
-            ctx.inbox.unreachable(n)
             report.undelivered[n] = skip_reason(failed)
+            if not isinstance(failed, LocalProtocolError):  # ours could not be sent: its own may still come
+                ctx.inbox.unreachable(n)
+                gave_up.add(n)
 
     with trio.move_on_at(deadline):
         async with trio.open_nursery() as nursery:
@@ -240,8 +243,8 @@ async def exchange_round(
     contributions = []
     for n in selected:
         got = ctx.inbox.get(n, round)
-        if got is None:  # one we could not reach either is skipped for that reason
-            report.skipped.setdefault(n, report.undelivered.get(n, "missed the deadline"))
+        if got is None:  # one we could not reach, and so did not wait for, is skipped for that reason
+            report.skipped.setdefault(n, report.undelivered[n] if n in gave_up else "missed the deadline")
             continue
         why = guard.check(n, trained.state, got.state)
         if why is not None:

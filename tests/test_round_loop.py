@@ -176,8 +176,9 @@ async def test_a_neighbour_our_update_did_not_reach_is_undelivered_not_skipped_w
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """b's outgoing model is non-finite, so b's own sealing refuses it and a never gets it;
-    a's model reaches b and b uses it. b's round row lists a as a contributor and as
-    undelivered, not as skipped (the two lists used to share it); a skips b."""
+    a's model reaches b and b uses it: b neither gives up on a (its push failed at b's end,
+    not a's) nor retries the push. b's round row lists a as a contributor and as undelivered,
+    not as skipped (the two lists used to share it); a skips b at the deadline."""
     net = MemoryNetwork()
     poisoned: list[str] = []
 
@@ -189,15 +190,25 @@ async def test_a_neighbour_our_update_did_not_reach_is_undelivered_not_skipped_w
 
     a, b = peers = make(tmp_path, 2, net, Poison(net, 2), rounds=1, deadline=30.0)
     poisoned.append(b.peer_id)
-    async with running(peers):
+    rows: dict[str, dict[str, Any]] = {}
+    hellos: dict[str, int] = {}
+
+    async def row_when_done(p: Peer) -> None:  # a peer closes its store a deadline after its last round
+        await p.done.wait()
+        rows[p.peer_id] = (await p.operator.rounds())[0]
+        hellos[p.peer_id] = sum(e["direction"] == "sent" and e["kind"] == "hello" for e in p.audit_log.entries())
+
+    async with running(peers), trio.open_nursery() as waiting:
         for p in peers:
-            await p.done.wait()
-        rows = {p.peer_id: (await p.operator.rounds())[0] for p in peers}
+            waiting.start_soon(row_when_done, p)
     row_b = rows[b.peer_id]
     assert row_b["contributors"] == [a.peer_id]
     assert row_b["skipped"] == []
     assert [u["peer"] for u in row_b["undelivered"]] == [a.peer_id]
-    assert "NON_FINITE" in row_b["undelivered"][0]["reason"]
+    assert row_b["undelivered"][0]["reason"].startswith("not sent: NON_FINITE")
+    # one push, not tried again (sealing our NaN model fails the same way every time), and
+    # the hello answering a's push: two (the three tries before made four)
+    assert hellos[b.peer_id] == 2
     row_a = rows[a.peer_id]
     assert row_a["contributors"] == [] and row_a["undelivered"] == []
     assert row_a["skipped"] == [{"peer": b.peer_id, "reason": "missed the deadline"}]
