@@ -117,7 +117,7 @@ class FramedStream:
 class _TrustGate(INotifee):
     """Closes any connection whose authenticated PeerID is not trusted.
 
-    A stranger gets one WARNING line per :data:`WARN_INTERVAL` with the count of those held
+    A stranger gets one WARNING line per :data:`~silomesh.peer.inbound.WARN_INTERVAL` with the count of those held
     back (the others go to DEBUG), so a flood of fresh PeerIDs cannot flood the log too.
     """
 

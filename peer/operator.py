@@ -43,7 +43,7 @@ class Operator(Protocol):
 
     async def rounds(self) -> list[dict[str, Any]]:
         """Per round: round, status, started_at, finished_at, metric values, contributors,
-        skipped (with reasons), bytes_sent, bytes_received."""
+        skipped and undelivered (with reasons), bytes_sent, bytes_received."""
 
     async def models(self) -> list[dict[str, Any]]:
         """Model versions: digest, round, name, parent, created_at, origin."""

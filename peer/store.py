@@ -11,7 +11,6 @@ digest; a file without a row is garbage left by a crash and is removed at start-
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -333,10 +332,12 @@ class Store:
                 f.unlink(missing_ok=True)
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
+        try:
             for peer_id, at in self._seen.items():
                 if at != self._seen_written.get(peer_id):
                     self._write_seen(peer_id, at)
+        except sqlite3.Error as exc:  # closing goes on: a last_seen is not worth a failed stop
+            log.warning("store %s: neighbours' last_seen not written on close: %s", self.path, exc)
         self.db.close()
 
     @contextmanager

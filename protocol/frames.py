@@ -162,7 +162,7 @@ class StreamedFrame:
     """A streamed envelope whose chunks all arrived, authenticated and decrypted, and its trailer.
 
     Attributes:
-        payload: What the chunks delivered (a :class:`~.envelope.StreamedPayload`).
+        payload: What the chunks delivered (a :class:`~.opening.StreamedPayload`).
         trailer: ``u16be header_len || header || signature``, exactly.
         size: The envelope's size (chunks and trailer).
         payload_len: The decrypted payload's size.

@@ -339,7 +339,8 @@ def write_metrics_db(plan: Plan, report: dict[str, Any], path: Path) -> None:
             rows.append({"peer": p.name, "peer_id": p.peer_id, "round": r["round"], "status": r["status"],
                          "started_at": r["started_at"], "finished_at": r["finished_at"], "seconds": seconds,
                          "bytes_sent": r["bytes_sent"], "contributors": len(r["contributors"]),
-                         "skipped": len(r["skipped"]), "metric": rec.metrics.get(r["round"], {}).get(metric)})
+                         "skipped": len(r["skipped"]), "undelivered": len(r["undelivered"]),
+                         "metric": rec.metrics.get(r["round"], {}).get(metric)})
         for rnd, values in rec.metrics.items():
             metric_rows.extend({"peer": p.name, "round": rnd, "name": k, "value": v} for k, v in values.items())
     db.table("peer_rounds").insert_all(rows, pk=("peer", "round"), columns={"metric": float, "seconds": float})

@@ -185,7 +185,7 @@ async def test_inbound_slots_come_back_when_strangers_are_refused_and_neighbours
 
 
 async def test_a_full_listener_closes_new_sockets_counts_them_and_warns(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="silomesh.peer.mesh")
+    caplog.set_level(logging.WARNING, logger="silomesh.peer.inbound")
     with trio.fail_after(30):
         async with open_mesh(B, LOOPBACK, {A.peer_id_text: "/ip4/127.0.0.1/tcp/1"}, max_inbound=2) as b:
             assert b.inbound is not None
