@@ -255,6 +255,12 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, SlotResult],
     intruder_refused = intruder_accepted = refused_at_source = partition_skips = partition_undelivered = byz_used = 0
     side = set(plan.faults.partition_side)
     part = plan.faults.partition
+
+    def across_the_cut(i: int, entry: dict[str, Any], round: int) -> bool:
+        """Whether a skipped or undelivered ``entry`` of peer ``i``'s round names a peer across the partition."""
+        j = id_of.get(entry.get("peer", ""))
+        return part is not None and j is not None and part[0] <= round <= part[1] and (i in side) != (j in side)
+
     for i, rec in enumerate(records):
         for a in rec.audit:
             if a["direction"] == "refused":
@@ -265,10 +271,8 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, SlotResult],
         for row in rec.rounds:
             if plan.peers[i].peer_id in byz_ids:  # its own sealing refused its poisoned model
                 refused_at_source += sum("NON_FINITE" in u.get("reason", "") for u in row["undelivered"])
-            for u in row["undelivered"]:  # a sender records each of its updates the cut dropped
-                j = id_of.get(u.get("peer", ""))
-                if part and j is not None and part[0] <= row["round"] <= part[1] and (i in side) != (j in side):
-                    partition_undelivered += 1
+            # a sender records each of its updates the cut dropped
+            partition_undelivered += sum(across_the_cut(i, u, row["round"]) for u in row["undelivered"])
             intruder_accepted += sum(1 for c in row["contributors"] if c in intruder_ids)
             byz_used += sum(1 for c in row["contributors"] if c in byz_ids)
             for s in row["skipped"]:
@@ -276,9 +280,7 @@ def _faults(plan: Plan, records: list[PeerRecord], slots: dict[int, SlotResult],
                 skipped_by[cat] += 1
                 if s.get("peer") in byz_ids:
                     from_byz[cat] += 1
-                j = id_of.get(s.get("peer", ""))
-                if part and j is not None and part[0] <= row["round"] <= part[1] and (i in side) != (j in side):
-                    partition_skips += 1
+                partition_skips += across_the_cut(i, s, row["round"])
     events = [v.crash for _, v in sorted(slots.items()) if v.crash is not None]
     crashes = [{**c.to_json(), "name": plan.peers[c.peer].name} for c in events]
     crashed = {c.peer for c in events}
